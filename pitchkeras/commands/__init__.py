@@ -1,0 +1,1 @@
+"""One module per `pitchkeras` subcommand; see `pitchkeras.cli`."""

@@ -1,0 +1,146 @@
+"""THE prompt format: conditions + text -> training string, conditions -> prompt, and back.
+
+Training examples (`prepare`) and generation prompts (`generate`, `populate`,
+the server) both come from this module alone, so they cannot drift apart.
+
+For reviews the format is one header line per condition, then the text:
+
+    8.4
+    Rock
+    The band's third record ...
+
+The model's own `<|endoftext|>` token is added before and after each example
+by the tokenization pipeline (and before each prompt by the generator), so the
+strings produced here never contain it. A corpus without conditions (DJ
+biographies) is just the text.
+
+Example:
+
+>>> fmt = PromptFormat(conditions=("score", "genre"))
+>>> fmt.example({"score": 8.44, "genre": "Rock"}, "Loud and clear.")
+'8.4\\nRock\\nLoud and clear.'
+>>> fmt.prompt({"score": 8, "genre": "Rock"})
+'8.0\\nRock\\n'
+>>> fmt.split("8.0\\nRock\\nLoud.")
+({'score': 8.0, 'genre': 'Rock'}, 'Loud.')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's only special token: document start and end.
+START_OF_TEXT = "<|startoftext|>"  # gpt-2-simple's text delimiter (export only).
+
+REVIEW_CONDITIONS = ("score", "genre")
+NUMERIC_CONDITIONS = ("score",)  # printed with one decimal, parsed back as float
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How conditions and text become one training string.
+
+    Args:
+        conditions: tuple of str. Condition names, one header line each, in order.
+            `()` for a plain corpus.
+        numeric: tuple of str. Conditions printed with one decimal and parsed
+            back as float (default: `score`).
+    """
+
+    conditions: tuple[str, ...] = REVIEW_CONDITIONS
+    numeric: tuple[str, ...] = NUMERIC_CONDITIONS
+
+    def __post_init__(self):
+        object.__setattr__(self, "conditions", tuple(self.conditions))
+        object.__setattr__(self, "numeric", tuple(self.numeric))
+
+    # -- formatting -----------------------------------------------------------
+    def format_value(self, name: str, value: Any) -> str:
+        """One condition value as its header line (without the newline)."""
+        if name in self.numeric:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"condition {name!r} must be a number, got {value!r}") from None
+            if math.isnan(number) or math.isinf(number):
+                raise ValueError(f"condition {name!r} must be a finite number, got {value!r}")
+            return f"{number:.1f}"
+        text = " ".join(str(value).split())
+        if not text:
+            raise ValueError(f"condition {name!r} is empty")
+        return text
+
+    def header(self, values: Mapping[str, Any] | None) -> str:
+        """The header lines for `values` (each ending in a newline)."""
+        values = values or {}
+        missing = [name for name in self.conditions if values.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"missing condition(s) {', '.join(missing)}; this format needs "
+                f"{', '.join(self.conditions) or 'none'}"
+            )
+        return "".join(self.format_value(n, values[n]) + "\n" for n in self.conditions)
+
+    def example(self, values: Mapping[str, Any] | None, text: str) -> str:
+        """One training example: header lines then the text."""
+        return self.header(values) + text
+
+    def prompt(self, values: Mapping[str, Any] | None = None, prefix: str = "") -> str:
+        """A generation prompt: header lines, then an optional free-text prefix."""
+        return self.header(values) + (prefix or "")
+
+    def gpt2_simple(self, example: str) -> str:
+        """An example wrapped in gpt-2-simple's text delimiters."""
+        return f"{START_OF_TEXT}{example}{END_OF_TEXT}"
+
+    # -- parsing --------------------------------------------------------------
+    def split(self, sample: str) -> tuple[dict[str, Any], str]:
+        """Parse a sample back into (conditions, body).
+
+        Raises:
+            ValueError: the header lines are missing or malformed.
+        """
+        lines = sample.split("\n", len(self.conditions))
+        if len(lines) <= len(self.conditions):
+            raise ValueError(
+                f"sample has {len(lines) - 1} header line(s), expected {len(self.conditions)}"
+            )
+        values: dict[str, Any] = {}
+        for name, line in zip(self.conditions, lines):
+            line = line.strip()
+            if not line:
+                raise ValueError(f"header line for {name!r} is empty")
+            if name in self.numeric:
+                try:
+                    values[name] = float(line)
+                except ValueError:
+                    raise ValueError(f"header line for {name!r} is not a number: {line!r}") from None
+            else:
+                values[name] = line
+        return values, lines[len(self.conditions)]
+
+    def matches(self, requested: Mapping[str, Any], parsed: Mapping[str, Any]) -> bool:
+        """Whether parsed header values agree with the requested conditions."""
+        for name in self.conditions:
+            if name not in requested or requested[name] is None:
+                continue
+            if name in self.numeric:
+                if round(float(requested[name]), 1) != round(float(parsed.get(name, math.nan)), 1):
+                    return False
+            elif str(requested[name]).strip().casefold() != str(parsed.get(name, "")).strip().casefold():
+                return False
+        return True
+
+    # -- (de)serialisation for pitchkeras.json --------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"conditions": list(self.conditions), "numeric": list(self.numeric)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PromptFormat":
+        return cls(tuple(data.get("conditions", ())), tuple(data.get("numeric", ())))
+
+
+REVIEWS = PromptFormat()
+PLAIN = PromptFormat(conditions=(), numeric=())

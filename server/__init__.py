@@ -1,0 +1,1 @@
+"""gRPC server for pitchkeras.v1.ReviewService (installed as pitchkeras.server)."""
