@@ -166,7 +166,7 @@ def album_name(draw: Draw) -> str:
         return f"{draw.choice(ALBUM_NOUN)} in the {draw.choice(TRACK_B)}"
     if roll < 0.88:
         return f"The {draw.choice(TRACK_B)} Tapes"
-    return f"{draw.choice(ALBUM_WORD)} {draw.choice(('II', 'Vol. 1', 'Suite', 'Sessions', 'EP'))}"
+    return f"{draw.choice(ALBUM_WORD)} {draw.choice(('II', 'Suite', 'Sessions', 'EP'))}"
 
 
 def track_names(draw: Draw, n: int) -> list[str]:
