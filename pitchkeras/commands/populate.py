@@ -1,0 +1,85 @@
+"""`pitchkeras populate`: fill a store with reviews for every (score, genre) pair."""
+
+from __future__ import annotations
+
+from pitchkeras.cli import add_command
+from pitchkeras.errors import UsageError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--scores must be comma-separated numbers, got {text!r}") from None
+
+
+def _score_range(text: str) -> list[float]:
+    from pitchkeras.populate import score_grid
+
+    try:
+        start, stop, step = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--score-range must be START:STOP:STEP, got {text!r}") from None
+    return score_grid(start, stop, step)
+
+
+def add_parser(subparsers):
+    p = add_command(subparsers, "populate", "Generate reviews for every (score, genre) pair and store them.", __name__)
+    p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
+    p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
+    p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
+    p.add_argument("--store", default="sqlite:///pitchkeras.db", help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    p.add_argument("--per-pair", type=int, default=5, help="reviews wanted per (score, genre) pair")
+    p.add_argument("--scores", help="comma-separated scores (overrides --score-range)")
+    p.add_argument("--score-range", default="0:10:0.5", help="score grid START:STOP:STEP")
+    p.add_argument("--genres", default="Rock,Electronic,Rap,Pop/R&B,Experimental,Folk/Country,Metal,Jazz",
+                   help="comma-separated genres (matched case-insensitively to the model's)")
+    p.add_argument("--dataset", help="prepared dataset dir or train.csv: reject samples copied from it")
+    p.add_argument("--max-copied-fraction", type=float, default=0.5,
+                   help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus (top-p) mass")
+    p.add_argument("--length", type=int, default=200, help="max new tokens per review")
+    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+    p.add_argument("--seed", type=int, default=0, help="base seed (with the attempt index, fixes review ids)")
+    p.add_argument("--max-attempts", type=int, default=4, help="candidates per wanted review before giving up")
+    p.add_argument("--shard-index", type=int, default=0, help="this worker's shard")
+    p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
+    return p
+
+
+def run(args) -> int:
+    import os
+
+    from pitchkeras.populate import PopulateConfig, format_table, populate
+
+    model = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
+    if not os.path.isdir(model):
+        raise UsageError(f"model directory {model} does not exist; run `pitchkeras finetune` first or pass --model")
+    scores = _floats(args.scores) if args.scores else _score_range(args.score_range)
+    genres = [g.strip() for g in args.genres.split(",") if g.strip()]
+    config = PopulateConfig(
+        model=model,
+        store=args.store,
+        per_pair=args.per_pair,
+        scores=scores,
+        genres=genres,
+        dataset=args.dataset,
+        max_copied_fraction=args.max_copied_fraction,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        length=args.length,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_attempts=args.max_attempts,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+    )
+    result = populate(config)
+    print(format_table(result))
+    missing = sum(p.missing for p in result.pairs)
+    print(f"model {result.model_version}: stored {result.stored} new review(s) in {result.store}"
+          + (f"; {missing} still missing (rerun to retry)" if missing else ""))
+    return 0
