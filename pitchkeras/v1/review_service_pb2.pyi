@@ -1,0 +1,129 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SampleStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLE_STATUS_UNSPECIFIED: _ClassVar[SampleStatus]
+    SAMPLE_STATUS_ACCEPTED: _ClassVar[SampleStatus]
+    SAMPLE_STATUS_REJECTED: _ClassVar[SampleStatus]
+SAMPLE_STATUS_UNSPECIFIED: SampleStatus
+SAMPLE_STATUS_ACCEPTED: SampleStatus
+SAMPLE_STATUS_REJECTED: SampleStatus
+
+class Review(_message.Message):
+    __slots__ = ("id", "text", "score", "genre", "extra_conditions", "length", "added", "selection_count", "model_version", "temperature", "top_k", "top_p", "seed", "prompt")
+    class ExtraConditionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    GENRE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    score: float
+    genre: str
+    extra_conditions: _containers.ScalarMap[str, str]
+    length: int
+    added: _timestamp_pb2.Timestamp
+    selection_count: int
+    model_version: str
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    prompt: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., genre: _Optional[str] = ..., extra_conditions: _Optional[_Mapping[str, str]] = ..., length: _Optional[int] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., selection_count: _Optional[int] = ..., model_version: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., prompt: _Optional[str] = ...) -> None: ...
+
+class GetReviewRequest(_message.Message):
+    __slots__ = ("score", "genre")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    GENRE_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    genre: str
+    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ...) -> None: ...
+
+class GetReviewResponse(_message.Message):
+    __slots__ = ("review",)
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    review: Review
+    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ...) -> None: ...
+
+class GetByIdRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetByIdResponse(_message.Message):
+    __slots__ = ("review",)
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    review: Review
+    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("score", "genre", "prompt", "max_length", "temperature", "top_k", "top_p", "seed", "num_samples", "store")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    GENRE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    genre: str
+    prompt: str
+    max_length: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    num_samples: int
+    store: bool
+    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ..., prompt: _Optional[str] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., store: _Optional[bool] = ...) -> None: ...
+
+class GeneratedReview(_message.Message):
+    __slots__ = ("review", "status", "rejection_reason", "raw", "stored")
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_REASON_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    review: Review
+    status: SampleStatus
+    rejection_reason: str
+    raw: str
+    stored: bool
+    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ..., status: _Optional[_Union[SampleStatus, str]] = ..., rejection_reason: _Optional[str] = ..., raw: _Optional[str] = ..., stored: _Optional[bool] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("reviews",)
+    REVIEWS_FIELD_NUMBER: _ClassVar[int]
+    reviews: _containers.RepeatedCompositeFieldContainer[GeneratedReview]
+    def __init__(self, reviews: _Optional[_Iterable[_Union[GeneratedReview, _Mapping]]] = ...) -> None: ...
