@@ -1,0 +1,223 @@
+"""The tf.data pipeline: prepared CSV rows -> batches for keras-hub's GPT2CausalLM.
+
+`make_dataset` reads a single-column CSV written by `pitchkeras prepare`
+(no header, one formatted example per row, quoted so multi-line rows survive),
+tokenizes inside tf.data with the model's own keras-hub tokenizer, packs the
+token stream into full `sequence_length` blocks separated by `<|endoftext|>`
+(or pads one example per row), then shuffles, repeats, batches and prefetches.
+
+Batches are `(x, y, sample_weight)` with `x = {"token_ids", "padding_mask"}`,
+exactly what `keras_hub.models.CausalLMPreprocessor` produces for `fit()`:
+`y` is `token_ids` shifted left by one and `sample_weight` the shifted padding
+mask, so a batch can go straight into `GPT2CausalLM.fit` with the
+preprocessor bypassed, or into `pitchkeras.train`'s own step.
+
+Example:
+
+>>> ds = make_dataset("data/train.csv", causal_lm.preprocessor.tokenizer,
+...                   sequence_length=128, batch_size=8)
+>>> x, y, w = next(iter(ds))
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pitchkeras.errors import InvalidArgument
+
+TOKENIZE_BATCH = 256  # rows per tokenizer call: amortises the per-call cost of the BPE op
+
+
+def read_examples(csv_path: str | os.PathLike) -> list[str]:
+    """The examples of a prepared single-column CSV, in file order.
+
+    Rows are read with Python's csv module, so quoted multi-line rows and
+    fields larger than the default field limit come back whole. Empty rows
+    are skipped.
+
+    Args:
+        csv_path: str. A `train.csv`/`val.csv`/`examples.csv` from `pitchkeras prepare`.
+
+    Raises:
+        InvalidArgument: the file is missing, unreadable, or holds no example.
+    """
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    path = Path(csv_path)
+    if not path.is_file():
+        raise InvalidArgument(f"dataset file {path} does not exist")
+    examples = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, row in enumerate(csv.reader(f), start=1):
+                if not row or not any(row):
+                    continue
+                if len(row) != 1:
+                    raise InvalidArgument(
+                        f"{path}: row {line} has {len(row)} columns; expected the single-column "
+                        "file written by `pitchkeras prepare`"
+                    )
+                examples.append(row[0])
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except csv.Error as err:
+        raise InvalidArgument(f"{path}: malformed CSV ({err})") from None
+    if not examples:
+        raise InvalidArgument(f"{path}: no examples (empty file)")
+    return examples
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary and merges (the cache key's second half)."""
+    digest = hashlib.sha256()
+    for name in ("vocabulary", "merges"):
+        value = getattr(tokenizer, name, None)
+        if value is None:
+            continue
+        items = sorted(value.items()) if isinstance(value, dict) else list(value)
+        digest.update(repr(items).encode("utf-8"))
+    digest.update(type(tokenizer).__name__.encode("utf-8"))
+    return digest.hexdigest()[:16]
+
+
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.PathLike] = None):
+    """One int32 token-id vector per example (no special tokens), in file order.
+
+    With `cache_dir`, the token ids are saved once with `tf.data.Dataset.save`
+    under a key made of the CSV's and the tokenizer's hashes (written to a
+    temp directory, then renamed), and later runs load them instead of
+    tokenizing again. Without it they are cached in memory for the run.
+
+    Args:
+        csv_path: str. The prepared CSV.
+        tokenizer: keras_hub.tokenizers.Tokenizer. The model's own tokenizer.
+        cache_dir: str or None. Where tokenized datasets are kept between runs.
+    """
+    import tensorflow as tf
+
+    path = Path(csv_path)
+
+    def tokenize():
+        examples = read_examples(path)
+        return (
+            tf.data.Dataset.from_tensor_slices(tf.constant(examples, dtype=tf.string))
+            .batch(TOKENIZE_BATCH)
+            .map(lambda text: tf.cast(tokenizer(text), tf.int32), num_parallel_calls=tf.data.AUTOTUNE)
+            .unbatch()
+        )
+
+    if cache_dir is None:
+        return tokenize().cache()
+    key = f"{path.stem}-{_file_fingerprint(path)}-{_tokenizer_fingerprint(tokenizer)}"
+    target = Path(cache_dir) / key
+    if not (target / "complete").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenize().save(str(tmp))
+        (tmp / "complete").write_text("ok\n", encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)  # a crashed earlier save without its marker
+        os.replace(tmp, target)
+    return tf.data.Dataset.load(str(target))
+
+
+def make_dataset(
+    csv_path: str | os.PathLike,
+    tokenizer,
+    *,
+    sequence_length: int,
+    batch_size: int,
+    packing: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    repeat: bool = True,
+    cache_dir: Optional[str | os.PathLike] = None,
+    skip_batches: int = 0,
+):
+    """Batches `(x, y, sample_weight)` for causal language-model training.
+
+    With `packing`, every example becomes `<|endoftext|>` + its tokens, the
+    examples are concatenated into one stream, and the stream is cut into
+    blocks of `sequence_length + 1` tokens (no padding, every position
+    trained). Without it, each example is `<|endoftext|>` + tokens +
+    `<|endoftext|>`, truncated and padded to `sequence_length + 1` exactly as
+    keras-hub's `CausalLMPreprocessor` does. Each block then yields
+    `x = block[:-1]`, `y = block[1:]`, `sample_weight = mask[1:]`.
+
+    Args:
+        csv_path: str. A prepared single-column CSV (`train.csv`, `val.csv`).
+        tokenizer: keras_hub.models.GPT2Tokenizer. The model's own tokenizer.
+        sequence_length: int. Tokens per row fed to the model.
+        batch_size: int. Rows per batch (the global batch under tf.distribute).
+        packing: bool. Pack examples into full blocks (else one padded example per row).
+        shuffle: bool. Shuffle examples each epoch (seeded by `seed`).
+        seed: int. Shuffle seed; the same seed gives the same batches.
+        repeat: bool. Repeat forever (training) or stop after one pass (validation).
+        cache_dir: str or None. Keep tokenized examples on disk between runs.
+        skip_batches: int. Batches to skip at the start: the data position of a resumed run.
+
+    Returns:
+        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`.
+    """
+    import tensorflow as tf
+
+    if sequence_length < 2:
+        raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")
+    if batch_size < 1:
+        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
+    eot = int(tokenizer.end_token_id)
+    pad = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+    block = sequence_length + 1  # one extra token: the last position's target
+
+    docs = tokenized_examples(csv_path, tokenizer, cache_dir=cache_dir)
+    num_docs = int(docs.cardinality().numpy()) if docs.cardinality() >= 0 else 0
+    if shuffle:
+        # Every example fits in the buffer: a full, seeded shuffle per epoch.
+        docs = docs.shuffle(max(num_docs, 1024), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        docs = docs.repeat()
+
+    if packing:
+        blocks = (
+            docs.map(lambda ids: tf.concat([[eot], ids], axis=0), num_parallel_calls=tf.data.AUTOTUNE)
+            .unbatch()
+            .batch(block, drop_remainder=True)
+            .map(lambda ids: (ids, tf.ones_like(ids, dtype=tf.bool)))
+        )
+    else:
+
+        def pad_one(ids):
+            ids = tf.concat([[eot], ids[: block - 2], [eot]], axis=0)
+            length = tf.shape(ids)[0]
+            mask = tf.ones([length], dtype=tf.bool)
+            ids = tf.pad(ids, [[0, block - length]], constant_values=pad)
+            mask = tf.pad(mask, [[0, block - length]], constant_values=False)
+            return tf.ensure_shape(ids, [block]), tf.ensure_shape(mask, [block])
+
+        blocks = docs.map(pad_one, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def split(ids, mask):
+        x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
+        return x, ids[:, 1:], mask[:, 1:]
+
+    dataset = blocks.batch(batch_size, drop_remainder=repeat).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    if skip_batches:
+        dataset = dataset.skip(skip_batches)
+    options = tf.data.Options()
+    options.deterministic = True  # parallel maps keep order: same seed -> same batches
+    # Under MultiWorkerMirroredStrategy each worker builds this same dataset and takes its share of batches.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
