@@ -540,8 +540,9 @@ class FirestoreServer:
         self._server.start()
         return self
 
-    def stop(self, grace: Optional[float] = None) -> None:
-        self._server.stop(grace)
+    def stop(self, grace: Optional[float] = None) -> threading.Event:
+        """Stop serving; returns an event set once in-flight RPCs are done."""
+        return self._server.stop(grace)
 
     def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
         return self._server.wait_for_termination(timeout)
