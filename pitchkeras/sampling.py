@@ -45,7 +45,7 @@ from pitchkeras.postprocess import PostprocessOptions, postprocess
 MEMORIZED = "memorized"
 PROMPT_BUCKETS = (16, 32, 64, 128, 256)  # prompt lengths (tokens, with the start token) padded up to these
 
-_BIT_SEARCH_STEPS = 31  # bisection steps over non-negative float32 bit patterns: exact
+_BIT_SEARCH_STEPS = 31  # bisection steps over float32 bit patterns of [0, 1] (< 2**30 + 1 values): exact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +184,18 @@ def counter_uniform(keys, position):
     return tf.cast(tf.bitwise.right_shift(x, tf.constant(8, tf.uint32)), tf.float32) * (1.0 / (1 << 24))
 
 
+def scaled_probabilities(logits, temperature):
+    """Softmax of `logits / temperature` in float32 (temperature per row).
+
+    Args:
+        logits: tensor (batch, vocab), any float dtype.
+        temperature: float32 tensor (batch,).
+    """
+    import tensorflow as tf
+
+    return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature[:, None], axis=-1)
+
+
 def _smallest_bits(predicate, upper_bits):
     """Smallest non-negative float32 bit pattern b <= upper_bits with predicate(b) true, per row.
 
@@ -197,7 +209,9 @@ def _smallest_bits(predicate, upper_bits):
     hi = upper_bits  # predicate true
 
     def body(i, lo, hi):
-        mid = lo + (hi - lo) // 2
+        # Rounding up keeps mid in (lo, hi]: never -1 (a NaN bit pattern), and
+        # a converged pair (hi = lo + 1) stays put.
+        mid = lo + (hi - lo + 1) // 2
         ok = predicate(mid)
         return i + 1, tf.where(ok, lo, mid), tf.where(ok, mid, hi)
 
@@ -643,8 +657,7 @@ class Generator:
 
         self.trace_count += 1  # Python side effect: runs once per trace, not per call
         backbone = self._backbone
-        batch = tf.shape(prompt_ids)[0]
-        bucket = prompt_ids.shape[1]
+        batch, bucket = prompt_ids.shape  # static: each shape is its own trace
         total = bucket + new_tokens
         token_ids = tf.pad(prompt_ids, [[0, 0], [0, new_tokens]], constant_values=self._pad_id)
         mask = tf.pad(prompt_mask, [[0, 0], [0, new_tokens]], constant_values=False)
@@ -666,7 +679,7 @@ class Generator:
             previous = tf.slice(token_ids, [0, index - 1], [batch, 1])
             hidden, caches = self._forward(previous, caches, index - 1)
             logits = backbone.token_embedding(hidden[:, -1, :], reverse=True)
-            probabilities = tf.nn.softmax(tf.cast(logits, tf.float32) / temperature[:, None])
+            probabilities = scaled_probabilities(logits, temperature)
             chosen = select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
             in_prompt = mask[:, index]
             chosen = tf.where(in_prompt, token_ids[:, index], chosen)
@@ -674,6 +687,7 @@ class Generator:
                 token_ids, tf.stack([tf.range(batch), tf.fill([batch], index)], axis=1), chosen
             )
             done = tf.logical_or(done, tf.logical_and(~in_prompt, tf.equal(chosen, self._end_id)))
+            done = tf.ensure_shape(done, [batch])
             return index + 1, token_ids, caches, done
 
         _, token_ids, _, _ = tf.while_loop(

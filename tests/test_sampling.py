@@ -1,0 +1,287 @@
+"""Sampler and Generator tests: exact token selection on fixed inputs, a tiny model for the loop."""
+
+import numpy as np
+import pytest
+
+from pitchkeras.conditioning import REVIEWS
+from pitchkeras.errors import InvalidArgument
+from pitchkeras.postprocess import PostprocessOptions
+from pitchkeras.sampling import (
+    GenerationRequest,
+    Generator,
+    SamplerConfig,
+    prompt_bucket,
+    row_keys,
+    validate_conditions,
+)
+
+tf = pytest.importorskip("tensorflow")
+
+TEXTS = [
+    REVIEWS.example({"score": score, "genre": genre}, body)
+    for score in (3.0, 8.0)
+    for genre in ("Rock", "Jazz")
+    for body in ("The band plays loud. Mr. Smith sings well.", "A quiet record. It is good music for everyone.")
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """An untrained tiny model, saved and loaded through the model-directory contract."""
+    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, load_model, save_model_dir
+
+    lm = build_tiny_causal_lm(TEXTS, sequence_length=64)
+    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": ["Jazz", "Rock"]}, "test-v1", "tiny", 64)
+    return load_model(save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model"))
+
+
+UNIFORM_GRID = np.linspace(0.0, 1.0, 1000, endpoint=False, dtype=np.float32)
+
+
+def select(probabilities, uniform, top_k=0, top_p=1.0):
+    """`select_tokens` for one row of probabilities and many uniform numbers."""
+    from pitchkeras.sampling import select_tokens
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    batch = len(uniform)
+    return select_tokens(
+        tf.constant(np.tile(probabilities, (batch, 1))),
+        tf.constant(np.asarray(uniform, dtype=np.float32)),
+        tf.constant([top_k] * batch, tf.int32),
+        tf.constant([top_p] * batch, tf.float32),
+    ).numpy()
+
+
+# -- config ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+    ],
+)
+def test_config_rejects_bad_values_naming_them(kwargs, named):
+    with pytest.raises(InvalidArgument, match=named):
+        SamplerConfig(**kwargs).validate()
+
+
+def test_config_defaults_are_valid():
+    config = SamplerConfig().validate()
+    assert (config.temperature, config.top_k, config.top_p) == (0.7, 0, 0.95)
+    assert SamplerConfig(top_p=1.0, top_k=5).validate().top_k == 5
+
+
+# -- token selection on fixed probabilities ------------------------------------------------
+
+
+def test_nucleus_never_admits_a_token_outside_it():
+    probabilities = [0.05, 0.5, 0.15, 0.3]  # nucleus at 0.9: tokens 1, 3, 2 (mass before 2 is 0.8 < 0.9)
+    chosen = select(probabilities, UNIFORM_GRID, top_p=0.9)
+    assert set(chosen) == {1, 2, 3}
+    # Inverse CDF over the renormalised nucleus: shares follow 0.5/0.95, 0.3/0.95, 0.15/0.95.
+    shares = np.bincount(chosen, minlength=4) / len(chosen)
+    np.testing.assert_allclose(shares[[1, 3, 2]], np.array([0.5, 0.3, 0.15]) / 0.95, atol=2e-3)
+
+
+def test_nucleus_keeps_the_token_that_crosses_top_p():
+    chosen = select([0.6, 0.3, 0.1], UNIFORM_GRID, top_p=0.7)  # 0.6 < 0.7, so 0.3 is kept too
+    assert set(chosen) == {0, 1}
+    chosen = select([0.6, 0.3, 0.1], UNIFORM_GRID, top_p=0.6)  # mass before 0.3 is 0.6, not < 0.6
+    assert set(chosen) == {0}
+
+
+def test_tiny_top_p_equals_greedy():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        probabilities = rng.dirichlet(np.ones(500)).astype(np.float32)
+        chosen = select(probabilities, UNIFORM_GRID[::50], top_p=1e-6)
+        assert set(chosen) == {int(np.argmax(probabilities))}
+
+
+def test_one_hot_is_greedy_for_any_setting():
+    probabilities = np.zeros(50, np.float32)
+    probabilities[17] = 1.0
+    for top_k, top_p in [(0, 1.0), (0, 0.95), (3, 1.0), (1, 0.5)]:
+        assert set(select(probabilities, UNIFORM_GRID[::10], top_k, top_p)) == {17}
+
+
+def test_top_k_keeps_exactly_the_k_most_likely():
+    probabilities = [0.1, 0.25, 0.05, 0.2, 0.4]
+    assert set(select(probabilities, UNIFORM_GRID, top_k=1)) == {4}
+    assert set(select(probabilities, UNIFORM_GRID, top_k=3)) == {4, 1, 3}
+    assert set(select(probabilities, UNIFORM_GRID, top_k=0)) == {0, 1, 2, 3, 4}
+    # Both: top-k 3 then nucleus 0.6 -> 0.4, 0.25 (mass before 0.2 is 0.65).
+    assert set(select(probabilities, UNIFORM_GRID, top_k=3, top_p=0.6)) == {4, 1}
+
+
+def test_no_top_p_samples_the_full_distribution():
+    probabilities = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
+    shares = np.bincount(select(probabilities, UNIFORM_GRID), minlength=4) / len(UNIFORM_GRID)
+    np.testing.assert_allclose(shares, probabilities, atol=2e-3)
+
+
+def test_rows_use_their_own_settings():
+    from pitchkeras.sampling import select_tokens
+
+    probabilities = tf.constant([[0.1, 0.2, 0.3, 0.4]] * 2)
+    chosen = select_tokens(probabilities, tf.constant([0.0, 0.0]), tf.constant([1, 0]), tf.constant([1.0, 1.0]))
+    assert chosen.numpy().tolist() == [3, 0]  # row 0 top-k 1 -> argmax; row 1 unrestricted -> first token at u=0
+
+
+def test_temperature_scales_logits():
+    from pitchkeras.sampling import scaled_probabilities
+
+    logits = np.array([[1.0, 2.0, 4.0]], np.float32)
+    for temperature in (0.5, 1.0, 2.0):
+        got = scaled_probabilities(tf.constant(logits), tf.constant([temperature])).numpy()
+        expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # Log-probability gaps scale with 1/temperature; a low temperature is near-greedy.
+    cold = scaled_probabilities(tf.constant(logits), tf.constant([0.01])).numpy()
+    assert cold[0, 2] > 0.999
+
+
+def test_counter_uniform_is_per_row_and_deterministic():
+    from pitchkeras.sampling import counter_uniform
+
+    keys = tf.constant(row_keys([1, 2, 1]))
+    first = counter_uniform(keys, tf.constant(5)).numpy()
+    assert first[0] == first[2] and first[0] != first[1]
+    assert np.all((first >= 0) & (first < 1))
+    assert not np.array_equal(first, counter_uniform(keys, tf.constant(6)).numpy())
+    many = counter_uniform(tf.constant(row_keys(range(4000))), tf.constant(0)).numpy()
+    assert abs(many.mean() - 0.5) < 0.02  # roughly uniform
+
+
+def test_prompt_buckets():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 64, 65, 256, 257, 600)] == [16, 16, 32, 64, 128, 256, 512, 768]
+
+
+# -- keras-hub Sampler API -------------------------------------------------------------------------
+
+
+def test_nucleus_sampler_matches_keras_hub_greedy(tiny_model):
+    import keras_hub
+
+    from pitchkeras.sampling import NucleusSampler
+
+    lm = tiny_model.causal_lm
+    prompt = "8.0\nRock\n"
+    lm.compile(sampler=keras_hub.samplers.GreedySampler())
+    greedy = lm.generate(prompt, max_length=24)
+    lm.compile(sampler=NucleusSampler(temperature=0.7, top_p=1e-6, seed=3))
+    assert lm.generate(prompt, max_length=24) == greedy
+    assert isinstance(NucleusSampler(), keras_hub.samplers.Sampler)
+    with pytest.raises(InvalidArgument, match="top_p"):
+        NucleusSampler(top_p=2.0)
+
+
+# -- the Generator on a tiny model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model):
+    return Generator(tiny_model, batch_size=4, max_new_tokens=12)
+
+
+ROCK = {"score": 8.0, "genre": "Rock"}
+
+
+def test_prompt_tokens_match_the_keras_hub_preprocessor(generator, tiny_model):
+    prompt = REVIEWS.prompt(ROCK, "The Band")
+    packed = tiny_model.causal_lm.preprocessor.generate_preprocess([prompt], sequence_length=32)
+    expected = np.asarray(packed["token_ids"])[0][np.asarray(packed["padding_mask"])[0]].tolist()
+    assert generator._tokenize(prompt) == expected
+    assert expected.count(tiny_model.tokenizer.start_token_id) == 1  # one start token, not two
+
+
+def test_same_seed_same_output_and_batch_neighbours_do_not_matter(generator):
+    requests = [GenerationRequest(ROCK, seed=s) for s in (1, 2, 3)] + [GenerationRequest(ROCK, "Long prefix words", 4)]
+    first = generator.generate(requests)
+    again = generator.generate(list(reversed(requests)))[::-1]
+    assert [s.raw for s in first] == [s.raw for s in again]
+    assert len({s.raw for s in first}) > 1  # different seeds, different samples
+    for sample, request in zip(first, requests):
+        assert sample.raw.startswith(sample.prompt)
+        assert sample.prompt == REVIEWS.prompt(ROCK, request.prefix)
+        assert sample.seed == request.seed and sample.model_version == "test-v1"
+        assert sample.conditions == ROCK
+        assert (sample.rejected is None) == bool(sample.text)
+
+
+def test_new_prompt_lengths_in_a_bucket_do_not_recompile(tiny_model):
+    generator = Generator(tiny_model, batch_size=2, max_new_tokens=6, prompt_buckets=(16, 32))
+    generator.warmup(prompt_lengths=[5], batch_sizes=[2])
+    assert generator.trace_count == 1
+    prefixes = ("", "The", "The band plays loud")
+    lengths = [len(generator._tokenize(REVIEWS.prompt(ROCK, prefix))) for prefix in prefixes]
+    assert len(set(lengths)) == 3 and max(lengths) <= 16  # three prompt lengths, one bucket
+    for prefix in prefixes:
+        generator.generate([GenerationRequest(ROCK, prefix, seed=1), GenerationRequest(ROCK, seed=2)])
+    assert generator.trace_count == 1
+    generator.generate([GenerationRequest(ROCK, "word " * 20, seed=1)] * 2)  # the 32 bucket: one new shape
+    assert generator.trace_count == 2
+    # A new sampler config is a tensor input: no retrace.
+    generator.generate([GenerationRequest(ROCK, seed=1)] * 2, config=SamplerConfig(temperature=1.3, top_k=5, top_p=0.5))
+    assert generator.trace_count == 2
+
+
+def test_generation_stops_at_end_of_text(tiny_model):
+    from pitchkeras.model import load_model
+
+    # A second copy of the tiny model, rigged so <|endoftext|> always wins.
+    model = load_model(tiny_model.path)
+    backbone = model.causal_lm.backbone
+    end = tiny_model.tokenizer.end_token_id
+    embeddings = backbone.token_embedding.embeddings.numpy()
+    embeddings[end] = 0
+    embeddings[end, 0] = 100.0
+    backbone.token_embedding.embeddings.assign(embeddings)
+    backbone.layer_norm.gamma.assign(np.zeros_like(backbone.layer_norm.gamma.numpy()))
+    beta = np.zeros_like(backbone.layer_norm.beta.numpy())
+    beta[0] = 1.0
+    backbone.layer_norm.beta.assign(beta)
+    rigged = Generator(model, batch_size=2, max_new_tokens=8)
+    sample = rigged.generate([GenerationRequest(ROCK, "It", seed=0)])[0]
+    assert sample.raw == sample.prompt  # stopped at once, end token not in the text
+    assert sample.rejected == "no_sentence"
+
+
+def test_truncate_and_include_prefix(tiny_model):
+    options = PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False,
+                                 normalize_whitespace=False)
+    generator = Generator(tiny_model, batch_size=1, max_new_tokens=12, postprocess_options=options)
+    request = GenerationRequest(ROCK, "Prefix", seed=5)
+    full = generator.generate([request])[0]
+    continuation = full.raw[len(full.prompt):]
+    assert len(continuation) > 4
+    stop = continuation[2:4]
+    cut = generator.generate([request], truncate=stop)[0]
+    assert cut.raw == full.prompt + continuation[: continuation.find(stop)]
+    assert full.text.startswith("Prefix")
+    without = generator.generate([request], include_prefix=False)[0]
+    assert not without.text.startswith("Prefix") and full.text.endswith(without.text)
+
+
+def test_generator_validates_requests(generator):
+    with pytest.raises(InvalidArgument, match="Jazz.*Rock|known"):
+        generator.generate([GenerationRequest({"score": 8.0, "genre": "Polka"})])
+    with pytest.raises(InvalidArgument, match="missing"):
+        generator.generate([GenerationRequest({"score": 8.0})])
+    with pytest.raises(InvalidArgument, match="top_p"):
+        generator.generate([GenerationRequest(ROCK)], config=SamplerConfig(top_p=0.0))
+    with pytest.raises(InvalidArgument, match="at most"):
+        generator.generate([GenerationRequest(ROCK, "word " * 400)])
+
+
+def test_validate_conditions_spells_known_values(tiny_model):
+    assert validate_conditions(tiny_model.info, {"score": "7", "genre": " rock "}) == {"score": 7.0, "genre": "Rock"}
+    with pytest.raises(InvalidArgument, match="range"):
+        validate_conditions(tiny_model.info, {"score": 11, "genre": "Rock"})
