@@ -1,0 +1,299 @@
+"""Assemble and run the gRPC server: servicer, health, reflection, interceptor, model warm-up, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+from typing import Optional, Union
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pitchkeras.errors import UsageError
+from pitchkeras.server.auth import ApiKeys
+from pitchkeras.server.batcher import GenerateBatcher
+from pitchkeras.server.config import ServerConfig
+from pitchkeras.server.interceptor import LoggingInterceptor
+from pitchkeras.server.servicer import ModelSlot, ReviewServicer
+from pitchkeras.store.base import ReviewStore
+from pitchkeras.v1 import review_service_pb2 as pb
+from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("pitchkeras.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ReviewService"].full_name  # "pitchkeras.v1.ReviewService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ReviewServer:
+    """A running (or startable) ReviewService server; made by `create_server`.
+
+    `start()` begins serving; with a model, health stays NOT_SERVING until the
+    model has loaded and compiled its shapes. `stop()` flips health to
+    NOT_SERVING first, refuses new calls, and lets in-flight calls finish
+    within the grace period.
+    """
+
+    def __init__(self, server: grpc.aio.Server, port: int, *, store: ReviewStore, owns_store: bool,
+                 servicer: ReviewServicer, health_servicer: health.aio.HealthServicer, config: ServerConfig,
+                 model_dir: Optional[str], generator, store_executor: concurrent.futures.ThreadPoolExecutor):
+        self.server = server
+        self.port = port
+        self.store = store
+        self.servicer = servicer
+        self.health = health_servicer
+        self.config = config
+        self.model = servicer.model
+        self._owns_store = owns_store
+        self._model_dir = model_dir
+        self._generator = generator
+        self._store_executor = store_executor
+        self._model_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pitchkeras-model")
+        self._warm_task: Optional[asyncio.Task] = None
+        self._ready = asyncio.Event()
+        self._stopped = False
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.model.state == "off":
+            await self._set_health(SERVING)
+            self._ready.set()
+        else:
+            await self._set_health(NOT_SERVING)
+            self._warm_task = asyncio.get_running_loop().create_task(self._load_model(), name="model-warmup")
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _load_model(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            generator = await loop.run_in_executor(self._model_executor, self._build_generator)
+        except Exception as err:  # the server keeps serving stored reviews; Generate reports why
+            log.exception("loading the model failed")
+            self.model.error, self.model.state = f"{type(err).__name__}: {err}", "failed"
+            await self._set_health(NOT_SERVING)
+            self._ready.set()
+            return
+        batcher = GenerateBatcher(generator, self._model_executor, max_batch_size=self.config.max_batch_size,
+                                  max_wait_s=self.config.max_wait_ms / 1000.0)
+        batcher.start()
+        self.model.generator, self.model.batcher, self.model.state = generator, batcher, "ready"
+        if not self._stopped:
+            await self._set_health(SERVING)
+        self._ready.set()
+        log.info("model %s ready", generator.model.info.model_version)
+
+    def _build_generator(self):
+        """Load (unless given) and compile the model; runs in the model thread, never on the loop."""
+        generator = self._generator
+        if generator is None:
+            from pitchkeras.model import load_model
+            from pitchkeras.sampling import Generator
+
+            log.info("loading model %s", self._model_dir)
+            generator = Generator(load_model(self._model_dir), batch_size=self.config.max_batch_size,
+                                  max_new_tokens=self.config.default_max_length)
+        if self.config.warmup:
+            # Every batch shape the batcher can form (powers of two up to the max), at the default length.
+            sizes, size = [], 1
+            while size < self.config.max_batch_size:
+                sizes.append(size)
+                size *= 2
+            sizes.append(self.config.max_batch_size)
+            generator.warmup(batch_sizes=sizes, max_new_tokens=self.config.default_max_length)
+        return generator
+
+    async def wait_until_ready(self, timeout: Optional[float] = None) -> str:
+        """Wait until the model is ready (or failed, or absent); returns the model state."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.model.state
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new calls, finish in-flight ones within `grace` s."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._warm_task is not None and not self._warm_task.done():
+            self._warm_task.cancel()
+        if self.model.batcher is not None:
+            await self.model.batcher.close()
+        self._store_executor.shutdown(wait=False, cancel_futures=True)
+        self._model_executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_store:
+            self.store.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(
+    store: Union[str, ReviewStore],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    model_dir: Optional[str] = None,
+    generator=None,
+    config: Optional[ServerConfig] = None,
+    api_keys: Optional[ApiKeys] = None,
+    tls_cert: Optional[bytes] = None,
+    tls_key: Optional[bytes] = None,
+) -> tuple[ReviewServer, int]:
+    """Build a ReviewService server bound to `host:port` (not started yet).
+
+    Args:
+        store: str or ReviewStore. A store URI (opened here, closed on stop) or an open store.
+        host: str. Interface to bind (`0.0.0.0` or `::` for all).
+        port: int. Port; 0 picks a free one (returned).
+        model_dir: str or None. A pitchkeras model directory: enables Generate.
+        generator: sampling.Generator or None. An already-built generator (tests); enables Generate.
+        config: ServerConfig or None. Limits, batching and shutdown settings.
+        api_keys: ApiKeys or None. When set, Generate requires a key.
+        tls_cert: bytes or None. PEM certificate chain; with `tls_key`, serve TLS.
+        tls_key: bytes or None. PEM private key.
+
+    Returns:
+        `(server, port)`: call `await server.start()`, later `await server.stop()`.
+
+    Example:
+
+    >>> server, port = await create_server("sqlite:///reviews.db", port=0)
+    >>> await server.start()
+    """
+    config = (config or ServerConfig()).validate()
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    owns_store = isinstance(store, str)
+    if owns_store:
+        from pitchkeras.store import open_store
+
+        store = open_store(store)
+    try:
+        store_executor = concurrent.futures.ThreadPoolExecutor(config.store_workers, thread_name_prefix="pitchkeras-store")
+        model = ModelSlot(state="off" if model_dir is None and generator is None else "loading")
+        servicer = ReviewServicer(store, config=config, store_executor=store_executor, model=model, api_keys=api_keys)
+        server = grpc.aio.server(
+            interceptors=[LoggingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", config.max_receive_bytes),
+                ("grpc.max_send_message_length", config.max_send_bytes),
+            ],
+        )
+        pb_grpc.add_ReviewServiceServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        try:
+            if tls_cert is not None:
+                bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls_key, tls_cert)]))
+            else:
+                bound = server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise UsageError(f"cannot listen on {address}: {err} (port in use or bad host?)") from None
+        if not bound:
+            raise UsageError(f"cannot listen on {address} (port in use or bad host?)")
+    except BaseException:
+        if owns_store:
+            store.close()
+        raise
+    return (
+        ReviewServer(server, bound, store=store, owns_store=owns_store, servicer=servicer,
+                     health_servicer=health_servicer, config=config, model_dir=model_dir, generator=generator,
+                     store_executor=store_executor),
+        bound,
+    )
+
+
+async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port: int = 50051,
+                announce=print, **kwargs) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    Args:
+        store: str or ReviewStore. As for `create_server`.
+        host: str. Interface to bind.
+        port: int. Port; 0 picks one.
+        announce: callable. Receives `serving on HOST:PORT` once listening.
+        **kwargs: passed to `create_server`.
+    """
+    server, bound = await create_server(store, host=host, port=port, **kwargs)
+    await server.start()
+    announce(f"serving on {host}:{bound}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: health NOT_SERVING, finishing in-flight calls (grace %.0f s)", server.config.grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread: for tests, benchmarks and notebooks.
+
+    Args:
+        store: str or ReviewStore. As for `create_server`.
+        **kwargs: passed to `create_server` (port defaults to 0).
+
+    Example:
+
+    >>> with BackgroundServer("sqlite:///reviews.db") as background:
+    ...     client = ReviewClient(f"127.0.0.1:{background.port}")
+    """
+
+    def __init__(self, store: Union[str, ReviewStore], **kwargs):
+        kwargs.setdefault("port", 0)
+        self._store, self._kwargs = store, kwargs
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pitchkeras-server", daemon=True)
+        self.server: Optional[ReviewServer] = None
+        self.port = 0
+
+    def run(self, coroutine, timeout: Optional[float] = None):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def start(self) -> "BackgroundServer":
+        self._thread.start()
+
+        async def _start():
+            server, port = await create_server(self._store, **self._kwargs)
+            await server.start()
+            return server, port
+
+        self.server, self.port = self.run(_start())
+        return self
+
+    def wait_until_ready(self, timeout: Optional[float] = None) -> str:
+        return self.run(self.server.wait_until_ready(timeout))
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        if self.server is not None:
+            self.run(self.server.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+

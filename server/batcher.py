@@ -1,0 +1,137 @@
+"""Batches concurrent Generate calls into one `Generator.generate` call.
+
+One collector task takes the first waiting call, then gathers more for up to
+`max_wait_s` or until `max_batch_size` rows, and runs them as one batch in a
+worker thread. While a batch runs, new calls queue up and form the next
+batch, so a busy server fills its batches without waiting at all. Calls with
+different sampler settings or lengths cannot share a compiled batch
+(`generate` takes one config), so they run as separate groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from typing import Any, Optional
+
+from pitchkeras.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Pending:
+    requests: list  # of sampling.GenerationRequest
+    config: Any  # sampling.SamplerConfig (frozen, hashable)
+    max_new_tokens: int
+    future: asyncio.Future
+
+    @property
+    def key(self):
+        return (self.config, self.max_new_tokens)
+
+
+class GenerateBatcher:
+    """Collects Generate calls and runs them in batches off the event loop.
+
+    Args:
+        generator: sampling.Generator. Thread-safe; called from `executor`.
+        executor: concurrent.futures.Executor. Where model work runs (never the event loop).
+        max_batch_size: int. Rows (samples) per `generate` call at most.
+        max_wait_s: float. How long the first call of a batch waits for company.
+    """
+
+    def __init__(self, generator, executor: concurrent.futures.Executor, *, max_batch_size: int = 8,
+                 max_wait_s: float = 0.01):
+        if max_batch_size < 1 or max_wait_s < 0:
+            raise InvalidArgument(f"max_batch_size must be >= 1 and max_wait_s >= 0, got {max_batch_size}, {max_wait_s}")
+        self.generator = generator
+        self.executor = executor
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_s = float(max_wait_s)
+        self.batch_sizes: list[int] = []  # rows per generate call, for logs and tests
+        self._queue: Optional[asyncio.Queue] = None
+        self._task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        """Start the collector on the running loop."""
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name="generate-batcher")
+
+    async def submit(self, requests: list, config, max_new_tokens: int) -> list:
+        """Generate `requests` (one call's samples) in some batch; their Samples in order."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("GenerateBatcher is not running; call start() first")
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(list(requests), config, int(max_new_tokens), future))
+        return await future
+
+    async def close(self) -> None:
+        """Stop collecting; calls still queued fail with CancelledError."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._queue is not None and not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.cancel()
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            rows = len(batch[0].requests)
+            deadline = loop.time() + self.max_wait_s
+            while rows < self.max_batch_size:
+                remaining = deadline - loop.time()
+                try:
+                    item = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(
+                        self._queue.get(), remaining)
+                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                    break
+                batch.append(item)
+                rows += len(item.requests)
+            groups: dict = {}
+            for item in batch:
+                if not item.future.done():  # the caller may have given up (deadline, cancel)
+                    groups.setdefault(item.key, []).append(item)
+            for group in groups.values():
+                await self._run(group)
+
+    async def _run(self, group: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        requests = [r for item in group for r in item.requests]
+        config, max_new_tokens = group[0].key
+        try:
+            self.batch_sizes.append(len(requests))
+            samples = await loop.run_in_executor(
+                self.executor, lambda: self.generator.generate(requests, config=config, max_new_tokens=max_new_tokens)
+            )
+        except InvalidArgument as err:
+            if len(group) > 1:
+                # One call's input (e.g. a prompt too long in tokens) must not fail its batch mates.
+                for item in group:
+                    await self._run([item])
+                return
+            _fail(group, err)
+            return
+        except Exception as err:  # handed to the callers, who map it to a status code
+            _fail(group, err)
+            return
+        start = 0
+        for item in group:
+            end = start + len(item.requests)
+            if not item.future.done():
+                item.future.set_result(samples[start:end])
+            start = end
+
+
+def _fail(group: list[_Pending], err: BaseException) -> None:
+    for item in group:
+        if not item.future.done():
+            item.future.set_exception(err)

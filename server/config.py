@@ -1,0 +1,60 @@
+"""Server settings, with the default beside each and why."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pitchkeras.errors import UsageError
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything `create_server` can tune.
+
+    Args:
+        max_batch_size: int. Generate samples decoded together in one model call.
+        max_wait_ms: float. How long a lone Generate call waits for company before its batch runs.
+        default_max_length: int. New tokens per review when the request gives no max_length.
+        max_length_cap: int. Largest max_length a request may ask for.
+        num_samples_cap: int. Most reviews one Generate call may ask for.
+        prompt_chars_cap: int. Longest free-text prompt, in characters.
+        store_workers: int. Threads running blocking store calls.
+        grace_s: float. On shutdown, how long in-flight calls get to finish.
+        max_receive_bytes: int. Largest request message accepted.
+        max_send_bytes: int. Largest response message sent.
+        warmup: bool. Compile the model's shapes before reporting SERVING.
+        rate_per_s: float. API key rate limit: sustained Generate calls per second per key.
+        burst: int. API key rate limit: calls a key may make at once after being idle.
+    """
+
+    max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
+    max_wait_ms: float = 10.0  # small next to a generation (seconds); enough for simultaneous calls to meet
+    default_max_length: int = 200  # gpt-2-simple's `length` for a review-sized sample
+    max_length_cap: int = 512  # GPT-2's context is 1024; longer reviews wander off anyway
+    num_samples_cap: int = 16
+    prompt_chars_cap: int = 1000  # well under any model's context once tokenized
+    store_workers: int = 16  # SQLite serializes writers; reads (GetById) run in parallel
+    grace_s: float = 10.0
+    max_receive_bytes: int = 1 << 20  # requests are a few fields: 1 MiB is generous
+    max_send_bytes: int = 4 << 20  # 16 samples x 512 tokens stays far below this
+    warmup: bool = True
+    rate_per_s: float = 1.0
+    burst: int = 5
+
+    def validate(self) -> "ServerConfig":
+        """Return self, or raise UsageError naming the bad setting."""
+        checks = (
+            ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
+            ("max_wait_ms", self.max_wait_ms >= 0, ">= 0"),
+            ("default_max_length", 1 <= self.default_max_length <= self.max_length_cap, "in [1, max_length_cap]"),
+            ("num_samples_cap", self.num_samples_cap >= 1, ">= 1"),
+            ("prompt_chars_cap", self.prompt_chars_cap >= 0, ">= 0"),
+            ("store_workers", self.store_workers >= 1, ">= 1"),
+            ("grace_s", self.grace_s >= 0, ">= 0"),
+            ("rate_per_s", self.rate_per_s > 0, "> 0"),
+            ("burst", self.burst >= 1, ">= 1"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise UsageError(f"server setting {name}={getattr(self, name)!r} is not allowed; must be {allowed}")
+        return self
