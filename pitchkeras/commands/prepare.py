@@ -1,0 +1,61 @@
+"""`pitchkeras prepare`: a review dump -> conditioned examples, a train/val split and statistics."""
+
+from __future__ import annotations
+
+from pitchkeras.cli import add_command
+
+
+def add_parser(subparsers):
+    p = add_command(subparsers, "prepare",
+                    "Turn a review dump (Kaggle or seed SQLite, CSV, JSONL, Parquet) into conditioned "
+                    "training examples, a train/val split and statistics.", __name__)
+    p.add_argument("source", metavar="SOURCE", help="the dump file; its format is detected")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory for examples.csv, train.csv, val.csv, stats.json, stats.png")
+    p.add_argument("--query", help="SQLite only: a SELECT to read instead of the detected schema")
+    p.add_argument("--text-column", help="column holding the text (default: detected)")
+    p.add_argument("--condition-columns", default="score,genre",
+                   help="conditions in prompt order, comma-separated; NAME=COLUMN reads NAME from COLUMN; "
+                        "\"\" for a plain corpus")
+    p.add_argument("--no-conditions", action="store_true",
+                   help="plain corpus (e.g. DJ biographies): same as --condition-columns \"\"")
+    p.add_argument("--multi-genre", choices=("first", "all"), default="first",
+                   help="a review with several genres: keep its first, or one example per genre")
+    p.add_argument("--min-chars", type=int, default=20, help="drop texts shorter than this (after cleaning)")
+    p.add_argument("--max-chars", type=int, default=10000, help="drop texts longer than this")
+    p.add_argument("--drop-multiline", action="store_true",
+                   help="drop texts containing a newline (the seed tutorial's filter); kept by default")
+    p.add_argument("--language", metavar="CODE",
+                   help="keep only texts langid identifies as this ISO 639-1 code, e.g. en (default: no filter)")
+    p.add_argument("--delimiters", action="store_true",
+                   help="wrap each examples.csv row in <|startoftext|>/<|endoftext|> for gpt-2-simple")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples in val.csv")
+    p.add_argument("--seed", type=int, default=0, help="seeds the hash that splits train/val")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def run(args) -> int:
+    from pitchkeras.data.prepare import PrepareOptions, parse_condition_columns, prepare
+
+    options = PrepareOptions(
+        query=args.query,
+        text_column=args.text_column,
+        condition_columns=() if args.no_conditions else parse_condition_columns(args.condition_columns),
+        multi_genre=args.multi_genre,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        drop_multiline=args.drop_multiline,
+        language=args.language,
+        delimiters=args.delimiters,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = prepare(args.source, args.out, options=options)
+    dropped = ", ".join(f"{reason} {n}" for reason, n in result.stats["dropped"].items()) or "none"
+    print(f"read {result.read} rows from {args.source} ({result.stats['source']['kind']}); "
+          f"kept {result.kept} examples (train {result.train}, val {result.val}); dropped: {dropped}")
+    print(f"wrote {result.examples_path}, {result.train_path}, {result.val_path}, {result.stats_path}, "
+          f"{result.plot_path} in {result.stats['seconds']:.1f} s")
+    return 0
