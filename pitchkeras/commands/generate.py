@@ -1,0 +1,116 @@
+"""`pitchkeras generate`: sample reviews from a fine-tuned model (flags named like gpt-2-simple's)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pitchkeras.cli import add_command
+from pitchkeras.errors import UsageError
+
+DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
+
+
+def add_parser(subparsers):
+    p = add_command(subparsers, "generate", "Generate samples from a model, post-processed and checked.", __name__)
+    p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
+    p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
+    p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
+    p.add_argument("--score", type=float, help="review score condition (e.g. 8.0)")
+    p.add_argument("--genre", help="genre condition (one the model was trained on)")
+    p.add_argument("--prefix", default="", help="text the samples start with (after the header), e.g. an artist name")
+    p.add_argument("--nsamples", type=int, default=1, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=1, help="samples generated together")
+    p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
+    p.add_argument("--truncate", help="stop string: cut each sample where it first appears")
+    p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep --prefix at the start of each sample")
+    p.add_argument("--dataset", help="prepared dataset dir or train.csv: measure copying and reject copies")
+    p.add_argument("--max-copied-fraction", type=float, default=0.5,
+                   help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
+    p.add_argument("--out", help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_args(args) -> None:
+    if args.nsamples < 1:
+        raise UsageError(f"--nsamples must be >= 1, got {args.nsamples}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.length < 1:
+        raise UsageError(f"--length must be >= 1, got {args.length}")
+    if args.truncate == "":
+        raise UsageError("--truncate must be a non-empty string")
+
+
+def _conditions(args, info) -> dict | None:
+    """The requested conditions from --score/--genre, checked against the model."""
+    from pitchkeras.sampling import validate_conditions
+
+    names = info.prompt_format.conditions
+    given = {"score": args.score, "genre": args.genre}
+    if not names:
+        extra = [f"--{k}" for k, v in given.items() if v is not None]
+        if extra:
+            raise UsageError(f"this model has no conditions; drop {' '.join(extra)} (use --prefix)")
+        return None
+    unsupported = [n for n in names if n not in given]
+    if unsupported:
+        raise UsageError(f"this model's conditions {', '.join(unsupported)} have no flag here; use the Python API")
+    missing = [f"--{n}" for n in names if given[n] is None]
+    if missing:
+        known = info.condition_values.get("genre")
+        hint = f" (genres: {', '.join(map(str, known))})" if known and "--genre" in missing else ""
+        raise UsageError(f"this model needs {' and '.join(missing)}{hint}")
+    return validate_conditions(info, {n: given[n] for n in names})
+
+
+def run(args) -> int:
+    import collections
+    import json
+    import os
+
+    from pitchkeras.model import atomic_write_text, load_model
+    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+
+    _check_args(args)
+    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate()
+    model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
+    model = load_model(model_dir)
+    conditions = _conditions(args, model.info)
+
+    memorization = None
+    if args.dataset:
+        from pitchkeras.quality import MemorizationIndex
+
+        memorization = MemorizationIndex.from_examples(args.dataset, prompt_format=model.prompt_format,
+                                                       progress=not args.quiet)
+    generator = Generator(model, batch_size=args.batch_size, max_new_tokens=args.length,
+                          memorization=memorization, max_copied_fraction=args.max_copied_fraction)
+    requests = [GenerationRequest(conditions=conditions, prefix=args.prefix, seed=args.seed + i)
+                for i in range(args.nsamples)]
+    samples = generator.generate(requests, config=config, progress=not args.quiet, truncate=args.truncate,
+                                 include_prefix=args.include_prefix)
+
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in samples))
+    else:
+        accepted = [s.text for s in samples if not s.rejected]
+        if accepted:
+            print(f"\n{DELIMITER}\n".join(accepted))
+    rejected = collections.Counter(s.rejected for s in samples if s.rejected)
+    accepted_count = len(samples) - sum(rejected.values())
+    summary = f"{accepted_count}/{len(samples)} accepted"
+    if rejected:
+        summary += "; rejected: " + ", ".join(f"{reason} {count}" for reason, count in sorted(rejected.items()))
+    if args.out:
+        summary += f"; wrote {args.out}"
+    print(summary, file=sys.stderr)
+    return 0
