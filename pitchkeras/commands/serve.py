@@ -1,0 +1,75 @@
+"""`pitchkeras serve`: the gRPC ReviewService over a store, with Generate when a model is given."""
+
+from __future__ import annotations
+
+from pitchkeras.cli import add_command
+from pitchkeras.errors import UsageError
+
+
+def add_parser(subparsers):
+    p = add_command(subparsers, "serve", "Serve reviews over gRPC (pitchkeras.v1.ReviewService).", __name__)
+    p.add_argument("--store", default="sqlite:///pitchkeras.db", help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    p.add_argument("--model", help="model directory: enables Generate (health is NOT_SERVING until it is warm)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 or :: for all)")
+    p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one and prints it")
+    p.add_argument("--max-batch-size", type=int, default=8, help="Generate samples decoded together")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a Generate call waits to share a batch")
+    p.add_argument("--length", type=int, default=200, help="default max new tokens per generated review")
+    p.add_argument("--max-length-cap", type=int, default=512, help="largest max_length a request may ask for")
+    p.add_argument("--num-samples-cap", type=int, default=16, help="most reviews one Generate call may ask for")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get to finish on shutdown")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the model before reporting SERVING")
+    p.add_argument("--api-key-file", help="file with one API key per line: Generate then requires `x-api-key`")
+    p.add_argument("--rate-limit", type=float, default=1.0, help="with keys: sustained Generate calls/s per key")
+    p.add_argument("--burst", type=int, default=5, help="with keys: Generate calls a key may make at once")
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="one access-log line per call at INFO")
+    return p
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise UsageError(f"cannot read {flag} {path}: {err.strerror or err}") from None
+
+
+def run(args) -> int:
+    import asyncio
+    import logging
+    import os
+
+    from pitchkeras.server import ApiKeys, ServerConfig, serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.model and not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model} is not a directory; point it at a pitchkeras model directory")
+    config = ServerConfig(
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        default_max_length=args.length,
+        max_length_cap=args.max_length_cap,
+        num_samples_cap=args.num_samples_cap,
+        grace_s=args.grace,
+        warmup=not args.no_warmup,
+        rate_per_s=args.rate_limit,
+        burst=args.burst,
+    ).validate()
+    api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
+                if args.api_key_file else None)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    tls_cert = _read(args.tls_cert, "--tls-cert") if args.tls_cert else None
+    tls_key = _read(args.tls_key, "--tls-key") if args.tls_key else None
+
+    asyncio.run(serve(
+        args.store, host=args.host, port=args.port, model_dir=args.model, config=config,
+        api_keys=api_keys, tls_cert=tls_cert, tls_key=tls_key,
+        announce=lambda line: print(line, flush=True),  # scripts wait for this line (port 0)
+    ))
+    return 0

@@ -1,0 +1,100 @@
+"""Fixtures shared by the server, client and Node client tests.
+
+    from tests.serve_fixtures import pool_uri, tiny_generator  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pitchkeras.conditioning import REVIEWS
+from pitchkeras.errors import Unavailable
+from pitchkeras.store import Review, open_store, review_id
+from pitchkeras.store.sqlite import SQLiteStore
+
+GENRES = ("Rock", "Jazz", "Rap")
+SCORES = (3.0, 8.0)
+PER_PAIR = 2
+
+
+def pool_reviews(per_pair: int = PER_PAIR) -> list[Review]:
+    """Reviews for every (score, genre) pair, ids as populate makes them."""
+    return [
+        Review(id=review_id("pool-v1", {"score": s, "genre": g}, 0, i),
+               text=f"A {g} record at {s}. Take {i}.", score=s, genre=g, model_version="pool-v1",
+               temperature=0.7, top_k=0, top_p=0.95, seed=i, prompt=REVIEWS.prompt({"score": s, "genre": g}))
+        for s in SCORES for g in GENRES for i in range(per_pair)
+    ]
+
+
+@pytest.fixture
+def pool_uri(tmp_path):
+    """An SQLite store URI holding `pool_reviews()`."""
+    uri = f"sqlite:///{tmp_path}/pool.db"
+    with open_store(uri) as store:
+        store.add_reviews(pool_reviews())
+    return uri
+
+
+class FlakyStore(SQLiteStore):
+    """An SQLite store whose next `fail_next` calls of one method raise Unavailable; counts calls."""
+
+    def __init__(self, path, *, method: str, fail_next: int = 1, delay_s: float = 0.0):
+        super().__init__(path)
+        self.method, self.fail_next, self.delay_s = method, fail_next, delay_s
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def _maybe_fail(self):
+        with self._lock:
+            self.calls += 1
+            fail = self.fail_next > 0
+            self.fail_next -= 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if fail:
+            raise Unavailable(f"{self.uri}: injected outage")
+
+    def get_by_id(self, review_id):
+        if self.method == "get_by_id":
+            self._maybe_fail()
+        return super().get_by_id(review_id)
+
+    def get_review(self, **kwargs):
+        if self.method == "get_review":
+            self._maybe_fail()
+        return super().get_review(**kwargs)
+
+
+TRAIN_TEXTS = [
+    REVIEWS.example({"score": s, "genre": g}, body)
+    for s in SCORES for g in GENRES
+    for body in ("The band plays loud. The singer is good.", "A quiet record. It is good music.")
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An untrained tiny model saved through the model-directory contract."""
+    pytest.importorskip("tensorflow")
+    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
+
+    lm = build_tiny_causal_lm(TRAIN_TEXTS, sequence_length=64)
+    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": list(GENRES)}, "tiny-test-v1", "tiny", 64)
+    return save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model_dir):
+    """A real Generator on the tiny model. Post-processing is relaxed (no sentence or header
+    checks): an untrained model writes no sentences, and these tests are about serving."""
+    from pitchkeras.model import load_model
+    from pitchkeras.postprocess import PostprocessOptions
+    from pitchkeras.sampling import Generator
+
+    relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False, reject_second_document=False,
+                                 require_sentence=False, trim_to_sentence=False)
+    return Generator(load_model(tiny_model_dir), batch_size=4, max_new_tokens=8, postprocess_options=relaxed)
