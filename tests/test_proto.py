@@ -6,7 +6,6 @@ import filecmp
 import shutil
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,14 @@ GENERATED = ("review_service_pb2.py", "review_service_pb2.pyi", "review_service_
 
 
 def _protoc(*args: str) -> None:
-    from grpc_tools import protoc
+    # In a child process: grpc_tools' protoc shares the process-wide descriptor pool with the
+    # protobuf runtime already loaded by other tests, and crashes (SIGSEGV) when run in-process.
+    import grpc_tools
 
-    code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{resources.files('grpc_tools') / '_proto'}", *args])
-    assert code == 0, f"protoc {' '.join(args)} failed with exit {code}"
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    result = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"-I{include}", *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"protoc {' '.join(args)} failed with exit {result.returncode}: {result.stderr}"
 
 
 def test_committed_code_matches_the_proto(tmp_path):
