@@ -58,9 +58,12 @@ LANGUAGE_SAMPLE_CHARS = 2000  # langid reads this much of each text: enough to d
 PROGRESS_MIN_ROWS = 5000  # smaller inputs finish before a bar is worth drawing
 PROGRESS_MIN_BYTES = 5 << 20
 
-_SPACES = re.compile(r"[ \t\x0b\x0c]+")  # ASCII horizontal whitespace only: NBSP and friends are kept as written
+# ASCII horizontal whitespace only (NBSP and friends are kept as written). Patterns match only what
+# changes (not every single space), and each runs only when a plain `in` finds work for it: a regex
+# that stops at every space is ~5x slower on long reviews.
+_SPACES = re.compile(r"[\t\x0b\x0c][ \t\x0b\x0c]*| [ \t\x0b\x0c]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters that never belong in prose
-_LINE_EDGES = re.compile(r" ?\n ?")
+_LINE_EDGES = re.compile(r" \n ?|\n ")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
@@ -155,11 +158,15 @@ def normalize_text(text: str) -> str:
     one blank line; the ends are trimmed. Non-ASCII characters (including
     no-break spaces) are left byte for byte.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _SPACES.sub(" ", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "  " in text or "\t" in text or "\x0b" in text or "\x0c" in text:
+        text = _SPACES.sub(" ", text)
     text = _CONTROL.sub("", text)
-    text = _LINE_EDGES.sub("\n", text)
-    text = _BLANK_LINES.sub("\n\n", text)
+    if " \n" in text or "\n " in text:
+        text = _LINE_EDGES.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
     return text.strip(" \n")
 
 

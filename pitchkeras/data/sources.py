@@ -273,6 +273,7 @@ class CsvSource(Source):
     unit = "B"
 
     def __init__(self, path, delimiter):
+        self.path = path
         self.delimiter = delimiter
         _csv_limit()
         with self._open()[0] as f:
