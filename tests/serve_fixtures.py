@@ -13,11 +13,16 @@ import pytest
 from pitchkeras.conditioning import REVIEWS
 from pitchkeras.errors import Unavailable
 from pitchkeras.store import Review, open_store, review_id
+from pitchkeras.server import ServerConfig
 from pitchkeras.store.sqlite import SQLiteStore
 
 GENRES = ("Rock", "Jazz", "Rap")
 SCORES = (3.0, 8.0)
 PER_PAIR = 2
+# Small caps so tests can step over them; length 8 and batches of at most 4 so every Generate
+# test in the session shares a few compiled shapes.
+SERVER_CONFIG = ServerConfig(max_batch_size=4, max_wait_ms=300.0, default_max_length=8, max_length_cap=16,
+                             num_samples_cap=4, prompt_chars_cap=40, grace_s=5.0, warmup=False)
 
 
 def pool_reviews(per_pair: int = PER_PAIR) -> list[Review]:
@@ -98,3 +103,34 @@ def tiny_generator(tiny_model_dir):
     relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False, reject_second_document=False,
                                  require_sentence=False, trim_to_sentence=False)
     return Generator(load_model(tiny_model_dir), batch_size=4, max_new_tokens=8, postprocess_options=relaxed)
+
+
+def self_signed_cert(directory, host: str = "localhost") -> tuple:
+    """A fresh self-signed certificate for `host` (and 127.0.0.1): `(cert_path, key_path)` as PEM files."""
+    pytest.importorskip("cryptography", reason="cryptography (a google-auth dependency) makes the test certificate")
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())  # fast to make, unlike a 2048-bit RSA key
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

@@ -12,17 +12,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pitchkeras.errors import Unavailable
 from pitchkeras.server import ApiKeys, BackgroundServer, ServerConfig
 from pitchkeras.store import open_store
 from pitchkeras.store.base import REVIEW_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import GENRES, FlakyStore, pool_reviews, pool_uri, tiny_generator, tiny_model_dir  # noqa: F401
+from tests.serve_fixtures import (  # noqa: F401
+    GENRES, SERVER_CONFIG, FlakyStore, pool_reviews, pool_uri, self_signed_cert, tiny_generator, tiny_model_dir)
 
 C = grpc.StatusCode
-# Small caps so the table can step over them; length 8 so every Generate test shares one compiled shape.
-CONFIG = ServerConfig(max_batch_size=4, max_wait_ms=300.0, default_max_length=8, max_length_cap=16,
-                      num_samples_cap=4, prompt_chars_cap=40, grace_s=5.0, warmup=False)
+CONFIG = SERVER_CONFIG
 
 
 @pytest.fixture
@@ -269,24 +269,17 @@ def test_api_keys_guard_generate_with_a_rate_limit(pool_uri, tmp_path):
 
 
 def test_tls(pool_uri, tmp_path):
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
     from pitchkeras.client import ReviewClient
 
+    cert, key = self_signed_cert(tmp_path)
     with BackgroundServer(pool_uri, host="localhost", config=CONFIG, tls_cert=cert.read_bytes(),
                           tls_key=key.read_bytes()) as background:
         credentials = grpc.ssl_channel_credentials(cert.read_bytes())
         with ReviewClient(f"localhost:{background.port}", credentials=credentials) as client:
             assert client.get_review(genre="Rap").genre == "Rap"
-        with ReviewClient(f"localhost:{background.port}", timeout=2.0) as plaintext:
-            with pytest.raises(Exception):
+        # A plaintext client cannot talk to a TLS server: the handshake fails, the call is UNAVAILABLE.
+        with ReviewClient(f"localhost:{background.port}", timeout=5.0) as plaintext:
+            with pytest.raises(Unavailable):
                 plaintext.get_review()
 
 
