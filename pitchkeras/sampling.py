@@ -416,6 +416,9 @@ class Generator:
         jit_compile: bool. Compile the decode loop with XLA (True) or run it
             as a TensorFlow graph (False).
         postprocess_options: PostprocessOptions or None. Post-processing steps.
+        stop_at_end_token: bool. Stop a row at `<|endoftext|>` (True); False
+            always runs the full `max_new_tokens` (benchmarks, to compare
+            equal work with other libraries).
     """
 
     def __init__(
@@ -429,6 +432,7 @@ class Generator:
         prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
         jit_compile: bool = True,
         postprocess_options: Optional[PostprocessOptions] = None,
+        stop_at_end_token: bool = True,
     ):
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
@@ -446,6 +450,7 @@ class Generator:
         # The prompt already holds the document start, so a start marker in
         # the completion means a second document, never junk to strip.
         self.postprocess_options = postprocess_options or PostprocessOptions(strip_to_last_start=False)
+        self.stop_at_end_token = bool(stop_at_end_token)
         self.trace_count = 0  # how many times the decode loop was traced (= compiled shapes)
         self._lock = threading.Lock()
 
@@ -594,7 +599,7 @@ class Generator:
                 ).numpy()
                 for r, i in enumerate(rows):
                     new = output[r, lengths[r]: lengths[r] + new_tokens].tolist()
-                    if self._end_id in new:
+                    if self.stop_at_end_token and self._end_id in new:
                         new = new[: new.index(self._end_id)]
                     results[i] = new
                 if bar is not None:
@@ -686,7 +691,8 @@ class Generator:
             token_ids = tf.tensor_scatter_nd_update(
                 token_ids, tf.stack([tf.range(batch), tf.fill([batch], index)], axis=1), chosen
             )
-            done = tf.logical_or(done, tf.logical_and(~in_prompt, tf.equal(chosen, self._end_id)))
+            if self.stop_at_end_token:
+                done = tf.logical_or(done, tf.logical_and(~in_prompt, tf.equal(chosen, self._end_id)))
             done = tf.ensure_shape(done, [batch])
             return index + 1, token_ids, caches, done
 

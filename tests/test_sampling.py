@@ -252,6 +252,10 @@ def test_generation_stops_at_end_of_text(tiny_model):
     sample = rigged.generate([GenerationRequest(ROCK, "It", seed=0)])[0]
     assert sample.raw == sample.prompt  # stopped at once, end token not in the text
     assert sample.rejected == "no_sentence"
+    # Benchmarks turn the stop off: every row runs the full length, end tokens and all.
+    full = Generator(model, batch_size=2, max_new_tokens=8, stop_at_end_token=False)
+    prompt = full._tokenize(REVIEWS.prompt(ROCK, "It"))
+    assert full._complete([prompt, prompt], [0, 1], SamplerConfig(), 8, progress=False) == [[end] * 8] * 2
 
 
 def test_truncate_and_include_prefix(tiny_model):
