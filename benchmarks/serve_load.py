@@ -1,0 +1,311 @@
+"""Load test: `pitchkeras serve` (gRPC) against the seed's design (HTTP/JSON, read-then-increment).
+
+Both servers run in their own process on a copy of one SQLite store holding
+`--reviews` reviews over a (score, genre) grid. `--clients` threads in this
+process call each server as fast as they can for `--seconds` (after
+`--warmup-seconds` not counted): first GetById (a permalink read), then
+GetReview (the least-shown review of a random pair, incremented).
+
+The peer is the seed's serving design rebuilt on the standard library, so no
+Flask is needed: a threaded HTTP/1.1 JSON server (keep-alive) whose pick
+reads the least-shown row and then, in a second statement, writes back the
+count it read plus one. Besides speed, the table shows what that costs:
+`dup` counts picks that handed out a (review, count) some other call had
+already received, i.e. two readers got the same review for one increment.
+Ours picks in one statement inside a write transaction, so its `dup` must
+be 0.
+
+    python benchmarks/serve_load.py                       # 3000 reviews, 16 clients, 5 s per method
+    python benchmarks/serve_load.py --clients 64 --seconds 10
+
+Prints one row per (method, server) with calls/s, p50 and p99 latency in ms,
+then the ratios (pitchkeras / seed) last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import http.client
+import http.server
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+GENRES = ("Rock", "Electronic", "Rap", "Pop/R&B", "Experimental", "Folk/Country", "Metal", "Jazz")  # the seed's
+SCORES = tuple(i / 2 for i in range(21))  # 0.0 .. 10.0 in steps of 0.5, populate's default grid
+
+
+# -- the store both servers read -----------------------------------------------------------------
+
+
+def make_store(path: Path, count: int) -> list[tuple[float, str, str]]:
+    """Write `count` reviews spread over the grid; return (score, genre, id) of each."""
+    from pitchkeras.conditioning import REVIEWS
+    from pitchkeras.store import Review, open_store, review_id
+
+    pairs = [(s, g) for s in SCORES for g in GENRES]
+    reviews = []
+    for i in range(count):
+        score, genre = pairs[i % len(pairs)]
+        conditions = {"score": score, "genre": genre}
+        body = f"Review {i} of a {genre} record. It earns {score:.1f} for reasons given at length. " * 6
+        reviews.append(Review(id=review_id("bench-v1", conditions, 0, i), text=body.strip(), score=score,
+                              genre=genre, model_version="bench-v1", temperature=0.7, top_k=0, top_p=0.95, seed=i,
+                              prompt=REVIEWS.prompt(conditions)))
+    with open_store(f"sqlite:///{path}") as store:
+        store.add_reviews(reviews)
+    with sqlite3.connect(path) as conn:  # fold the WAL into the file so a plain copy is complete
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return [(r.score, r.genre, r.id) for r in reviews]
+
+
+# -- the peer: the seed's design ------------------------------------------------------------------
+
+_SEED_PICK = ("SELECT * FROM reviews WHERE genre = ? COLLATE NOCASE AND score = ? "
+              "ORDER BY selection_count, added, id LIMIT 1")
+
+
+class SeedHandler(http.server.BaseHTTPRequestHandler):
+    """GET /review?score=S&genre=G (pick) and GET /review/ID (permalink), answered as JSON."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as any production HTTP server
+    # Headers and body go out in two writes; with Nagle on, each response would wait ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = True
+    local = threading.local()
+    path_db = ""
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path_db, timeout=30, isolation_level=None)  # autocommit per statement
+            conn.row_factory = sqlite3.Row
+            self.local.conn = conn
+        return conn
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        url = urllib.parse.urlsplit(self.path)
+        conn = self._conn()
+        if url.path.startswith("/review/"):
+            row = conn.execute("SELECT * FROM reviews WHERE id = ?", (url.path[len("/review/"):],)).fetchone()
+        else:
+            query = urllib.parse.parse_qs(url.query)
+            row = conn.execute(_SEED_PICK, (query["genre"][0], float(query["score"][0]))).fetchone()
+            if row is not None:
+                # The seed's read-then-increment: a second, separate write of the count it read plus one.
+                conn.execute("UPDATE reviews SET selection_count = ? WHERE id = ?",
+                             (row["selection_count"] + 1, row["id"]))
+                row = dict(row, selection_count=row["selection_count"] + 1)
+        body = json.dumps(dict(row) if row is not None else {"error": "not found"}).encode()
+        self.send_response(200 if row is not None else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # quiet, like `pitchkeras serve --log-level WARNING` below
+        pass
+
+
+def run_seed_server(db: str) -> None:
+    SeedHandler.path_db = db
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SeedHandler)
+    server.daemon_threads = True
+    print(f"serving on 127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+# -- clients --------------------------------------------------------------------------------------
+
+
+class GrpcCaller:
+    """One client of `pitchkeras serve`: its own channel, like a separate application."""
+
+    def __init__(self, target: str):
+        import grpc
+
+        from pitchkeras.v1 import review_service_pb2 as pb
+        from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
+
+        self.pb, self.channel = pb, grpc.insecure_channel(target)
+        self.stub = pb_grpc.ReviewServiceStub(self.channel)
+
+    def get_by_id(self, review_id: str):
+        return self.stub.GetById(self.pb.GetByIdRequest(id=review_id), timeout=30).review.id, None
+
+    def get_review(self, score: float, genre: str):
+        review = self.stub.GetReview(self.pb.GetReviewRequest(score=score, genre=genre), timeout=30).review
+        return review.id, review.selection_count
+
+    def close(self):
+        self.channel.close()
+
+
+class HttpCaller:
+    """One client of the seed server: a keep-alive HTTP/1.1 connection."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def _get(self, path: str) -> dict:
+        self.conn.request("GET", path)
+        response = self.conn.getresponse()
+        data = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data}")
+        return data
+
+    def get_by_id(self, review_id: str):
+        return self._get(f"/review/{review_id}")["id"], None
+
+    def get_review(self, score: float, genre: str):
+        data = self._get("/review?" + urllib.parse.urlencode({"score": score, "genre": genre}))
+        return data["id"], data["selection_count"]
+
+    def close(self):
+        self.conn.close()
+
+
+def load(caller_type, target: str, method: str, keys: list, *, clients: int, seconds: float, warmup: float,
+         seed: int) -> dict:
+    """`clients` threads call `method` back to back; latencies of calls that start after the warm-up."""
+    start_barrier = threading.Barrier(clients + 1)
+    results = [None] * clients
+
+    def worker(index: int):
+        rng = random.Random(seed * 1000 + index)  # same call sequence for both servers
+        caller = caller_type(target)
+        latencies, picks, errors = [], [], 0
+        start_barrier.wait()
+        measure_from = time.perf_counter() + warmup
+        stop_at = measure_from + seconds
+        try:
+            while True:
+                score, genre, review_id = rng.choice(keys)
+                began = time.perf_counter()
+                if began >= stop_at:
+                    break
+                try:
+                    got = caller.get_by_id(review_id) if method == "GetById" else caller.get_review(score, genre)
+                except Exception:  # noqa: BLE001 - counted and shown, not fatal to a load test
+                    errors += 1
+                    continue
+                if began >= measure_from:
+                    latencies.append(time.perf_counter() - began)
+                if method == "GetReview":
+                    picks.append(got)
+        finally:
+            caller.close()
+        results[index] = (latencies, picks, errors)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start_barrier.wait()
+    for t in threads:
+        t.join(warmup + seconds + 60)
+    latencies = sorted(x for r in results for x in r[0])
+    picks = [p for r in results for p in r[1]]
+    duplicates = len(picks) - len(set(picks))
+    return {
+        "calls": len(latencies),
+        "qps": len(latencies) / seconds,
+        "p50_ms": statistics.median(latencies) * 1e3 if latencies else float("nan"),
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3 if latencies else float("nan"),
+        "errors": sum(r[2] for r in results),
+        "dup": duplicates if method == "GetReview" else None,
+    }
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a server process and wait for its `serving on HOST:PORT` line."""
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    line = process.stdout.readline()
+    if not line.startswith("serving on "):
+        process.kill()
+        raise SystemExit(f"server did not start: {' '.join(argv)} printed {line!r}")
+    return process, line.split()[-1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reviews", type=int, default=3000, help="reviews in the store")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent client threads")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per method and server")
+    parser.add_argument("--warmup-seconds", type=float, default=1.0, help="unmeasured seconds before each run")
+    parser.add_argument("--no-peer", action="store_true", help="only pitchkeras serve")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clients' call sequences")
+    parser.add_argument("--seed-server", metavar="DB", help=argparse.SUPPRESS)  # internal: run the peer
+    args = parser.parse_args(argv)
+    if args.seed_server:
+        run_seed_server(args.seed_server)
+        return 0
+    if args.reviews < 1 or args.clients < 1 or args.seconds <= 0 or args.warmup_seconds < 0:
+        parser.error("--reviews and --clients must be >= 1, --seconds > 0, --warmup-seconds >= 0")
+
+    workdir = Path(tempfile.mkdtemp(prefix="serve_load-"))
+    try:
+        keys = make_store(workdir / "ours.db", args.reviews)
+        shutil.copy(workdir / "ours.db", workdir / "seed.db")
+        servers = [("pitchkeras gRPC", GrpcCaller, [
+            sys.executable, "-m", "pitchkeras.cli", "serve", "--store", f"sqlite:///{workdir / 'ours.db'}",
+            "--port", "0", "--log-level", "WARNING", "--grace", "1"])]
+        if not args.no_peer:
+            servers.append(("seed HTTP/JSON", HttpCaller, [
+                sys.executable, str(Path(__file__).resolve()), "--seed-server", str(workdir / "seed.db")]))
+        print(f"settings: {args.reviews} reviews over {len(SCORES) * len(GENRES)} (score, genre) pairs, "
+              f"{args.clients} client threads, {args.seconds:g} s measured after {args.warmup_seconds:g} s warm-up, "
+              f"{os.cpu_count()} CPUs; servers and clients on this machine", flush=True)
+        rows = collections.OrderedDict()
+        for method in ("GetById", "GetReview"):
+            for name, caller_type, command in servers:
+                process, target = start(command)
+                try:
+                    rows[method, name] = load(caller_type, target, method, keys, clients=args.clients,
+                                              seconds=args.seconds, warmup=args.warmup_seconds, seed=args.seed)
+                finally:
+                    stop(process)
+                row = rows[method, name]
+                dup = "" if row["dup"] is None else row["dup"]
+                print(f"{method:<10} {name:<16} {row['qps']:>9.0f} calls/s  p50 {row['p50_ms']:7.2f} ms  "
+                      f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  dup {dup}", flush=True)
+        if not args.no_peer:
+            for method in ("GetById", "GetReview"):
+                ours, peer = rows[method, "pitchkeras gRPC"], rows[method, "seed HTTP/JSON"]
+                print(f"ratio {method}: calls/s x{ours['qps'] / peer['qps']:.2f}, "
+                      f"p50 x{ours['p50_ms'] / peer['p50_ms']:.2f}, p99 x{ours['p99_ms'] / peer['p99_ms']:.2f} "
+                      f"(pitchkeras / seed; calls/s higher is better, latency lower)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
