@@ -18,8 +18,9 @@ be 0.
     python benchmarks/serve_load.py                       # 3000 reviews, 16 clients, 5 s per method
     python benchmarks/serve_load.py --clients 64 --seconds 10
 
-Prints one row per (method, server) with calls/s, p50 and p99 latency in ms,
-then the ratios (pitchkeras / seed) last.
+Prints one row per (method, server) with calls/s, p50 and p99 latency in ms
+and CPU time per call (server process, and this client process), then the
+ratios (pitchkeras / seed) last.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def load(caller_type, target: str, method: str, keys: list, *, clients: int, sec
     def worker(index: int):
         rng = random.Random(seed * 1000 + index)  # same call sequence for both servers
         caller = caller_type(target)
-        latencies, picks, errors = [], [], 0
+        latencies, picks, errors, done = [], [], 0, 0
         start_barrier.wait()
         measure_from = time.perf_counter() + warmup
         stop_at = measure_from + seconds
@@ -204,13 +205,14 @@ def load(caller_type, target: str, method: str, keys: list, *, clients: int, sec
                 except Exception:  # noqa: BLE001 - counted and shown, not fatal to a load test
                     errors += 1
                     continue
+                done += 1
                 if began >= measure_from:
                     latencies.append(time.perf_counter() - began)
                 if method == "GetReview":
                     picks.append(got)
         finally:
             caller.close()
-        results[index] = (latencies, picks, errors)
+        results[index] = (latencies, picks, errors, done)
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
@@ -228,7 +230,17 @@ def load(caller_type, target: str, method: str, keys: list, *, clients: int, sec
         "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3 if latencies else float("nan"),
         "errors": sum(r[2] for r in results),
         "dup": duplicates if method == "GetReview" else None,
+        "all_calls": sum(r[3] for r in results),  # warm-up included, for CPU per call
     }
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -288,20 +300,26 @@ def main(argv=None) -> int:
             for name, caller_type, command in servers:
                 process, target = start(command)
                 try:
-                    rows[method, name] = load(caller_type, target, method, keys, clients=args.clients,
-                                              seconds=args.seconds, warmup=args.warmup_seconds, seed=args.seed)
+                    server_cpu, client_cpu = process_cpu_s(process.pid), time.process_time()
+                    row = load(caller_type, target, method, keys, clients=args.clients, seconds=args.seconds,
+                               warmup=args.warmup_seconds, seed=args.seed)
+                    # CPU per call says what each design costs even when other jobs share the machine.
+                    row["server_cpu_us"] = (process_cpu_s(process.pid) - server_cpu) / row["all_calls"] * 1e6
+                    row["client_cpu_us"] = (time.process_time() - client_cpu) / row["all_calls"] * 1e6
+                    rows[method, name] = row
                 finally:
                     stop(process)
-                row = rows[method, name]
                 dup = "" if row["dup"] is None else row["dup"]
-                print(f"{method:<10} {name:<16} {row['qps']:>9.0f} calls/s  p50 {row['p50_ms']:7.2f} ms  "
-                      f"p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  dup {dup}", flush=True)
+                print(f"{method:<10} {name:<16} {row['qps']:>7.0f} calls/s  p50 {row['p50_ms']:6.2f} ms  "
+                      f"p99 {row['p99_ms']:7.2f} ms  CPU/call server {row['server_cpu_us']:5.0f} us "
+                      f"client {row['client_cpu_us']:5.0f} us  errors {row['errors']}  dup {dup}", flush=True)
         if not args.no_peer:
             for method in ("GetById", "GetReview"):
                 ours, peer = rows[method, "pitchkeras gRPC"], rows[method, "seed HTTP/JSON"]
                 print(f"ratio {method}: calls/s x{ours['qps'] / peer['qps']:.2f}, "
-                      f"p50 x{ours['p50_ms'] / peer['p50_ms']:.2f}, p99 x{ours['p99_ms'] / peer['p99_ms']:.2f} "
-                      f"(pitchkeras / seed; calls/s higher is better, latency lower)")
+                      f"p50 x{ours['p50_ms'] / peer['p50_ms']:.2f}, p99 x{ours['p99_ms'] / peer['p99_ms']:.2f}, "
+                      f"server CPU/call x{ours['server_cpu_us'] / peer['server_cpu_us']:.2f} "
+                      f"(pitchkeras / seed; calls/s higher is better, the others lower)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
