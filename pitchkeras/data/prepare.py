@@ -21,7 +21,10 @@ number), `multiline`, `too_short`, `too_long`, `language` and `duplicate`
 (an exact repeat of an example already kept).
 
 Every output is written to a temp file and renamed, so a crash or Ctrl-C
-never leaves a half-written dataset; rerunning simply rewrites it.
+never leaves a half-written dataset; rerunning simply rewrites it. A
+previous run's `stats.json` is removed before the new files land and the new
+one is written last, so `stats.json` present means all five files belong to
+one complete run.
 
 Example:
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -215,10 +219,16 @@ def _split_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest.digest(), "big") / 2**64
 
 
-def _language_identifier(language: str):
+@functools.lru_cache(maxsize=1)
+def _langid_model():
     from langid.langid import LanguageIdentifier, model
 
-    identifier = LanguageIdentifier.from_modelstring(model, norm_probs=False)
+    # Unpacking langid's model takes seconds; classify() does not mutate it, so one serves every run.
+    return LanguageIdentifier.from_modelstring(model, norm_probs=False)
+
+
+def _language_identifier(language: str):
+    identifier = _langid_model()
     if language not in identifier.nb_classes:
         raise InvalidArgument(
             f"--language {language!r} is not a language langid knows; use an ISO 639-1 code such as "
@@ -370,25 +380,37 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     src = open_source(source_path, query=options.query)
     try:
         text_column, conditions = _resolve_columns(src, options)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        outputs = _Outputs(out_dir)
+        created = not out_dir.exists()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs = _Outputs(out_dir)
+        except OSError as err:
+            raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
         try:
             counts = _run(src, text_column, conditions, fmt, identifier, options, outputs)
             if counts["kept"] == 0:
                 raise InvalidArgument(_nothing_left_message(source_path, counts))
             _ensure_both_splits(outputs, counts, options)
+            # A previous run's stats.json must not outlive its CSVs: it marks a complete dataset
+            # and carries the prompt format that training reads.
+            (out_dir / "stats.json").unlink(missing_ok=True)
             plot_path = counts["stats"].plot(out_dir / "stats.png")
             outputs.commit()
-        except BaseException:
+            # stats.json goes last: its presence says the whole dataset was written.
+            stats = _stats_json(src, text_column, conditions, options, counts, started)
+            stats_path = atomic_write_text(out_dir / "stats.json",
+                                           json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+            _readable(stats_path)
+        except BaseException as err:
             outputs.discard()
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
+            if isinstance(err, OSError):  # disk full, permissions, a file vanishing mid-run: one line
+                raise InvalidArgument(f"{err.filename or out_dir}: {err.strerror or err}") from None
             raise
     finally:
         src.close()
 
-    # stats.json goes last: its presence says the whole dataset was written.
-    stats = _stats_json(src, text_column, conditions, options, counts, started)
-    stats_path = atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-    _readable(stats_path)
     return PrepareResult(
         out_dir=out_dir,
         examples_path=out_dir / "examples.csv",

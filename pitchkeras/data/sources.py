@@ -407,8 +407,11 @@ def detect_format(path: str | Path) -> str:
         raise InvalidArgument(f"{path}: no such file")
     if path.is_dir():
         raise InvalidArgument(f"{path}: is a directory, expected a dump file")
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as err:
+        raise InvalidArgument(f"{path}: cannot read ({err.strerror or err})") from None
     suffix = path.suffix.lower()
     if head.startswith(SQLITE_MAGIC):
         return "sqlite"
