@@ -121,10 +121,9 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
 
     async def _check_genre(self, genre: str) -> None:
         known = await self._store(self.store.genres)
-        if genre.casefold() not in {g.casefold() for g in known}:
-            raise InvalidArgument(
-                f"unknown genre {genre!r}; known (case-insensitive): {', '.join(known) if known else 'none, the store is empty'}"
-            )
+        # An empty store knows no genre at all: that is NOT_FOUND (populate it), not the caller's mistake.
+        if known and genre.casefold() not in {g.casefold() for g in known}:
+            raise InvalidArgument(f"unknown genre {genre!r}; known (case-insensitive): {', '.join(known)}")
 
     @_translated
     async def GetById(self, request: pb.GetByIdRequest, context: grpc.aio.ServicerContext) -> pb.GetByIdResponse:

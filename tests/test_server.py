@@ -108,6 +108,20 @@ def test_bad_inputs_get_their_documented_code(stub, method, request_, code, mess
     assert message in details
 
 
+def test_oversized_requests_are_refused(stub):
+    # ServerConfig.max_receive_bytes (1 MiB): grpc core refuses before any handler runs.
+    code, details = _code(stub.GetById, pb.GetByIdRequest(id="a" * (2 << 20)))
+    assert code == C.RESOURCE_EXHAUSTED, details
+
+
+def test_an_empty_store_is_not_found_for_any_genre(tmp_path):
+    with BackgroundServer(f"sqlite:///{tmp_path}/empty.db", config=CONFIG) as background:
+        channel, stub = _stub(background.port)
+        code, details = _code(stub.GetReview, pb.GetReviewRequest(genre="Rap"))
+        channel.close()
+    assert code == C.NOT_FOUND and "no review matches" in details, details
+
+
 def test_store_failure_is_unavailable_never_unknown(pool_uri):
     store = open_store(pool_uri)
     with BackgroundServer(store, config=CONFIG) as background:
