@@ -81,28 +81,38 @@ TRAIN_TEXTS = [
 ] * 20
 
 
+# Fixtures imported into several test modules are separate fixtures to pytest, so session scope
+# alone would build (and compile) one model per module; this cache makes it one per process.
+_SHARED: dict = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """An untrained tiny model saved through the model-directory contract."""
     pytest.importorskip("tensorflow")
-    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
+    if "model_dir" not in _SHARED:
+        from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
 
-    lm = build_tiny_causal_lm(TRAIN_TEXTS, sequence_length=64)
-    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": list(GENRES)}, "tiny-test-v1", "tiny", 64)
-    return save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
+        lm = build_tiny_causal_lm(TRAIN_TEXTS, sequence_length=64)
+        info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": list(GENRES)}, "tiny-test-v1", "tiny", 64)
+        _SHARED["model_dir"] = save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
+    return _SHARED["model_dir"]
 
 
 @pytest.fixture(scope="session")
 def tiny_generator(tiny_model_dir):
     """A real Generator on the tiny model. Post-processing is relaxed (no sentence or header
     checks): an untrained model writes no sentences, and these tests are about serving."""
-    from pitchkeras.model import load_model
-    from pitchkeras.postprocess import PostprocessOptions
-    from pitchkeras.sampling import Generator
+    if "generator" not in _SHARED:
+        from pitchkeras.model import load_model
+        from pitchkeras.postprocess import PostprocessOptions
+        from pitchkeras.sampling import Generator
 
-    relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False, reject_second_document=False,
-                                 require_sentence=False, trim_to_sentence=False)
-    return Generator(load_model(tiny_model_dir), batch_size=4, max_new_tokens=8, postprocess_options=relaxed)
+        relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False,
+                                     reject_second_document=False, require_sentence=False, trim_to_sentence=False)
+        _SHARED["generator"] = Generator(load_model(tiny_model_dir), batch_size=4, max_new_tokens=8,
+                                         postprocess_options=relaxed)
+    return _SHARED["generator"]
 
 
 def self_signed_cert(directory, host: str = "localhost") -> tuple:
