@@ -343,6 +343,18 @@ def test_language_filter_uses_langid(tmp_path):
         prepare(path, tmp_path / "xx", options=options(language="xx"))
 
 
+def test_vectorised_language_identifier_agrees_with_langid():
+    identifier = prepare_module._langid_model()  # cached: loaded once by the test above
+    rng = random.Random(0)
+    texts = [r.clean for r in dumps.KEPT] + [
+        "Ce disque est une réussite.", "Это хорошая пластинка.", "東京の夜はとても静かです。", "Hola, ¿qué tal?", "a", "!!!"]
+    texts += [" ".join(rng.choices(dumps.WORDS, k=rng.randint(1, 300))) for _ in range(20)]
+    texts += ["".join(chr(rng.randint(32, 0x3000)) for _ in range(rng.randint(1, 200))) for _ in range(20)]
+    answers = [identifier.classify(t) for t in texts]
+    assert answers == [identifier.langid.classify(t)[0] for t in texts]
+    assert {"en", "fr", "ru", "ja", "es"} <= set(answers)  # a real spread of languages, not one constant
+
+
 def test_fields_over_the_default_csv_limit_just_work(tmp_path, monkeypatch):
     huge = next(r for r in dumps.ROWS if r.case == "huge")
     assert len(huge.clean) > 131072

@@ -219,20 +219,78 @@ def _split_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest.digest(), "big") / 2**64
 
 
+class LanguageIdentifier:
+    """langid.py's naive Bayes language classifier, with its feature counting vectorised.
+
+    Same model, same answers as `langid.classify` (tested), about ten times
+    faster on review-length texts: langid's own `instance2fv` adds every
+    feature count into a numpy array one scalar at a time, ~8 ms per
+    2,000-character text here, which would dominate `prepare --language`.
+    The byte-level automaton still runs in a Python loop (it is sequential);
+    the per-state feature lists become one gather and one `bincount`.
+
+    Args:
+        identifier: langid.langid.LanguageIdentifier. The loaded model.
+    """
+
+    def __init__(self, identifier):
+        import numpy as np
+
+        self.langid = identifier  # the reference implementation (tests compare against it)
+        self.classes = tuple(str(c) for c in identifier.nb_classes)
+        self._nextmove = identifier.tk_nextmove
+        self._ptc = np.asarray(identifier.nb_ptc)  # (features, classes) log P(feature | class)
+        self._pc = np.asarray(identifier.nb_pc)  # (classes,) log P(class)
+        n_states = len(self._nextmove) >> 8
+        # CSR layout of tk_output (state -> feature indices): ptr[s]:ptr[s + 1] slices `features`.
+        lengths = np.zeros(n_states + 1, dtype=np.int64)
+        for state, outputs in identifier.tk_output.items():
+            lengths[state + 1] = len(outputs)
+        self._ptr = np.cumsum(lengths)
+        self._features = np.zeros(int(self._ptr[-1]), dtype=np.int64)
+        for state, outputs in identifier.tk_output.items():
+            self._features[self._ptr[state]:self._ptr[state + 1]] = outputs
+
+    def classify(self, text: str) -> str:
+        """The ISO 639-1 code of the most likely language of `text`."""
+        import numpy as np
+
+        nextmove = self._nextmove
+        state = 0
+        visited = []
+        for byte in text.encode("utf-8"):
+            state = nextmove[(state << 8) + byte]
+            visited.append(state)
+        scores = self._pc
+        if visited:
+            states, counts = np.unique(np.asarray(visited, dtype=np.int64), return_counts=True)
+            starts = self._ptr[states]
+            lengths = self._ptr[states + 1] - starts
+            total = int(lengths.sum())
+            if total:
+                # Positions of every state's feature slice, laid end to end.
+                offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+                features = self._features[offsets]
+                fv = np.bincount(features, weights=np.repeat(counts, lengths), minlength=len(self._ptc))
+                present = np.flatnonzero(fv)
+                scores = fv[present] @ self._ptc[present].astype(np.float64) + self._pc
+        return self.classes[int(np.argmax(scores))]
+
+
 @functools.lru_cache(maxsize=1)
-def _langid_model():
-    from langid.langid import LanguageIdentifier, model
+def _langid_model() -> LanguageIdentifier:
+    from langid.langid import LanguageIdentifier as LangidModel, model
 
-    # Unpacking langid's model takes seconds; classify() does not mutate it, so one serves every run.
-    return LanguageIdentifier.from_modelstring(model, norm_probs=False)
+    # Unpacking langid's model takes seconds; classification does not mutate it, so one serves every run.
+    return LanguageIdentifier(LangidModel.from_modelstring(model, norm_probs=False))
 
 
-def _language_identifier(language: str):
+def _language_identifier(language: str) -> LanguageIdentifier:
     identifier = _langid_model()
-    if language not in identifier.nb_classes:
+    if language not in identifier.classes:
         raise InvalidArgument(
             f"--language {language!r} is not a language langid knows; use an ISO 639-1 code such as "
-            f"{', '.join(sorted(identifier.nb_classes)[:12])}, ...")
+            f"{', '.join(sorted(identifier.classes)[:12])}, ...")
     return identifier
 
 
@@ -497,7 +555,7 @@ def _run(src: Source, text_column: str, conditions: dict[str, str], fmt: PromptF
             if len(text) > options.max_chars:
                 dropped["too_long"] += 1
                 continue
-            if identifier is not None and identifier.classify(text[:LANGUAGE_SAMPLE_CHARS])[0] != options.language:
+            if identifier is not None and identifier.classify(text[:LANGUAGE_SAMPLE_CHARS]) != options.language:
                 dropped["language"] += 1
                 continue
 
