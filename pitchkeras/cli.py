@@ -56,11 +56,53 @@ def add_command(subparsers, name: str, help: str, module: str) -> argparse.Argum
     return sub
 
 
+# Commands that load TensorFlow (serve only with --model: without it, it starts in a second).
+TENSORFLOW_COMMANDS = ("finetune", "generate", "report", "populate", "demo")
+
+
+def _uses_tensorflow(args) -> bool:
+    return args.command in TENSORFLOW_COMMANDS or (args.command == "serve" and getattr(args, "model", None))
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up lines held back from stderr.
+
+    TensorFlow 2.21 writes `oneDNN custom operations are on`, `Could not find
+    cuda drivers` and similar lines to file descriptor 2 before absl logging is
+    initialised, so `TF_CPP_MIN_LOG_LEVEL` cannot hide them, and they bury a
+    command's one-line error. They are captured while TensorFlow imports and
+    lists its devices, and shown only if that fails. `TF_CPP_MIN_LOG_LEVEL=0`
+    keeps them.
+    """
+    import tempfile
+
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # device discovery prints its own lines
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode("utf-8", errors="replace"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of CLI output
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if _uses_tensorflow(args):
+            import_tensorflow_quietly()
         module = importlib.import_module(args._run_module)
         return int(module.run(args) or 0)
     except PitchkerasError as err:
