@@ -836,6 +836,8 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     )
     tokenizer = causal_lm.preprocessor.tokenizer
     cache_dir = None if config.cache_dir == "none" else (config.cache_dir or str(Path(config.checkpoint_dir) / ".token-cache"))
+    if not chief:
+        cache_dir = None  # one writer per cluster: other workers tokenize in memory (it is fast)
     data_position = int(state.get("data_position", 0))
     train_ds = make_dataset(
         files.train, tokenizer, sequence_length=config.sequence_length, batch_size=config.batch_size,

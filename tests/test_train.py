@@ -1,0 +1,464 @@
+"""Fine-tuning on the `tiny` preset: loss falls, run files, exact resume, SIGTERM/SIGKILL, export, tf.distribute.
+
+Runs are tiny (1 layer, hidden 32, sequence 32, batch 4) and share one
+dataset and one token cache; the expensive uninterrupted run is a module
+fixture that several tests read.
+"""
+
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pitchkeras.conditioning import REVIEWS
+from pitchkeras.errors import InvalidArgument, UsageError
+
+GENRES = ["Rock", "Electronic", "Jazz"]
+WORDS = {
+    "Rock": "loud guitars drums riff band stage amplifier chorus",
+    "Electronic": "synth beat drum machine bass loop club pulse",
+    "Jazz": "saxophone trio swing improvisation horn piano brushes",
+}
+TINY_SHAPE = dict(vocabulary_size=400, num_layers=1, num_heads=2, hidden_dim=32, intermediate_dim=64)
+
+
+def make_corpus(n=90):
+    examples = []
+    for i in range(n):
+        genre = GENRES[i % 3]
+        words = WORDS[genre].split()
+        body = " ".join(words[(i + k) % len(words)] for k in range(12))
+        examples.append(REVIEWS.example({"score": (i % 7) + 2.5, "genre": genre}, f"The {body}.\nIt is {genre.lower()}."))
+    return examples
+
+
+def write_dataset(directory: Path, n=90) -> Path:
+    """A `pitchkeras prepare`-shaped directory: train.csv, val.csv, stats.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    examples = make_corpus(n)
+    for name, rows in (("train.csv", examples[: n - 10]), ("val.csv", examples[n - 10:])):
+        with open(directory / name, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([r] for r in rows)
+    stats = {"prompt_format": REVIEWS.to_json(),
+             "condition_values": {"genre": sorted(GENRES), "score": sorted({(i % 7) + 2.5 for i in range(n)})}}
+    (directory / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"data": write_dataset(root / "data"), "cache": root / "token-cache", "root": root}
+
+
+def small_config(shared, checkpoint_dir, **overrides):
+    from pitchkeras.model import TinyConfig
+    from pitchkeras.train import TrainConfig
+
+    values = dict(
+        dataset=str(shared["data"]), checkpoint_dir=str(checkpoint_dir), preset="tiny",
+        steps=20, batch_size=4, sequence_length=32, learning_rate=3e-3, print_every=10, save_every=5,
+        max_checkpoints=2, val_every=10, val_batches=2, progress=False, cache_dir=str(shared["cache"]),
+        tiny=TinyConfig(**TINY_SHAPE),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_metrics(run_dir: Path):
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def checkpoint_arrays(path: Path) -> dict:
+    """{variable path: array} of a checkpoint directory."""
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    with np.load(path / "variables.npz") as arrays:
+        return {name: arrays[f"v{i:05d}"] for i, (name, _) in enumerate(state["variables"])}
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+    """One uninterrupted 20-step run (XLA on): checkpoints every 5 steps, 2 kept, validation every 10."""
+    from pitchkeras.train import finetune
+
+    lines = []
+    result = finetune(small_config(shared, shared["root"] / "ck-ref", sample_every=20), log=lines.append)
+    return result, lines
+
+
+# -- settings, schedule, checkpoints (no training) ----------------------------------
+
+
+def test_config_rejects_unknown_and_bad_values():
+    from pitchkeras.train import TrainConfig
+
+    with pytest.raises(InvalidArgument, match="unknown training setting.*stepz"):
+        TrainConfig.from_dict({"dataset": "d", "stepz": 3})
+    with pytest.raises(InvalidArgument, match="batch_size must be at least 1"):
+        TrainConfig.from_dict({"dataset": "d", "batch_size": 0})
+    with pytest.raises(InvalidArgument, match="mixed_precision must be one of"):
+        TrainConfig.from_dict({"dataset": "d", "mixed_precision": "fp8"})
+    with pytest.raises(InvalidArgument, match="lora_rank must be 0 or more"):
+        TrainConfig.from_dict({"dataset": "d", "lora_rank": -1})
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from pitchkeras.train import TrainConfig, learning_rate_schedule
+
+    schedule = learning_rate_schedule(TrainConfig(dataset="d", steps=100, warmup_steps=10, learning_rate=1.0))
+    values = [float(schedule(step)) for step in (0, 4, 9, 10, 55, 100)]
+    assert values[0] == pytest.approx(0.1) and values[1] == pytest.approx(0.5)
+    assert values[2] == pytest.approx(1.0) and values[3] == pytest.approx(1.0)
+    assert 0.1 < values[4] < 1.0 and values[5] == pytest.approx(0.1)
+
+
+def test_mixed_precision_auto_is_float32_on_cpu():
+    from pitchkeras.train import choose_policy
+
+    assert choose_policy("auto") == "float32"  # CI and this box have no GPU/TPU
+    assert choose_policy("mixed_bfloat16") == "mixed_bfloat16"
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
+    """A crash while writing leaves `latest` on the previous complete checkpoint and no temp dir."""
+    import keras
+
+    from pitchkeras import train
+
+    variables = [keras.Variable(np.arange(6, dtype="float32").reshape(2, 3), name="w"), keras.Variable(1.0, name="b")]
+    ckdir = tmp_path / "run" / train.CHECKPOINTS
+    for step in (1, 2, 3):
+        variables[1].assign(float(step))
+        train.save_checkpoint(ckdir, variables, {"step": step}, keep=2)
+    assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "latest"]
+    assert (ckdir / "latest").read_text().strip() == "ckpt-00000003"
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(ckdir, variables, {"step": 4}, keep=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "latest"]
+
+    found = train.find_checkpoint(tmp_path / "run", "latest")
+    assert found.name == "ckpt-00000003"
+    assert train.find_checkpoint(tmp_path / "run", str(tmp_path / "run")) == found  # a run dir as PATH
+    assert train.find_checkpoint(tmp_path / "run", "fresh") is None
+    variables[1].assign(0.0)
+    assert train.restore_checkpoint(found, variables)["step"] == 3 and float(variables[1].numpy()) == 3.0
+    with pytest.raises(UsageError, match="missing or incomplete"):
+        train.find_checkpoint(tmp_path / "run", str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="holds 2 variables but this model/optimizer has 1"):
+        train.restore_checkpoint(found, variables[:1])
+
+
+# -- one real run ----------------------------------------------------------------------
+
+
+def test_loss_falls_and_run_files(reference):
+    result, lines = reference
+    assert "precision policy: float32 (auto)" in lines[0] and "XLA: on" in lines[0]
+    losses = [loss for _, loss in result.losses]
+    assert [s for s, _ in result.losses] == list(range(1, 21))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # clearly learnt something
+    run_dir = result.run_dir
+
+    with open(run_dir / "metrics.csv", encoding="utf-8") as f:
+        assert f.readline().strip() == "step,loss,learning_rate,tokens_per_sec,val_loss,val_perplexity"
+    rows = read_metrics(run_dir)
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(losses, rel=1e-5)
+    assert all(float(r["tokens_per_sec"]) > 0 and float(r["learning_rate"]) > 0 for r in rows)
+    validated = [int(r["step"]) for r in rows if r["val_loss"]]
+    assert validated == [10, 20]
+    val = float(rows[19]["val_loss"])
+    assert float(rows[19]["val_perplexity"]) == pytest.approx(math.exp(val), rel=1e-4)
+    assert result.val_loss == pytest.approx(val, rel=1e-5) and val < float(rows[9]["val_loss"])
+
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (run_dir / "samples" / "step-00000020.txt").read_text(encoding="utf-8")
+    assert samples.count("=== {") == 3 and '"genre": "Electronic"' in samples
+    assert any((run_dir / "logs").iterdir())  # TensorBoard event file
+    ckdir = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-00000015", "ckpt-00000020", "latest"]
+    assert (ckdir / "latest").read_text().strip() == "ckpt-00000020"
+    state = json.loads((ckdir / "ckpt-00000020" / "state.json").read_text())
+    assert state["step"] == 20 and state["data_position"] == 20 and state["model_version"] == result.model_version
+
+
+def test_exported_model_loads_with_keras_hub_and_generates(reference):
+    import keras_hub
+
+    from pitchkeras.model import load_model
+
+    result, _ = reference
+    info = json.loads((result.model_dir / "pitchkeras.json").read_text(encoding="utf-8"))
+    assert info["model_version"] == result.model_version and result.model_version.startswith("run1-")
+    assert info["prompt_format"] == REVIEWS.to_json() and info["condition_values"]["genre"] == sorted(GENRES)
+    assert info["base_preset"] == "tiny" and info["sequence_length"] == 32
+    causal_lm = keras_hub.models.CausalLM.from_preset(str(result.model_dir))
+    # stop_token_ids=None: a model this small may end the document at once; we want tokens to look at.
+    text = causal_lm.generate(REVIEWS.prompt({"score": 5.0, "genre": "Rock"}), max_length=24, stop_token_ids=None)
+    assert text.startswith("5.0\nRock\n") and len(text) > len("5.0\nRock\n")
+    assert load_model(result.model_dir).info.model_version == result.model_version
+
+
+def test_sigterm_saves_then_resume_matches_uninterrupted_run(shared, reference):
+    """SIGTERM at step 10 saves; `latest` continues at step 11 with the same losses, LR and final weights."""
+    from pitchkeras.train import finetune
+
+    ref, _ = reference
+
+    def interrupt_at_10(line):
+        if line.startswith("step 10/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = small_config(shared, shared["root"] / "ck-resume", sample_every=20)
+    first = finetune(config, log=interrupt_at_10)
+    assert first.interrupted and first.step == 10 and first.model_dir is None
+    ckdir = first.run_dir / "checkpoints"
+    assert (ckdir / "latest").read_text().strip() == "ckpt-00000010"
+    metrics_before = (first.run_dir / "metrics.csv").read_text(encoding="utf-8")
+
+    second = finetune(config)
+    assert second.start_step == 10 and second.step == 20 and second.model_version == first.model_version
+    assert [s for s, _ in second.losses] == list(range(11, 21))
+    assert [loss for _, loss in second.losses] == pytest.approx([loss for _, loss in ref.losses[10:]], rel=1e-4, abs=1e-5)
+    # metrics.csv is appended: the first 10 rows untouched, the step numbers continue.
+    metrics_after = (second.run_dir / "metrics.csv").read_text(encoding="utf-8")
+    assert metrics_after.startswith(metrics_before)
+    rows, ref_rows = read_metrics(second.run_dir), read_metrics(ref.run_dir)
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert [float(r["learning_rate"]) for r in rows] == pytest.approx([float(r["learning_rate"]) for r in ref_rows])
+    resumed, uninterrupted = checkpoint_arrays(ckdir / "ckpt-00000020"), checkpoint_arrays(ref.run_dir / "checkpoints" / "ckpt-00000020")
+    assert len(resumed) == len(uninterrupted) and any("iteration" in name for name in resumed)
+    for (name, a), b in zip(resumed.items(), uninterrupted.values()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+
+    third = finetune(config)  # already done: nothing to train, the model is exported again
+    assert third.start_step == 20 and third.losses == [] and third.model_dir is not None
+
+
+def test_grad_accum_matches_a_larger_batch(shared):
+    """batch 4 x 2 accumulated micro-batches == batch 8: same losses and weights (packed rows, same data)."""
+    import keras
+
+    from pitchkeras.data.pipeline import make_dataset, read_examples
+    from pitchkeras.model import TinyConfig, build_tiny_causal_lm
+    from pitchkeras.train import Trainer, TrainConfig, make_optimizer
+
+    import tensorflow as tf
+
+    texts = read_examples(shared["data"] / "train.csv")
+    runs = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        model = build_tiny_causal_lm(texts, config=TinyConfig(**TINY_SHAPE), sequence_length=32, seed=0)
+        optimizer = make_optimizer(TrainConfig(dataset="d", steps=3, learning_rate=3e-3), "float32")
+        optimizer.build(model.trainable_variables)
+        trainer = Trainer(model, optimizer, tf.distribute.get_strategy(), grad_accum=accum, jit_compile=False)
+        batches = iter(make_dataset(shared["data"] / "train.csv", model.preprocessor.tokenizer, sequence_length=32,
+                                    batch_size=batch_size, seed=0))
+        losses = [float(trainer.train_step([next(batches) for _ in range(accum)])) for _ in range(3)]
+        runs.append((losses, [np.array(v) for v in model.trainable_variables]))
+        keras.backend.clear_session()
+    (big, big_weights), (accumulated, acc_weights) = runs
+    assert accumulated == pytest.approx(big, rel=1e-5)
+    assert big[2] < big[0]
+    for a, b in zip(acc_weights, big_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path):
+    """A keras-hub preset directory loads as --preset PATH; with --lora-rank the base kernels stay frozen."""
+    from pitchkeras.data.pipeline import read_examples
+    from pitchkeras.model import TinyConfig, build_tiny_causal_lm, load_model
+    from pitchkeras.train import finetune
+
+    preset_dir = tmp_path / "preset"
+    texts = read_examples(shared["data"] / "train.csv")
+    build_tiny_causal_lm(texts, config=TinyConfig(**TINY_SHAPE), sequence_length=32).save_to_preset(str(preset_dir))
+    result = finetune(small_config(shared, tmp_path / "ck", preset=str(preset_dir), steps=4, lora_rank=2,
+                                   save_every=2, val_every=0, jit_compile="false"))
+    assert result.step == 4 and all(math.isfinite(loss) for _, loss in result.losses)
+    at2 = checkpoint_arrays(result.run_dir / "checkpoints" / "ckpt-00000002")
+    at4 = checkpoint_arrays(result.run_dir / "checkpoints" / "ckpt-00000004")
+    lora_b = [n for n in at4 if n.endswith("lora_kernel_b") and "optimizer" not in n and "adamw" not in n]
+    frozen = [n for n in at4 if "query" in n and n.endswith("/kernel") and "adamw" not in n]
+    assert lora_b and frozen, sorted(at4)[:20]
+    assert any(np.abs(at4[n] - at2[n]).max() > 0 for n in lora_b)  # adapters train
+    for n in frozen:
+        np.testing.assert_array_equal(at4[n], at2[n])  # the base weights do not
+    model = load_model(result.model_dir)
+    assert model.info.base_preset == str(preset_dir)
+    assert model.causal_lm.generate("5.0\nRock\n", max_length=16, stop_token_ids=None).startswith("5.0\nRock\n")
+
+
+def test_preset_errors_are_one_clear_line(shared, tmp_path, capsys):
+    from pitchkeras.cli import main
+    from pitchkeras.train import finetune
+
+    with pytest.raises(UsageError, match="has no train.csv"):
+        finetune(small_config(shared, tmp_path / "ck", dataset=str(tmp_path)))
+    code = main(["finetune", "--dataset", str(shared["data"]), "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--preset", "gpt2_medium_en", "--steps", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == ("pitchkeras finetune: error: cannot download gpt2_medium_en: no network; "
+                                            "use --preset tiny or a local preset directory")
+    assert "Traceback" not in err
+    assert main(["finetune", "--dataset", str(shared["data"]), "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--preset", str(tmp_path / "no-such-dir"), "--quiet"]) == 2
+    assert "preset directory" in capsys.readouterr().err
+
+
+# -- processes: SIGKILL, tf.distribute -------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+@pytest.mark.slow
+def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
+    ck = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "pitchkeras.cli", "finetune", "--dataset", str(shared["data"]),
+           "--checkpoint-dir", str(ck), "--cache-dir", str(shared["cache"]), "--preset", "tiny",
+           "--steps", "400", "--batch-size", "4", "--sequence-length", "32", "--learning-rate", "3e-3",
+           "--save-every", "10", "--print-every", "50", "--val-every", "0", "--jit-compile", "false",
+           "--max-checkpoints", "2"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = ck / "run1" / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    try:
+        while not latest.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"finetune exited early:\n{proc.stderr.read()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail("no checkpoint in time")
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+        proc.wait()
+    saved = int(latest.read_text().strip().split("-")[1])
+    assert 10 <= saved < 400
+    assert int(read_metrics(ck / "run1")[-1]["step"]) >= saved  # rows past the checkpoint are dropped on resume
+
+    done = subprocess.run(cmd + ["--restore-from", "latest", "--quiet"], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "step 400," in done.stdout
+    rows = read_metrics(ck / "run1")
+    assert [int(r["step"]) for r in rows] == list(range(1, 401))
+    assert sorted(p.name for p in (ck / "run1" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000390", "ckpt-00000400"]
+    assert (ck / "run1" / "model" / "pitchkeras.json").exists()
+
+
+DIST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    mode, data, ck, cache = sys.argv[1:5]
+    if mode == "mirrored":  # two logical CPU devices -> two replicas in one process
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from pitchkeras import train
+    from pitchkeras.model import TinyConfig
+    shapes = []
+    real_step = train.Trainer.train_step
+    def spy(self, batches):  # the per-replica shapes of the labels this step gets
+        shapes.append([list(v.shape) for v in self.strategy.experimental_local_results(batches[0][1])])
+        return real_step(self, batches)
+    train.Trainer.train_step = spy
+    result = train.finetune(train.TrainConfig(
+        dataset=data, checkpoint_dir=ck, cache_dir=cache, preset="tiny", steps=4, batch_size=4,
+        sequence_length=32, learning_rate=3e-3, print_every=0, save_every=2, val_every=0, progress=False,
+        strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))))
+    print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
+                                  "shapes": shapes[0], "model": str(result.model_dir) if result.model_dir else None}))
+""")
+
+
+def _spawn(shared, tmp_path, mode, ck, tf_config=None):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT, encoding="utf-8")
+    env = _env()
+    if tf_config:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return subprocess.Popen([sys.executable, str(script), mode, str(shared["data"]), str(ck), str(shared["cache"]),
+                             json.dumps(TINY_SHAPE)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out + err[-4000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def single_device(shared):
+    """The 4-step run the distributed runs must reproduce (same global batch, XLA on)."""
+    from pitchkeras.train import finetune
+
+    result = finetune(small_config(shared, shared["root"] / "ck-single", steps=4, save_every=2, val_every=0,
+                                   print_every=0, strategy="one"))
+    return result
+
+
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus_matches_single_device(shared, tmp_path, single_device):
+    mirrored = _result(_spawn(shared, tmp_path, "mirrored", tmp_path / "ck"))
+    assert mirrored["replicas"] == 2
+    assert mirrored["shapes"] == [[2, 32], [2, 32]]  # the global batch of 4 split in two
+    assert mirrored["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
+    ours = checkpoint_arrays(tmp_path / "ck" / "run1" / "checkpoints" / "ckpt-00000004")
+    ref = checkpoint_arrays(single_device.run_dir / "checkpoints" / "ckpt-00000004")
+    weights = [(a, b) for (name, a), b in zip(ours.items(), ref.values()) if "adamw" not in name]
+    assert len(ours) == len(ref) and weights
+    for a, b in weights:
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multiworker_two_local_processes_match_single_device_and_write_once(shared, tmp_path, single_device):
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workers = [
+        _spawn(shared, tmp_path, "multiworker", tmp_path / f"ck-{i}",
+               {"cluster": cluster, "task": {"type": "worker", "index": i}})
+        for i in range(2)
+    ]
+    chief, other = _result(workers[0]), _result(workers[1])
+    assert chief["replicas"] == 2 and other["replicas"] == 2
+    assert chief["shapes"] == [[2, 32]]  # each worker gets half of the global batch
+    assert chief["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
+    assert chief["losses"] == pytest.approx(other["losses"], rel=1e-6)
+    # Files are written once, by the chief (worker 0); worker 1 writes nothing at all.
+    assert chief["model"] and other["model"] is None
+    assert sorted(p.name for p in (tmp_path / "ck-0" / "run1" / "checkpoints").glob("ckpt-*")) == [
+        "ckpt-00000002", "ckpt-00000004"]
+    assert not (tmp_path / "ck-1").exists()
