@@ -32,6 +32,8 @@ def score_grid(start: float = 0.0, stop: float = 10.0, step: float = 0.5) -> lis
     """Scores from `start` to `stop` inclusive, one decimal (default 0.0, 0.5, ..., 10.0)."""
     if step <= 0:
         raise InvalidArgument(f"score step must be > 0, got {step}")
+    if stop < start:
+        raise InvalidArgument(f"score range stop {stop:g} is below its start {start:g}")
     count = int(math.floor((stop - start) / step + 1e-9)) + 1
     return [round(start + i * step, 1) for i in range(count)]
 
@@ -53,7 +55,8 @@ class PopulateConfig:
         length: int. Maximum new tokens per sample.
         batch_size: int. Samples generated together (mixed across pairs).
         seed: int. Base seed; with the attempt index it fixes each review's id.
-        max_attempts: int. Candidate generations per wanted review before giving up on a pair.
+        max_attempts: int. Candidate generations per wanted review: a pair gets at most
+            `per_pair * max_attempts` attempts in a run, then stays short (reported as missing).
         shard_index, num_shards: int. This worker takes pairs i with i % num_shards == shard_index.
     """
 
@@ -85,6 +88,14 @@ class PopulateConfig:
             raise InvalidArgument(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.length < 1:
+            raise InvalidArgument(f"length must be >= 1 token, got {self.length}")
+        if not 0 < self.max_copied_fraction <= 1:
+            raise InvalidArgument(f"max_copied_fraction must be in (0, 1], got {self.max_copied_fraction}")
+        if self.scores is not None and not len(self.scores):
+            raise InvalidArgument("scores is empty; give at least one score or None for the default grid")
+        if self.genres is not None and not len(self.genres):
+            raise InvalidArgument("genres is empty; give at least one genre or None for the seed's eight")
         return self
 
 
@@ -145,7 +156,8 @@ def build_grid(prompt_format, condition_values: dict, scores, genres) -> list[di
         for genre in wanted:
             if known and genre.casefold() not in known:
                 raise InvalidArgument(
-                    f"genre {genre!r} was not in this model's training data; known: {', '.join(sorted(known.values()))}"
+                    f"genre {genre!r} was not in this model's training data; "
+                    f"known: {', '.join(sorted(known.values()))} (set --genres)"
                 )
             resolved.append(known.get(genre.casefold(), genre))
         axes.append([("genre", g) for g in resolved])
@@ -198,34 +210,45 @@ def populate(
     """
     from tqdm.auto import tqdm
 
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig, validate_conditions
 
+    # Everything that can be wrong with the arguments fails here, before the
+    # (slow) model load: the config, the grid against pitchkeras.json, the store URI.
     config.validate()
     sampler = SamplerConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p).validate()
-    if generator is None:
-        if model is None:
-            from pitchkeras.model import load_model
+    if generator is not None:
+        info = generator.model.info
+    elif model is not None:
+        info = model.info
+    else:
+        from pitchkeras.model import ModelInfo
 
-            model = load_model(config.model)
-        memorization = None
-        if config.dataset:
-            from pitchkeras.quality import MemorizationIndex
-
-            memorization = MemorizationIndex.from_dataset(config.dataset)
-        generator = Generator(
-            model,
-            batch_size=config.batch_size,
-            max_new_tokens=config.length,
-            memorization=memorization,
-            max_copied_fraction=config.max_copied_fraction,
-        )
-    model = generator.model
-    info = model.info
+        info = ModelInfo.read(config.model)
+    grid = build_grid(info.prompt_format, info.condition_values, config.scores, config.genres)
+    grid = [validate_conditions(info, cell) if cell else {} for cell in grid]  # scores in the trained range
+    mine = [c for i, c in enumerate(grid) if i % config.num_shards == config.shard_index]
     own_store = store is None
     store = store or open_store(config.store)
     try:
-        grid = build_grid(info.prompt_format, info.condition_values, config.scores, config.genres)
-        mine = [c for i, c in enumerate(grid) if i % config.num_shards == config.shard_index]
+        if generator is None:
+            if model is None:
+                from pitchkeras.model import load_model
+
+                model = load_model(config.model)
+            memorization = None
+            if config.dataset:
+                from pitchkeras.quality import MemorizationIndex
+
+                memorization = MemorizationIndex.from_dataset(config.dataset)
+            generator = Generator(
+                model,
+                batch_size=config.batch_size,
+                max_new_tokens=config.length,
+                memorization=memorization,
+                max_copied_fraction=config.max_copied_fraction,
+            )
+        # Each wanted review gets at most max_attempts candidates, so a model
+        # that keeps failing the checks cannot keep a pair generating forever.
         total_attempts = config.per_pair * config.max_attempts
         pairs = [PairResult(conditions=c, requested=config.per_pair) for c in mine]
 
@@ -238,6 +261,11 @@ def populate(
             pending[p_index] = [a for a, rid in enumerate(ids) if rid not in existing]
 
         wanted = sum(p.missing for p in pairs)
+        shard = ""
+        if config.num_shards > 1:
+            shard = f" (shard {config.shard_index} of {config.num_shards}: {len(mine)} of {len(grid)} pairs)"
+        log(f"populate: {len(pairs)} pair(s){shard}, {sum(p.existing for p in pairs)} review(s) already stored, "
+            f"{wanted} to generate (at most {config.max_attempts} attempts each)")
         bar = tqdm(total=wanted, desc="populate", unit="review", disable=not progress or wanted == 0, dynamic_ncols=True)
         try:
             while True:

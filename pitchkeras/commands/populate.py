@@ -25,12 +25,12 @@ def _score_range(text: str) -> list[float]:
 
 def add_parser(subparsers):
     p = add_command(subparsers, "populate", "Generate reviews for every (score, genre) pair and store them.", __name__)
-    p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
+    p.add_argument("--model", help="model directory; when omitted, CHECKPOINT_DIR/RUN_NAME/model")
     p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
     p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
     p.add_argument("--store", default="sqlite:///pitchkeras.db", help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
     p.add_argument("--per-pair", type=int, default=5, help="reviews wanted per (score, genre) pair")
-    p.add_argument("--scores", help="comma-separated scores (overrides --score-range)")
+    p.add_argument("--scores", help="comma-separated scores, e.g. 2,8.5; when given, overrides --score-range")
     p.add_argument("--score-range", default="0:10:0.5", help="score grid START:STOP:STEP")
     p.add_argument("--genres", default="Rock,Electronic,Rap,Pop/R&B,Experimental,Folk/Country,Metal,Jazz",
                    help="comma-separated genres (matched case-insensitively to the model's)")
@@ -43,9 +43,10 @@ def add_parser(subparsers):
     p.add_argument("--length", type=int, default=200, help="max new tokens per review")
     p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
     p.add_argument("--seed", type=int, default=0, help="base seed (with the attempt index, fixes review ids)")
-    p.add_argument("--max-attempts", type=int, default=4, help="candidates per wanted review before giving up")
+    p.add_argument("--max-attempts", type=int, default=4, help="candidates generated per wanted review at most; a pair still short after them is reported missing")
     p.add_argument("--shard-index", type=int, default=0, help="this worker's shard")
     p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -77,9 +78,12 @@ def run(args) -> int:
         shard_index=args.shard_index,
         num_shards=args.num_shards,
     )
-    result = populate(config)
+    result = populate(config, progress=not args.quiet)
     print(format_table(result))
     missing = sum(p.missing for p in result.pairs)
+    # Generation is deterministic per (seed, attempt): a plain rerun redoes the rejected attempts
+    # with the same outcome, so new candidates need more attempts or another seed.
     print(f"model {result.model_version}: stored {result.stored} new review(s) in {result.store}"
-          + (f"; {missing} still missing (rerun to retry)" if missing else ""))
+          + (f"; {missing} still missing after {args.max_attempts} attempt(s) per review: rerun with a larger "
+             "--max-attempts or another --seed for new candidates" if missing else ""))
     return 0
