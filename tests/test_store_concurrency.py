@@ -22,7 +22,8 @@ from tests.store_fixtures import firestore_emulator, firestore_store, sqlite_sto
 
 def _pool(store, size: int) -> list[Review]:
     reviews = [
-        Review(id=review_id("run-conc", {"score": 5.0, "genre": "Rock"}, 0, i), text=f"Review {i}.", score=5.0, genre="Rock")
+        Review(id=review_id("run-conc", {"score": 5.0, "genre": "Rock"}, 0, i), text=f"Review {i}.",
+               score=5.0, genre="Rock")
         for i in range(size)
     ]
     assert store.add_reviews(reviews) == size
@@ -100,11 +101,11 @@ def test_sqlite_several_processes_share_one_file(tmp_path):
         _assert_no_duplicate_and_no_lost_update(store, reviews, picks)
 
 
-def test_firestore_concurrent_threads_hand_out_level_and_lose_no_update(firestore_store):
-    reviews = _pool(firestore_store, 16)
-    picks, failures = _hammer(firestore_store, threads=16, calls=4)
+def test_firestore_64_threads_hand_out_every_review_exactly_4_times(firestore_store):
+    reviews = _pool(firestore_store, 64)
+    picks, failures = _hammer(firestore_store, threads=64, calls=4)
     assert failures == 0  # lost races are retried within the 20 s deadline
-    # Every pick claimed a least-shown review, so 64 picks over 16 equal reviews take each exactly 4 times.
+    # Every pick claimed a least-shown review, so 256 picks over 64 equal reviews take each exactly 4 times.
     assert collections.Counter(rid for rid, _ in picks) == {r.id: 4 for r in reviews}
     _assert_no_duplicate_and_no_lost_update(firestore_store, reviews, picks)
 
