@@ -5,15 +5,28 @@ from __future__ import annotations
 from pitchkeras.cli import add_command
 
 
+def _stated(text: str) -> str:
+    """Help whose own words state the default (better than argparse's `(default: None)`).
+
+    `%(default).0s` prints nothing, but its presence stops the
+    ArgumentDefaultsHelpFormatter from appending `(default: None)`.
+    """
+    return text + "%(default).0s"
+
+
 def add_parser(subparsers):
     p = add_command(subparsers, "prepare",
                     "Turn a review dump (Kaggle or seed SQLite, CSV, JSONL, Parquet) into conditioned "
                     "training examples, a train/val split and statistics.", __name__)
     p.add_argument("source", metavar="SOURCE", help="the dump file; its format is detected")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory for examples.csv, train.csv, val.csv, stats.json, stats.png")
-    p.add_argument("--query", help="SQLite only: a SELECT to read instead of the detected schema")
-    p.add_argument("--text-column", help="column holding the text (default: detected)")
+                   help=_stated("output directory for examples.csv, train.csv, val.csv, stats.json, stats.png "
+                                 "(required; created if missing)"))
+    p.add_argument("--query", help=_stated("SQLite only: a SELECT to read instead of the detected schema "
+                                            "(default: none, the schema decides)"))
+    p.add_argument("--text-column", help=_stated(
+        "column holding the text (default: detected: content for the Kaggle dump, review for the seed's, "
+        "else the first of text, review, content, body, bio, biography, description)"))
     p.add_argument("--condition-columns", default="score,genre",
                    help="conditions in prompt order, comma-separated; NAME=COLUMN reads NAME from COLUMN; "
                         "\"\" for a plain corpus")
@@ -26,7 +39,8 @@ def add_parser(subparsers):
     p.add_argument("--drop-multiline", action="store_true",
                    help="drop texts containing a newline (the seed tutorial's filter); kept by default")
     p.add_argument("--language", metavar="CODE",
-                   help="keep only texts langid identifies as this ISO 639-1 code, e.g. en (default: no filter)")
+                   help=_stated("keep only texts langid identifies as this ISO 639-1 code, e.g. en "
+                                 "(default: no filter)"))
     p.add_argument("--delimiters", action="store_true",
                    help="wrap each examples.csv row in <|startoftext|>/<|endoftext|> for gpt-2-simple")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples in val.csv")
