@@ -582,6 +582,9 @@ def test_cli_errors_are_one_line_and_exit_2(prepared, tmp_path, capsys):
         ((csv_path, "--out", a_file), [str(a_file), "not a directory"]),
         ((csv_path, "--out", a_file / "sub"), [str(a_file / "sub")]),
         ((csv_path, "--out", out, "--val-fraction", "1"), ["--val-fraction must be in [0, 1)"]),
+        ((csv_path, "--out", out, "--seed", str(2**64)), ["--seed must fit in 64 bits"]),
+        ((csv_path, "--out", out, "--max-chars", "10"), ["--max-chars (10) must be >= 1 and >= --min-chars (20)"]),
+        ((csv_path, "--out", out, "--language", "xx"), ["--language 'xx' is not a language langid knows"]),
         ((csv_path, "--out", out, "--multi-genre", "some"), ["invalid choice: 'some'"]),
     ]
     for argv, fragments in cases:

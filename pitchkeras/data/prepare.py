@@ -304,6 +304,8 @@ def _validate(options: PrepareOptions) -> None:
                               f"({options.min_chars})")
     if not 0 <= options.val_fraction < 1:
         raise InvalidArgument(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
+    if not -2**63 <= options.seed < 2**63:  # it salts the split hash as 8 signed bytes
+        raise InvalidArgument(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {options.seed}")
     names = [c.split("=", 1)[0].strip() for c in options.condition_columns]
     if len(set(names)) != len(names) or not all(names):
         raise InvalidArgument(f"--condition-columns must name each condition once, got "
