@@ -86,6 +86,7 @@ def test_normalize_text_cleans_whitespace_and_keeps_everything_else():
     assert normalize_text("  one \t two  \x0b three\x0c ") == "one two three"
     assert normalize_text("para one  \n\n\n\n  para two") == "para one\n\npara two"
     assert normalize_text("bell\x07 and null\x00 gone") == "bell and null gone"
+    assert normalize_text("a \x00 b\x1f \n c") == "a b\nc"
     assert normalize_text("no-break\u00a0space, café, 東京 — kept") == "no-break\u00a0space, café, 東京 — kept"
     assert normalize_text(" \n \r\n ") == ""
 
@@ -96,8 +97,8 @@ def test_normalize_text_matches_the_plain_regex_definition():
 
     def reference(text):
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-        text = re.sub(r"[ \t\x0b\x0c]+", " ", text)
         text = re.sub(r"[\x00-\x08\x0e-\x1f\x7f]", "", text)
+        text = re.sub(r"[ \t\x0b\x0c]+", " ", text)
         text = re.sub(r" ?\n ?", "\n", text)
         text = re.sub(r"\n{3,}", "\n\n", text)
         return text.strip(" \n")

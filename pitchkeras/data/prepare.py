@@ -157,16 +157,16 @@ def parse_condition_columns(text: str) -> tuple[str, ...]:
 def normalize_text(text: str) -> str:
     """Clean whitespace and line endings, keeping every other character as written.
 
-    CRLF and CR become LF; runs of spaces and tabs become one space; spaces
-    around a newline and control characters go; three or more newlines become
+    CRLF and CR become LF; control characters go; runs of spaces and tabs
+    become one space; spaces around a newline go; three or more newlines become
     one blank line; the ends are trimmed. Non-ASCII characters (including
     no-break spaces) are left byte for byte.
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)  # first, so "a \x00 b" becomes "a b", not "a  b"
     if "  " in text or "\t" in text or "\x0b" in text or "\x0c" in text:
         text = _SPACES.sub(" ", text)
-    text = _CONTROL.sub("", text)
     if " \n" in text or "\n " in text:
         text = _LINE_EDGES.sub("\n", text)
     if "\n\n\n" in text:
