@@ -23,8 +23,8 @@ import pytest
 from pitchkeras import cli
 from pitchkeras.conditioning import END_OF_TEXT, REVIEWS, START_OF_TEXT, PromptFormat
 from pitchkeras.data import prepare as prepare_module
-from pitchkeras.data.prepare import (PrepareOptions, normalize_text, parse_condition_columns, parse_number, prepare,
-                                     read_examples)
+from pitchkeras.data.pipeline import read_examples  # the reader training uses: tests read what it reads
+from pitchkeras.data.prepare import PrepareOptions, normalize_text, parse_condition_columns, parse_number, prepare
 from pitchkeras.data.sources import open_source
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.sample_data import SAMPLE_DUMP
@@ -294,7 +294,7 @@ def test_multi_genre_first_and_all(tmp_path, kind):
     assert every.stats["genres"] == {"rock": 1, "electronic": 1, "rap": 1}
     assert every.stats["multi_genre_extra"] == 1 and accounting_holds(every)
     # Both genre variants of one review land on the same side of the split.
-    val = read_examples(every.val_path, allow_empty=True)
+    val = read_examples(every.val_path)
     variants = [e for e in expected_examples(rows, "all") if "two genres" in e]
     assert all(v in val for v in variants) or not any(v in val for v in variants)
 
@@ -374,7 +374,7 @@ def test_delimiters_wrap_examples_csv_only(prepared, tmp_path):
     result = prepare(path, tmp_path / "out", options=options(delimiters=True))
     wrapped = read_examples(result.examples_path)
     assert wrapped == [f"{START_OF_TEXT}{e}{END_OF_TEXT}" for e in expected_examples()]
-    split = read_examples(result.train_path) + read_examples(result.val_path, allow_empty=True)
+    split = read_examples(result.train_path) + read_examples(result.val_path)
     assert sorted(split) == sorted(expected_examples())  # train/val stay unwrapped for the tf.data pipeline
 
 

@@ -48,9 +48,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 from pitchkeras.conditioning import NUMERIC_CONDITIONS, REVIEW_CONDITIONS, PromptFormat
+from pitchkeras.data.pipeline import read_examples
 from pitchkeras.data.sources import UNDECODABLE, Source, detect_text_column, find_column, open_source
 from pitchkeras.data.stats import DatasetStats
 from pitchkeras.errors import InvalidArgument
@@ -384,7 +385,7 @@ class _Outputs:
 def _move_examples(outputs: _Outputs, moved: set[str], source: str, target: str) -> None:
     """Move the examples in `moved` from one split's temp file to the other's (tiny datasets only)."""
     outputs.close()
-    kept_rows = [row for row in read_examples(outputs.tmp[source], allow_empty=True) if row not in moved]
+    kept_rows = [row for row in read_examples(outputs.tmp[source]) if row not in moved]
     atomic_write_text(outputs.tmp[source], _csv_text(kept_rows))
     with open(outputs.tmp[target], "a", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -644,42 +645,3 @@ def _stats_json(src: Source, text_column: str, conditions: dict[str, str], optio
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
         "seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def read_examples(path: str | os.PathLike, *, allow_empty: bool = False) -> list[str]:
-    """The examples of a prepared single-column CSV, in file order.
-
-    Reads `examples.csv`, `train.csv` or `val.csv` back with the csv module,
-    so quoted multi-line examples and fields over csv's default size limit
-    come back whole, non-ASCII byte for byte.
-
-    Args:
-        path: str. A CSV written by `prepare`.
-        allow_empty: bool. Return `[]` for a file with no example instead of raising.
-
-    Raises:
-        InvalidArgument: the file is missing, not UTF-8, not single-column
-            CSV, or (unless `allow_empty`) holds no example.
-    """
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"{path}: no such file (run `pitchkeras prepare` first)")
-    examples = []
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != 1:
-                    raise InvalidArgument(f"{path}: line {reader.line_num} has {len(row)} columns; expected the "
-                                          "single-column CSV `pitchkeras prepare` writes")
-                examples.append(row[0])
-    except UnicodeDecodeError as err:
-        raise InvalidArgument(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except csv.Error as err:
-        raise InvalidArgument(f"{path}: malformed CSV ({err})") from None
-    if not examples and not allow_empty:
-        raise InvalidArgument(f"{path}: no examples (empty file)")
-    return examples
