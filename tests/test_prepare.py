@@ -616,11 +616,12 @@ def test_cli_help_lists_every_flag_with_its_default(capsys):
 
 
 def test_cli_in_a_real_process(tmp_path):
-    """The installed entry point, end to end: a clean one-line error and exit code 2, no traceback."""
+    """The installed console script (else `python -m`): a clean one-line error and exit code 2, no traceback."""
     missing = tmp_path / "missing.sqlite"
-    proc = subprocess.run([sys.executable, "-m", "pitchkeras.cli", "prepare", str(missing), "--out",
-                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    script = Path(sys.executable).parent / "pitchkeras"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "pitchkeras.cli"]
+    proc = subprocess.run([*command, "prepare", str(missing), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2
     assert proc.stderr == f"pitchkeras prepare: error: {missing}: no such file\n"
     assert proc.stdout == ""
