@@ -671,7 +671,9 @@ class Trainer:
             return
 
         accumulate_fn = tf.function(accumulate, jit_compile=jit_compile)
-        eval_fn = tf.function(lambda batch: token_loss(batch, False), jit_compile=jit_compile)
+        # Not XLA: a jit-compiled forward called per replica reads replica 0's variables from the
+        # other devices (TF "variable on a different device" known issue); evaluation is rare and cheap.
+        eval_fn = tf.function(lambda batch: token_loss(batch, False))
 
         def replica_step(*batches):
             grads, loss_sum, count = accumulate_fn(batches)
