@@ -69,7 +69,7 @@ def small_config(shared, checkpoint_dir, **overrides):
         dataset=str(shared["data"]), checkpoint_dir=str(checkpoint_dir), preset="tiny",
         steps=20, batch_size=4, sequence_length=32, learning_rate=3e-3, print_every=10, save_every=5,
         max_checkpoints=2, val_every=10, val_batches=2, progress=False, cache_dir=str(shared["cache"]),
-        tiny=TinyConfig(**TINY_SHAPE),
+        jit_compile="false", tiny=TinyConfig(**TINY_SHAPE),
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -89,7 +89,10 @@ def checkpoint_arrays(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(shared):
-    """One uninterrupted 20-step run (XLA on): checkpoints every 5 steps, 2 kept, validation every 10."""
+    """One uninterrupted 20-step run: checkpoints every 5 steps, 2 kept, validation every 10.
+
+    XLA is off here (compiling costs more than 20 tiny steps gain); `single_device` runs with it on.
+    """
     from pitchkeras.train import finetune
 
     lines = []
@@ -170,7 +173,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
 
 def test_loss_falls_and_run_files(reference):
     result, lines = reference
-    assert "precision policy: float32 (auto)" in lines[0] and "XLA: on" in lines[0]
+    assert "precision policy: float32 (auto)" in lines[0] and "XLA: off" in lines[0]
     losses = [loss for _, loss in result.losses]
     assert [s for s, _ in result.losses] == list(range(1, 21))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # clearly learnt something
@@ -226,7 +229,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(shared, reference):
         if line.startswith("step 10/"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    config = small_config(shared, shared["root"] / "ck-resume", sample_every=20)
+    config = small_config(shared, shared["root"] / "ck-resume")  # samples do not touch training state
     first = finetune(config, log=interrupt_at_10)
     assert first.interrupted and first.step == 10 and first.model_dir is None
     ckdir = first.run_dir / "checkpoints"
@@ -248,8 +251,6 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(shared, reference):
     for (name, a), b in zip(resumed.items(), uninterrupted.values()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
-    third = finetune(config)  # already done: nothing to train, the model is exported again
-    assert third.start_step == 20 and third.losses == [] and third.model_dir is not None
 
 
 def test_grad_accum_matches_a_larger_batch(shared):
@@ -291,7 +292,7 @@ def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path)
     texts = read_examples(shared["data"] / "train.csv")
     build_tiny_causal_lm(texts, config=TinyConfig(**TINY_SHAPE), sequence_length=32).save_to_preset(str(preset_dir))
     result = finetune(small_config(shared, tmp_path / "ck", preset=str(preset_dir), steps=4, lora_rank=2,
-                                   save_every=2, val_every=0, jit_compile="false"))
+                                   save_every=2, val_every=0))
     assert result.step == 4 and all(math.isfinite(loss) for _, loss in result.losses)
     at2 = checkpoint_arrays(result.run_dir / "checkpoints" / "ckpt-00000002")
     at4 = checkpoint_arrays(result.run_dir / "checkpoints" / "ckpt-00000004")
@@ -338,7 +339,7 @@ def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
     ck = tmp_path / "ck"
     cmd = [sys.executable, "-m", "pitchkeras.cli", "finetune", "--dataset", str(shared["data"]),
            "--checkpoint-dir", str(ck), "--cache-dir", str(shared["cache"]), "--preset", "tiny",
-           "--steps", "400", "--batch-size", "4", "--sequence-length", "32", "--learning-rate", "3e-3",
+           "--steps", "200", "--batch-size", "4", "--sequence-length", "32", "--learning-rate", "3e-3",
            "--save-every", "10", "--print-every", "50", "--val-every", "0", "--jit-compile", "false",
            "--max-checkpoints", "2"]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -356,16 +357,16 @@ def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
         proc.kill()  # SIGKILL: no handler runs, nothing is flushed
         proc.wait()
     saved = int(latest.read_text().strip().split("-")[1])
-    assert 10 <= saved < 400
+    assert 10 <= saved < 200
     assert int(read_metrics(ck / "run1")[-1]["step"]) >= saved  # rows past the checkpoint are dropped on resume
 
     done = subprocess.run(cmd + ["--restore-from", "latest", "--quiet"], env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "step 400," in done.stdout
+    assert "step 200," in done.stdout
     rows = read_metrics(ck / "run1")
-    assert [int(r["step"]) for r in rows] == list(range(1, 401))
-    assert sorted(p.name for p in (ck / "run1" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000390", "ckpt-00000400"]
+    assert [int(r["step"]) for r in rows] == list(range(1, 201))
+    assert sorted(p.name for p in (ck / "run1" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000190", "ckpt-00000200"]
     assert (ck / "run1" / "model" / "pitchkeras.json").exists()
 
 
@@ -415,8 +416,10 @@ def single_device(shared):
     """The 4-step run the distributed runs must reproduce (same global batch, XLA on)."""
     from pitchkeras.train import finetune
 
+    lines = []
     result = finetune(small_config(shared, shared["root"] / "ck-single", steps=4, save_every=2, val_every=0,
-                                   print_every=0, strategy="one"))
+                                   print_every=0, strategy="one", jit_compile="auto"), log=lines.append)
+    assert "XLA: on" in lines[0]
     return result
 
 
