@@ -14,7 +14,8 @@ precision (float32), one optimizer step per batch:
   opt.step(); opt.zero_grad()`).
 
 Each side runs in its own child process (so TensorFlow's and PyTorch's
-thread pools never compete), warms up, then times `--steps` steps. The last
+thread pools never compete; PyTorch's OpenMP threads wait passively, its
+best setting on a shared CPU), warms up, then times `--steps` steps. The last
 line printed is `ratio=<ours/theirs>` (tokens/sec over tokens/sec).
 
 Usage:
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
     rates = {}
     for side in ("ours", "theirs"):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        # PyTorch's OpenMP threads spin-wait by default; on a shared, loaded CPU that made its step
+        # 3x slower here (15 s vs 5 s). Passive waiting is its best setting; TensorFlow ignores it.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--side", side],
                                env=env, capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
