@@ -167,8 +167,9 @@ def run_demo(config: DemoConfig, *, out: Callable[[str], None] = print) -> DemoR
         train_config = TrainConfig(
             dataset=str(data_dir), run_name="demo", checkpoint_dir=str(checkpoint_dir), preset=config.preset,
             steps=config.steps, batch_size=config.batch_size, sequence_length=config.sequence_length,
+            # Quarters: a log line, a checkpoint and a validation pass together, the last one on the final step.
             learning_rate=config.learning_rate, print_every=max(config.steps // 4, 1),
-            save_every=max(config.steps // 3, 1), val_every=max(config.steps // 3, 1), val_batches=4,
+            save_every=max(config.steps // 4, 1), val_every=max(config.steps // 4, 1), val_batches=4,
             seed=config.seed, restore_from="latest", progress=config.progress,
         ).validate()
         result = finetune(train_config, log=out)
