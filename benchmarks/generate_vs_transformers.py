@@ -103,7 +103,7 @@ class Ours:
 
     name = "pitchkeras"
 
-    def __init__(self, dtype: str, batch_sizes, jit_compile: bool):
+    def __init__(self, dtype: str, batch_sizes, jit_compile):
         from pitchkeras.postprocess import PostprocessOptions
         from pitchkeras.sampling import Generator, SamplerConfig
 
@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="8,1", help="comma-separated batch sizes; the first gives ratio=")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for both sides (TF intra-op and torch); 0 = each library's default")
-    parser.add_argument("--no-xla", action="store_true", help="run our decode loop as a TF graph, not XLA")
+    parser.add_argument("--no-xla", action="store_true",
+                        help="run our decode loop as a TF graph (default: Generator's choice, XLA for float32 only)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -206,10 +207,11 @@ def main(argv=None) -> int:
     print(f"CPU threads: tensorflow inter={tf.config.threading.get_inter_op_parallelism_threads()} "
           f"intra={tf.config.threading.get_intra_op_parallelism_threads()} (0 = all), torch={torch.get_num_threads()}; "
           f"os.cpu_count()={os.cpu_count()}")
+    sides = [Ours(args.dtype, batch_sizes, jit_compile=False if args.no_xla else None), Theirs(args.dtype)]
+    loop = "XLA" if sides[0].generator.jit_compile else "TF graph + XLA token selection"
     print(f"GPT-2 124M random weights, dtype={args.dtype}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
-          f"top_p={TOP_P}, temperature={TEMPERATURE}, top_k off, xla={not args.no_xla}")
+          f"top_p={TOP_P}, temperature={TEMPERATURE}, top_k off; our decode loop: {loop}")
     sys.stdout.flush()
-    sides = [Ours(args.dtype, batch_sizes, jit_compile=not args.no_xla), Theirs(args.dtype)]
 
     # Cold start: the first call per side and batch size (ours traces and compiles here).
     cold = {}
