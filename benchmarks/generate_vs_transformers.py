@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="precision on both sides")
-    parser.add_argument("--repeats", type=int, default=3, help="warm calls per side and batch size")
+    parser.add_argument("--repeats", type=int, default=2, help="warm calls per side and batch size")
     parser.add_argument("--batch-sizes", default="8,1", help="comma-separated batch sizes; the first gives ratio=")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for both sides (TF intra-op and torch); 0 = each library's default")
