@@ -8,7 +8,7 @@ into post-processed, quality-checked `Sample`s:
 2. Prompts are right-padded into a few length buckets and batches into a few
    batch sizes, so one compiled function per (batch, bucket, length) shape is
    traced once and reused, whatever the prompt lengths.
-3. The decode loop is a `tf.while_loop` over the keras-hub GPT-2 layers with
+3. The decode loop is a `keras.ops.while_loop` over the keras-hub GPT-2 layers with
    one key/value cache per layer (updated in place, no per-step copy of the
    whole stacked cache) sized prompt bucket + new tokens only, and it stops
    when every row has produced `<|endoftext|>`.
@@ -141,7 +141,7 @@ class Sample:
         }
 
 
-# -- token selection (TensorFlow, shape-polymorphic, traced inside the decode loop) --
+# -- token selection (keras.ops: any backend, shape-polymorphic, traced inside the decode loop) --
 
 
 def row_keys(seeds: Sequence[int]) -> np.ndarray:
@@ -156,15 +156,21 @@ def row_keys(seeds: Sequence[int]) -> np.ndarray:
     return keys
 
 
+def _uint32(value: int):
+    from keras import ops
+
+    return ops.convert_to_tensor(np.uint32(value), dtype="uint32")
+
+
 def _fmix32(x):
     """MurmurHash3's 32-bit finaliser: a cheap, well-mixed bijection on uint32."""
-    import tensorflow as tf
+    from keras import ops
 
     def shift_xor(x, n):
-        return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(n, tf.uint32)))
+        return ops.bitwise_xor(x, ops.right_shift(x, _uint32(n)))
 
-    x = shift_xor(x, 16) * tf.constant(0x85EBCA6B, tf.uint32)
-    x = shift_xor(x, 13) * tf.constant(0xC2B2AE35, tf.uint32)
+    x = ops.multiply(shift_xor(x, 16), _uint32(0x85EBCA6B))
+    x = ops.multiply(shift_xor(x, 13), _uint32(0xC2B2AE35))
     return shift_xor(x, 16)
 
 
@@ -175,13 +181,14 @@ def counter_uniform(keys, position):
         keys: uint32 tensor of shape (batch, 2), from `row_keys`.
         position: int tensor. The sequence position being sampled.
     """
-    import tensorflow as tf
+    from keras import ops
 
-    counter = tf.cast(position, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32)
-    x = _fmix32(tf.bitwise.bitwise_xor(keys[:, 0], counter))
-    x = _fmix32(tf.bitwise.bitwise_xor(x, keys[:, 1]))
+    keys = ops.convert_to_tensor(keys, dtype="uint32")
+    counter = ops.multiply(ops.cast(position, "uint32"), _uint32(0x9E3779B9))
+    x = _fmix32(ops.bitwise_xor(keys[:, 0], counter))
+    x = _fmix32(ops.bitwise_xor(x, keys[:, 1]))
     # The top 24 bits fill a float32 mantissa exactly: u in [0, 1 - 2**-24].
-    return tf.cast(tf.bitwise.right_shift(x, tf.constant(8, tf.uint32)), tf.float32) * (1.0 / (1 << 24))
+    return ops.cast(ops.right_shift(x, _uint32(8)), "float32") * (1.0 / (1 << 24))
 
 
 def scaled_probabilities(logits, temperature):
@@ -191,9 +198,10 @@ def scaled_probabilities(logits, temperature):
         logits: tensor (batch, vocab), any float dtype.
         temperature: float32 tensor (batch,).
     """
-    import tensorflow as tf
+    from keras import ops
 
-    return tf.nn.softmax(tf.cast(logits, tf.float32) / temperature[:, None], axis=-1)
+    temperature = ops.convert_to_tensor(temperature, dtype="float32")
+    return ops.softmax(ops.cast(logits, "float32") / temperature[:, None], axis=-1)
 
 
 def _smallest_bits(predicate, upper_bits):
@@ -203,19 +211,20 @@ def _smallest_bits(predicate, upper_bits):
     `upper_bits`. Positive floats order like their bit patterns, so 31
     bisection steps over int32 find the exact threshold, no sort needed.
     """
-    import tensorflow as tf
+    from keras import ops
 
-    lo = tf.fill(tf.shape(upper_bits), tf.constant(-1, tf.int32))  # predicate false (conceptually)
+    lo = ops.full_like(upper_bits, -1)  # predicate false (conceptually)
     hi = upper_bits  # predicate true
 
-    def body(i, lo, hi):
+    def body(i, bounds):
+        lo, hi = bounds
         # Rounding up keeps mid in (lo, hi]: never -1 (a NaN bit pattern), and
         # a converged pair (hi = lo + 1) stays put.
         mid = lo + (hi - lo + 1) // 2
         ok = predicate(mid)
-        return i + 1, tf.where(ok, lo, mid), tf.where(ok, mid, hi)
+        return ops.where(ok, lo, mid), ops.where(ok, mid, hi)
 
-    _, _, hi = tf.while_loop(lambda i, lo, hi: i < _BIT_SEARCH_STEPS, body, (tf.constant(0), lo, hi))
+    _, hi = ops.fori_loop(0, _BIT_SEARCH_STEPS, body, (lo, hi))
     return hi
 
 
@@ -228,6 +237,7 @@ def select_tokens(probabilities, uniform, top_k, top_p):
     keras-hub's `TopPSampler`; `top_p` 1 = all). Then draws by inverse CDF
     over the kept tokens with one uniform number per row. With fixed inputs
     the result is exact: a token outside the kept set is never returned.
+    Written in `keras.ops`, so it runs on every Keras backend.
 
     Args:
         probabilities: float32 tensor (batch, vocab).
@@ -238,51 +248,53 @@ def select_tokens(probabilities, uniform, top_k, top_p):
     Returns:
         int32 tensor (batch,): the chosen token ids.
     """
-    import tensorflow as tf
+    from keras import ops
 
-    probabilities = tf.cast(probabilities, tf.float32)
-    bits = tf.bitcast(probabilities, tf.int32)
-    max_bits = tf.reduce_max(bits, axis=-1)
+    probabilities = ops.cast(probabilities, "float32")
+    uniform = ops.convert_to_tensor(uniform, dtype="float32")
+    top_k = ops.convert_to_tensor(top_k, dtype="int32")
+    top_p = ops.convert_to_tensor(top_p, dtype="float32")
+    bits = ops.view(probabilities, "int32")
+    max_bits = ops.max(bits, axis=-1)
 
     def threshold(bits_value):
-        return tf.bitcast(bits_value, tf.float32)[:, None]
+        return ops.view(bits_value, "float32")[:, None]
 
     # Nucleus: smallest t with mass(p > t) < top_p; keep p >= t.
     def nucleus_ok(b):
-        above = tf.reduce_sum(tf.where(probabilities > threshold(b), probabilities, 0.0), axis=-1)
+        above = ops.sum(ops.where(probabilities > threshold(b), probabilities, 0.0), axis=-1)
         return above < top_p
 
     # Top-k: smallest t with count(p > t) < k; keep p >= t.
     def top_k_ok(b):
-        count = tf.reduce_sum(tf.cast(probabilities > threshold(b), tf.int32), axis=-1)
+        count = ops.sum(ops.cast(probabilities > threshold(b), "int32"), axis=-1)
         return count < top_k
 
-    keep = tf.ones_like(probabilities, dtype=tf.bool)
-    use_p = top_p < 1.0
+    use_p = (top_p < 1.0)[:, None]
     use_k = top_k > 0
     keep_p = probabilities >= threshold(_smallest_bits(nucleus_ok, max_bits))
-    keep = tf.logical_and(keep, tf.logical_or(~use_p[:, None], keep_p))
+    keep = ops.logical_or(ops.logical_not(use_p), keep_p)
     # Skip the top-k search when no row asks for it (the common case).
-    keep_k = tf.cond(
-        tf.reduce_any(use_k),
+    keep_k = ops.cond(
+        ops.any(use_k),
         lambda: probabilities >= threshold(_smallest_bits(top_k_ok, max_bits)),
-        lambda: tf.ones_like(keep),
+        lambda: ops.ones_like(keep),
     )
-    keep = tf.logical_and(keep, tf.logical_or(~use_k[:, None], keep_k))
-    weights = tf.where(keep, probabilities, 0.0)
-    cumulative = tf.cumsum(weights, axis=-1)
+    keep = ops.logical_and(keep, ops.logical_or(ops.logical_not(use_k[:, None]), keep_k))
+    weights = ops.where(keep, probabilities, 0.0)
+    cumulative = ops.cumsum(weights, axis=-1)
     target = uniform[:, None] * cumulative[:, -1:]
     # The first position whose cumulative mass passes the target; zero-weight
     # (dropped) tokens never pass it because the cumulative sum is flat there.
-    chosen = tf.reduce_sum(tf.cast(cumulative <= target, tf.int32), axis=-1)
-    return tf.minimum(chosen, tf.shape(probabilities)[-1] - 1)
+    chosen = ops.sum(ops.cast(cumulative <= target, "int32"), axis=-1)
+    return ops.minimum(chosen, ops.shape(probabilities)[-1] - 1)
 
 
 def _nucleus_sampler_class():
     """Build `NucleusSampler` on first use, so importing this module stays cheap."""
     import keras
     import keras_hub
-    import tensorflow as tf
+    from keras import ops
 
     class NucleusSampler(keras_hub.samplers.Sampler):
         """A keras-hub `Sampler` with top-k and top-p, for `causal_lm.compile(sampler=...)`.
@@ -306,13 +318,13 @@ def _nucleus_sampler_class():
             self.seed_generator = keras.random.SeedGenerator(seed)
 
         def get_next_token(self, probabilities):
-            batch = tf.shape(probabilities)[0]
+            batch = ops.shape(probabilities)[0]
             uniform = keras.random.uniform((batch,), seed=self.seed_generator)
             return select_tokens(
                 probabilities,
-                tf.cast(uniform, tf.float32),
-                tf.fill([batch], tf.constant(self.top_k, tf.int32)),
-                tf.fill([batch], tf.constant(self.top_p, tf.float32)),
+                ops.cast(uniform, "float32"),
+                ops.full((batch,), self.top_k, dtype="int32"),
+                ops.full((batch,), self.top_p, dtype="float32"),
             )
 
         def get_config(self):
@@ -571,8 +583,6 @@ class Generator:
     def _complete(self, prompts: list[list[int]], seeds: list[int], config: SamplerConfig, new_tokens: int,
                   progress: bool) -> list[list[int]]:
         """New token ids per prompt (cut at the end token and at `new_tokens`)."""
-        import tensorflow as tf
-
         # Similar lengths together: fewer wasted prompt positions per batch.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[int]] = [[] for _ in prompts]
@@ -595,14 +605,14 @@ class Generator:
                     token_ids[r, : len(prompts[i])] = prompts[i]
                     mask[r, : len(prompts[i])] = True
                 output = self._compiled()(
-                    tf.constant(token_ids),
-                    tf.constant(mask),
-                    tf.constant(row_keys([seeds[i] for i in rows_padded])),
-                    tf.constant([config.temperature] * shape, tf.float32),
-                    tf.constant([config.top_k] * shape, tf.int32),
-                    tf.constant([config.top_p] * shape, tf.float32),
+                    token_ids,
+                    mask,
+                    row_keys([seeds[i] for i in rows_padded]),
+                    np.full((shape,), config.temperature, np.float32),
+                    np.full((shape,), config.top_k, np.int32),
+                    np.full((shape,), config.top_p, np.float32),
                     total - bucket,
-                ).numpy()
+                )
                 for r, i in enumerate(rows):
                     new = output[r, lengths[r]: lengths[r] + new_tokens].tolist()
                     if self.stop_at_end_token and self._end_id in new:
@@ -655,54 +665,89 @@ class Generator:
         return text
 
     def _compiled(self):
-        """The decode loop as one tf.function; each input shape is traced (and compiled) once."""
-        if self._function is None:
-            import tensorflow as tf
+        """The decode loop compiled for the Keras backend; each input shape is traced (and compiled) once.
 
-            self._function = tf.function(self._decode_loop, jit_compile=self.jit_compile, reduce_retracing=False)
+        Returns a function of numpy inputs returning a numpy (batch, total) int32 array.
+        TensorFlow: a `tf.function` (XLA or graph, see `jit_compile`). JAX:
+        `jax.jit` over a stateless call, the weights passed in as arguments (as
+        keras-hub's own generate does), so they are not baked in as constants.
+        """
+        if self._function is None:
+            import keras
+
+            backend = keras.config.backend()
+            if backend == "tensorflow":
+                import tensorflow as tf
+
+                compiled = tf.function(self._decode_loop, jit_compile=self.jit_compile, reduce_retracing=False)
+
+                def run(*args):
+                    return compiled(*(tf.constant(a) for a in args[:-1]), args[-1]).numpy()
+
+            elif backend == "jax":
+                import jax
+
+                variables = list(self._backbone.variables)
+
+                def stateless(values, *args):
+                    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                        return self._decode_loop(*args)
+
+                compiled = jax.jit(stateless, static_argnums=(7,))
+
+                def run(*args):
+                    return np.asarray(compiled([v.value for v in variables], *args))
+
+            else:
+                raise FailedPrecondition(
+                    f"Generator runs on the tensorflow and jax Keras backends, not {backend!r}; "
+                    "set KERAS_BACKEND=tensorflow or jax")
+            self._function = run
         return self._function
 
     def _decode_loop(self, prompt_ids, prompt_mask, keys, temperature, top_k, top_p, new_tokens: int):
-        """Prefill the caches with the prompt bucket, then sample until every row has ended."""
-        import tensorflow as tf
+        """Prefill the caches with the prompt bucket, then sample until every row has ended.
+
+        Written in `keras.ops`, so one loop serves the TensorFlow and JAX backends.
+        """
+        from keras import ops
 
         self.trace_count += 1  # Python side effect: runs once per trace, not per call
         backbone = self._backbone
         batch, bucket = prompt_ids.shape  # static: each shape is its own trace
         total = bucket + new_tokens
-        token_ids = tf.pad(prompt_ids, [[0, 0], [0, new_tokens]], constant_values=self._pad_id)
-        mask = tf.pad(prompt_mask, [[0, 0], [0, new_tokens]], constant_values=False)
+        token_ids = ops.pad(prompt_ids, [[0, 0], [0, new_tokens]], constant_values=self._pad_id)
+        mask = ops.pad(ops.cast(prompt_mask, "int32"), [[0, 0], [0, new_tokens]], constant_values=0)
         heads = backbone.num_heads
         head_dim = backbone.hidden_dim // heads
         caches = [
-            tf.zeros([batch, 2, total, heads, head_dim], dtype=backbone.compute_dtype)
+            ops.zeros([batch, 2, total, heads, head_dim], dtype=backbone.compute_dtype)
             for _ in backbone.transformer_layers
         ]
         # Prefill: one pass over the whole bucket fills every layer's cache
         # (no logits: the loop recomputes the last prompt position itself).
         _, caches = self._forward(prompt_ids, caches, 0)
-        start = tf.reduce_min(tf.reduce_sum(tf.cast(prompt_mask, tf.int32), axis=-1))
+        start = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
+
+        def column(tensor, index):
+            return ops.slice(tensor, (0, index), (batch, 1))
 
         def cond(index, token_ids, caches, done):
-            return tf.logical_and(index < total, tf.logical_not(tf.reduce_all(done)))
+            return ops.logical_and(index < total, ops.logical_not(ops.all(done)))
 
         def body(index, token_ids, caches, done):
-            previous = tf.slice(token_ids, [0, index - 1], [batch, 1])
-            hidden, caches = self._forward(previous, caches, index - 1)
+            hidden, caches = self._forward(column(token_ids, index - 1), caches, index - 1)
             logits = backbone.token_embedding(hidden[:, -1, :], reverse=True)
-            chosen = self._sample(logits, keys, index, temperature, top_k, top_p)
-            in_prompt = mask[:, index]
-            chosen = tf.where(in_prompt, token_ids[:, index], chosen)
-            token_ids = tf.tensor_scatter_nd_update(
-                token_ids, tf.stack([tf.range(batch), tf.fill([batch], index)], axis=1), chosen
-            )
+            chosen = ops.reshape(self._sample(logits, keys, index, temperature, top_k, top_p), (batch,))
+            in_prompt = column(mask, index)[:, 0] > 0
+            chosen = ops.where(in_prompt, column(token_ids, index)[:, 0], ops.cast(chosen, token_ids.dtype))
+            token_ids = ops.slice_update(token_ids, (0, index), chosen[:, None])
             if self.stop_at_end_token:
-                done = tf.logical_or(done, tf.logical_and(~in_prompt, tf.equal(chosen, self._end_id)))
-            done = tf.ensure_shape(done, [batch])
+                done = ops.logical_or(done, ops.logical_and(ops.logical_not(in_prompt), chosen == self._end_id))
             return index + 1, token_ids, caches, done
 
-        _, token_ids, _, _ = tf.while_loop(
-            cond, body, (start, token_ids, caches, tf.zeros([batch], tf.bool)),
+        _, token_ids, _, _ = ops.while_loop(
+            cond, body, (start, token_ids, caches, ops.zeros([batch], "bool")),
             maximum_iterations=total,
         )
         return token_ids
@@ -713,12 +758,18 @@ class Generator:
 
     @property
     def _sample(self):
-        """Token selection, always XLA-compiled: in a graph-mode loop its 31-step
-        bisection would otherwise pay the executor's per-op cost at every step."""
+        """Token selection. On TensorFlow always XLA-compiled: in a graph-mode
+        loop its 31-step bisection would otherwise pay the executor's per-op
+        cost at every step. On JAX it is traced into the jitted loop."""
         if self._sample_function is None:
-            import tensorflow as tf
+            import keras
 
-            self._sample_function = tf.function(self._sample_step, jit_compile=True)
+            if keras.config.backend() == "tensorflow":
+                import tensorflow as tf
+
+                self._sample_function = tf.function(self._sample_step, jit_compile=True)
+            else:
+                self._sample_function = self._sample_step
         return self._sample_function
 
     def _forward(self, token_ids, caches, index):

@@ -753,6 +753,12 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     config.validate()
     started = time.perf_counter()
     say = log or (print if config.progress else (lambda _msg: None))
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        raise UsageError(
+            f"fine-tuning runs on the TensorFlow Keras backend (tf.distribute), not {keras.config.backend()!r}: "
+            "unset KERAS_BACKEND or set KERAS_BACKEND=tensorflow (generation and serving also run on jax)")
     files = resolve_dataset(config.dataset)
 
     import tensorflow as tf

@@ -1,0 +1,139 @@
+"""The sampler and the decode loop are keras.ops code: the same model directory generates the
+same tokens on the JAX backend as on TensorFlow.
+
+The JAX side runs in a subprocess (a Keras backend is chosen once per process). It loads the
+model directory the TensorFlow side saved, so this also checks that a model fine-tuned with
+TensorFlow serves on JAX (the GPU machine's backend).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pitchkeras.conditioning import REVIEWS
+
+pytest.importorskip("jax")
+tf = pytest.importorskip("tensorflow")
+
+TEXTS = [
+    REVIEWS.example({"score": score, "genre": genre}, body)
+    for score in (3.0, 8.0)
+    for genre in ("Rock", "Jazz")
+    for body in ("The band plays loud. Mr. Smith sings well.", "A quiet record. It is good music for everyone.")
+] * 20
+
+ROCK = {"score": 8.0, "genre": "Rock"}
+PREFIXES = ("", "The band", "A quiet record with many words in its prefix")
+
+# Fixed probabilities: (probabilities, top_k, top_p, the tokens that may come out).
+SELECTION_CASES = [
+    ([0.5, 0.3, 0.15, 0.05], 0, 0.7, [0, 1]),
+    ([0.5, 0.3, 0.15, 0.05], 0, 0.79, [0, 1]),
+    ([0.5, 0.3, 0.15, 0.05], 0, 0.81, [0, 1, 2]),
+    ([0.05, 0.15, 0.3, 0.5], 2, 1.0, [2, 3]),
+    ([0.1, 0.2, 0.3, 0.4], 0, 1e-6, [3]),
+]
+
+JAX_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import keras
+    import numpy as np
+    assert keras.config.backend() == "jax", keras.config.backend()
+    import jax
+    from pitchkeras.model import load_model
+    from pitchkeras.sampling import GenerationRequest, Generator, select_tokens
+
+    args = json.loads(sys.argv[1])
+    grid = np.linspace(0.0, 1.0, 500, endpoint=False, dtype=np.float32)
+    selections = []
+    for probabilities, top_k, top_p, _ in args["cases"]:
+        batch = len(grid)
+        chosen = select_tokens(np.tile(np.asarray(probabilities, np.float32), (batch, 1)), grid,
+                               np.full(batch, top_k, np.int32), np.full(batch, top_p, np.float32))
+        assert isinstance(chosen, jax.Array), type(chosen)
+        selections.append(np.asarray(chosen).tolist())
+    model = load_model(args["model"])
+    # keras-hub's own generate with our Sampler subclass: a tiny top_p is greedy.
+    import keras_hub
+    from pitchkeras.sampling import NucleusSampler
+    lm = model.causal_lm
+    lm.compile(sampler=keras_hub.samplers.GreedySampler())
+    greedy = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
+    lm.compile(sampler=NucleusSampler(temperature=0.7, top_p=1e-6, seed=3))
+    nucleus = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
+    generator = Generator(model, batch_size=4, max_new_tokens=24, prompt_buckets=(16, 32))
+    requests = [GenerationRequest(args["conditions"], prefix, seed=seed)
+                for seed, prefix in enumerate(args["prefixes"])]
+    raw = [sample.raw for sample in generator.generate(requests)]
+    traces_after_first = generator.trace_count
+    again = [sample.raw for sample in generator.generate(list(reversed(requests)))][::-1]
+    print(json.dumps({"selections": selections, "raw": raw, "again": again, "greedy": [greedy, nucleus],
+                      "traces": [traces_after_first, generator.trace_count]}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
+
+    lm = build_tiny_causal_lm(TEXTS, sequence_length=64)
+    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": ["Jazz", "Rock"]}, "backends-v1", "tiny", 64)
+    return save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
+
+
+def run_on_jax(model_dir) -> dict:
+    args = {"model": str(model_dir), "conditions": ROCK, "prefixes": list(PREFIXES),
+            "cases": SELECTION_CASES}
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT, json.dumps(args)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_jax_backend_matches_tensorflow(model_dir):
+    from pitchkeras.model import load_model
+    from pitchkeras.sampling import GenerationRequest, Generator, select_tokens
+
+    jax_side = run_on_jax(model_dir)
+
+    # Token selection: exact on both backends, and the same draws.
+    grid = np.linspace(0.0, 1.0, 500, endpoint=False, dtype=np.float32)
+    for (probabilities, top_k, top_p, allowed), on_jax in zip(SELECTION_CASES, jax_side["selections"]):
+        batch = len(grid)
+        on_tf = select_tokens(tf.constant(np.tile(np.asarray(probabilities, np.float32), (batch, 1))),
+                              tf.constant(grid), tf.constant([top_k] * batch), tf.constant([top_p] * batch))
+        assert set(on_jax) == set(allowed)  # the nucleus, and all of it
+        assert on_jax == on_tf.numpy().tolist()
+
+    # The decode loop: the same model directory, seeds and prompts give the same text.
+    generator = Generator(load_model(model_dir), batch_size=4, max_new_tokens=24, prompt_buckets=(16, 32))
+    requests = [GenerationRequest(ROCK, prefix, seed=seed) for seed, prefix in enumerate(PREFIXES)]
+    on_tf = [sample.raw for sample in generator.generate(requests)]
+    assert len(set(on_tf)) == len(PREFIXES)
+    assert all(len(raw) > len(REVIEWS.prompt(ROCK, prefix)) for raw, prefix in zip(on_tf, PREFIXES))
+    assert jax_side["raw"] == on_tf
+    assert jax_side["again"] == on_tf  # deterministic, batch order does not matter
+    greedy, nucleus = jax_side["greedy"]
+    assert nucleus == greedy and len(greedy) > len("8.0\nRock\n")
+    # Three prompt lengths in one bucket and one batch shape: one trace, reused.
+    assert jax_side["traces"] == [1, 1]
+
+
+def test_finetune_on_jax_says_it_needs_tensorflow(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "pitchkeras.cli", "finetune", "--dataset", str(tmp_path / "none"), "--preset", "tiny",
+         "--checkpoint-dir", str(tmp_path / "checkpoint")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "KERAS_BACKEND=tensorflow" in lines[0] and "'jax'" in lines[0], result.stderr
