@@ -15,6 +15,9 @@ into post-processed, quality-checked `Sample`s:
 4. Sampling parameters are tensors, so a new temperature, top-k or top-p
    never recompiles. Randomness is counter-based per row (seed, position), so
    a request's output does not depend on the other requests in its batch.
+5. Everything traced is `keras.ops`: the same loop runs on the TensorFlow
+   backend (a `tf.function`, XLA for float32) and on JAX (`jax.jit`), and a
+   model directory gives the same tokens on both.
 
 Nucleus and top-k selection find their probability threshold by bisection on
 the float bit pattern (exact, 31 vectorised passes) instead of sorting the
