@@ -95,6 +95,9 @@ class FirestoreServicer:
     def __init__(self):
         self._lock = threading.Lock()
         self._docs: dict[str, _Stored] = {}
+        # Document names per collection path, so a query reads its own collection only
+        # (one server serves a whole test session: thousands of documents in other collections).
+        self._collections: dict[str, set[str]] = {}
         self._transactions: dict[bytes, _Transaction] = {}
         self._clock_us = 0
         # Counters tests can read to prove contention really happened.
@@ -237,7 +240,11 @@ class FirestoreServicer:
         selector = selectors[0]
         prefix = parent.rstrip("/") + "/"
         candidates = []
-        for name in sorted(self._docs):
+        if selector.all_descendants:
+            names = sorted(self._docs)
+        else:
+            names = sorted(self._collections.get(prefix + selector.collection_id, ()))
+        for name in names:
             if not name.startswith(prefix):
                 continue
             segments = name[len(prefix):].split("/")
@@ -408,10 +415,13 @@ class FirestoreServicer:
 
     def _store(self, overlay: dict) -> None:
         for name, stored in overlay.items():
+            collection = name.rsplit("/", 1)[0]
             if stored is None:
                 self._docs.pop(name, None)
+                self._collections.get(collection, set()).discard(name)
             else:
                 self._docs[name] = stored
+                self._collections.setdefault(collection, set()).add(name)
 
     def _apply(self, overlay: dict, write, now_us: int):
         """Apply one Write to `overlay` (nothing reaches the store on error)."""
