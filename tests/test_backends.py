@@ -20,14 +20,7 @@ from pitchkeras.conditioning import REVIEWS
 pytest.importorskip("jax")
 tf = pytest.importorskip("tensorflow")
 
-TEXTS = [
-    REVIEWS.example({"score": score, "genre": genre}, body)
-    for score in (3.0, 8.0)
-    for genre in ("Rock", "Jazz")
-    for body in ("The band plays loud. Mr. Smith sings well.", "A quiet record. It is good music for everyone.")
-] * 20
-
-ROCK = {"score": 8.0, "genre": "Rock"}
+from tests.test_sampling import ROCK, TEXTS  # noqa: E402 - the same tiny corpus as the TensorFlow tests
 PREFIXES = ("", "The band", "A quiet record with many words in its prefix")
 
 # Fixed probabilities: (probabilities, top_k, top_p, the tokens that may come out).
