@@ -484,8 +484,8 @@ class Generator:
         self._end_id = int(self._tokenizer.end_token_id)
         self._pad_id = int(self._tokenizer.pad_token_id)
         self._max_length = int(backbone.max_sequence_length)
-        self._function = None
-        self._sample_function = None
+        self._function = None  # the compiled decode loop, built by _compiled()
+        self._sample = self._sample_step  # token selection as the loop calls it; _compiled() picks the backend's
 
     # -- public API ---------------------------------------------------------------
     def generate(
@@ -682,6 +682,9 @@ class Generator:
             if backend == "tensorflow":
                 import tensorflow as tf
 
+                # Token selection is always XLA-compiled: in a graph-mode loop its 31-step
+                # bisection would otherwise pay the executor's per-op cost at every step.
+                self._sample = tf.function(self._sample_step, jit_compile=True)
                 compiled = tf.function(self._decode_loop, jit_compile=self.jit_compile, reduce_retracing=False)
 
                 def run(*args):
@@ -730,7 +733,7 @@ class Generator:
         # Prefill: one pass over the whole bucket fills every layer's cache
         # (no logits: the loop recomputes the last prompt position itself).
         _, caches = self._forward(prompt_ids, caches, 0)
-        start = ops.min(ops.sum(ops.cast(prompt_mask, "int32"), axis=-1))
+        start = ops.min(ops.sum(mask, axis=-1))  # the shortest prompt: sampling starts there
 
         def column(tensor, index):
             return ops.slice(tensor, (0, index), (batch, 1))
@@ -758,22 +761,6 @@ class Generator:
     def _sample_step(self, logits, keys, index, temperature, top_k, top_p):
         probabilities = scaled_probabilities(logits, temperature)
         return select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
-
-    @property
-    def _sample(self):
-        """Token selection. On TensorFlow always XLA-compiled: in a graph-mode
-        loop its 31-step bisection would otherwise pay the executor's per-op
-        cost at every step. On JAX it is traced into the jitted loop."""
-        if self._sample_function is None:
-            import keras
-
-            if keras.config.backend() == "tensorflow":
-                import tensorflow as tf
-
-                self._sample_function = tf.function(self._sample_step, jit_compile=True)
-            else:
-                self._sample_function = self._sample_step
-        return self._sample_function
 
     def _forward(self, token_ids, caches, index):
         """GPT-2 hidden states for `token_ids` at `index`, one cache per layer.

@@ -768,8 +768,6 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     if not chief:
         say = lambda _msg: None  # noqa: E731 - one voice per cluster
 
-    import keras
-
     from pitchkeras.data.pipeline import make_dataset, read_examples
     from pitchkeras.model import save_model_dir
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,32 @@ SELECTION_CASES = [
     ([0.1, 0.2, 0.3, 0.4], 0, 1e-6, [3]),
 ]
 
+ROOT = Path(__file__).resolve().parents[1]
+GRID = np.linspace(0.0, 1.0, 500, endpoint=False, dtype=np.float32)
+
+
+def select_on_grid(probabilities, top_k, top_p):
+    """`select_tokens` on one row of probabilities for every uniform number of GRID (a backend tensor)."""
+    from pitchkeras.sampling import select_tokens
+
+    batch = len(GRID)
+    return select_tokens(np.tile(np.asarray(probabilities, np.float32), (batch, 1)), GRID,
+                         np.full(batch, top_k, np.int32), np.full(batch, top_p, np.float32))
+
+
+def generate_twice(model) -> dict:
+    """The PREFIXES' texts, generated, then again in reverse order, and the trace counts after each."""
+    from pitchkeras.sampling import GenerationRequest, Generator
+
+    generator = Generator(model, batch_size=4, max_new_tokens=24, prompt_buckets=(16, 32))
+    requests = [GenerationRequest(ROCK, prefix, seed=seed) for seed, prefix in enumerate(PREFIXES)]
+    raw = [sample.raw for sample in generator.generate(requests)]
+    traces_after_first = generator.trace_count
+    again = [sample.raw for sample in generator.generate(list(reversed(requests)))][::-1]
+    return {"raw": raw, "again": again, "traces": [traces_after_first, generator.trace_count]}
+
+
+# Runs with KERAS_BACKEND=jax, from the repository root; the helpers above run on both backends.
 JAX_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -39,35 +66,24 @@ JAX_SCRIPT = textwrap.dedent(
     import numpy as np
     assert keras.config.backend() == "jax", keras.config.backend()
     import jax
+    import keras_hub
     from pitchkeras.model import load_model
-    from pitchkeras.sampling import GenerationRequest, Generator, select_tokens
+    from pitchkeras.sampling import NucleusSampler
+    from tests.test_backends import SELECTION_CASES, generate_twice, select_on_grid
 
-    args = json.loads(sys.argv[1])
-    grid = np.linspace(0.0, 1.0, 500, endpoint=False, dtype=np.float32)
     selections = []
-    for probabilities, top_k, top_p, _ in args["cases"]:
-        batch = len(grid)
-        chosen = select_tokens(np.tile(np.asarray(probabilities, np.float32), (batch, 1)), grid,
-                               np.full(batch, top_k, np.int32), np.full(batch, top_p, np.float32))
+    for probabilities, top_k, top_p, _ in SELECTION_CASES:
+        chosen = select_on_grid(probabilities, top_k, top_p)
         assert isinstance(chosen, jax.Array), type(chosen)
         selections.append(np.asarray(chosen).tolist())
-    model = load_model(args["model"])
+    model = load_model(sys.argv[1])
     # keras-hub's own generate with our Sampler subclass: a tiny top_p is greedy.
-    import keras_hub
-    from pitchkeras.sampling import NucleusSampler
     lm = model.causal_lm
     lm.compile(sampler=keras_hub.samplers.GreedySampler())
     greedy = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
     lm.compile(sampler=NucleusSampler(temperature=0.7, top_p=1e-6, seed=3))
     nucleus = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
-    generator = Generator(model, batch_size=4, max_new_tokens=24, prompt_buckets=(16, 32))
-    requests = [GenerationRequest(args["conditions"], prefix, seed=seed)
-                for seed, prefix in enumerate(args["prefixes"])]
-    raw = [sample.raw for sample in generator.generate(requests)]
-    traces_after_first = generator.trace_count
-    again = [sample.raw for sample in generator.generate(list(reversed(requests)))][::-1]
-    print(json.dumps({"selections": selections, "raw": raw, "again": again, "greedy": [greedy, nucleus],
-                      "traces": [traces_after_first, generator.trace_count]}))
+    print(json.dumps({"selections": selections, "greedy": [greedy, nucleus], **generate_twice(model)}))
     """
 )
 
@@ -82,11 +98,9 @@ def model_dir(tmp_path_factory):
 
 
 def run_on_jax(model_dir) -> dict:
-    args = {"model": str(model_dir), "conditions": ROCK, "prefixes": list(PREFIXES),
-            "cases": SELECTION_CASES}
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT, json.dumps(args)], capture_output=True,
-                            text=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(model_dir)], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -94,23 +108,18 @@ def run_on_jax(model_dir) -> dict:
 @pytest.mark.slow
 def test_jax_backend_matches_tensorflow(model_dir):
     from pitchkeras.model import load_model
-    from pitchkeras.sampling import GenerationRequest, Generator, select_tokens
 
     jax_side = run_on_jax(model_dir)
 
     # Token selection: exact on both backends, and the same draws.
-    grid = np.linspace(0.0, 1.0, 500, endpoint=False, dtype=np.float32)
     for (probabilities, top_k, top_p, allowed), on_jax in zip(SELECTION_CASES, jax_side["selections"]):
-        batch = len(grid)
-        on_tf = select_tokens(tf.constant(np.tile(np.asarray(probabilities, np.float32), (batch, 1))),
-                              tf.constant(grid), tf.constant([top_k] * batch), tf.constant([top_p] * batch))
+        on_tf = select_on_grid(probabilities, top_k, top_p)
         assert set(on_jax) == set(allowed)  # the nucleus, and all of it
         assert on_jax == on_tf.numpy().tolist()
 
     # The decode loop: the same model directory, seeds and prompts give the same text.
-    generator = Generator(load_model(model_dir), batch_size=4, max_new_tokens=24, prompt_buckets=(16, 32))
-    requests = [GenerationRequest(ROCK, prefix, seed=seed) for seed, prefix in enumerate(PREFIXES)]
-    on_tf = [sample.raw for sample in generator.generate(requests)]
+    tf_side = generate_twice(load_model(model_dir))
+    on_tf = tf_side["raw"]
     assert len(set(on_tf)) == len(PREFIXES)
     assert all(len(raw) > len(REVIEWS.prompt(ROCK, prefix)) for raw, prefix in zip(on_tf, PREFIXES))
     assert jax_side["raw"] == on_tf
