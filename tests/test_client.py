@@ -22,7 +22,7 @@ from pitchkeras.cli import main
 from pitchkeras.client import ReviewClient, ServiceError
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from pitchkeras.server import ApiKeys, BackgroundServer
-from pitchkeras.store.base import REVIEW_ID_RE
+from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 from tests.serve_fixtures import (  # noqa: F401
@@ -77,7 +77,7 @@ def test_client_returns_review_records(target):
     with ReviewClient(target, timeout=10) as client:
         picked = client.get_review(score=8, genre="rap")
         assert (picked.score, picked.genre, picked.selection_count) == (8.0, "Rap", 1)
-        assert REVIEW_ID_RE.match(picked.id) and picked.added is not None and picked.added.tzinfo is not None
+        assert GENERATED_ID_RE.match(picked.id) and picked.added is not None and picked.added.tzinfo is not None
         again = client.get_by_id(picked.id)
         assert again.selection_count == 1  # the permalink does not count as shown
         expected = next(r for r in pool_reviews() if r.id == picked.id)
@@ -89,7 +89,7 @@ def test_client_returns_review_records(target):
     (lambda c: c.get_review(score=11), InvalidArgument, C.INVALID_ARGUMENT, "[0, 10]"),
     (lambda c: c.get_review(genre="Polka"), InvalidArgument, C.INVALID_ARGUMENT, "Jazz, Rap, Rock"),
     (lambda c: c.get_review(score=5), NotFound, C.NOT_FOUND, "no review matches"),
-    (lambda c: c.get_by_id("xyz"), InvalidArgument, C.INVALID_ARGUMENT, "malformed"),
+    (lambda c: c.get_by_id("x/y z"), InvalidArgument, C.INVALID_ARGUMENT, "malformed"),
     (lambda c: c.get_by_id(UNKNOWN_ID), NotFound, C.NOT_FOUND, UNKNOWN_ID),
     (lambda c: c.generate(score=8, genre="Rock"), FailedPrecondition, C.FAILED_PRECONDITION, "--model"),
 ], ids=["score", "genre", "no-match", "malformed-id", "unknown-id", "no-model"])
@@ -200,7 +200,7 @@ def test_cli_get_review_and_get_print_the_review(capsys, target):
     (["get-review", "--score", "11"], "INVALID_ARGUMENT: score must be in [0, 10], got 11.0"),
     (["get-review", "--genre", "Polka"], "INVALID_ARGUMENT: unknown genre 'Polka'"),
     (["get-review", "--score", "5"], "NOT_FOUND: no review matches"),
-    (["get", "xyz"], "INVALID_ARGUMENT: malformed review id 'xyz'"),
+    (["get", "x/y"], "INVALID_ARGUMENT: malformed review id 'x/y'"),
     (["get", UNKNOWN_ID], f"NOT_FOUND: no review with id {UNKNOWN_ID}"),
     (["generate", "--score", "8", "--genre", "Rock"], "FAILED_PRECONDITION: this server has no model"),
     (["get-review", "--ca-cert", "missing.pem"], "missing.pem: no such file"),
@@ -248,7 +248,7 @@ def test_cli_generate(capsys, model_target):
     assert [i["review"]["seed"] for i in items] == [5, 6, 7, 8]
     assert all(i["review"]["genre"] == "Rock" and i["raw"].startswith("8.0\nRock\n") for i in items)
     stored = [i for i in items if i["stored"]]
-    assert stored and all(i["accepted"] and REVIEW_ID_RE.match(i["review"]["id"]) for i in stored)
+    assert stored and all(i["accepted"] and GENERATED_ID_RE.match(i["review"]["id"]) for i in stored)
     code, out, err = _cli(capsys, "client", "get", stored[0]["review"]["id"], "--target", model_target, "--json")
     assert code == 0 and json.loads(out)["text"] == stored[0]["review"]["text"]
 

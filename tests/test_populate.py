@@ -220,15 +220,22 @@ def test_interrupted_run_resumes_and_fills_only_what_is_missing(tmp_path, genera
 
 
 @pytest.mark.slow  # a fresh interpreter imports TensorFlow and compiles: ~20 s on 2 loaded cores
-def test_cli_killed_mid_way_resumes(tmp_path, unigram_model_dir, generator):
-    """SIGKILL the real CLI once its first reviews are stored; the rerun completes the grid."""
-    path = tmp_path / "killed.db"
+@pytest.mark.parametrize("backend", ["sqlite", "firestore"])
+def test_cli_killed_mid_way_resumes(tmp_path, unigram_model_dir, generator, backend, request, monkeypatch):
+    """SIGKILL the real CLI once its first reviews are stored; the rerun completes the grid, no duplicate."""
+    from pitchkeras.store import open_store
+
+    if backend == "firestore":
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", request.getfixturevalue("firestore_emulator"))
+        uri = f"firestore://pitchkeras-test/killed-{uuid.uuid4().hex[:12]}"
+    else:
+        uri = f"sqlite:///{tmp_path / 'killed.db'}"
     scores = [s / 2 for s in range(21)]  # 21 x 2 pairs: long enough to kill mid-way
     argv = [sys.executable, "-m", "pitchkeras.cli", "populate", "--model", str(unigram_model_dir),
-            "--store", f"sqlite:///{path}", "--per-pair", "2", "--scores", ",".join(map(str, scores)),
+            "--store", uri, "--per-pair", "2", "--scores", ",".join(map(str, scores)),
             "--genres", "Rock,Jazz", "--length", str(LENGTH), "--batch-size", "1", "--seed", "3", "--quiet"]
     log = tmp_path / "populate.log"  # a file, not a pipe nobody drains while we poll
-    with SQLiteStore(str(path)) as watcher, open(log, "wb") as stderr:
+    with open_store(uri) as watcher, open(log, "wb") as stderr:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.monotonic() + 240
@@ -243,13 +250,16 @@ def test_cli_killed_mid_way_resumes(tmp_path, unigram_model_dir, generator):
         partial = watcher.count()
     assert 0 < partial < 2 * len(scores) * 2
 
-    config = PopulateConfig(model=str(unigram_model_dir), store=f"sqlite:///{path}", per_pair=2, scores=scores,
+    config = PopulateConfig(model=str(unigram_model_dir), store=uri, per_pair=2, scores=scores,
                             genres=["Rock", "Jazz"], length=LENGTH, batch_size=4, seed=3)
     resumed, _ = _run(config, generator)
     assert sum(p.existing for p in resumed.pairs) == partial
     assert resumed.stored + partial == 2 * len(resumed.pairs)
-    with SQLiteStore(str(path)) as store:
+    again, counting = _run(config, generator)
+    assert (again.stored, counting.batches) == (0, [])  # a second rerun finds the grid full
+    with open_store(uri) as store:
         assert {c.count for c in store.counts()} == {2} and len(store.counts()) == 42
+        assert store.count() == 84  # ids are deterministic: a rerun cannot write a second copy
 
 
 def test_shards_split_the_grid_disjointly_and_cover_it(tmp_path, generator):

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pitchkeras.errors import Unavailable
 from pitchkeras.server import ApiKeys, BackgroundServer, ServerConfig
 from pitchkeras.store import open_store
-from pitchkeras.store.base import REVIEW_ID_RE
+from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 from tests.serve_fixtures import (  # noqa: F401
@@ -69,7 +69,7 @@ def test_get_review_hands_out_the_least_shown_and_counts_it(stub):
 def test_get_review_filters_are_optional_and_genre_is_case_insensitive(stub):
     assert stub.GetReview(pb.GetReviewRequest(genre="jAZZ"), timeout=10).review.genre == "Jazz"
     assert stub.GetReview(pb.GetReviewRequest(score=3.0), timeout=10).review.score == 3.0
-    assert REVIEW_ID_RE.match(stub.GetReview(pb.GetReviewRequest(), timeout=10).review.id)
+    assert GENERATED_ID_RE.match(stub.GetReview(pb.GetReviewRequest(), timeout=10).review.id)
 
 
 def test_get_by_id_returns_every_field_and_does_not_count(stub):
@@ -92,8 +92,9 @@ BAD_INPUTS = [
     ("GetReview", pb.GetReviewRequest(genre="  "), C.INVALID_ARGUMENT, "genre must not be empty"),
     ("GetReview", pb.GetReviewRequest(score=5.0), C.NOT_FOUND, "score=5.0"),
     ("GetReview", pb.GetReviewRequest(score=5.0, genre="rock"), C.NOT_FOUND, "no review matches"),
-    ("GetById", pb.GetByIdRequest(id="xyz"), C.INVALID_ARGUMENT, "24 lower-case hex"),
-    ("GetById", pb.GetByIdRequest(id=UNKNOWN_ID.upper().replace("0", "A")), C.INVALID_ARGUMENT, "malformed"),
+    ("GetById", pb.GetByIdRequest(id="no such/id"), C.INVALID_ARGUMENT, "1 to 128 characters"),
+    ("GetById", pb.GetByIdRequest(id="x" * 129), C.INVALID_ARGUMENT, "malformed"),
+    ("GetById", pb.GetByIdRequest(id="kx3Rq9ZbT0aWmPp2LsYe"), C.NOT_FOUND, "kx3Rq9ZbT0aWmPp2LsYe"),  # a Firestore auto id
     ("GetById", pb.GetByIdRequest(id=""), C.INVALID_ARGUMENT, "malformed"),
     ("GetById", pb.GetByIdRequest(id=UNKNOWN_ID), C.NOT_FOUND, UNKNOWN_ID),
     ("Generate", pb.GenerateRequest(score=8.0, genre="Rock"), C.FAILED_PRECONDITION, "--model"),
@@ -351,7 +352,7 @@ def test_generate_stores_and_is_deterministic(model_server):
         assert item.review.model_version == "tiny-test-v1" and item.review.temperature == pytest.approx(0.9)
         assert item.raw.startswith("8.0\nRock\n")
         if item.status == pb.SAMPLE_STATUS_ACCEPTED:
-            assert item.stored and REVIEW_ID_RE.match(item.review.id) and item.review.HasField("added")
+            assert item.stored and GENERATED_ID_RE.match(item.review.id) and item.review.HasField("added")
             stored = stub.GetById(pb.GetByIdRequest(id=item.review.id), timeout=10).review
             assert stored.text == item.review.text and stored.seed == item.review.seed
         else:

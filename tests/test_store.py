@@ -1,7 +1,7 @@
 """The ReviewStore contract, run against every backend (SQLite and Firestore).
 
-Firestore runs against FIRESTORE_EMULATOR_HOST when set, else against our
-protocol server (tests/firestore_server) with the unchanged client library.
+Firestore runs on Google's Cloud Firestore emulator (FIRESTORE_EMULATOR_HOST
+when set, else one started for the session by `tests.store_fixtures`).
 """
 
 from __future__ import annotations
@@ -134,10 +134,19 @@ def test_get_by_id_does_not_increment(store):
     assert store.get_by_id(review.id).selection_count == 0
 
 
-@pytest.mark.parametrize("bad", ["", "xyz", "A" * 24, "0" * 23, "0" * 25, "../../etc/passwd"])
+@pytest.mark.parametrize("bad", ["", "has space", "a/b", "../../etc/passwd", "x" * 129, "caf\u00e9", None])
 def test_get_by_id_malformed_is_invalid_argument(store, bad):
-    with pytest.raises(InvalidArgument, match="malformed review id"):
+    with pytest.raises(InvalidArgument, match="malformed review id.*1 to 128 characters"):
         store.get_by_id(bad)
+
+
+@pytest.mark.parametrize("rid", ["kx3Rq9ZbT0aWmPp2LsYe", "A", "seed_review-007", "f" * 128])
+def test_opaque_ids_are_stored_and_served(store, rid):
+    """One id rule for every backend: opaque [A-Za-z0-9_-]{1,128}, Firestore auto ids among them."""
+    assert store.add_reviews([Review(id=rid, text="An opaque id.", score=6.0, genre="Jazz")]) == 1
+    assert store.get_by_id(rid).text == "An opaque id."
+    assert store.existing_ids([rid, "other"]) == {rid}
+    assert store.get_review(score=6, genre="jazz").id == rid
 
 
 def test_get_by_id_unknown_is_not_found(store):
@@ -148,7 +157,7 @@ def test_get_by_id_unknown_is_not_found(store):
 
 def test_add_rejects_bad_records(store):
     with pytest.raises(InvalidArgument, match="malformed review id"):
-        store.add_reviews([Review(id="nope", text="fine")])
+        store.add_reviews([Review(id="no pe", text="fine")])
     with pytest.raises(InvalidArgument, match="text"):
         store.add_reviews([make_review(text="   ")])
     with pytest.raises(InvalidArgument, match="score"):

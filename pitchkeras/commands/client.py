@@ -25,7 +25,7 @@ def add_parser(subparsers):
     get_review.add_argument("--genre", help="only this genre (case-insensitive)")
 
     get = actions.add_parser("get", parents=[common], formatter_class=fmt, help="one review by id (the permalink)")
-    get.add_argument("id", help="review id: 24 lower-case hex characters")
+    get.add_argument("id", help="review id: 1 to 128 characters from A-Z a-z 0-9 _ - (a permalink)")
 
     generate = actions.add_parser("generate", parents=[common], formatter_class=fmt,
                                   help="write new reviews with the server's model")

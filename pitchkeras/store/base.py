@@ -12,13 +12,20 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import math
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument
 
-REVIEW_ID_RE = re.compile(r"^[0-9a-f]{24}$")  # 96 bits of sha256, lower-case hex
+log = logging.getLogger(__name__)
+
+#: The one id rule of the contract: opaque, URL- and Firestore-safe. Covers the ids pitchkeras
+#: generates and the 20-character auto ids Firestore gave the seed's documents.
+REVIEW_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+#: The ids pitchkeras itself generates (`review_id`): 96 bits of sha256, lower-case hex.
+GENERATED_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 
 
 def review_id(model_version: str, conditions: Mapping[str, Any], seed: int, index: int) -> str:
@@ -37,10 +44,14 @@ def review_id(model_version: str, conditions: Mapping[str, Any], seed: int, inde
 
 
 def validate_review_id(value: str) -> str:
-    """Return `value` if it is a well-formed review id, else raise InvalidArgument."""
+    """Return `value` if it is a well-formed review id, else raise InvalidArgument.
+
+    Ids are opaque strings of 1 to 128 characters from `[A-Za-z0-9_-]`.
+    """
     if not isinstance(value, str) or not REVIEW_ID_RE.match(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise InvalidArgument(
-            f"malformed review id {value!r}: expected 24 lower-case hex characters"
+            f"malformed review id {shown}: expected 1 to 128 characters from A-Z, a-z, 0-9, '_' and '-'"
         )
     return value
 
@@ -67,7 +78,7 @@ class Review:
     """One stored review.
 
     Args:
-        id: str. Deterministic id (`review_id`); 24 lower-case hex characters.
+        id: str. Opaque id, `[A-Za-z0-9_-]{1,128}`; generated ones are `review_id`'s 24 hex characters.
         text: str. The review body, post-processed.
         score: float or None. The score condition (one decimal), None for a corpus without it.
         genre: str or None. The genre condition, None for a corpus without it.
@@ -124,6 +135,175 @@ class ConditionCount:
     score: Optional[float]
     genre: Optional[str]
     count: int
+
+
+# -- records: one validation and coercion for every backend ----------------------------------
+
+
+class UnusableRecord(Exception):
+    """A stored document that cannot be served as a review (no usable text)."""
+
+
+def review_to_record(review: Review) -> dict[str, Any]:
+    """The validated, typed fields every backend writes for a new review.
+
+    `added` is left to the store (its own clock or a server timestamp);
+    `selection_count` is 0, since a new review has never been shown, whatever the
+    record says. `genre_key` is the case-folded genre that case-insensitive
+    filters compare, for backends without case-insensitive equality.
+
+    Raises:
+        InvalidArgument: a malformed id, empty text, a score outside [0, 10] or a non-string genre.
+    """
+    validate_review_id(review.id)
+    if not isinstance(review.text, str) or not review.text.strip():
+        raise InvalidArgument(f"review {review.id}: text must be a non-empty string")
+    if review.genre is not None and not isinstance(review.genre, str):
+        raise InvalidArgument(f"review {review.id}: genre must be a string or None, got {review.genre!r}")
+    return {
+        "text": review.text,
+        "score": validate_score(review.score),
+        "genre": review.genre,
+        "genre_key": genre_key(review.genre),
+        "extra_conditions": {str(k): str(v) for k, v in (review.extra_conditions or {}).items()},
+        "length": int(review.length),
+        "selection_count": 0,
+        "model_version": review.model_version or "",
+        "temperature": None if review.temperature is None else float(review.temperature),
+        "top_k": None if review.top_k is None else int(review.top_k),
+        "top_p": None if review.top_p is None else float(review.top_p),
+        "seed": None if review.seed is None else int(review.seed),
+        "prompt": review.prompt or "",
+    }
+
+
+def genre_key(genre: Optional[str]) -> Optional[str]:
+    """What genre filters compare: the case-folded genre."""
+    return genre.casefold() if isinstance(genre, str) else None
+
+
+def _as_float(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise TypeError
+
+
+def _as_int(value):
+    if isinstance(value, bool):
+        raise TypeError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise TypeError
+
+
+def _as_str(value):
+    if isinstance(value, str):
+        return value
+    raise TypeError
+
+
+def _as_datetime(value):
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
+    raise TypeError
+
+
+def _as_conditions(value):
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    raise TypeError
+
+
+# Every field a stored record may hold: (coercion, value when missing or unusable).
+_RECORD_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
+    "score": (_as_float, None),
+    "genre": (_as_str, None),
+    "extra_conditions": (_as_conditions, None),
+    "length": (_as_int, 0),
+    "added": (_as_datetime, None),
+    "selection_count": (_as_int, 0),
+    "model_version": (_as_str, ""),
+    "temperature": (_as_float, None),
+    "top_k": (_as_int, None),
+    "top_p": (_as_float, None),
+    "seed": (_as_int, None),
+    "prompt": (_as_str, ""),
+}
+
+
+def review_from_record(review_id: str, record: Mapping[str, Any], *, source: str = "",
+                       warn: Optional[Callable[[str], None]] = None) -> Review:
+    """The Review for a stored record, tolerating records this project did not write.
+
+    Missing optional fields take their defaults (None, 0 or ""); a field of an
+    unexpected type is ignored with a logged reason, so one odd document (written
+    by the seed's script or by hand) never fails a call. Unknown fields are ignored.
+
+    Args:
+        review_id: str. The record's id.
+        record: mapping. The stored fields.
+        source: str. Where it was read (the store's URI), for messages.
+        warn: callable or None. Takes each warning line; None logs it at WARNING.
+
+    Raises:
+        UnusableRecord: the record has no non-empty text, so it cannot be served.
+    """
+    warn = warn or log.warning
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise UnusableRecord(f"{source}: document {review_id} has no usable text ({type(text).__name__})")
+    fields: dict[str, Any] = {}
+    for name, (coerce, default) in _RECORD_FIELDS.items():
+        value = record.get(name)
+        if value is None:
+            fields[name] = default
+            continue
+        try:
+            fields[name] = coerce(value)
+        except (TypeError, ValueError):
+            warn(f"{source}: document {review_id}: field {name!r} has unexpected type "
+                 f"{type(value).__name__} ({str(value)[:40]!r}); ignored")
+            fields[name] = default
+    if fields["score"] is not None and not 0.0 <= fields["score"] <= 10.0:
+        warn(f"{source}: document {review_id}: score {fields['score']!r} is outside [0, 10]; ignored")
+        fields["score"] = None
+    fields["extra_conditions"] = fields["extra_conditions"] or {}
+    return Review(id=review_id, text=text, **fields)
+
+
+def describe(score: Optional[float], genre: Optional[str]) -> str:
+    """`score=8.0, genre='Rock'`: the filters of a pick, for messages."""
+    parts = []
+    if score is not None:
+        parts.append(f"score={score}")
+    if genre is not None:
+        parts.append(f"genre={genre!r}")
+    return ", ".join(parts) if parts else "any conditions"
+
+
+@dataclasses.dataclass
+class MigrationResult:
+    """What `ReviewStore.migrate` did.
+
+    Args:
+        scanned: int. Documents read.
+        updated: int. Documents that gained missing fields.
+        current: int. Documents already at this project's schema.
+        skipped: int. Documents left alone because they cannot be served (reasons logged).
+    """
+
+    scanned: int = 0
+    updated: int = 0
+    current: int = 0
+    skipped: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.scanned} document(s) scanned: {self.updated} migrated, {self.current} already current, "
+                f"{self.skipped} skipped")
 
 
 class ReviewStore(abc.ABC):
@@ -186,6 +366,17 @@ class ReviewStore(abc.ABC):
     def scores(self) -> list[float]:
         """The scores present, sorted."""
         return sorted({c.score for c in self.counts() if c.score is not None})
+
+    def migrate(self, *, model_version: str = "seed", progress: bool = False) -> MigrationResult:
+        """Bring records written by other tools (the seed's script) up to this project's schema.
+
+        Adds only missing fields (`genre_key`, `model_version`, defaults of the
+        others), never touching `text` or `selection_count`; idempotent, so a
+        rerun (or a resumed interrupted run) changes nothing already done. A
+        backend whose schema is enforced by the store itself has nothing to do.
+        """
+        total = self.count()
+        return MigrationResult(scanned=total, current=total)
 
     def close(self) -> None:
         """Release connections. Idempotent."""

@@ -8,10 +8,13 @@ is set the client itself talks to that emulator instead. The client library
 is imported lazily, so `pitchkeras.store` works without it.
 
 Documents hold the Review fields plus `genre_key` (the case-folded genre),
-which is what genre filters compare, since Firestore has no case-insensitive
-equality. The composite indexes these queries need are in
-`firestore.indexes.json` at the repository root (`firebase deploy --only
-firestore:indexes`); emulators do not check indexes, production does.
+which genre filters compare, since Firestore has no case-insensitive
+equality. Collections written by the seed's script (auto ids; `text, score,
+genre, length, added, selection_count` only) are served as they are: a genre
+filter also matches the usual spellings of the stored `genre` itself, and
+`migrate()` (`pitchkeras store migrate`) adds the missing fields. The
+composite indexes these queries need are in `firestore.indexes.json` at the
+repository root; emulators do not check indexes, production does.
 
 Example:
 
@@ -23,30 +26,39 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import random
+import threading
 import time
 import urllib.parse
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from pitchkeras.store.base import (
+    GENERATED_ID_RE,
     ConditionCount,
+    MigrationResult,
     Review,
     ReviewStore,
+    UnusableRecord,
+    describe,
+    genre_key,
+    review_from_record,
+    review_to_record,
     validate_review_id,
     validate_score,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_COLLECTION = "reviews"
 #: Seconds every store call may take, retries of transient errors included.
 DEFAULT_TIMEOUT_S = 10.0
-#: Least-shown documents a pick reads; it chooses at random among the ties.
-DEFAULT_CANDIDATES = 4
-# Candidates a contended pick may read (it doubles `candidates` per lost race).
-_MAX_CANDIDATES = 64
-# Backoff after a pick lost a race for a document (seconds, doubled per loss).
-_BASE_BACKOFF_S = 0.005
-_MAX_BACKOFF_S = 0.25
+#: Least-shown documents one read of a pick returns (each a billed read).
+DEFAULT_CANDIDATES = 8
+# Pause after a round whose every candidate another pick claimed first: a few ms with jitter,
+# so the callers that lost do not all read the same next documents at the same instant.
+_MAX_ROUND_PAUSE_S = 0.004
 
 # Firestore's limits: 500 writes per BatchWrite, 10 MiB per request. Stay
 # under the size with margin for field names and protobuf framing.
@@ -55,10 +67,22 @@ _MAX_BATCH_BYTES = 8 * 1024 * 1024
 _FIELD_OVERHEAD_BYTES = 512
 # Document references per BatchGetDocuments in existing_ids.
 _MAX_GETS_PER_CALL = 300
+# Documents read per page by migrate().
+_MIGRATE_PAGE = 300
 # google.rpc.Code values in BatchWrite statuses.
 _CODE_OK = 0
 _CODE_ALREADY_EXISTS = 6
+_PERMANENT_CODES = {3: InvalidArgument, 5: NotFound, 7: FailedPrecondition, 9: FailedPrecondition,
+                    16: FailedPrecondition}  # INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, ...
+_RETRIED_CODES = {4, 8, 10, 13, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNAVAILABLE
 _URI_OPTIONS = ("timeout", "database", "candidates")
+# Firestore auto ids: 20 characters of this alphabet.
+_AUTO_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_CREDENTIALS_HELP = (
+    "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run "
+    "`gcloud auth application-default login` (Application Default Credentials), "
+    "or set FIRESTORE_EMULATOR_HOST=host:port for an emulator"
+)
 
 
 def _parse_uri(uri: str) -> dict[str, Any]:
@@ -94,43 +118,49 @@ def _parse_uri(uri: str) -> dict[str, Any]:
     return kwargs
 
 
+def genre_spellings(genre: str) -> list[str]:
+    """The spellings of `genre` a document without `genre_key` may hold ("rap" -> Rap, RAP, ...)."""
+    forms = (genre, genre.casefold(), genre.lower(), genre.upper(), genre.title(), genre.capitalize())
+    return list(dict.fromkeys(forms))
+
+
 class FirestoreStore(ReviewStore):
     """Reviews in a Cloud Firestore collection.
 
-    `get_review` queries the `candidates` least-shown matching documents,
-    picks one at random among those tied for the lowest selection_count, and
-    claims it in a transaction that re-reads that one document and, if its
-    count is still the one the query saw, applies the `Increment(1)`
-    transform. If another caller claimed it first (the count moved, or the
-    server aborted the commit), the pick queries again with twice the
-    candidates (up to 64) after a short jittered backoff, until the call's
-    deadline.
+    The pick (`get_review`) takes no lock and opens no transaction:
 
-    Fairness vs contention: the claimed review is always least-shown when
-    the transaction commits (counts only grow, and its count is unchanged),
-    so hand-outs stay level: concurrent picks over equal reviews hand each
-    out the same number of times, and never a shown review while an unshown
-    one remains. The price is retries under contention. Putting the query
-    itself inside the transaction would make every candidate part of the
-    read set, so concurrent picks on one filter would all conflict; measured
-    on the test server with 64 threads, two thirds of those picks exhausted
-    their retries. Claiming only the chosen document limits conflicts to
-    callers that chose the same review, and doubling the candidates after a
-    lost race spreads contended callers over more of the ties while an
-    uncontended pick reads only `candidates` documents (each a billed read).
-    Measured on the test server (2 loaded cores, 64 threads x 4 picks over
-    64 reviews): 1591 lost races with a fixed 4 candidates, 516 with the
-    doubling, no failed pick either way. `candidates=1` is strictly ordered
-    and fully serialized. New reviews inserted during a pick can be missed
-    by it (the next pick takes them). Increments are never lost: the server
-    applies the transform inside the committed transaction.
+    1. Read the `candidates` least-shown matching documents (a plain, strongly
+       consistent query). Their lowest selection_count is L. When all of them
+       are tied at L, there may be more ties than were read, so a second read
+       takes up to `candidates` documents with count L from a random point of
+       the id order: concurrent pickers then start on different documents
+       instead of all on the first ones.
+    2. Claim one of the documents at L, in random order, with a single write
+       that carries the precondition "unchanged since my read" (its
+       `update_time`) and the server-side `Increment(1)` transform. Exactly one
+       of the callers that read a version can claim it; the others get
+       FAILED_PRECONDITION and try their next candidate at L.
+    3. When every candidate at L was taken by others, read again (each lost
+       race is another caller's success, so the system progresses), until
+       the call's deadline.
+
+    Only documents at the lowest count seen are ever claimed, and a claim
+    holds only if the count is still L, so no review is handed out while a
+    matching review with a lower count was visible to the pick and
+    unclaimed: over equal reviews, concurrent picks hand each out in turn.
+    Increments are never lost: the server applies them. Picks of one pair
+    spread their writes over the documents tied for least-shown, so each
+    document of a pair of N reviews is written about once per N picks of that
+    pair (see BUILD_NOTES.md for Firestore's per-document write guidance).
+    New reviews inserted during a pick can be missed by it (the next pick
+    takes them).
 
     Args:
         project: str. Google Cloud project id.
         collection: str. Top-level collection holding the reviews.
         database: str or None. Named Firestore database; None for `(default)`.
         timeout: float. Deadline in seconds of each call, retries included.
-        candidates: int. Least-shown documents read per pick.
+        candidates: int. Documents one read of a pick returns.
         seed: int or None. Seeds the choice among ties (tests).
     """
 
@@ -152,6 +182,9 @@ class FirestoreStore(ReviewStore):
         self.timeout = float(timeout)
         self.candidates = int(candidates)
         self._random = random.Random(seed)
+        self._stats_lock = threading.Lock()
+        self._stats = collections.Counter()
+        self._warned: set[str] = set()
         try:
             from google.cloud import firestore
         except ImportError as exc:
@@ -164,7 +197,6 @@ class FirestoreStore(ReviewStore):
             if database:
                 kwargs["database"] = database
             self._client = firestore.Client(**kwargs)
-            _bound_deadlines(self._client, self.timeout)
         self._collection = self._client.collection(collection)
 
     @classmethod
@@ -172,12 +204,13 @@ class FirestoreStore(ReviewStore):
         """Open `firestore://PROJECT[/COLLECTION][?timeout=SECONDS&candidates=K&database=NAME]`."""
         return cls(**_parse_uri(uri))
 
-    # -- errors -------------------------------------------------------------
+    # -- errors and call options ----------------------------------------------------------
 
     @contextlib.contextmanager
     def _translate_errors(self) -> Iterator[None]:
         """Turn google.api_core / google.auth exceptions into the library's errors."""
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
 
         try:
             yield
@@ -191,169 +224,215 @@ class FirestoreStore(ReviewStore):
         except gexc.GoogleAPIError as exc:
             # Unavailable, deadline exceeded, retries exhausted, aborted, internal.
             raise Unavailable(f"{self.uri}: Firestore is unavailable: {exc}") from exc
-        except Exception as exc:
-            from google.auth import exceptions as auth_exc
+        except auth_exc.DefaultCredentialsError as exc:
+            raise FailedPrecondition(f"{self.uri}: no Google credentials found: {_CREDENTIALS_HELP}") from exc
+        except auth_exc.GoogleAuthError as exc:
+            raise FailedPrecondition(f"{self.uri}: unusable Google credentials ({exc}); {_CREDENTIALS_HELP}") from exc
 
-            if isinstance(exc, auth_exc.GoogleAuthError):
-                raise Unavailable(
-                    f"{self.uri}: no usable Google credentials ({exc}); set GOOGLE_APPLICATION_CREDENTIALS, "
-                    "run `gcloud auth application-default login`, or set FIRESTORE_EMULATOR_HOST"
-                ) from exc
-            raise
-
-    def _call_options(self) -> dict[str, Any]:
+    def _call_options(self, timeout: Optional[float] = None) -> dict[str, Any]:
+        """The client's public `retry=`/`timeout=`: transient errors retried until the deadline."""
         from google.api_core import retry as retries
 
-        return {"retry": retries.Retry(timeout=self.timeout), "timeout": self.timeout}
+        timeout = self.timeout if timeout is None else max(timeout, 0.001)
+        return {"retry": retries.Retry(timeout=timeout), "timeout": timeout}
 
-    # -- conversions --------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[name] += n
 
-    @staticmethod
-    def _to_document(review: Review, server_timestamp) -> dict[str, Any]:
-        validate_review_id(review.id)
-        if not isinstance(review.text, str) or not review.text.strip():
-            raise InvalidArgument(f"review {review.id}: text must be a non-empty string")
-        if review.genre is not None and not isinstance(review.genre, str):
-            raise InvalidArgument(f"review {review.id}: genre must be a string or None, got {review.genre!r}")
-        return {
-            "text": review.text,
-            "score": validate_score(review.score),
-            "genre": review.genre,
-            "genre_key": review.genre.casefold() if review.genre is not None else None,
-            "extra_conditions": {str(k): str(v) for k, v in (review.extra_conditions or {}).items()},
-            "length": int(review.length),
-            "added": server_timestamp,
-            "selection_count": 0,  # a new review has never been shown, whatever the record says
-            "model_version": review.model_version or "",
-            "temperature": None if review.temperature is None else float(review.temperature),
-            "top_k": None if review.top_k is None else int(review.top_k),
-            "top_p": None if review.top_p is None else float(review.top_p),
-            "seed": None if review.seed is None else int(review.seed),
-            "prompt": review.prompt or "",
-        }
+    def pick_stats(self) -> dict[str, int]:
+        """Counters since the store was opened: `picks`, `lost_races` (claims another pick won), `reads`."""
+        with self._stats_lock:
+            return {"picks": self._stats["picks"], "lost_races": self._stats["lost_races"],
+                    "reads": self._stats["reads"]}
 
-    @staticmethod
-    def _to_review(doc_id: str, data: dict[str, Any]) -> Review:
-        return Review(
-            id=doc_id,
-            text=data.get("text", ""),
-            score=data.get("score"),
-            genre=data.get("genre"),
-            extra_conditions=dict(data.get("extra_conditions") or {}),
-            length=int(data.get("length") or 0),
-            added=data.get("added"),
-            selection_count=int(data.get("selection_count") or 0),
-            model_version=data.get("model_version", ""),
-            temperature=data.get("temperature"),
-            top_k=data.get("top_k"),
-            top_p=data.get("top_p"),
-            seed=data.get("seed"),
-            prompt=data.get("prompt", ""),
-        )
+    # -- queries ----------------------------------------------------------------------------
 
     def _filtered(self, score: Optional[float], genre: Optional[str]):
+        from google.cloud.firestore_v1 import FieldFilter, Or
+
         query = self._collection
         if genre is not None:
-            query = query.where(filter=self._firestore.FieldFilter("genre_key", "==", str(genre).casefold()))
+            genre = str(genre)
+            # genre_key covers every spelling this project wrote; the plain `genre` spellings cover
+            # documents the seed's script wrote, which have no genre_key until migrated.
+            query = query.where(filter=Or([
+                FieldFilter("genre_key", "==", genre_key(genre)),
+                FieldFilter("genre", "in", genre_spellings(genre)),
+            ]))
         if score is not None:
-            query = query.where(filter=self._firestore.FieldFilter("score", "==", score))
+            query = query.where(filter=FieldFilter("score", "==", score))
         return query
 
-    # -- the contract -------------------------------------------------------
+    def _stream(self, query, deadline: float) -> list:
+        with self._translate_errors():
+            snapshots = list(query.stream(**self._call_options(deadline - time.monotonic())))
+        self._count("reads", max(1, len(snapshots)))
+        return snapshots
+
+    def _least_shown(self, filtered, deadline: float) -> list[tuple[Any, Review]]:
+        """(snapshot, review) of the servable documents tied for the lowest selection_count, in the order to try.
+
+        Documents that cannot be served (no text) are passed over, logged once.
+        """
+        from google.cloud.firestore_v1 import FieldFilter
+
+        ordered = filtered.order_by("selection_count").limit(self.candidates)
+        servable: list[tuple[Any, Review]] = []
+        page = self._stream(ordered, deadline)
+        while page:
+            servable = self._servable(page)
+            if servable or len(page) < self.candidates:
+                break
+            page = self._stream(ordered.start_after(page[-1]), deadline)  # a page of junk: read on
+        if not servable:
+            return []
+        least = servable[0][1].selection_count
+        ties = [(s, r) for s, r in servable if r.selection_count == least]
+        if len(ties) == self.candidates and self.candidates > 1:
+            # Maybe more ties than one read returns: take a window of them from a random id on.
+            start = self._random_id_like([s for s, _ in ties])
+            at_least = filtered.where(filter=FieldFilter("selection_count", "==", least))
+            window = self._stream(
+                at_least.where(filter=FieldFilter("__name__", ">=", self._collection.document(start)))
+                .order_by("__name__").limit(self.candidates), deadline)
+            if len(window) < self.candidates:  # wrap around to the start of the id order
+                window += self._stream(at_least.order_by("__name__").limit(self.candidates - len(window)),
+                                       deadline)
+            unique = list({s.id: s for s in window}.values())
+            ties = [(s, r) for s, r in self._servable(unique) if r.selection_count == least] or ties
+        self._random.shuffle(ties)
+        return ties
+
+    def _servable(self, snapshots) -> list[tuple[Any, Review]]:
+        out = []
+        for snapshot in snapshots:
+            try:
+                out.append((snapshot, review_from_record(snapshot.id, snapshot.to_dict(), source=self.uri,
+                                                         warn=self._warn_once)))
+            except UnusableRecord as exc:
+                self._warn_once(f"{exc}; not handed out")
+        return out
+
+    def _warn_once(self, message: str) -> None:
+        """Log each distinct warning once per store (picks read the same odd documents again and again)."""
+        with self._stats_lock:
+            if message in self._warned or len(self._warned) >= 10_000:
+                return
+            self._warned.add(message)
+        log.warning("%s", message)
+
+    def _random_id_like(self, samples) -> str:
+        """A random point of the id order, in the alphabet the ids use (ours hex, Firestore's alphanumeric)."""
+        if all(GENERATED_ID_RE.match(s.id) for s in samples):
+            return "".join(self._random.choice("0123456789abcdef") for _ in range(24))
+        return "".join(self._random.choice(_AUTO_ID_ALPHABET) for _ in range(20))
+
+    def _claim(self, snapshot, deadline: float) -> Optional[int]:
+        """Increment the document if unchanged since `snapshot`; its new count, or None if another pick won."""
+        from google.api_core import exceptions as gexc
+
+        option = self._client.write_option(last_update_time=snapshot.update_time)
+        try:
+            with self._translate_errors():
+                result = snapshot.reference.update(
+                    {"selection_count": self._firestore.Increment(1)}, option=option,
+                    **self._call_options(deadline - time.monotonic()))
+        except (FailedPrecondition, NotFound) as exc:
+            cause = exc.__cause__
+            # FAILED_PRECONDITION: the version we read is gone (claimed); NOT_FOUND: deleted meanwhile.
+            if isinstance(cause, (gexc.FailedPrecondition, gexc.NotFound)):
+                return None
+            raise
+        return int(result.transform_results[0].integer_value)
+
+    # -- the contract -------------------------------------------------------------------------
 
     def add_reviews(self, reviews: Iterable[Review]) -> int:
         """Create each review unless its id exists (per document, not all-or-nothing).
 
         Sent as BatchWrite requests of at most 500 writes and ~8 MB. A create
         whose document already exists fails alone with ALREADY_EXISTS and is
-        not counted. If a request is retried after a transient error, the
-        creates it had already applied come back ALREADY_EXISTS, so the
-        returned count can undercount then; the data is right either way.
+        not counted. Writes that fail transiently (ABORTED, UNAVAILABLE, ...) are
+        sent again until the deadline; a permanent failure (INVALID_ARGUMENT,
+        PERMISSION_DENIED, ...) raises the matching error at once. If a request
+        is retried after a transient error, the creates it had already applied
+        come back ALREADY_EXISTS, so the returned count can undercount then;
+        the data is right either way.
         """
-        from google.cloud.firestore_v1.bulk_batch import BulkWriteBatch
-
         added = 0
         seen: set[str] = set()
-        batch, batch_bytes = BulkWriteBatch(self._client), 0
+        pending: list[tuple[Any, dict]] = []
+        pending_bytes = 0
         for review in reviews:
-            data = self._to_document(review, self._firestore.SERVER_TIMESTAMP)
+            data = review_to_record(review)
+            data["added"] = self._firestore.SERVER_TIMESTAMP
             if review.id in seen:
                 continue  # BatchWrite forbids two writes to one document; the second is a duplicate anyway
             seen.add(review.id)
             size = len(review.text.encode()) + len(data["prompt"].encode()) + _FIELD_OVERHEAD_BYTES
-            if len(batch) >= _MAX_WRITES_PER_BATCH or (len(batch) and batch_bytes + size > _MAX_BATCH_BYTES):
-                added += self._commit_creates(batch)
-                batch, batch_bytes = BulkWriteBatch(self._client), 0
-            batch.create(self._collection.document(review.id), data)
-            batch_bytes += size
-        if len(batch):
-            added += self._commit_creates(batch)
+            if len(pending) >= _MAX_WRITES_PER_BATCH or (pending and pending_bytes + size > _MAX_BATCH_BYTES):
+                added += self._create_all(pending)
+                pending, pending_bytes = [], 0
+            pending.append((self._collection.document(review.id), data))
+            pending_bytes += size
+        if pending:
+            added += self._create_all(pending)
         return added
 
-    def _commit_creates(self, batch) -> int:
-        with self._translate_errors():
-            response = batch.commit(**self._call_options())
-        added = 0
-        for status in response.status:
-            if status.code == _CODE_OK:
-                added += 1
-            elif status.code != _CODE_ALREADY_EXISTS:
-                raise Unavailable(f"{self.uri}: a review write failed (code {status.code}): {status.message}")
+    def _create_all(self, writes: list[tuple[Any, dict]]) -> int:
+        """Create these documents in one BatchWrite, re-sending transient failures; the number created."""
+        from google.cloud.firestore_v1.bulk_batch import BulkWriteBatch
+
+        deadline = time.monotonic() + self.timeout
+        added, attempt = 0, 0
+        while writes:
+            batch = BulkWriteBatch(self._client)
+            for ref, data in writes:
+                batch.create(ref, data)
+            with self._translate_errors():
+                response = batch.commit(**self._call_options(deadline - time.monotonic()))
+            retry = []
+            for (ref, data), status in zip(writes, response.status):
+                if status.code == _CODE_OK:
+                    added += 1
+                elif status.code == _CODE_ALREADY_EXISTS:
+                    pass
+                elif status.code in _RETRIED_CODES:
+                    retry.append((ref, data))
+                else:
+                    error = _PERMANENT_CODES.get(status.code, Unavailable)
+                    raise error(f"{self.uri}: writing review {ref.id} failed (code {status.code}): {status.message}")
+            writes, attempt = retry, attempt + 1
+            if writes:
+                pause = min(1.0, 0.05 * 2**attempt)
+                if time.monotonic() + pause > deadline:
+                    raise Unavailable(f"{self.uri}: {len(writes)} review write(s) still failing transiently "
+                                      f"after {self.timeout:g} s; retry")
+                time.sleep(pause)
         return added
 
     def get_review(self, *, score: Optional[float] = None, genre: Optional[str] = None) -> Review:
         score = validate_score(score)
-        ordered = self._filtered(score, genre).order_by("selection_count")
-        options = self._call_options()
-        increment = self._firestore.Increment(1)
-
-        @self._firestore.transactional
-        def claim(transaction, ref, expected_count):
-            # Only the chosen document is in the read set, so only callers that
-            # chose the same document conflict.
-            snapshot = next(iter(transaction.get(ref, **options)))
-            if not snapshot.exists or snapshot.get("selection_count") != expected_count:
-                return None  # another caller took it first
-            transaction.update(ref, {"selection_count": increment})
-            return snapshot
-
-        # Lost races are retried until the call's deadline: each one means
-        # another caller's pick succeeded, so the system as a whole progresses.
+        filtered = self._filtered(score, genre)
         deadline = time.monotonic() + self.timeout
         lost_races = 0
         while True:
-            # Each lost race doubles the candidates read, so concurrent callers spread
-            # over more of the tied documents; an uncontended pick reads only a few.
-            limit = min(self.candidates << min(lost_races, 16), max(self.candidates, _MAX_CANDIDATES))
-            with self._translate_errors():
-                snapshots = list(ordered.limit(limit).stream(**options))
-            if not snapshots:
-                raise NotFound(f"no review matches {_describe(score, genre)} in {self.uri}")
-            least = snapshots[0].get("selection_count")
-            chosen = self._random.choice([s for s in snapshots if s.get("selection_count") == least])
-            with self._translate_errors():
-                try:
-                    claimed = claim(self._client.transaction(), chosen.reference, least)
-                except ValueError as exc:
-                    # The client raises ValueError both when every attempt was
-                    # aborted and when its rollback after a failed
-                    # BeginTransaction finds no transaction; the API error behind it says which.
-                    cause = _api_error_behind(exc)
-                    if cause is None:
-                        raise
-                    from google.api_core import exceptions as gexc
-
-                    if not isinstance(cause, gexc.Aborted):
-                        raise cause from exc
-                    claimed = None
-            if claimed is not None:
-                review = self._to_review(claimed.id, claimed.to_dict())
-                review.selection_count += 1  # the increment this transaction committed
-                return review
-            lost_races += 1
-            # Jittered backoff spreads out callers that keep choosing the same documents.
-            pause = self._random.uniform(0, min(_MAX_BACKOFF_S, _BASE_BACKOFF_S * 2**lost_races))
-            if time.monotonic() + pause > deadline:
+            candidates = self._least_shown(filtered, deadline)
+            if not candidates:
+                raise NotFound(f"no review matches {describe(score, genre)} in {self.uri}")
+            lost_this_round = 0
+            for snapshot, review in candidates:
+                new_count = self._claim(snapshot, deadline)
+                if new_count is not None:
+                    review.selection_count = new_count
+                    self._count("picks")
+                    return review
+                lost_this_round += 1
+                self._count("lost_races")
+            lost_races += lost_this_round
+            pause = self._random.uniform(0, _MAX_ROUND_PAUSE_S)
+            if time.monotonic() + pause >= deadline:
                 raise Unavailable(
                     f"{self.uri}: gave up picking a review after {lost_races} lost races in "
                     f"{self.timeout:g} s of contention; retry"
@@ -366,7 +445,10 @@ class FirestoreStore(ReviewStore):
             snapshot = self._collection.document(review_id).get(**self._call_options())
         if not snapshot.exists:
             raise NotFound(f"no review with id {review_id} in {self.uri}")
-        return self._to_review(snapshot.id, snapshot.to_dict())
+        try:
+            return review_from_record(snapshot.id, snapshot.to_dict(), source=self.uri)
+        except UnusableRecord as exc:
+            raise NotFound(f"review {review_id} cannot be served: {exc}") from None
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         ids = list(dict.fromkeys(ids))
@@ -386,12 +468,22 @@ class FirestoreStore(ReviewStore):
         Firestore has no GROUP BY, so this streams a projection of every
         document (score and genre only): one billed read per review. Use
         `count(score=, genre=)` for one pair; it is an aggregation query.
+        Documents whose score or genre has an unexpected type are left out (logged).
         """
         tally: collections.Counter = collections.Counter()
+        odd = 0
         with self._translate_errors():
             for snapshot in self._collection.select(["score", "genre"]).stream(**self._call_options()):
                 data = snapshot.to_dict()
-                tally[(data.get("score"), data.get("genre"))] += 1
+                score, genre = data.get("score"), data.get("genre")
+                if not (score is None or (isinstance(score, (int, float)) and not isinstance(score, bool))) \
+                        or not (genre is None or isinstance(genre, str)):
+                    odd += 1
+                    continue
+                tally[(None if score is None else round(float(score), 1), genre)] += 1
+        if odd:
+            log.warning("%s: %d document(s) with a non-numeric score or non-string genre left out of counts",
+                        self.uri, odd)
         return sorted(
             (ConditionCount(score=s, genre=g, count=n) for (s, g), n in tally.items()),
             key=lambda c: (c.genre is not None, c.genre or "", c.score is not None, c.score or 0.0),
@@ -403,47 +495,106 @@ class FirestoreStore(ReviewStore):
             result = self._filtered(score, genre).count(alias="n").get(**self._call_options())
         return int(result[0][0].value)
 
+    def migrate(self, *, model_version: str = "seed", progress: bool = False) -> MigrationResult:
+        """Add the fields this project's schema has and a seed-written document lacks.
+
+        Pages through the collection in id order; each document missing any of
+        `genre_key`, `model_version`, `extra_conditions`, `length`, `prompt`,
+        `temperature`, `top_k`, `top_p`, `seed` (or `selection_count`, when
+        absent altogether, so the document can be picked at all) gets only those,
+        in BatchWrite requests of at most 500 writes, each with the precondition
+        that the document is unchanged since it was read: a pick or another
+        migration that wrote it meanwhile wins, and the document is read again.
+        `text` and an existing `selection_count` are never written. Idempotent: a
+        rerun finds every document current and writes nothing.
+        """
+        from google.cloud.firestore_v1.bulk_batch import BulkWriteBatch
+        from tqdm import tqdm
+
+        result = MigrationResult()
+        total = self.count()
+        bar = tqdm(total=total, unit="doc", desc="migrate", disable=not progress, dynamic_ncols=True)
+        last = None
+        try:
+            while True:
+                query = self._collection.order_by("__name__").limit(_MIGRATE_PAGE)
+                if last is not None:
+                    query = query.start_after(last)
+                page = self._stream(query, time.monotonic() + self.timeout)
+                if not page:
+                    break
+                last = page[-1]
+                todo = []
+                for snapshot in page:
+                    result.scanned += 1
+                    fields = _missing_fields(snapshot.to_dict(), model_version)
+                    if fields is None:
+                        log.warning("%s: document %s has no usable text; not migrated", self.uri, snapshot.id)
+                        result.skipped += 1
+                    elif fields:
+                        todo.append((snapshot, fields))
+                    else:
+                        result.current += 1
+                while todo:
+                    batch = BulkWriteBatch(self._client)
+                    for snapshot, fields in todo:
+                        batch.update(snapshot.reference, fields,
+                                     option=self._client.write_option(last_update_time=snapshot.update_time))
+                    with self._translate_errors():
+                        response = batch.commit(**self._call_options())
+                    again = []
+                    for (snapshot, fields), status in zip(todo, response.status):
+                        if status.code == _CODE_OK:
+                            result.updated += 1
+                        elif status.code == 9 or status.code in _RETRIED_CODES:  # changed since read, or transient
+                            again.append(snapshot.reference)
+                        elif status.code == 5:  # deleted meanwhile
+                            result.skipped += 1
+                        else:
+                            error = _PERMANENT_CODES.get(status.code, Unavailable)
+                            raise error(f"{self.uri}: migrating {snapshot.id} failed (code {status.code}): "
+                                        f"{status.message}")
+                    todo = []
+                    if again:  # read those again and recompute what they lack
+                        with self._translate_errors():
+                            fresh = list(self._client.get_all(again, **self._call_options()))
+                        for snapshot in fresh:
+                            if not snapshot.exists:
+                                result.skipped += 1
+                                continue
+                            fields = _missing_fields(snapshot.to_dict(), model_version)
+                            if fields:
+                                todo.append((snapshot, fields))
+                            else:
+                                result.current += 1
+                bar.update(len(page))
+        finally:
+            bar.close()
+        return result
+
     def close(self) -> None:
         client, self._client = getattr(self, "_client", None), None
         if client is not None:
             client.close()
 
 
-def _api_error_behind(exc: BaseException):
-    """The google.api_core error this exception was raised from or while handling, if any."""
-    from google.api_core import exceptions as gexc
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, gexc.GoogleAPIError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _bound_deadlines(client, timeout: float) -> None:
-    """Cap every RPC of `client`, retries included, at `timeout` seconds.
-
-    Most calls take `retry=`/`timeout=`, but the transaction's BeginTransaction,
-    Commit and Rollback use the defaults of the generated client (retry
-    UNAVAILABLE for 60 s), so an unreachable Firestore would hang a pick for a
-    minute. The defaults live on the transport's wrapped methods; this keeps
-    each method's own retry predicate and only shortens its deadline.
-    """
-    transport = client._firestore_api._transport
-    for wrapped in transport._wrapped_methods.values():
-        retry = getattr(wrapped, "_retry", None)
-        if retry is not None and hasattr(retry, "with_timeout"):
-            wrapped._retry = retry.with_timeout(timeout)
-        if getattr(wrapped, "_timeout", None) is not None:
-            wrapped._timeout = min(wrapped._timeout, timeout)
-
-
-def _describe(score: Optional[float], genre: Optional[str]) -> str:
-    parts = []
-    if score is not None:
-        parts.append(f"score={score}")
-    if genre is not None:
-        parts.append(f"genre={genre!r}")
-    return ", ".join(parts) if parts else "any conditions"
+def _missing_fields(data: dict[str, Any], model_version: str) -> Optional[dict[str, Any]]:
+    """The fields (with their defaults) a document lacks; None if it cannot be served at all."""
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    defaults = {
+        "genre_key": genre_key(data.get("genre")),
+        "model_version": model_version,
+        "extra_conditions": {},
+        "length": len(text.split()),
+        "temperature": None,
+        "top_k": None,
+        "top_p": None,
+        "seed": None,
+        "prompt": "",
+    }
+    missing = {name: value for name, value in defaults.items() if name not in data}
+    if "selection_count" not in data:
+        missing["selection_count"] = 0  # absent: never shown, and unpickable until it has a count
+    return missing

@@ -32,6 +32,10 @@ from pitchkeras.store.base import (
     ConditionCount,
     Review,
     ReviewStore,
+    UnusableRecord,
+    describe,
+    review_from_record,
+    review_to_record,
     validate_review_id,
     validate_score,
 )
@@ -120,50 +124,26 @@ def _path_from_uri(uri: str) -> str:
     return path
 
 
-def _row_to_review(row: tuple) -> Review:
-    (rid, text, score, genre, extra, length, added, count, model_version,
-     temperature, top_k, top_p, seed, prompt) = row
-    return Review(
-        id=rid,
-        text=text,
-        score=score,
-        genre=genre,
-        extra_conditions=json.loads(extra) if extra else {},
-        length=length,
-        added=datetime.datetime.fromisoformat(added) if added else None,
-        selection_count=count,
-        model_version=model_version,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        prompt=prompt,
-    )
+_COLUMN_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
+
+
+def _row_to_review(row: tuple, uri: str) -> Review:
+    record = dict(zip(_COLUMN_NAMES, row))
+    try:
+        record["extra_conditions"] = json.loads(record["extra_conditions"] or "{}")
+    except (TypeError, ValueError):
+        record["extra_conditions"] = None  # review_from_record logs and defaults it
+    try:
+        return review_from_record(record.pop("id"), record, source=uri)
+    except UnusableRecord as exc:
+        raise NotFound(str(exc)) from None
 
 
 def _review_to_row(review: Review, added: str) -> tuple:
-    validate_review_id(review.id)
-    if not isinstance(review.text, str) or not review.text.strip():
-        raise InvalidArgument(f"review {review.id}: text must be a non-empty string")
-    if review.genre is not None and not isinstance(review.genre, str):
-        raise InvalidArgument(f"review {review.id}: genre must be a string or None, got {review.genre!r}")
-    extra = {str(k): str(v) for k, v in (review.extra_conditions or {}).items()}
-    return (
-        review.id,
-        review.text,
-        validate_score(review.score),
-        review.genre,
-        json.dumps(extra, sort_keys=True),
-        int(review.length),
-        added,
-        0,  # a new review has never been shown, whatever the record says
-        review.model_version or "",
-        None if review.temperature is None else float(review.temperature),
-        None if review.top_k is None else int(review.top_k),
-        None if review.top_p is None else float(review.top_p),
-        None if review.seed is None else int(review.seed),
-        review.prompt or "",
-    )
+    record = review_to_record(review)
+    record.update(id=review.id, added=added,
+                  extra_conditions=json.dumps(record["extra_conditions"], sort_keys=True))
+    return tuple(record[name] for name in _COLUMN_NAMES)
 
 
 class SQLiteStore(ReviewStore):
@@ -271,8 +251,8 @@ class SQLiteStore(ReviewStore):
                 conn.execute("ROLLBACK")
                 raise
         if row is None:
-            raise NotFound(f"no review matches {_describe(score, genre)} in {self.uri}")
-        return _row_to_review(row)
+            raise NotFound(f"no review matches {describe(score, genre)} in {self.uri}")
+        return _row_to_review(row, self.uri)
 
     def get_by_id(self, review_id: str) -> Review:
         validate_review_id(review_id)
@@ -280,7 +260,7 @@ class SQLiteStore(ReviewStore):
             row = self._connection().execute(_GET_BY_ID_SQL, (review_id,)).fetchone()
         if row is None:
             raise NotFound(f"no review with id {review_id} in {self.uri}")
-        return _row_to_review(row)
+        return _row_to_review(row, self.uri)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         ids = list(dict.fromkeys(ids))
@@ -312,12 +292,3 @@ class SQLiteStore(ReviewStore):
 def _count_order(c: ConditionCount):
     # Genre then score; a missing condition sorts first, as in SQL.
     return (c.genre is not None, c.genre or "", c.score is not None, c.score or 0.0)
-
-
-def _describe(score: Optional[float], genre: Optional[str]) -> str:
-    parts = []
-    if score is not None:
-        parts.append(f"score={score}")
-    if genre is not None:
-        parts.append(f"genre={genre!r}")
-    return ", ".join(parts) if parts else "any conditions"

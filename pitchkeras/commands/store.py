@@ -1,0 +1,48 @@
+"""`pitchkeras store`: look after a review store (`migrate` a seed-written collection, `counts`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pitchkeras.cli import add_command
+from pitchkeras.store import DEFAULT_STORE_URI
+
+
+def add_parser(subparsers):
+    p = add_command(subparsers, "store", "Look after a review store: migrate a seed-written collection, counts.",
+                    __name__)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    actions.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    migrate = actions.add_parser(
+        "migrate", formatter_class=fmt,
+        help="add the fields this project's schema has to documents another tool (the seed's script) wrote; "
+             "never touches text or selection_count; idempotent and resumable (rerun it)")
+    migrate.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    migrate.add_argument("--model-version", default="seed", help="model_version given to documents that have none")
+    migrate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    counts = actions.add_parser("counts", formatter_class=fmt, help="reviews per (score, genre) pair")
+    counts.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    return p
+
+
+def run(args) -> int:
+    from pitchkeras.errors import UsageError
+    from pitchkeras.store import open_store
+
+    if args.action == "migrate" and not args.model_version.strip():
+        raise UsageError("--model-version must not be empty")
+    with open_store(args.store) as store:
+        if args.action == "migrate":
+            result = store.migrate(model_version=args.model_version, progress=not args.no_progress)
+            print(f"migrate {store.uri}: {result.summary()}")
+        else:
+            rows = store.counts()
+            print(f"{'score':>5}  {'genre':<20} {'reviews':>7}")
+            for row in rows:
+                score = "-" if row.score is None else f"{row.score:.1f}"
+                print(f"{score:>5}  {row.genre or '-':<20} {row.count:>7}")
+            print(f"{sum(r.count for r in rows)} review(s) in {len(rows)} pair(s)")
+    return 0
