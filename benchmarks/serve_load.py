@@ -17,6 +17,16 @@ be 0.
 
     python benchmarks/serve_load.py                       # 3000 reviews, 16 clients, 5 s per method
     python benchmarks/serve_load.py --clients 64 --seconds 10
+    python benchmarks/serve_load.py --store firestore     # both designs on Google's Firestore emulator
+    python benchmarks/serve_load.py --store firestore --reviews 20 --pairs 1   # 16 clients on one pair
+
+With `--store firestore` the benchmark starts Google's Cloud Firestore emulator
+itself (Debian package google-cloud-cli-firestore-emulator) and writes the
+reviews twice: once as pitchkeras writes them, once as the seed's script did
+(its six fields only). `pitchkeras serve --store firestore://...` then runs
+against the seed's own Firestore design over the same emulator: a query for
+the least-shown document, then a separate `Increment(1)` update, without a
+transaction, so two readers of one version both get it (`dup`).
 
 Prints one row per (method, server) with calls/s, p50 and p99 latency in ms
 and CPU time per call (server process, and this client process), then the
@@ -53,12 +63,13 @@ SCORES = tuple(i / 2 for i in range(21))  # 0.0 .. 10.0 in steps of 0.5, populat
 # -- the store both servers read -----------------------------------------------------------------
 
 
-def make_store(path: Path, count: int) -> list[tuple[float, str, str]]:
-    """Write `count` reviews spread over the grid; return (score, genre, id) of each."""
+def make_reviews(count: int, num_pairs: int = 0) -> list:
+    """`count` reviews spread over the first `num_pairs` pairs of the grid (0 = all of it)."""
     from pitchkeras.conditioning import REVIEWS
-    from pitchkeras.store import Review, open_store, review_id
+    from pitchkeras.store import Review, review_id
 
     pairs = [(s, g) for s in SCORES for g in GENRES]
+    pairs = pairs[-num_pairs:] if num_pairs else pairs  # from the top scores down: 10.0 Jazz first
     reviews = []
     for i in range(count):
         score, genre = pairs[i % len(pairs)]
@@ -67,6 +78,14 @@ def make_store(path: Path, count: int) -> list[tuple[float, str, str]]:
         reviews.append(Review(id=review_id("bench-v1", conditions, 0, i), text=body.strip(), score=score,
                               genre=genre, model_version="bench-v1", temperature=0.7, top_k=0, top_p=0.95, seed=i,
                               prompt=REVIEWS.prompt(conditions)))
+    return reviews
+
+
+def make_store(path: Path, count: int, num_pairs: int = 0) -> list[tuple[float, str, str]]:
+    """Write `count` reviews spread over the grid; return (score, genre, id) of each."""
+    from pitchkeras.store import open_store
+
+    reviews = make_reviews(count, num_pairs)
     with open_store(f"sqlite:///{path}") as store:
         store.add_reviews(reviews)
     with sqlite3.connect(path) as conn:  # fold the WAL into the file so a plain copy is complete
@@ -121,9 +140,65 @@ class SeedHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class SeedFirestoreHandler(SeedHandler):
+    """The seed's Firestore design: query the least-shown document, then `Increment(1)` it, no transaction."""
+
+    collection = None  # a google.cloud.firestore CollectionReference, set by run_seed_server
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        from google.cloud import firestore
+        from google.cloud.firestore_v1 import FieldFilter
+
+        url = urllib.parse.urlsplit(self.path)
+        if url.path.startswith("/review/"):
+            snapshot = self.collection.document(url.path[len("/review/"):]).get()
+            row = dict(snapshot.to_dict(), id=snapshot.id) if snapshot.exists else None
+        else:
+            query = urllib.parse.parse_qs(url.query)
+            found = (self.collection.where(filter=FieldFilter("genre", "==", query["genre"][0]))
+                     .where(filter=FieldFilter("score", "==", float(query["score"][0])))
+                     .order_by("selection_count").limit(1).get())
+            row = None
+            if found:
+                snapshot = found[0]
+                snapshot.reference.update({"selection_count": firestore.Increment(1)})
+                row = dict(snapshot.to_dict(), id=snapshot.id, selection_count=snapshot.get("selection_count") + 1)
+        if row is not None:
+            row["added"] = str(row.get("added"))
+        body = json.dumps(row if row is not None else {"error": "not found"}).encode()
+        self.send_response(200 if row is not None else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def write_seed_collection(project: str, collection: str, reviews) -> None:
+    """The reviews as the seed's script wrote them: its six fields only (ids kept, so permalinks match)."""
+    from google.cloud import firestore
+
+    client = firestore.Client(project=project)
+    for start in range(0, len(reviews), 500):
+        batch = client.batch()
+        for r in reviews[start:start + 500]:
+            batch.set(client.collection(collection).document(r.id), {
+                "text": r.text, "score": r.score, "genre": r.genre, "length": len(r.text),
+                "added": firestore.SERVER_TIMESTAMP, "selection_count": 0})
+        batch.commit()
+    client.close()
+
+
 def run_seed_server(db: str) -> None:
-    SeedHandler.path_db = db
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SeedHandler)
+    handler = SeedHandler
+    if db.startswith("firestore://"):
+        from google.cloud import firestore
+
+        project, collection = db[len("firestore://"):].split("/", 1)
+        handler = SeedFirestoreHandler
+        handler.collection = firestore.Client(project=project).collection(collection)
+    else:
+        SeedHandler.path_db = db
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     print(f"serving on 127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
@@ -234,6 +309,19 @@ def load(caller_type, target: str, method: str, keys: list, *, clients: int, sec
     }
 
 
+def simd_level() -> str:
+    """The widest x86 vector extension this CPU has (ratios between machines move with it)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "SIMD unknown"
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
+        if flag in flags:
+            return name
+    return "no AVX"
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a live process has used so far (Linux /proc; nan elsewhere)."""
     try:
@@ -274,6 +362,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-seconds", type=float, default=1.0, help="unmeasured seconds before each run")
     parser.add_argument("--no-peer", action="store_true", help="only pitchkeras serve")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clients' call sequences")
+    parser.add_argument("--store", choices=("sqlite", "firestore"), default="sqlite",
+                        help="backend of both servers; firestore starts Google's emulator")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="spread the reviews over this many (score, genre) pairs only (0 = the whole grid); "
+                             "1 puts every client on one pair, the most contended pick")
     parser.add_argument("--seed-server", metavar="DB", help=argparse.SUPPRESS)  # internal: run the peer
     args = parser.parse_args(argv)
     if args.seed_server:
@@ -281,20 +374,39 @@ def main(argv=None) -> int:
         return 0
     if args.reviews < 1 or args.clients < 1 or args.seconds <= 0 or args.warmup_seconds < 0:
         parser.error("--reviews and --clients must be >= 1, --seconds > 0, --warmup-seconds >= 0")
+    if not 0 <= args.pairs <= len(SCORES) * len(GENRES):
+        parser.error(f"--pairs must be in [0, {len(SCORES) * len(GENRES)}]")
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_load-"))
+    emulator = None
     try:
-        keys = make_store(workdir / "ours.db", args.reviews)
-        shutil.copy(workdir / "ours.db", workdir / "seed.db")
+        if args.store == "firestore":
+            from pitchkeras.store import open_store
+            from pitchkeras.store.emulator import FirestoreEmulator
+
+            emulator = FirestoreEmulator().start()
+            os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host  # both servers inherit it
+            reviews = make_reviews(args.reviews, args.pairs)
+            keys = [(r.score, r.genre, r.id) for r in reviews]
+            ours_store, seed_store = "firestore://serve-load/ours", "firestore://serve-load/seed"
+            with open_store(ours_store) as store:
+                store.add_reviews(reviews)
+            write_seed_collection("serve-load", "seed", reviews)
+        else:
+            keys = make_store(workdir / "ours.db", args.reviews, args.pairs)
+            shutil.copy(workdir / "ours.db", workdir / "seed.db")
+            ours_store, seed_store = f"sqlite:///{workdir / 'ours.db'}", str(workdir / "seed.db")
         servers = [("pitchkeras gRPC", GrpcCaller, [
-            sys.executable, "-m", "pitchkeras.cli", "serve", "--store", f"sqlite:///{workdir / 'ours.db'}",
+            sys.executable, "-m", "pitchkeras.cli", "serve", "--store", ours_store,
             "--port", "0", "--log-level", "WARNING", "--grace", "1"])]
         if not args.no_peer:
             servers.append(("seed HTTP/JSON", HttpCaller, [
-                sys.executable, str(Path(__file__).resolve()), "--seed-server", str(workdir / "seed.db")]))
-        print(f"settings: {args.reviews} reviews over {len(SCORES) * len(GENRES)} (score, genre) pairs, "
+                sys.executable, str(Path(__file__).resolve()), "--seed-server", seed_store]))
+        pairs = args.pairs or len(SCORES) * len(GENRES)
+        print(f"settings: {args.store} store{' (Google emulator ' + emulator.host + ')' if emulator else ''}, "
+              f"{args.reviews} reviews over {pairs} (score, genre) pair(s), "
               f"{args.clients} client threads, {args.seconds:g} s measured after {args.warmup_seconds:g} s warm-up, "
-              f"{os.cpu_count()} CPUs; servers and clients on this machine", flush=True)
+              f"{os.cpu_count()} CPUs ({simd_level()}); servers and clients on this machine", flush=True)
         rows = collections.OrderedDict()
         for method in ("GetById", "GetReview"):
             for name, caller_type, command in servers:
@@ -321,6 +433,8 @@ def main(argv=None) -> int:
                       f"server CPU/call x{ours['server_cpu_us'] / peer['server_cpu_us']:.2f} "
                       f"(pitchkeras / seed; calls/s higher is better, the others lower)")
     finally:
+        if emulator is not None:
+            emulator.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -42,6 +42,25 @@ def firestore_emulator():
         yield emulator.host
 
 
+SEED_FIELDS = {"text", "score", "genre", "length", "added", "selection_count"}
+
+
+def write_like_the_seed(store, rows) -> list[str]:
+    """Write (score, genre, text) rows exactly as the seed's script did: auto ids, its six fields, one batch."""
+    from google.cloud import firestore
+
+    collection = store._client.collection(store.collection_name)
+    batch = store._client.batch()
+    ids = []
+    for score, genre, text in rows:
+        ref = collection.document()  # a Firestore auto id: 20 characters
+        batch.set(ref, {"text": text, "score": score, "genre": genre, "length": len(text),
+                        "added": firestore.SERVER_TIMESTAMP, "selection_count": 0})
+        ids.append(ref.id)
+    batch.commit()
+    return ids
+
+
 @pytest.fixture
 def firestore_store(firestore_emulator, monkeypatch):
     """A FirestoreStore on a fresh collection of the session's emulator."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -20,6 +21,7 @@ from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 from tests.serve_fixtures import (  # noqa: F401
     GENRES, SERVER_CONFIG, FlakyStore, pool_reviews, pool_uri, self_signed_cert, tiny_generator, tiny_model_dir)
+from tests.store_fixtures import firestore_emulator, firestore_store, write_like_the_seed  # noqa: F401
 
 C = grpc.StatusCode
 CONFIG = SERVER_CONFIG
@@ -377,3 +379,35 @@ def test_concurrent_generate_calls_share_one_batch(model_server):
     assert batcher.batch_sizes[before:] == [4]  # four calls, one model call
     # A row's output does not depend on its batch mates.
     assert [s.reviews[0].raw for s in singles] == [g.raw for g in together.reviews]
+
+
+# -- Firestore, on Google's emulator -----------------------------------------------------------------
+
+
+def test_serve_a_seed_written_firestore_collection_under_16_concurrent_clients(firestore_store):
+    """16 clients x 8 GetReview on one pair of a collection the seed's script wrote: no error, level counts."""
+    ids = write_like_the_seed(firestore_store, [(8.0, "Rap", f"Seed review number {i}. It is fine.")
+                                                for i in range(3)] + [(8.0, "Rock", "Another pair.")])
+    uri = f"firestore://pitchkeras-test/{firestore_store.collection_name}"
+    errors, picked = [], []
+    with BackgroundServer(uri, config=CONFIG) as background:
+        channel, stub = _stub(background.port)
+        with channel:
+            barrier = threading.Barrier(16)
+
+            def client():
+                barrier.wait()
+                for _ in range(8):
+                    try:
+                        picked.append(stub.GetReview(pb.GetReviewRequest(score=8.0, genre="rap"), timeout=30).review.id)
+                    except grpc.RpcError as err:
+                        errors.append(err.code())
+
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                for future in [pool.submit(client) for _ in range(16)]:
+                    future.result()
+            permalink = stub.GetById(pb.GetByIdRequest(id=ids[3]), timeout=10).review
+    assert errors == [] and len(picked) == 128
+    assert sorted(collections.Counter(picked).values()) == [42, 43, 43]  # spread 1 over the pair's 3 reviews
+    assert (permalink.id, permalink.text, permalink.genre, permalink.selection_count) == (
+        ids[3], "Another pair.", "Rock", 0)

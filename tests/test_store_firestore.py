@@ -11,26 +11,8 @@ import pytest
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from pitchkeras.store import ConditionCount, Review
-from tests.store_fixtures import PROJECT, REPO_ROOT, firestore_emulator, firestore_store  # noqa: F401
-
-SEED_FIELDS = {"text", "score", "genre", "length", "added", "selection_count"}
-
-
-def write_like_the_seed(store, rows) -> list[str]:
-    """Write documents exactly as the seed's script did: auto ids, its six fields, one batch."""
-    from google.cloud import firestore
-
-    collection = store._client.collection(store.collection_name)
-    batch = store._client.batch()
-    ids = []
-    for score, genre, text in rows:
-        ref = collection.document()  # a Firestore auto id: 20 characters
-        batch.set(ref, {"text": text, "score": score, "genre": genre, "length": len(text),
-                        "added": firestore.SERVER_TIMESTAMP, "selection_count": 0})
-        ids.append(ref.id)
-    batch.commit()
-    return ids
-
+from tests.store_fixtures import (  # noqa: F401
+    PROJECT, REPO_ROOT, SEED_FIELDS, firestore_emulator, firestore_store, write_like_the_seed)
 
 SEED_ROWS = [
     (8.0, "Rap", "A dense, funny record that never sits still."),

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import datetime
 import logging
 import random
 import threading
@@ -59,6 +61,11 @@ DEFAULT_CANDIDATES = 8
 # Pause after a round whose every candidate another pick claimed first: a few ms with jitter,
 # so the callers that lost do not all read the same next documents at the same instant.
 _MAX_ROUND_PAUSE_S = 0.004
+# After a lost race, this process's reads of that filter spread over the ties for this long.
+_SPREAD_FOR_S = 1.0
+_NEVER = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+# A shared read is used for at most this long: reviews added since are then seen by the next pick.
+_POOL_TTL_S = 0.5
 
 # Firestore's limits: 500 writes per BatchWrite, 10 MiB per request. Stay
 # under the size with margin for field names and protobuf framing.
@@ -185,6 +192,9 @@ class FirestoreStore(ReviewStore):
         self._stats_lock = threading.Lock()
         self._stats = collections.Counter()
         self._warned: set[str] = set()
+        # Per filter: the candidates this process read and has not handed to a pick yet.
+        self._picks: dict[tuple, _PickState] = {}
+        self._picks_changed = threading.Condition(threading.Lock())
         try:
             from google.cloud import firestore
         except ImportError as exc:
@@ -270,35 +280,37 @@ class FirestoreStore(ReviewStore):
         self._count("reads", max(1, len(snapshots)))
         return snapshots
 
-    def _least_shown(self, filtered, deadline: float) -> list[tuple[Any, Review]]:
+    def _least_shown(self, filtered, deadline: float, *, limit: int, spread: bool) -> list[tuple[Any, Review]]:
         """(snapshot, review) of the servable documents tied for the lowest selection_count, in the order to try.
 
-        Documents that cannot be served (no text) are passed over, logged once.
+        Reads the `limit` least-shown documents; with `spread` (picks of other
+        processes are competing) and all of them tied, a second read takes a
+        window of the ties from a random id on. Documents that cannot be served
+        (no text) are passed over, logged once.
         """
         from google.cloud.firestore_v1 import FieldFilter
 
-        ordered = filtered.order_by("selection_count").limit(self.candidates)
+        ordered = filtered.order_by("selection_count").limit(limit)
         servable: list[tuple[Any, Review]] = []
         page = self._stream(ordered, deadline)
         while page:
             servable = self._servable(page)
-            if servable or len(page) < self.candidates:
+            if servable or len(page) < limit:
                 break
             page = self._stream(ordered.start_after(page[-1]), deadline)  # a page of junk: read on
         if not servable:
             return []
         least = servable[0][1].selection_count
         ties = [(s, r) for s, r in servable if r.selection_count == least]
-        if len(ties) == self.candidates and self.candidates > 1:
+        if spread and len(ties) == limit and limit > 1:
             # Maybe more ties than one read returns: take a window of them from a random id on.
             start = self._random_id_like([s for s, _ in ties])
             at_least = filtered.where(filter=FieldFilter("selection_count", "==", least))
             window = self._stream(
                 at_least.where(filter=FieldFilter("__name__", ">=", self._collection.document(start)))
-                .order_by("__name__").limit(self.candidates), deadline)
-            if len(window) < self.candidates:  # wrap around to the start of the id order
-                window += self._stream(at_least.order_by("__name__").limit(self.candidates - len(window)),
-                                       deadline)
+                .order_by("__name__").limit(limit), deadline)
+            if len(window) < limit:  # wrap around to the start of the id order
+                window += self._stream(at_least.order_by("__name__").limit(limit - len(window)), deadline)
             unique = list({s.id: s for s in window}.values())
             ties = [(s, r) for s, r in self._servable(unique) if r.selection_count == least] or ties
         self._random.shuffle(ties)
@@ -416,28 +428,82 @@ class FirestoreStore(ReviewStore):
         score = validate_score(score)
         filtered = self._filtered(score, genre)
         deadline = time.monotonic() + self.timeout
+        state = self._pick_state(score, genre)
         lost_races = 0
         while True:
-            candidates = self._least_shown(filtered, deadline)
-            if not candidates:
-                raise NotFound(f"no review matches {describe(score, genre)} in {self.uri}")
-            lost_this_round = 0
-            for snapshot, review in candidates:
-                new_count = self._claim(snapshot, deadline)
+            # The threads of this process share one read per filter: one reads, the others take
+            # distinct candidates from what it read, so they neither race each other nor re-read.
+            with self._picks_changed:
+                while not state.pool and state.reading:
+                    if not self._picks_changed.wait(max(0.0, deadline - time.monotonic())):
+                        break
+                if state.pool and time.monotonic() - state.read_at > _POOL_TTL_S:
+                    state.pool = []  # an old read may miss reviews added since; read again
+                candidate = state.pool.pop() if state.pool else None
+                read = candidate is None and not state.reading
+                if read:
+                    state.reading = True
+                elif candidate is not None:
+                    state.claiming.add(candidate[0].id)
+            if read:
+                try:
+                    # After a lost race (another process competes) a read spreads over the ties.
+                    fresh = self._least_shown(filtered, deadline, limit=self.candidates,
+                                              spread=time.monotonic() < state.spread_until)
+                finally:
+                    with self._picks_changed:
+                        state.reading = False
+                        self._picks_changed.notify_all()
+                if not fresh:
+                    raise NotFound(f"no review matches {describe(score, genre)} in {self.uri}")
+                with self._picks_changed:
+                    # Not what this process is claiming right now, nor versions it already claimed or
+                    # lost: a read can predate those claims.
+                    state.pool = [c for c in fresh if c[0].id not in state.claiming
+                                  and not c[0].update_time <= state.gone.get(c[0].id, _NEVER)]
+                    state.read_at = time.monotonic()
+                    if not state.pool:
+                        self._picks_changed.wait(_MAX_ROUND_PAUSE_S)  # let one of those claims finish
+                continue
+            if candidate is not None:
+                snapshot, review = candidate
+                try:
+                    new_count = self._claim(snapshot, deadline)
+                finally:
+                    with self._picks_changed:
+                        state.claiming.discard(snapshot.id)
+                        if len(state.gone) >= 4096:
+                            state.gone.clear()
+                        state.gone[snapshot.id] = snapshot.update_time  # that version is gone either way
+                        self._picks_changed.notify_all()
                 if new_count is not None:
                     review.selection_count = new_count
                     self._count("picks")
                     return review
-                lost_this_round += 1
+                # Another process claimed it since the read: the rest of that read is suspect too.
+                lost_races += 1
                 self._count("lost_races")
-            lost_races += lost_this_round
-            pause = self._random.uniform(0, _MAX_ROUND_PAUSE_S)
-            if time.monotonic() + pause >= deadline:
+                with self._picks_changed:
+                    state.pool = []
+                    state.spread_until = time.monotonic() + _SPREAD_FOR_S
+            if time.monotonic() >= deadline:
                 raise Unavailable(
                     f"{self.uri}: gave up picking a review after {lost_races} lost races in "
                     f"{self.timeout:g} s of contention; retry"
                 )
-            time.sleep(pause)
+            if candidate is not None:
+                time.sleep(self._random.uniform(0, _MAX_ROUND_PAUSE_S))
+
+    def _pick_state(self, score: Optional[float], genre: Optional[str]) -> "_PickState":
+        key = (score, genre_key(genre))
+        with self._picks_changed:
+            state = self._picks.get(key)
+            if state is None:
+                if len(self._picks) >= 4096:  # bounded: forget idle filters
+                    for old in [k for k, v in self._picks.items() if not (v.reading or v.pool or v.claiming)]:
+                        del self._picks[old]
+                state = self._picks[key] = _PickState()
+            return state
 
     def get_by_id(self, review_id: str) -> Review:
         validate_review_id(review_id)
@@ -576,6 +642,18 @@ class FirestoreStore(ReviewStore):
         client, self._client = getattr(self, "_client", None), None
         if client is not None:
             client.close()
+
+
+@dataclasses.dataclass
+class _PickState:
+    """One filter's shared read: candidates at the least count, not yet handed to a pick."""
+
+    pool: list = dataclasses.field(default_factory=list)
+    read_at: float = 0.0
+    reading: bool = False
+    claiming: set = dataclasses.field(default_factory=set)  # ids this process's picks are claiming now
+    gone: dict = dataclasses.field(default_factory=dict)  # id -> newest version of it claimed or lost here
+    spread_until: float = 0.0
 
 
 def _missing_fields(data: dict[str, Any], model_version: str) -> Optional[dict[str, Any]]:
