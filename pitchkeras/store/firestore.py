@@ -426,7 +426,6 @@ class FirestoreStore(ReviewStore):
 
     def get_review(self, *, score: Optional[float] = None, genre: Optional[str] = None) -> Review:
         score = validate_score(score)
-        filtered = self._filtered(score, genre)
         deadline = time.monotonic() + self.timeout
         state = self._pick_state(score, genre)
         lost_races = 0
@@ -448,7 +447,7 @@ class FirestoreStore(ReviewStore):
             if read:
                 try:
                     # After a lost race (another process competes) a read spreads over the ties.
-                    fresh = self._least_shown(filtered, deadline, limit=self.candidates,
+                    fresh = self._least_shown(state.query, deadline, limit=self.candidates,
                                               spread=time.monotonic() < state.spread_until)
                 finally:
                     with self._picks_changed:
@@ -502,7 +501,7 @@ class FirestoreStore(ReviewStore):
                 if len(self._picks) >= 4096:  # bounded: forget idle filters
                     for old in [k for k, v in self._picks.items() if not (v.reading or v.pool or v.claiming)]:
                         del self._picks[old]
-                state = self._picks[key] = _PickState()
+                state = self._picks[key] = _PickState(query=self._filtered(score, genre))
             return state
 
     def get_by_id(self, review_id: str) -> Review:
@@ -648,6 +647,7 @@ class FirestoreStore(ReviewStore):
 class _PickState:
     """One filter's shared read: candidates at the least count, not yet handed to a pick."""
 
+    query: Any = None  # the filtered query, built once
     pool: list = dataclasses.field(default_factory=list)
     read_at: float = 0.0
     reading: bool = False
