@@ -378,6 +378,13 @@ class ReviewStore(abc.ABC):
         total = self.count()
         return MigrationResult(scanned=total, current=total)
 
+    def pick_stats(self) -> dict[str, int]:
+        """Counters of this store's picks since it was opened (backend-specific names; {} when it keeps none).
+
+        Firestore: `picks`, `lost_races` (claims another process won), `reads` (documents read).
+        """
+        return {}
+
     def close(self) -> None:
         """Release connections. Idempotent."""
 
