@@ -8,9 +8,10 @@ replicas (scrape each, or sum over `instance`).
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP handler)
 from prometheus_client.core import CounterMetricFamily
 
@@ -57,6 +58,9 @@ class ServerMetrics:
         self.model_state = Enum("pitchkeras_model_state", "The Generate model's state.", states=list(MODEL_STATES),
                                 registry=r)
         self.model_state.state("off")
+        # Which process answered (with --workers N each has its own numbers), and its CPU and memory.
+        Info("pitchkeras_server", "The server process.", registry=r).info({"pid": str(os.getpid())})
+        ProcessCollector(registry=r)
         self._store_counters = _StoreCounters()
         r.register(self._store_counters)
 
