@@ -38,6 +38,7 @@ from pitchkeras.server.metrics import CONTENT_TYPE_LATEST
 from pitchkeras.v1 import review_service_pb2 as pb
 
 log = logging.getLogger("pitchkeras.server.http")
+access_log = logging.getLogger("pitchkeras.server.access")  # the gRPC interceptor's log, one line per call
 
 C = grpc.StatusCode
 #: gRPC code -> HTTP status, as google.rpc.Code documents it (FAILED_PRECONDITION is 400 there, not 412:
@@ -168,7 +169,11 @@ class HttpApi:
         except Exception:  # a bug here: logged with its traceback, answered without one
             log.exception("HTTP %s %s failed unexpectedly", request.method, request.path)
             response = error_response(500, C.INTERNAL, "internal error; see the server log")
-        self.metrics.observe_call("http", label, str(response.status), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_call("http", label, str(response.status), elapsed)
+        level = logging.WARNING if response.status >= 500 else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "HTTP %s %s %d %.1f ms", request.method, request.path, response.status, elapsed * 1e3)
         return response
 
     # -- RPCs ----------------------------------------------------------------------------

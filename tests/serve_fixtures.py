@@ -44,6 +44,22 @@ def pool_uri(tmp_path):
     return uri
 
 
+# Markup in every stored field a page shows: the pages must show it as text, never run or render it.
+HOSTILE_GENRE = "<i>Rock</i>"
+HOSTILE = Review(id=review_id("evil-v1", {"score": 5.0, "genre": HOSTILE_GENRE}, 0, 0),
+                 text='<script>document.title="owned"</script><img src=x onerror="document.title=\'owned\'"> '
+                      '<b>bold</b> & more', score=5.0, genre=HOSTILE_GENRE, model_version="evil-v1")
+
+
+@pytest.fixture
+def hostile_uri(tmp_path):
+    """An SQLite store URI holding only `HOSTILE`."""
+    uri = f"sqlite:///{tmp_path}/hostile.db"
+    with open_store(uri) as store:
+        store.add_reviews([HOSTILE])
+    return uri
+
+
 class FlakyStore(SQLiteStore):
     """An SQLite store whose next `fail_next` calls of one method raise Unavailable; counts calls."""
 

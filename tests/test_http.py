@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pitchkeras.errors import Unavailable
 from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.server.http_api import HTTP_STATUS, SEED_KEYS, http_rules
-from pitchkeras.store import Review, open_store, review_id
+from pitchkeras.store import open_store
 from pitchkeras.store.sqlite import SQLiteStore
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 from tests.serve_fixtures import (  # noqa: F401
-    SERVER_CONFIG, FlakyStore, pool_reviews, pool_uri, tiny_generator, tiny_model_dir)
+    HOSTILE, SERVER_CONFIG, FlakyStore, hostile_uri, pool_reviews, pool_uri, tiny_generator, tiny_model_dir)
 
 C = grpc.StatusCode
 UNKNOWN_ID = "f" * 24
@@ -304,23 +304,13 @@ def test_metrics_count_both_protocols(server):
 # -- the page, server side -------------------------------------------------------------------------
 
 
-def _hostile_store(tmp_path) -> tuple[str, Review]:
-    hostile = Review(id=review_id("evil-v1", {"score": 5.0, "genre": "Rock"}, 0, 0),
-                     text='<script>document.title="owned"</script> <b>bold</b> & more',
-                     score=5.0, genre="<i>Rock</i>", model_version="evil-v1")
-    uri = f"sqlite:///{tmp_path}/hostile.db"
-    with open_store(uri) as store:
-        store.add_reviews([hostile])
-    return uri, hostile
-
-
-def test_review_page_escapes_stored_text(tmp_path):
-    uri, hostile = _hostile_store(tmp_path)
-    with BackgroundServer(uri, config=SERVER_CONFIG, http_port=0) as background:
-        status, response, page = get(background.http_port, f"/r/{hostile.id}")
+def test_review_page_escapes_stored_text(hostile_uri):
+    with BackgroundServer(hostile_uri, config=SERVER_CONFIG, http_port=0) as background:
+        status, response, page = get(background.http_port, f"/r/{HOSTILE.id}")
         assert status == 200 and response.getheader("Content-Type").startswith("text/html")
         assert "&lt;script&gt;document.title=&quot;owned&quot;&lt;/script&gt;" in page
-        assert "<script>" not in page and "<b>" not in page and "&lt;i&gt;Rock&lt;/i&gt;" in page
+        assert "<script>document" not in page and "<b>" not in page and "<img" not in page
+        assert "&lt;i&gt;Rock&lt;/i&gt;" in page
         status, _, missing = get(background.http_port, f"/r/{UNKNOWN_ID}")
         assert status == 404 and "404 NOT_FOUND" in missing and UNKNOWN_ID in missing
         status, _, index = get(background.http_port, "/")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pitchkeras.server import BackgroundServer
-from pitchkeras.store import Review, open_store, review_id
+from pitchkeras.store import open_store
 from tests.browser import chromium, pick_on_page, wait, write_screenshot
-from tests.serve_fixtures import SERVER_CONFIG, pool_reviews, pool_uri, tiny_generator, tiny_model_dir  # noqa: F401
+from tests.serve_fixtures import (  # noqa: F401
+    HOSTILE, HOSTILE_GENRE, SERVER_CONFIG, hostile_uri, pool_reviews, pool_uri, tiny_generator, tiny_model_dir)
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +43,19 @@ def test_pick_shows_a_review_and_its_permalink_opens_the_same_text(driver, pool_
         assert _by_id(driver, "review-genre").text == "Jazz" and "Jazz" in driver.title
 
 
-def test_markup_in_a_review_is_shown_as_text(driver, tmp_path):
-    hostile = Review(id=review_id("evil-v1", {"score": 5.0, "genre": "Rock"}, 0, 0),
-                     text='<script>document.title="owned"</script><img src=x onerror="document.title=\'owned\'">',
-                     score=5.0, genre="Rock", model_version="evil-v1")
-    uri = f"sqlite:///{tmp_path}/hostile.db"
-    with open_store(uri) as store:
-        store.add_reviews([hostile])
-    with BackgroundServer(uri, config=SERVER_CONFIG, http_port=0) as background:
+def test_markup_in_a_review_is_shown_as_text(driver, hostile_uri):
+    with BackgroundServer(hostile_uri, config=SERVER_CONFIG, http_port=0) as background:
         base = f"http://127.0.0.1:{background.http_port}"
-        for url in (f"{base}/", f"{base}/r/{hostile.id}"):
+        for url in (f"{base}/", f"{base}/r/{HOSTILE.id}"):
             driver.get(url)
             if url.endswith("/"):
-                pick_on_page(driver, 5.0, "Rock")
+                pick_on_page(driver, 5.0, HOSTILE_GENRE)  # the menu lists the genre's markup as text too
             text = _by_id(driver, "review-text")
-            assert text.text == hostile.text  # the markup is visible as characters
-            assert driver.execute_script("return arguments[0].querySelectorAll('script, img').length", text) == 0
+            assert text.text == HOSTILE.text  # the markup is visible as characters
+            assert _by_id(driver, "review-genre").text == HOSTILE_GENRE
+            article = _by_id(driver, "review")
+            assert driver.execute_script("return arguments[0].querySelectorAll('script, img, b, i').length",
+                                         article) == 0
             assert driver.title != "owned"
 
 
