@@ -370,3 +370,45 @@ def test_serve_bad_http_flags_are_one_line_exit_2(pool_uri, flags, message):
                              *flags], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr, (
         result.stderr)
+
+
+# -- model failure and shutdown --------------------------------------------------------------------
+
+
+def test_a_model_that_failed_to_load_is_not_ready_and_generate_says_why(pool_uri, tmp_path):
+    pytest.importorskip("tensorflow")
+    with BackgroundServer(pool_uri, config=SERVER_CONFIG, model_dir=str(tmp_path / "missing"),
+                          http_port=0) as background:
+        assert background.wait_until_ready(timeout=120) == "failed"
+        status, _, ready = get(background.http_port, "/readyz")
+        assert status == 503 and ready["model"] == "failed" and ready["model_error"], ready
+        assert_error(request(background.http_port, "POST", "/v1/reviews:generate", {"score": 8, "genre": "Rock"}),
+                     400, "FAILED_PRECONDITION", "the model failed to load")
+        assert get(background.http_port, "/review/", score="8")[0] == 200  # stored reviews still served
+        samples = metric_samples(background.http_port)
+    assert samples["pitchkeras_model_state", (("pitchkeras_model_state", "failed"),)] == 1.0
+
+
+def test_shutdown_finishes_in_flight_http_calls_then_stops_listening(tmp_path):
+    import concurrent.futures
+    import threading
+    import time
+
+    store = FlakyStore(str(tmp_path / "slow.db"), method="get_by_id", fail_next=0, delay_s=0.5)
+    store.add_reviews(pool_reviews())
+    ids = [r.id for r in pool_reviews()][:8]
+    background = BackgroundServer(store, config=SERVER_CONFIG, http_port=0).start()
+    port = background.http_port
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        calls = [pool.submit(get, port, f"/review/{i}") for i in ids]
+        deadline = time.monotonic() + 20
+        while store.calls < len(ids) and time.monotonic() < deadline:  # all 8 are inside the store
+            time.sleep(0.01)
+        assert store.calls == len(ids)
+        stopper = threading.Thread(target=background.stop, kwargs={"grace": 10.0})
+        stopper.start()
+        assert [(c.result()[0], c.result()[2]["id"]) for c in calls] == [(200, i) for i in ids]  # none lost
+        stopper.join(30)
+    with pytest.raises(ConnectionRefusedError):
+        get(port, "/healthz")
+    store.close()
