@@ -39,18 +39,21 @@ class ReviewServer:
     `start()` begins serving; with a model, health stays NOT_SERVING until the
     model has loaded and compiled its shapes. `stop()` flips health to
     NOT_SERVING first, refuses new calls, and lets in-flight calls finish
-    within the grace period. `http_port` is the HTTP/JSON port (None when off).
+    within the grace period. `http_port` is the HTTP/JSON port (None when off);
+    it speaks HTTPS with the same certificate when the gRPC port serves TLS.
     """
 
     def __init__(self, server: grpc.aio.Server, port: int, *, store: ReviewStore, owns_store: bool,
                  servicer: ReviewServicer, health_servicer: health.aio.HealthServicer, config: ServerConfig,
                  model_dir: Optional[str], generator, store_executor: concurrent.futures.ThreadPoolExecutor,
-                 metrics: ServerMetrics, http_socket: Optional[socket.socket] = None):
+                 metrics: ServerMetrics, http_socket: Optional[socket.socket] = None,
+                 http_tls: Optional[tuple[bytes, bytes]] = None):
         self.server = server
         self.port = port
         self.metrics = metrics
         self.http_port: Optional[int] = http_socket.getsockname()[1] if http_socket is not None else None
         self._http_socket = http_socket
+        self._http_tls = http_tls  # (cert, key): HTTPS when gRPC serves TLS too
         self._http_runner = None
         self.store = store
         self.servicer = servicer
@@ -67,6 +70,11 @@ class ReviewServer:
         self._stopped = False
 
     @property
+    def https(self) -> bool:
+        """Whether the HTTP port speaks TLS."""
+        return self._http_tls is not None
+
+    @property
     def stopping(self) -> bool:
         """True once `stop()` has begun (readiness then fails)."""
         return self._stopped
@@ -81,7 +89,9 @@ class ReviewServer:
             self._http_runner = web.AppRunner(HttpApi(self).app, access_log=None, handle_signals=False,
                                               shutdown_timeout=self.config.grace_s)
             await self._http_runner.setup()
-            await web.SockSite(self._http_runner, self._http_socket, shutdown_timeout=self.config.grace_s).start()
+            ssl_context = _ssl_context(*self._http_tls) if self._http_tls is not None else None
+            await web.SockSite(self._http_runner, self._http_socket, shutdown_timeout=self.config.grace_s,
+                               ssl_context=ssl_context).start()
         if self.model.state == "off":
             await self._set_health(SERVING)
             self._ready.set()
@@ -257,7 +267,8 @@ async def create_server(
     return (
         ReviewServer(server, bound, store=store, owns_store=owns_store, servicer=servicer,
                      health_servicer=health_servicer, config=config, model_dir=model_dir, generator=generator,
-                     store_executor=store_executor, metrics=metrics, http_socket=http_socket),
+                     store_executor=store_executor, metrics=metrics, http_socket=http_socket,
+                     http_tls=(tls_cert, tls_key) if tls_cert is not None else None),
         bound,
     )
 
@@ -272,6 +283,24 @@ def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError as err:
         raise UsageError(f"cannot listen for HTTP on {host}:{port}: {err.strerror or err} "
                          "(port in use or bad host?)") from None
+
+
+def _ssl_context(cert: bytes, key: bytes):
+    """A server SSLContext from PEM bytes (the ssl module loads chains from files only)."""
+    import ssl
+    import tempfile
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="pitchkeras-tls-") as folder:  # 0700, removed at once
+        cert_path, key_path = f"{folder}/cert.pem", f"{folder}/key.pem"
+        for path, data in ((cert_path, cert), (key_path, key)):
+            with open(path, "wb") as f:
+                f.write(data)
+        try:
+            context.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as err:
+            raise UsageError(f"cannot use the TLS certificate and key for HTTPS: {err}") from None
+    return context
 
 
 async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port: int = 50051,
@@ -290,7 +319,7 @@ async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port
     await server.start()
     announce(f"serving on {host}:{bound}")
     if server.http_port is not None:
-        announce(f"http on {_url(host, server.http_port)}")
+        announce(f"http on {_url(host, server.http_port, https=server.https)}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -304,12 +333,12 @@ async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port
         await server.stop()
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, https: bool = False) -> str:
     """The page's URL; a wildcard host is reached on localhost."""
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"
-    return f"http://{shown}:{port}/"
+    return f"{'https' if https else 'http'}://{shown}:{port}/"
 
 
 class BackgroundServer:

@@ -115,7 +115,7 @@ def run_workers(workers: int, *, host: str, port: int, http_port: Optional[int],
                         raise UsageError(f"worker {index}: {error}")
             announce(f"serving on {host}:{grpc_port}")
             if shared_http is not None:
-                announce(f"http on {_url(host, shared_http)}")
+                announce(f"http on {_url(host, shared_http, https=serve_kwargs.get('tls_cert') is not None)}")
             log.info("%d workers serving (pids %s)", workers, ", ".join(str(p.pid) for p in processes))
         finally:
             for process in processes:

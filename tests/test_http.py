@@ -412,3 +412,24 @@ def test_shutdown_finishes_in_flight_http_calls_then_stops_listening(tmp_path):
     with pytest.raises(ConnectionRefusedError):
         get(port, "/healthz")
     store.close()
+
+
+def test_with_tls_the_http_port_speaks_https_with_the_same_certificate(pool_uri, tmp_path):
+    import ssl
+
+    from tests.serve_fixtures import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
+    with BackgroundServer(pool_uri, host="localhost", config=SERVER_CONFIG, tls_cert=cert.read_bytes(),
+                          tls_key=key.read_bytes(), http_port=0) as background:
+        assert background.server.https
+        conn = http.client.HTTPSConnection("localhost", background.http_port, timeout=30,
+                                           context=ssl.create_default_context(cafile=str(cert)))
+        try:
+            conn.request("GET", "/review/?genre=Rap")
+            response = conn.getresponse()
+            assert response.status == 200 and json.loads(response.read())["genre"] == "Rap"
+        finally:
+            conn.close()
+        with pytest.raises((http.client.HTTPException, ConnectionError)):  # plaintext is refused
+            get(background.http_port, "/healthz")
