@@ -27,7 +27,7 @@ import re
 import string
 import time
 from importlib import resources
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import grpc
 from aiohttp import web
@@ -73,17 +73,12 @@ class HttpContext:
 
     def __init__(self, request: web.Request):
         self._headers = request.headers
-        self._code: Optional[grpc.StatusCode] = None
 
     def invocation_metadata(self):
         return tuple((name.lower(), value) for name, value in self._headers.items())
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
-        self._code = code
         raise HttpAbort(code, details)
-
-    def code(self):
-        return self._code
 
 
 def error_response(http_status: int, code: grpc.StatusCode, message: str, headers=None) -> web.Response:
@@ -247,7 +242,7 @@ class HttpApi:
         name = request.match_info["name"]
         types = {".css": "text/css", ".js": "text/javascript"}
         suffix = name[name.rfind("."):] if "." in name else ""
-        if name not in self._page_files or suffix not in types or name.endswith(".html"):
+        if name not in self._page_files or suffix not in types:  # the HTML templates are not static files
             raise HttpAbort(C.NOT_FOUND, f"no static file {name!r}")
         return web.Response(text=self._page_files[name], content_type=types[suffix])
 
