@@ -79,6 +79,13 @@ class FlakyStore(SQLiteStore):
         if fail:
             raise Unavailable(f"{self.uri}: injected outage")
 
+    def wait_for_calls(self, count: int, timeout: float = 20.0) -> int:
+        """Poll until `count` calls have entered the store (or `timeout` s passed); the calls so far."""
+        deadline = time.monotonic() + timeout
+        while self.calls < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.calls
+
     def get_by_id(self, review_id):
         if self.method == "get_by_id":
             self._maybe_fail()

@@ -392,7 +392,6 @@ def test_a_model_that_failed_to_load_is_not_ready_and_generate_says_why(pool_uri
 def test_shutdown_finishes_in_flight_http_calls_then_stops_listening(tmp_path):
     import concurrent.futures
     import threading
-    import time
 
     store = FlakyStore(str(tmp_path / "slow.db"), method="get_by_id", fail_next=0, delay_s=0.5)
     store.add_reviews(pool_reviews())
@@ -401,10 +400,7 @@ def test_shutdown_finishes_in_flight_http_calls_then_stops_listening(tmp_path):
     port = background.http_port
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         calls = [pool.submit(get, port, f"/review/{i}") for i in ids]
-        deadline = time.monotonic() + 20
-        while store.calls < len(ids) and time.monotonic() < deadline:  # all 8 are inside the store
-            time.sleep(0.01)
-        assert store.calls == len(ids)
+        assert store.wait_for_calls(len(ids)) == len(ids)  # all 8 are inside the store
         stopper = threading.Thread(target=background.stop, kwargs={"grace": 10.0})
         stopper.start()
         assert [(c.result()[0], c.result()[2]["id"]) for c in calls] == [(200, i) for i in ids]  # none lost
