@@ -429,3 +429,35 @@ def test_with_tls_the_http_port_speaks_https_with_the_same_certificate(pool_uri,
             conn.close()
         with pytest.raises((http.client.HTTPException, ConnectionError)):  # plaintext is refused
             get(background.http_port, "/healthz")
+
+
+class _GatedGenerator:
+    """The real tiny generator, whose warm-up waits until the test opens the gate."""
+
+    def __init__(self, inner, gate):
+        self._inner, self._gate = inner, gate
+
+    def warmup(self, **kwargs):
+        assert self._gate.wait(120), "the test never opened the warm-up gate"
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_not_ready_while_the_model_warms_up(pool_uri, tiny_generator):
+    import dataclasses
+    import threading
+
+    gate = threading.Event()
+    config = dataclasses.replace(SERVER_CONFIG, warmup=True)
+    with BackgroundServer(pool_uri, config=config, generator=_GatedGenerator(tiny_generator, gate),
+                          http_port=0) as background:
+        port = background.http_port
+        status, _, ready = get(port, "/readyz")
+        assert status == 503 and ready["model"] == "loading", ready
+        assert_error(request(port, "POST", "/v1/reviews:generate", {"score": 8, "genre": "Rock"}), 503, "UNAVAILABLE",
+                     "still loading")
+        assert get(port, "/review/", score="8")[0] == 200  # stored reviews are served meanwhile
+        gate.set()
+        assert background.wait_until_ready(timeout=120) == "ready"
+        assert get(port, "/readyz")[:1] == (200,)
