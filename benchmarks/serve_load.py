@@ -1,10 +1,13 @@
-"""Load test: `pitchkeras serve` (gRPC) against the seed's design (HTTP/JSON, read-then-increment).
+"""Load test: `pitchkeras serve` (gRPC and HTTP/JSON) against the seed's design (HTTP/JSON, read-then-increment).
 
 Both servers run in their own process on a copy of one SQLite store holding
 `--reviews` reviews over a (score, genre) grid. `--clients` threads in this
 process call each server as fast as they can for `--seconds` (after
 `--warmup-seconds` not counted): first GetById (a permalink read), then
-GetReview (the least-shown review of a random pair, incremented).
+GetReview (the least-shown review of a random pair, incremented). Ours is
+measured over gRPC and over its seed-compatible HTTP routes (`/review/<id>`,
+`/review?score=&genre=`, the same client as the peer's), each with one
+process and with `--workers 2` (SO_REUSEPORT).
 
 The peer is the seed's serving design rebuilt on the standard library, so no
 Flask is needed: a threaded HTTP/1.1 JSON server (keep-alive) whose pick
@@ -29,7 +32,7 @@ the least-shown document, then a separate `Increment(1)` update, without a
 transaction, so two readers of one version both get it (`dup`).
 
 Prints one row per (method, server) with calls/s, p50 and p99 latency in ms
-and CPU time per call (server process, and this client process), then the
+and CPU time per call (server processes, and this client process), then the
 ratios (pitchkeras / seed) last.
 """
 
@@ -241,7 +244,9 @@ class GrpcCaller:
         from pitchkeras.v1 import review_service_pb2 as pb
         from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 
-        self.pb, self.channel = pb, grpc.insecure_channel(target)
+        # A local subchannel pool: channels in one process would otherwise share one TCP connection
+        # (gRPC's global pool), and every call would land on one of the `--workers`.
+        self.pb, self.channel = pb, grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         self.stub = pb_grpc.ReviewServiceStub(self.channel)
 
     def get_by_id(self, review_id: str):
@@ -334,19 +339,6 @@ def load(caller_type, target: str, method: str, keys: list, *, clients: int, sec
     }
 
 
-def simd_level() -> str:
-    """The widest x86 vector extension this CPU has (ratios between machines move with it)."""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "SIMD unknown"
-    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2")):
-        if flag in flags:
-            return name
-    return "no AVX"
-
-
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a live process has used so far (Linux /proc; nan elsewhere)."""
     try:
@@ -359,15 +351,39 @@ def process_cpu_s(pid: int) -> float:
 # -- processes ------------------------------------------------------------------------------------
 
 
-def start(argv: list[str]) -> tuple[subprocess.Popen, str]:
-    """Start a server process and wait for its `serving on HOST:PORT` line."""
+def start(argv: list[str], protocol: str) -> tuple[subprocess.Popen, str]:
+    """Start a server process; wait for its `serving on HOST:PORT` (and `http on URL`) lines; the target."""
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     line = process.stdout.readline()
     if not line.startswith("serving on "):
         process.kill()
         raise SystemExit(f"server did not start: {' '.join(argv)} printed {line!r}")
+    if protocol == "http" and "--http-port" in argv:
+        line = process.stdout.readline()  # `http on http://HOST:PORT/`
+        return process, urllib.parse.urlsplit(line.split()[-1]).netloc
     return process, line.split()[-1]
+
+
+def server_cpu_s(process: subprocess.Popen) -> float:
+    """CPU seconds of a server process and its children (the --workers)."""
+    pids = [process.pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    except OSError:
+        pass
+    return sum(process_cpu_s(pid) for pid in pids)
+
+
+def simd_level() -> str:
+    """The widest x86 vector extension the CPU reports (Linux /proc/cpuinfo)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    return next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+                 if flag in flags), "none")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -385,6 +401,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent client threads")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per method and server")
     parser.add_argument("--warmup-seconds", type=float, default=1.0, help="unmeasured seconds before each run")
+    parser.add_argument("--workers", type=int, default=2, help="also measure `serve --workers N` (1: skip)")
     parser.add_argument("--no-peer", action="store_true", help="only pitchkeras serve")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clients' call sequences")
     parser.add_argument("--store", choices=("sqlite", "firestore"), default="sqlite",
@@ -399,8 +416,8 @@ def main(argv=None) -> int:
     if args.seed_server:
         run_seed_server(args.seed_server)
         return 0
-    if args.reviews < 1 or args.clients < 1 or args.seconds <= 0 or args.warmup_seconds < 0:
-        parser.error("--reviews and --clients must be >= 1, --seconds > 0, --warmup-seconds >= 0")
+    if args.reviews < 1 or args.clients < 1 or args.workers < 1 or args.seconds <= 0 or args.warmup_seconds < 0:
+        parser.error("--reviews, --clients and --workers must be >= 1, --seconds > 0, --warmup-seconds >= 0")
     if not 0 <= args.pairs <= len(SCORES) * len(GENRES):
         parser.error(f"--pairs must be in [0, {len(SCORES) * len(GENRES)}]")
 
@@ -425,11 +442,15 @@ def main(argv=None) -> int:
             keys = make_store(workdir / "ours.db", args.reviews, args.pairs)
             shutil.copy(workdir / "ours.db", workdir / "seed.db")
             ours_store, seed_store = f"sqlite:///{workdir / 'ours.db'}", str(workdir / "seed.db")
-        servers = [("pitchkeras gRPC", GrpcCaller, [
-            sys.executable, "-m", "pitchkeras.cli", "serve", "--store", ours_store,
-            "--port", "0", "--log-level", "WARNING", "--grace", "1"])]
+        ours = [sys.executable, "-m", "pitchkeras.cli", "serve", "--store", ours_store,
+                "--port", "0", "--http-port", "0", "--log-level", "WARNING", "--grace", "1"]
+        servers = [("pitchkeras gRPC", GrpcCaller, "grpc", ours), ("pitchkeras HTTP", HttpCaller, "http", ours)]
+        if args.workers > 1:
+            many = [*ours, "--workers", str(args.workers)]
+            servers += [(f"pitchkeras gRPC x{args.workers}", GrpcCaller, "grpc", many),
+                        (f"pitchkeras HTTP x{args.workers}", HttpCaller, "http", many)]
         if not args.no_peer:
-            servers.append(("seed HTTP/JSON", HttpCaller, [
+            servers.append(("seed HTTP/JSON", HttpCaller, "http", [
                 sys.executable, str(Path(__file__).resolve()), "--seed-server", seed_store]))
         pairs = args.pairs or len(SCORES) * len(GENRES)
         print(f"settings: {args.store} store{' (Google emulator ' + emulator.host + ')' if emulator else ''}, "
@@ -438,29 +459,31 @@ def main(argv=None) -> int:
               f"{os.cpu_count()} CPUs ({simd_level()}); servers and clients on this machine", flush=True)
         rows = collections.OrderedDict()
         for method in ("GetById", "GetReview"):
-            for name, caller_type, command in servers:
-                process, target = start(command)
+            for name, caller_type, protocol, command in servers:
+                process, target = start(command, protocol)
                 try:
-                    server_cpu, client_cpu = process_cpu_s(process.pid), time.process_time()
+                    server_cpu, client_cpu = server_cpu_s(process), time.process_time()
                     row = load(caller_type, target, method, keys, clients=args.clients, seconds=args.seconds,
                                warmup=args.warmup_seconds, seed=args.seed)
                     # CPU per call says what each design costs even when other jobs share the machine.
-                    row["server_cpu_us"] = (process_cpu_s(process.pid) - server_cpu) / row["all_calls"] * 1e6
+                    row["server_cpu_us"] = (server_cpu_s(process) - server_cpu) / row["all_calls"] * 1e6
                     row["client_cpu_us"] = (time.process_time() - client_cpu) / row["all_calls"] * 1e6
                     rows[method, name] = row
                 finally:
                     stop(process)
                 dup = "" if row["dup"] is None else row["dup"]
-                print(f"{method:<10} {name:<16} {row['qps']:>7.0f} calls/s  p50 {row['p50_ms']:6.2f} ms  "
+                print(f"{method:<10} {name:<19} {row['qps']:>7.0f} calls/s  p50 {row['p50_ms']:6.2f} ms  "
                       f"p99 {row['p99_ms']:7.2f} ms  CPU/call server {row['server_cpu_us']:5.0f} us "
                       f"client {row['client_cpu_us']:5.0f} us  errors {row['errors']}  dup {dup}", flush=True)
         if not args.no_peer:
             for method in ("GetById", "GetReview"):
-                ours, peer = rows[method, "pitchkeras gRPC"], rows[method, "seed HTTP/JSON"]
-                print(f"ratio {method}: calls/s x{ours['qps'] / peer['qps']:.2f}, "
-                      f"p50 x{ours['p50_ms'] / peer['p50_ms']:.2f}, p99 x{ours['p99_ms'] / peer['p99_ms']:.2f}, "
-                      f"server CPU/call x{ours['server_cpu_us'] / peer['server_cpu_us']:.2f} "
-                      f"(pitchkeras / seed; calls/s higher is better, the others lower)")
+                peer = rows[method, "seed HTTP/JSON"]
+                for name, *_ in servers[:-1]:
+                    ours = rows[method, name]
+                    print(f"ratio {method} {name}: calls/s x{ours['qps'] / peer['qps']:.2f}, "
+                          f"p50 x{ours['p50_ms'] / peer['p50_ms']:.2f}, p99 x{ours['p99_ms'] / peer['p99_ms']:.2f}, "
+                          f"server CPU/call x{ours['server_cpu_us'] / peer['server_cpu_us']:.2f} "
+                          f"(pitchkeras / seed; calls/s higher is better, the others lower)")
     finally:
         if emulator is not None:
             emulator.stop()

@@ -61,7 +61,9 @@ TENSORFLOW_COMMANDS = ("finetune", "generate", "report", "populate", "demo")
 
 
 def _uses_tensorflow(args) -> bool:
-    return args.command in TENSORFLOW_COMMANDS or (args.command == "serve" and getattr(args, "model", None))
+    # `serve --workers N` forks first: TensorFlow then loads in each worker, never before the fork.
+    serve_here = args.command == "serve" and getattr(args, "model", None) and getattr(args, "workers", 1) == 1
+    return args.command in TENSORFLOW_COMMANDS or bool(serve_here)
 
 
 def import_tensorflow_quietly() -> None:

@@ -6,8 +6,10 @@ reused on the next run unless `fresh=True`):
 1. prepare   the bundled Kaggle-schema sample dump -> WORKDIR/data
 2. finetune  the `tiny` preset (or `preset`) -> WORKDIR/checkpoint/demo/model
 3. populate  a small (score, genre) grid -> sqlite:///WORKDIR/reviews.db
-4. serve     the gRPC ReviewService on a free 127.0.0.1 port, with the model for Generate
-5. call      GetReview, GetById and Generate through `pitchkeras.client.ReviewClient`
+4. serve     the gRPC ReviewService on a free 127.0.0.1 port, with the model for Generate,
+             and HTTP/JSON + the web page on another (its URL is printed)
+5. call      GetReview, GetById and Generate through `pitchkeras.client.ReviewClient`,
+             and the seed's `GET /review/<id>` over HTTP
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class DemoConfig:
     length: int = 120
     seed: int = 0
     port: int = 0
+    http_port: int = 0  # the web page and HTTP/JSON; 0 picks a free port
     progress: bool = True
 
     def validate(self) -> "DemoConfig":
@@ -71,8 +74,9 @@ class DemoConfig:
             raise InvalidArgument(f"learning_rate must be positive, got {self.learning_rate}")
         if not self.scores:
             raise InvalidArgument("scores must name at least one score")
-        if not 0 <= self.port <= 65535:
-            raise InvalidArgument(f"port must be in [0, 65535], got {self.port}")
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise InvalidArgument(f"{name} must be in [0, 65535], got {getattr(self, name)}")
         return self
 
 
@@ -245,10 +249,11 @@ def _serve_and_call(config: DemoConfig, store_uri: str, generator, served: dict,
     best = max(counts, key=lambda c: (c.count, c.score or 0))
     score, genre = best.score, best.genre
     server_config = ServerConfig(max_batch_size=2, default_max_length=config.length, grace_s=5.0)
-    with BackgroundServer(store_uri, host="127.0.0.1", port=config.port, generator=generator,
-                          config=server_config) as background:
+    with BackgroundServer(store_uri, host="127.0.0.1", port=config.port, http_port=config.http_port,
+                          generator=generator, config=server_config) as background:
         target = f"127.0.0.1:{background.port}"
-        out(f"  gRPC server on {target}; warming up the model ...")
+        page = f"http://127.0.0.1:{background.http_port}/"
+        out(f"  gRPC server on {target}, web page and HTTP/JSON on {page}; warming up the model ...")
         state = background.wait_until_ready(timeout=600)
         out(f"  model {state}; calling pitchkeras.v1.ReviewService through pitchkeras.client.ReviewClient")
         with ReviewClient(target, timeout=10.0, generate_timeout=300.0) as client:
@@ -258,6 +263,9 @@ def _serve_and_call(config: DemoConfig, store_uri: str, generator, served: dict,
             again = client.get_by_id(review.id)
             out(f"\nGetById({review.id!r}) -> the permalink (not counted as shown):\n{_review_text(again)}")
             served["GetById"] = again.to_dict()
+            served["HTTP"] = _http_get_json(f"{page}review/{review.id}")
+            out(f"\nGET {page}review/{review.id} -> the same review as the seed's JSON "
+                f"({', '.join(list(served['HTTP'])[:7])}, ...); its page: {page}r/{review.id}")
             generated = None
             # Seeds away from populate's (base seed * 1000003 + attempt), so the fresh review is a new one.
             seed = GENERATE_SEED_OFFSET + config.seed
@@ -271,8 +279,17 @@ def _serve_and_call(config: DemoConfig, store_uri: str, generator, served: dict,
                 out(f"\nGenerate(score={score}, genre={genre!r}, store=True) -> a fresh review, now stored:\n"
                     f"{_review_text(generated.review)}")
                 served["Generate"] = generated.review.to_dict()
-    summary = f"served on {target}; " + ", ".join(sorted(served)) + " answered"
+    out(f"\n  the web page was on {page}; to browse it again: "
+        f"pitchkeras serve --store {store_uri} --http-port 8080, then open http://127.0.0.1:8080/")
+    summary = f"served on {target} and {page}; " + ", ".join(sorted(served)) + " answered"
     return {"summary": summary, "port": background.port}
+
+
+def _http_get_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def _check_is_demo_dir(workdir: Path) -> None:

@@ -21,8 +21,12 @@ PROTO_ROOT = ROOT / "protos"
 
 
 def proto_files() -> list[str]:
-    """The .proto files to compile, relative to protos/ (so imports read `pitchkeras/v1/...`)."""
-    return sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    """The .proto files to compile, relative to protos/ (so imports read `pitchkeras/v1/...`).
+
+    protos/google/api/ (the HTTP annotations) is only imported: its Python code
+    ships in googleapis-common-protos.
+    """
+    return sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "pitchkeras").rglob("*.proto"))
 
 
 def generate(out_dir: Path = ROOT) -> list[str]:

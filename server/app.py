@@ -1,4 +1,5 @@
-"""Assemble and run the gRPC server: servicer, health, reflection, interceptor, model warm-up, shutdown."""
+"""Assemble and run the server: gRPC servicer, health, reflection, interceptor, model warm-up, shutdown,
+and (with `http_port`) the HTTP/JSON API, web page and metrics on the same event loop."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import concurrent.futures
 import logging
 import signal
+import socket
 import threading
 from typing import Optional, Union
 
@@ -18,6 +20,7 @@ from pitchkeras.server.auth import ApiKeys
 from pitchkeras.server.batcher import GenerateBatcher
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.server.interceptor import LoggingInterceptor
+from pitchkeras.server.metrics import ServerMetrics
 from pitchkeras.server.servicer import ModelSlot, ReviewServicer
 from pitchkeras.store.base import ReviewStore
 from pitchkeras.v1 import review_service_pb2 as pb
@@ -36,14 +39,22 @@ class ReviewServer:
     `start()` begins serving; with a model, health stays NOT_SERVING until the
     model has loaded and compiled its shapes. `stop()` flips health to
     NOT_SERVING first, refuses new calls, and lets in-flight calls finish
-    within the grace period.
+    within the grace period. `http_port` is the HTTP/JSON port (None when off);
+    it speaks HTTPS with the same certificate when the gRPC port serves TLS.
     """
 
     def __init__(self, server: grpc.aio.Server, port: int, *, store: ReviewStore, owns_store: bool,
                  servicer: ReviewServicer, health_servicer: health.aio.HealthServicer, config: ServerConfig,
-                 model_dir: Optional[str], generator, store_executor: concurrent.futures.ThreadPoolExecutor):
+                 model_dir: Optional[str], generator, store_executor: concurrent.futures.ThreadPoolExecutor,
+                 metrics: ServerMetrics, http_socket: Optional[socket.socket] = None,
+                 http_tls: Optional[tuple[bytes, bytes]] = None):
         self.server = server
         self.port = port
+        self.metrics = metrics
+        self.http_port: Optional[int] = http_socket.getsockname()[1] if http_socket is not None else None
+        self._http_socket = http_socket
+        self._http_tls = http_tls  # (cert, key): HTTPS when gRPC serves TLS too
+        self._http_runner = None
         self.store = store
         self.servicer = servicer
         self.health = health_servicer
@@ -58,8 +69,29 @@ class ReviewServer:
         self._ready = asyncio.Event()
         self._stopped = False
 
+    @property
+    def https(self) -> bool:
+        """Whether the HTTP port speaks TLS."""
+        return self._http_tls is not None
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` has begun (readiness then fails)."""
+        return self._stopped
+
     async def start(self) -> None:
         await self.server.start()
+        if self._http_socket is not None:
+            from aiohttp import web
+
+            from pitchkeras.server.http_api import HttpApi
+
+            self._http_runner = web.AppRunner(HttpApi(self).app, access_log=None, handle_signals=False,
+                                              shutdown_timeout=self.config.grace_s)
+            await self._http_runner.setup()
+            ssl_context = _ssl_context(*self._http_tls) if self._http_tls is not None else None
+            await web.SockSite(self._http_runner, self._http_socket, shutdown_timeout=self.config.grace_s,
+                               ssl_context=ssl_context).start()
         if self.model.state == "off":
             await self._set_health(SERVING)
             self._ready.set()
@@ -71,20 +103,26 @@ class ReviewServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    def _set_model_state(self, state: str) -> None:
+        self.model.state = state
+        self.metrics.model_state.state(state)
+
     async def _load_model(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             generator = await loop.run_in_executor(self._model_executor, self._build_generator)
         except Exception as err:  # the server keeps serving stored reviews; Generate reports why
             log.exception("loading the model failed")
-            self.model.error, self.model.state = f"{type(err).__name__}: {err}", "failed"
+            self.model.error = f"{type(err).__name__}: {err}"
+            self._set_model_state("failed")
             await self._set_health(NOT_SERVING)
             self._ready.set()
             return
         batcher = GenerateBatcher(generator, self._model_executor, max_batch_size=self.config.max_batch_size,
-                                  max_wait_s=self.config.max_wait_ms / 1000.0)
+                                  max_wait_s=self.config.max_wait_ms / 1000.0, metrics=self.metrics)
         batcher.start()
-        self.model.generator, self.model.batcher, self.model.state = generator, batcher, "ready"
+        self.model.generator, self.model.batcher = generator, batcher
+        self._set_model_state("ready")
         if not self._stopped:
             await self._set_health(SERVING)
         self._ready.set()
@@ -122,7 +160,13 @@ class ReviewServer:
         self._stopped = True
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # Both protocols stop listening at once and give in-flight calls the same grace.
+        stops = [self.server.stop(grace)]
+        if self._http_runner is not None:
+            stops.append(self._http_runner.cleanup())
+        await asyncio.gather(*stops)
+        if self._http_socket is not None:
+            self._http_socket.close()
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
         if self.model.batcher is not None:
@@ -147,6 +191,8 @@ async def create_server(
     api_keys: Optional[ApiKeys] = None,
     tls_cert: Optional[bytes] = None,
     tls_key: Optional[bytes] = None,
+    http_port: Optional[int] = None,
+    reuse_port: bool = False,
 ) -> tuple[ReviewServer, int]:
     """Build a ReviewService server bound to `host:port` (not started yet).
 
@@ -160,6 +206,9 @@ async def create_server(
         api_keys: ApiKeys or None. When set, Generate requires a key.
         tls_cert: bytes or None. PEM certificate chain; with `tls_key`, serve TLS.
         tls_key: bytes or None. PEM private key.
+        http_port: int or None. Also serve HTTP/JSON, the web page and /metrics on this port
+            (0 picks a free one; `server.http_port` tells which); None: gRPC only.
+        reuse_port: bool. Let several processes bind the same ports (SO_REUSEPORT, `--workers`).
 
     Returns:
         `(server, port)`: call `await server.start()`, later `await server.stop()`.
@@ -180,12 +229,17 @@ async def create_server(
     try:
         store_executor = concurrent.futures.ThreadPoolExecutor(config.store_workers, thread_name_prefix="pitchkeras-store")
         model = ModelSlot(state="off" if model_dir is None and generator is None else "loading")
-        servicer = ReviewServicer(store, config=config, store_executor=store_executor, model=model, api_keys=api_keys)
+        metrics = ServerMetrics()
+        metrics.model_state.state(model.state)
+        metrics.watch_store(store)
+        servicer = ReviewServicer(store, config=config, store_executor=store_executor, model=model, api_keys=api_keys,
+                                  metrics=metrics)
         server = grpc.aio.server(
-            interceptors=[LoggingInterceptor()],
+            interceptors=[LoggingInterceptor(metrics)],
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_bytes),
                 ("grpc.max_send_message_length", config.max_send_bytes),
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         pb_grpc.add_ReviewServiceServicer_to_server(servicer, server)
@@ -205,6 +259,7 @@ async def create_server(
             raise UsageError(f"cannot listen on {address}: {err} (port in use or bad host?)") from None
         if not bound:
             raise UsageError(f"cannot listen on {address} (port in use or bad host?)")
+        http_socket = _http_socket(host, http_port, reuse_port) if http_port is not None else None
     except BaseException:
         if owns_store:
             store.close()
@@ -212,9 +267,40 @@ async def create_server(
     return (
         ReviewServer(server, bound, store=store, owns_store=owns_store, servicer=servicer,
                      health_servicer=health_servicer, config=config, model_dir=model_dir, generator=generator,
-                     store_executor=store_executor),
+                     store_executor=store_executor, metrics=metrics, http_socket=http_socket,
+                     http_tls=(tls_cert, tls_key) if tls_cert is not None else None),
         bound,
     )
+
+
+def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """Bind the HTTP port now, as gRPC's is bound, so a busy port fails `create_server`, not `start`."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--http-port must be in [0, 65535], got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family, reuse_port=reuse_port, backlog=1024)
+    except OSError as err:
+        raise UsageError(f"cannot listen for HTTP on {host}:{port}: {err.strerror or err} "
+                         "(port in use or bad host?)") from None
+
+
+def _ssl_context(cert: bytes, key: bytes):
+    """A server SSLContext from PEM bytes (the ssl module loads chains from files only)."""
+    import ssl
+    import tempfile
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="pitchkeras-tls-") as folder:  # 0700, removed at once
+        cert_path, key_path = f"{folder}/cert.pem", f"{folder}/key.pem"
+        for path, data in ((cert_path, cert), (key_path, key)):
+            with open(path, "wb") as f:
+                f.write(data)
+        try:
+            context.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as err:
+            raise UsageError(f"cannot use the TLS certificate and key for HTTPS: {err}") from None
+    return context
 
 
 async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port: int = 50051,
@@ -225,12 +311,15 @@ async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port
         store: str or ReviewStore. As for `create_server`.
         host: str. Interface to bind.
         port: int. Port; 0 picks one.
-        announce: callable. Receives `serving on HOST:PORT` once listening.
+        announce: callable. Receives `serving on HOST:PORT` once listening, then
+            `http on http://HOST:PORT/` when HTTP is on.
         **kwargs: passed to `create_server`.
     """
     server, bound = await create_server(store, host=host, port=port, **kwargs)
     await server.start()
     announce(f"serving on {host}:{bound}")
+    if server.http_port is not None:
+        announce(f"http on {_url(host, server.http_port, https=server.https)}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -242,6 +331,14 @@ async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await server.stop()
+
+
+def _url(host: str, port: int, https: bool = False) -> str:
+    """The page's URL; a wildcard host is reached on localhost."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(host, host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"{'https' if https else 'http'}://{shown}:{port}/"
 
 
 class BackgroundServer:
@@ -264,6 +361,7 @@ class BackgroundServer:
         self._thread = threading.Thread(target=self.loop.run_forever, name="pitchkeras-server", daemon=True)
         self.server: Optional[ReviewServer] = None
         self.port = 0
+        self.http_port: Optional[int] = None
 
     def run(self, coroutine, timeout: Optional[float] = None):
         """Run a coroutine on the server's loop and wait for its result."""
@@ -278,6 +376,7 @@ class BackgroundServer:
             return server, port
 
         self.server, self.port = self.run(_start())
+        self.http_port = self.server.http_port
         return self
 
     def wait_until_ready(self, timeout: Optional[float] = None) -> str:

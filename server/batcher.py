@@ -41,10 +41,11 @@ class GenerateBatcher:
         executor: concurrent.futures.Executor. Where model work runs (never the event loop).
         max_batch_size: int. Rows (samples) per `generate` call at most.
         max_wait_s: float. How long the first call of a batch waits for company.
+        metrics: ServerMetrics or None. Receives batch sizes, durations and the queue depth.
     """
 
     def __init__(self, generator, executor: concurrent.futures.Executor, *, max_batch_size: int = 8,
-                 max_wait_s: float = 0.01):
+                 max_wait_s: float = 0.01, metrics=None):
         if max_batch_size < 1 or max_wait_s < 0:
             raise InvalidArgument(f"max_batch_size must be >= 1 and max_wait_s >= 0, got {max_batch_size}, {max_wait_s}")
         self.generator = generator
@@ -52,6 +53,7 @@ class GenerateBatcher:
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_s)
         self.batch_sizes: list[int] = []  # rows per generate call, for logs and tests
+        self.metrics = metrics
         self._queue: Optional[asyncio.Queue] = None
         self._task: Optional[asyncio.Task] = None
 
@@ -59,6 +61,8 @@ class GenerateBatcher:
         """Start the collector on the running loop."""
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="generate-batcher")
+        if self.metrics is not None:
+            self.metrics.watch_queue(self._queue.qsize)
 
     async def submit(self, requests: list, config, max_new_tokens: int) -> list:
         """Generate `requests` (one call's samples) in some batch; their Samples in order."""
@@ -109,9 +113,12 @@ class GenerateBatcher:
         config, max_new_tokens = group[0].key
         try:
             self.batch_sizes.append(len(requests))
+            started = loop.time()
             samples = await loop.run_in_executor(
                 self.executor, lambda: self.generator.generate(requests, config=config, max_new_tokens=max_new_tokens)
             )
+            if self.metrics is not None:
+                self.metrics.observe_batch(len(requests), max_new_tokens, loop.time() - started)
         except InvalidArgument as err:
             if len(group) > 1:
                 # One call's input (e.g. a prompt too long in tokens) must not fail its batch mates.

@@ -91,19 +91,28 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         store_executor: concurrent.futures.Executor. Threads for blocking store calls.
         model: ModelSlot. The model, filled in once it has loaded.
         api_keys: ApiKeys or None. When set, Generate needs a key.
+        metrics: ServerMetrics or None. Counts store failures.
     """
 
     def __init__(self, store: ReviewStore, *, config: ServerConfig, store_executor: concurrent.futures.Executor,
-                 model: ModelSlot, api_keys: Optional[ApiKeys] = None):
+                 model: ModelSlot, api_keys: Optional[ApiKeys] = None, metrics=None):
         self.store = store
         self.config = config
         self.model = model
         self.api_keys = api_keys
+        self.metrics = metrics
         self._store_executor = store_executor
 
     async def _store(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(
-            self._store_executor, functools.partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._store_executor, functools.partial(fn, *args, **kwargs))
+        except (NotFound, InvalidArgument):
+            raise  # the caller's miss or mistake, not a store failure
+        except Exception as err:
+            if self.metrics is not None:
+                self.metrics.store_errors.labels(fn.__name__, type(err).__name__).inc()
+            raise
 
     # -- GetReview / GetById -------------------------------------------------------------
     @_translated
@@ -130,6 +139,25 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         validate_review_id(request.id)
         review = await self._store(self.store.get_by_id, request.id)
         return pb.GetByIdResponse(review=review_to_proto(review))
+
+    @_translated
+    async def ListConditions(self, request: pb.ListConditionsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListConditionsResponse:
+        counts = await self._store(self.store.counts)
+        conditions = []
+        for c in counts:
+            message = pb.ConditionCount(count=c.count)
+            if c.score is not None:
+                message.score = c.score
+            if c.genre is not None:
+                message.genre = c.genre
+            conditions.append(message)
+        return pb.ListConditionsResponse(
+            conditions=conditions,
+            genres=sorted({c.genre for c in counts if c.genre is not None}),
+            scores=sorted({c.score for c in counts if c.score is not None}),
+            total=sum(c.count for c in counts),
+        )
 
     # -- Generate ------------------------------------------------------------------------
     @_translated

@@ -44,6 +44,22 @@ def pool_uri(tmp_path):
     return uri
 
 
+# Markup in every stored field a page shows: the pages must show it as text, never run or render it.
+HOSTILE_GENRE = "<i>Rock</i>"
+HOSTILE = Review(id=review_id("evil-v1", {"score": 5.0, "genre": HOSTILE_GENRE}, 0, 0),
+                 text='<script>document.title="owned"</script><img src=x onerror="document.title=\'owned\'"> '
+                      '<b>bold</b> & more', score=5.0, genre=HOSTILE_GENRE, model_version="evil-v1")
+
+
+@pytest.fixture
+def hostile_uri(tmp_path):
+    """An SQLite store URI holding only `HOSTILE`."""
+    uri = f"sqlite:///{tmp_path}/hostile.db"
+    with open_store(uri) as store:
+        store.add_reviews([HOSTILE])
+    return uri
+
+
 class FlakyStore(SQLiteStore):
     """An SQLite store whose next `fail_next` calls of one method raise Unavailable; counts calls."""
 
@@ -62,6 +78,13 @@ class FlakyStore(SQLiteStore):
             time.sleep(self.delay_s)
         if fail:
             raise Unavailable(f"{self.uri}: injected outage")
+
+    def wait_for_calls(self, count: int, timeout: float = 20.0) -> int:
+        """Poll until `count` calls have entered the store (or `timeout` s passed); the calls so far."""
+        deadline = time.monotonic() + timeout
+        while self.calls < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.calls
 
     def get_by_id(self, review_id):
         if self.method == "get_by_id":

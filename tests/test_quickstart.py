@@ -47,6 +47,10 @@ def test_demo_serves_a_stored_review_through_grpc(first_run):
     assert row is not None, f"review {review_id} is not in {workdir / 'reviews.db'}"
     assert row["selection_count"] == 1 and row["score"] == 8.0 and row["text"].strip()
     assert f"GetById('{review_id}')" in out
+    # HTTP was on too: the page's URL is printed and the seed's route answered the same review.
+    page = re.search(r"web page and HTTP/JSON on (http://127\.0\.0\.1:\d+/)", out)
+    assert page, f"the demo printed no web page URL:\n{out}"
+    assert f"GET {page.group(1)}review/{review_id} -> the same review as the seed's JSON (id, text, score" in out
     # Every artifact the report names exists.
     for name in ("stats.png", "loss.png", "pitchkeras.json"):
         assert any(workdir.rglob(name)), f"{name} missing under {workdir}"

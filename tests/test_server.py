@@ -7,7 +7,6 @@ import concurrent.futures
 import logging
 import math
 import threading
-import time
 
 import grpc
 import pytest
@@ -208,7 +207,7 @@ def test_reflection_lists_and_describes_the_service(server):
     assert "pitchkeras.v1.ReviewService" in database.get_services()
     assert "grpc.health.v1.Health" in database.get_services()
     service = descriptor_pool.DescriptorPool(database).FindServiceByName("pitchkeras.v1.ReviewService")
-    assert [m.name for m in service.methods] == ["GetReview", "GetById", "Generate"]
+    assert [m.name for m in service.methods] == ["GetReview", "GetById", "Generate", "ListConditions"]
     channel.close()
 
 
@@ -222,10 +221,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(tmp_path):
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         calls = [pool.submit(stub.GetById, pb.GetByIdRequest(id=i), timeout=30) for i in ids]
-        deadline = time.monotonic() + 20
-        while store.calls < len(ids) and time.monotonic() < deadline:  # all 8 are inside the store
-            time.sleep(0.01)
-        assert store.calls == len(ids)
+        assert store.wait_for_calls(len(ids)) == len(ids)  # all 8 are inside the store
         stopper = threading.Thread(target=background.stop, kwargs={"grace": 10.0})
         stopper.start()
         # Health flips to NOT_SERVING before anything else.

@@ -26,6 +26,8 @@ def add_parser(subparsers):
     p.add_argument("--length", type=int, default=120, help="max new tokens per generated review")
     p.add_argument("--seed", type=int, default=0, help="seed for every stage")
     p.add_argument("--port", type=int, default=0, help="gRPC port (0 picks a free one)")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="HTTP/JSON and web page port (0 picks a free one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     return p
 
@@ -41,7 +43,8 @@ def run(args) -> int:
     config = DemoConfig(
         workdir=args.workdir, fresh=args.fresh, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
         sequence_length=args.sequence_length, learning_rate=args.learning_rate, scores=scores, genres=genres or None,
-        per_pair=args.per_pair, length=args.length, seed=args.seed, port=args.port, progress=not args.no_progress,
+        per_pair=args.per_pair, length=args.length, seed=args.seed, port=args.port, http_port=args.http_port,
+        progress=not args.no_progress,
     )
     run_demo(config)
     return 0

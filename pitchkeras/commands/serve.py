@@ -1,4 +1,5 @@
-"""`pitchkeras serve`: the gRPC ReviewService over a store, with Generate when a model is given."""
+"""`pitchkeras serve`: the gRPC ReviewService over a store, with Generate when a model is given,
+and with `--http-port` the HTTP/JSON API, the web page and /metrics on the same event loop."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def add_parser(subparsers):
     p.add_argument("--model", help="model directory: enables Generate (health is NOT_SERVING until it is warm)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 or :: for all)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one and prints it")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve HTTP/JSON, the web page and /metrics on this port (0 picks one); off when not given")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the ports (SO_REUSEPORT); each loads its own --model")
     p.add_argument("--max-batch-size", type=int, default=8, help="Generate samples decoded together")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a Generate call waits to share a batch")
     p.add_argument("--length", type=int, default=200, help="default max new tokens per generated review")
@@ -47,6 +52,10 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise UsageError(f"--http-port must be in [0, 65535], got {args.http_port}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if args.model and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model} is not a directory; point it at a pitchkeras model directory")
     config = ServerConfig(
@@ -67,9 +76,15 @@ def run(args) -> int:
     tls_cert = _read(args.tls_cert, "--tls-cert") if args.tls_cert else None
     tls_key = _read(args.tls_key, "--tls-key") if args.tls_key else None
 
-    asyncio.run(serve(
-        args.store, host=args.host, port=args.port, model_dir=args.model, config=config,
-        api_keys=api_keys, tls_cert=tls_cert, tls_key=tls_key,
-        announce=lambda line: print(line, flush=True),  # scripts wait for this line (port 0)
-    ))
+    kwargs = dict(store=args.store, host=args.host, port=args.port, http_port=args.http_port, model_dir=args.model,
+                  config=config, api_keys=api_keys, tls_cert=tls_cert, tls_key=tls_key,
+                  announce=lambda line: print(line, flush=True))  # scripts wait for these lines (port 0)
+    if args.workers == 1:
+        asyncio.run(serve(**kwargs))
+    else:
+        from pitchkeras.cli import import_tensorflow_quietly
+        from pitchkeras.server.workers import run_workers
+
+        # TensorFlow loads in each worker, after the fork (see `_uses_tensorflow` in cli.py).
+        run_workers(args.workers, worker_init=import_tensorflow_quietly if args.model else None, **kwargs)
     return 0

@@ -1,5 +1,6 @@
 import datetime
 
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -127,3 +128,29 @@ class GenerateResponse(_message.Message):
     REVIEWS_FIELD_NUMBER: _ClassVar[int]
     reviews: _containers.RepeatedCompositeFieldContainer[GeneratedReview]
     def __init__(self, reviews: _Optional[_Iterable[_Union[GeneratedReview, _Mapping]]] = ...) -> None: ...
+
+class ListConditionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ConditionCount(_message.Message):
+    __slots__ = ("score", "genre", "count")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    GENRE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    genre: str
+    count: int
+    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class ListConditionsResponse(_message.Message):
+    __slots__ = ("conditions", "genres", "scores", "total")
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    GENRES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    conditions: _containers.RepeatedCompositeFieldContainer[ConditionCount]
+    genres: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    total: int
+    def __init__(self, conditions: _Optional[_Iterable[_Union[ConditionCount, _Mapping]]] = ..., genres: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., total: _Optional[int] = ...) -> None: ...

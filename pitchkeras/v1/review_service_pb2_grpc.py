@@ -50,6 +50,11 @@ class ReviewServiceStub:
                 request_serializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.ListConditions = channel.unary_unary(
+                '/pitchkeras.v1.ReviewService/ListConditions',
+                request_serializer=pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsRequest.SerializeToString,
+                response_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsResponse.FromString,
+                _registered_method=True)
 
 
 class ReviewServiceServicer:
@@ -83,6 +88,14 @@ class ReviewServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConditions(self, request, context):
+        """ListConditions returns the (score, genre) pairs present in the store
+        with their review counts: what GetReview can be asked for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReviewServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +113,11 @@ def add_ReviewServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.FromString,
                     response_serializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ListConditions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConditions,
+                    request_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsRequest.FromString,
+                    response_serializer=pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +202,33 @@ class ReviewService:
             '/pitchkeras.v1.ReviewService/Generate',
             pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.SerializeToString,
             pitchkeras_dot_v1_dot_review__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConditions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pitchkeras.v1.ReviewService/ListConditions',
+            pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsRequest.SerializeToString,
+            pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
