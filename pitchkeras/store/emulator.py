@@ -86,6 +86,7 @@ class FirestoreEmulator:
         self.host = f"127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
         self._proc: Optional[subprocess.Popen] = None
+        self._pump: Optional[threading.Thread] = None
         self._log = tempfile.TemporaryFile(mode="w+")
 
     def start(self) -> "FirestoreEmulator":
@@ -96,14 +97,16 @@ class FirestoreEmulator:
             start_new_session=True,  # its own process group: stop() ends the JVM with the launcher
         )
         ready = threading.Event()
+        stdout = self._proc.stdout
 
         def pump():  # keep reading, so a chatty emulator never blocks on a full pipe
-            for line in self._proc.stdout:
+            for line in stdout:  # ends at EOF, when the emulator's group has exited
                 self._log.write(line)
                 if _READY_LINE in line:
                     ready.set()
 
-        threading.Thread(target=pump, name="firestore-emulator-log", daemon=True).start()
+        self._pump = threading.Thread(target=pump, name="firestore-emulator-log", daemon=True)
+        self._pump.start()
         deadline = time.monotonic() + self.startup_timeout
         while not ready.wait(0.1):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -145,7 +148,10 @@ class FirestoreEmulator:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if proc.stdout:
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.join(10)  # the pipe reaches EOF once the whole group is gone
+        if proc.stdout and not (pump and pump.is_alive()):  # never close a pipe the pump still reads
             proc.stdout.close()
 
     def __enter__(self) -> "FirestoreEmulator":
