@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pitchkeras.cli import add_command
 from pitchkeras.errors import UsageError
+from pitchkeras.store import DEFAULT_STORE_URI
 
 
 def _floats(text: str) -> list[float]:
@@ -28,7 +29,7 @@ def add_parser(subparsers):
     p.add_argument("--model", help="model directory; when omitted, CHECKPOINT_DIR/RUN_NAME/model")
     p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
     p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
-    p.add_argument("--store", default="sqlite:///pitchkeras.db", help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
     p.add_argument("--per-pair", type=int, default=5, help="reviews wanted per (score, genre) pair")
     p.add_argument("--scores", help="comma-separated scores, e.g. 2,8.5; when given, overrides --score-range")
     p.add_argument("--score-range", default="0:10:0.5", help="score grid START:STOP:STEP")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pitchkeras.cli import add_command
 from pitchkeras.errors import UsageError
+from pitchkeras.store import DEFAULT_STORE_URI
 
 
 def add_parser(subparsers):
     p = add_command(subparsers, "serve", "Serve reviews over gRPC (pitchkeras.v1.ReviewService).", __name__)
-    p.add_argument("--store", default="sqlite:///pitchkeras.db", help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
     p.add_argument("--model", help="model directory: enables Generate (health is NOT_SERVING until it is warm)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 or :: for all)")
     p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one and prints it")
