@@ -113,8 +113,8 @@ class Sample:
         config: SamplerConfig. The sampler settings used.
         model_version: str. The training run that produced the model.
         rejected: str or None. Why it was rejected (`condition_mismatch`,
-            `no_sentence`, `memorized`, `second_document`, `empty`,
-            `bad_header`); None if accepted.
+            `no_sentence`, `memorized`, `second_document`, `repetition`,
+            `empty`, `bad_header`); None if accepted.
         quality: dict. Quality measures, e.g. `longest_copied_run` and
             `copied_ngram_fraction` when a memorization index is used.
     """

@@ -139,7 +139,9 @@ def test_fills_grid_with_metadata_and_a_table(tmp_path, generator):
         assert (pair.requested, pair.existing, pair.stored, pair.missing) == (2, 0, 2, 0)
         # Every attempt was stored or rejected for a reason, and none beyond the budget.
         assert pair.stored + sum(pair.rejected.values()) == counting.attempts()[_key(pair.conditions)] <= 8
-    assert set(result.rejected) == {"no_sentence"} and result.rejected["no_sentence"] > 0
+    # The unigram model writes fragments and loops (" good good good good."): both reasons are counted.
+    assert set(result.rejected) == {"no_sentence", "repetition"}
+    assert result.rejected["no_sentence"] > 0 and result.rejected["repetition"] > 0
     # Batches mix pairs: the first holds the first two attempts of two pairs.
     assert len({_key(r.conditions) for r in counting.batches[0]}) == 2
 
@@ -154,11 +156,12 @@ def test_fills_grid_with_metadata_and_a_table(tmp_path, generator):
         assert review.text.endswith(".") and review.length == len(review.text.split()) > 0
 
     table = format_table(result).splitlines()
-    assert table[0].split() == ["score", "genre", "requested", "existing", "stored", "missing", "rej:no_sentence"]
+    assert table[0].split() == ["score", "genre", "requested", "existing", "stored", "missing", "rej:no_sentence",
+                                "rej:repetition"]
     rows = [line.split() for line in table[2:]]
     assert [r[:6] for r in rows[:4]] == [[f"{s:.1f}", g, "2", "0", "2", "0"] for s in SCORES for g in sorted(GENRES)]
     assert rows[4][:5] == ["total", "8", "0", "8", "0"]
-    assert rows[4][5] == str(result.rejected["no_sentence"])
+    assert rows[4][5:] == [str(result.rejected["no_sentence"]), str(result.rejected["repetition"])]
 
 
 def test_rerun_adds_nothing_and_generates_nothing_for_full_pairs(tmp_path, generator):

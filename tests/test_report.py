@@ -137,3 +137,19 @@ def test_missing_inputs(dirs, tmp_path, capsys):
     assert main(["report", "--model", str(dirs / "model"), "--dataset", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "train.csv does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_repetition_rejections_are_counted_per_condition_and_printed():
+    import types
+
+    from pitchkeras.commands.report import build_report, format_report
+    from pitchkeras.postprocess import postprocess
+
+    rock8 = {"score": 8.0, "genre": "Rock"}
+    raws = ["8.0\nRock\n" + BODY, "8.0\nRock\nA resident resident resident resident at the club."]
+    samples = [types.SimpleNamespace(text=p.text, rejected=p.rejected)
+               for p in (postprocess(raw, REVIEWS, rock8) for raw in raws)]
+    report = build_report({"8.0 Rock": (rock8, samples)}, None, [BODY])
+    assert report["conditions"][0]["rejected"] == {"repetition": 1}
+    assert (report["conditions"][0]["accepted"], report["overall"]["generated"]) == (1, 2)
+    assert "repetition 1" in format_report(report).splitlines()[2]
