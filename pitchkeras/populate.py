@@ -22,6 +22,7 @@ import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument
+from pitchkeras.sampling import SamplerConfig
 from pitchkeras.store import DEFAULT_STORE_URI, Review, ReviewStore, open_store, review_id
 
 # The seed project's eight Pitchfork genres.
@@ -52,6 +53,8 @@ class PopulateConfig:
         max_copied_fraction: float. Reject a sample whose word n-grams are found in the
             training data at least this often (only with `dataset`).
         temperature, top_k, top_p: sampler settings (seed project: 0.7, off, 0.95).
+        repetition_penalty, no_repeat_ngram_size: the sampler's repetition guards
+            (`SamplerConfig`; off by default).
         length: int. Maximum new tokens per sample.
         batch_size: int. Samples generated together (mixed across pairs).
         seed: int. Base seed; with the attempt index it fixes each review's id.
@@ -70,6 +73,8 @@ class PopulateConfig:
     temperature: float = 0.7  # the seed project's settings
     top_k: int = 0
     top_p: float = 0.95
+    repetition_penalty: float = SamplerConfig.repetition_penalty
+    no_repeat_ngram_size: int = SamplerConfig.no_repeat_ngram_size
     length: int = 200
     batch_size: int = 8
     seed: int = 0
@@ -182,6 +187,8 @@ def _review_from_sample(sample, conditions: dict, model_version: str, rid: str, 
         top_p=sample.config.top_p,
         seed=seed,
         prompt=sample.prompt,
+        repetition_penalty=sample.config.repetition_penalty,
+        no_repeat_ngram_size=sample.config.no_repeat_ngram_size,
     )
 
 
@@ -210,12 +217,14 @@ def populate(
     """
     from tqdm.auto import tqdm
 
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig, validate_conditions
+    from pitchkeras.sampling import GenerationRequest, Generator, validate_conditions
 
     # Everything that can be wrong with the arguments fails here, before the
     # (slow) model load: the config, the grid against pitchkeras.json, the store URI.
     config.validate()
-    sampler = SamplerConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p).validate()
+    sampler = SamplerConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                            repetition_penalty=config.repetition_penalty,
+                            no_repeat_ngram_size=config.no_repeat_ngram_size).validate()
     if generator is not None:
         info = generator.model.info
     elif model is not None:

@@ -32,13 +32,14 @@ def test_jsonl_records(model_dir, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     code = main(["generate", "--checkpoint-dir", str(model_dir), "--run-name", "run1", "--score", "8", "--genre", "rock",
                  "--nsamples", "3", "--batch-size", "2", "--length", "10", "--seed", "7", "--top-k", "40",
-                 "--dataset", str(model_dir / "train.csv"), "--out", str(out), "--quiet"])
+                 "--repetition-penalty", "1.2", "--no-repeat-ngram-size", "3", "--dataset", str(model_dir / "train.csv"), "--out", str(out), "--quiet"])
     assert code == 0
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["seed"] for r in records] == [7, 8, 9]
     for record in records:
         assert record["conditions"] == {"score": 8.0, "genre": "Rock"}
-        assert record["sampler"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95}
+        assert record["sampler"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.2,
+                                     "no_repeat_ngram_size": 3}
         assert record["model_version"] == "cli-v1"
         assert record["raw"].startswith("8.0\nRock\n")
         assert (record["rejected"] is None) == bool(record["text"])

@@ -62,7 +62,8 @@ def test_figures_are_computed_from_the_samples(fresh, dirs):
 
     _, report, samples = fresh
     assert report["model_version"] == "report-v1"
-    assert report["sampler"] == {"temperature": 0.7, "top_k": 0, "top_p": 0.95}
+    assert report["sampler"] == {"temperature": 0.7, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0,
+                                 "no_repeat_ngram_size": 0}
     # 2 scores x 2 genres x 2 samples, seeds 5.. in grid order.
     assert len(samples) == 8 and [s["seed"] for s in samples] == list(range(5, 13))
     assert [r["condition"] for r in report["conditions"]] == ["3.0 Jazz", "8.0 Jazz", "3.0 Rock", "8.0 Rock"]
@@ -120,6 +121,7 @@ def test_table_printed(dirs, relaxed_generator, tmp_path, capsys):
         (["--genres", "Polka"], "unknown genre 'Polka' for this model; known: Jazz, Rock"),
         (["--scores", "80"], "outside this model's range"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(dirs, tmp_path, capsys, argv, message):

@@ -78,6 +78,8 @@ class Review:
         model_version: str. The training run id of the model that wrote it.
         temperature, top_k, top_p, seed: sampler settings used (None when unknown).
         prompt: str. The exact prompt text given to the model.
+        repetition_penalty, no_repeat_ngram_size: the sampler's repetition
+            settings (None when unknown, e.g. reviews written before they existed).
     """
 
     id: str
@@ -94,6 +96,8 @@ class Review:
     top_p: Optional[float] = None
     seed: Optional[int] = None
     prompt: str = ""
+    repetition_penalty: Optional[float] = None
+    no_repeat_ngram_size: Optional[int] = None
 
     def __post_init__(self):
         if not self.length:

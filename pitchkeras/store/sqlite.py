@@ -46,8 +46,10 @@ _ADD_CHUNK = 500
 
 _COLUMNS = (
     "id, text, score, genre, extra_conditions, length, added, selection_count, "
-    "model_version, temperature, top_k, top_p, seed, prompt"
+    "model_version, temperature, top_k, top_p, seed, prompt, repetition_penalty, no_repeat_ngram_size"
 )
+# Columns added after the first schema: (name, type), added to older files when they are opened.
+_ADDED_COLUMNS = (("repetition_penalty", "REAL"), ("no_repeat_ngram_size", "INTEGER"))
 
 _SCHEMA = (
     """
@@ -65,7 +67,9 @@ _SCHEMA = (
         top_k INTEGER,
         top_p REAL,
         seed INTEGER,
-        prompt TEXT NOT NULL DEFAULT ''
+        prompt TEXT NOT NULL DEFAULT '',
+        repetition_penalty REAL,
+        no_repeat_ngram_size INTEGER
     )
     """,
     # One index per filter shape of get_review, each ending in the pick order
@@ -76,7 +80,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS reviews_pick ON reviews (selection_count, added, id)",
 )
 
-_INSERT_SQL = f"INSERT OR IGNORE INTO reviews ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SQL = f"INSERT OR IGNORE INTO reviews ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
 
 _PICK_SQL = (
     "UPDATE reviews SET selection_count = selection_count + 1 "
@@ -122,7 +126,7 @@ def _path_from_uri(uri: str) -> str:
 
 def _row_to_review(row: tuple) -> Review:
     (rid, text, score, genre, extra, length, added, count, model_version,
-     temperature, top_k, top_p, seed, prompt) = row
+     temperature, top_k, top_p, seed, prompt, repetition_penalty, no_repeat_ngram_size) = row
     return Review(
         id=rid,
         text=text,
@@ -138,6 +142,8 @@ def _row_to_review(row: tuple) -> Review:
         top_p=top_p,
         seed=seed,
         prompt=prompt,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
 
 
@@ -163,6 +169,8 @@ def _review_to_row(review: Review, added: str) -> tuple:
         None if review.top_p is None else float(review.top_p),
         None if review.seed is None else int(review.seed),
         review.prompt or "",
+        None if review.repetition_penalty is None else float(review.repetition_penalty),
+        None if review.no_repeat_ngram_size is None else int(review.no_repeat_ngram_size),
     )
 
 
@@ -198,6 +206,10 @@ class SQLiteStore(ReviewStore):
             try:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                present = {row[1] for row in conn.execute("PRAGMA table_info(reviews)")}
+                for name, kind in _ADDED_COLUMNS:
+                    if name not in present:
+                        conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {kind}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

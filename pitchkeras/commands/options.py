@@ -1,0 +1,13 @@
+"""Flags shared by the commands that generate (generate, populate, report, serve), defined once."""
+
+from __future__ import annotations
+
+
+def add_repetition_flags(p) -> None:
+    """`--repetition-penalty` and `--no-repeat-ngram-size`, named as transformers names them."""
+    from pitchkeras.sampling import SamplerConfig
+
+    p.add_argument("--repetition-penalty", type=float, default=SamplerConfig.repetition_penalty,
+                   help="CTRL's penalty on tokens already in the text, as transformers applies it (> 0; 1 = off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=SamplerConfig.no_repeat_ngram_size,
+                   help="never repeat an n-gram of this many tokens (0 = off)")
