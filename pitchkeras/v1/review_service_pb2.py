@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pitchkeras/v1/review_service.proto\x12\rpitchkeras.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x03\n\x06Review\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x44\n\x10\x65xtra_conditions\x18\x05 \x03(\x0b\x32*.pitchkeras.v1.Review.ExtraConditionsEntry\x12\x0e\n\x06length\x18\x06 \x01(\x05\x12)\n\x05\x61\x64\x64\x65\x64\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fselection_count\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x18\n\x0btemperature\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x03H\x05\x88\x01\x01\x12\x0e\n\x06prompt\x18\x0e \x01(\t\x1a\x36\n\x14\x45xtraConditionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_scoreB\x08\n\x06_genreB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"N\n\x10GetReviewRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_scoreB\x08\n\x06_genre\":\n\x11GetReviewResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\x1c\n\x0eGetByIdRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x0fGetByIdResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\xc0\x02\n\x0fGenerateRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\nmax_length\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\t \x01(\x05H\x07\x88\x01\x01\x12\r\n\x05store\x18\n \x01(\x08\x42\x08\n\x06_scoreB\x08\n\x06_genreB\r\n\x0b_max_lengthB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_num_samples\"\x9c\x01\n\x0fGeneratedReview\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.pitchkeras.v1.SampleStatus\x12\x18\n\x10rejection_reason\x18\x03 \x01(\t\x12\x0b\n\x03raw\x18\x04 \x01(\t\x12\x0e\n\x06stored\x18\x05 \x01(\x08\"C\n\x10GenerateResponse\x12/\n\x07reviews\x18\x01 \x03(\x0b\x32\x1e.pitchkeras.v1.GeneratedReview*e\n\x0cSampleStatus\x12\x1d\n\x19SAMPLE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SAMPLE_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16SAMPLE_STATUS_REJECTED\x10\x02\x32\xf6\x01\n\rReviewService\x12N\n\tGetReview\x12\x1f.pitchkeras.v1.GetReviewRequest\x1a .pitchkeras.v1.GetReviewResponse\x12H\n\x07GetById\x12\x1d.pitchkeras.v1.GetByIdRequest\x1a\x1e.pitchkeras.v1.GetByIdResponse\x12K\n\x08Generate\x12\x1e.pitchkeras.v1.GenerateRequest\x1a\x1f.pitchkeras.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pitchkeras/v1/review_service.proto\x12\rpitchkeras.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x04\n\x06Review\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x44\n\x10\x65xtra_conditions\x18\x05 \x03(\x0b\x32*.pitchkeras.v1.Review.ExtraConditionsEntry\x12\x0e\n\x06length\x18\x06 \x01(\x05\x12)\n\x05\x61\x64\x64\x65\x64\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fselection_count\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x18\n\x0btemperature\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x03H\x05\x88\x01\x01\x12\x0e\n\x06prompt\x18\x0e \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x10 \x01(\x05H\x07\x88\x01\x01\x1a\x36\n\x14\x45xtraConditionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_scoreB\x08\n\x06_genreB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_size\"N\n\x10GetReviewRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_scoreB\x08\n\x06_genre\":\n\x11GetReviewResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\x1c\n\x0eGetByIdRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x0fGetByIdResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\xb4\x03\n\x0fGenerateRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\nmax_length\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\t \x01(\x05H\x07\x88\x01\x01\x12\r\n\x05store\x18\n \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x0c \x01(\x05H\t\x88\x01\x01\x42\x08\n\x06_scoreB\x08\n\x06_genreB\r\n\x0b_max_lengthB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_num_samplesB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_size\"\x9c\x01\n\x0fGeneratedReview\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.pitchkeras.v1.SampleStatus\x12\x18\n\x10rejection_reason\x18\x03 \x01(\t\x12\x0b\n\x03raw\x18\x04 \x01(\t\x12\x0e\n\x06stored\x18\x05 \x01(\x08\"C\n\x10GenerateResponse\x12/\n\x07reviews\x18\x01 \x03(\x0b\x32\x1e.pitchkeras.v1.GeneratedReview*e\n\x0cSampleStatus\x12\x1d\n\x19SAMPLE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SAMPLE_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16SAMPLE_STATUS_REJECTED\x10\x02\x32\xf6\x01\n\rReviewService\x12N\n\tGetReview\x12\x1f.pitchkeras.v1.GetReviewRequest\x1a .pitchkeras.v1.GetReviewResponse\x12H\n\x07GetById\x12\x1d.pitchkeras.v1.GetByIdRequest\x1a\x1e.pitchkeras.v1.GetByIdResponse\x12K\n\x08Generate\x12\x1e.pitchkeras.v1.GenerateRequest\x1a\x1f.pitchkeras.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVIEW_EXTRACONDITIONSENTRY']._loaded_options = None
   _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_options = b'8\001'
-  _globals['_SAMPLESTATUS']._serialized_start=1341
-  _globals['_SAMPLESTATUS']._serialized_end=1442
+  _globals['_SAMPLESTATUS']._serialized_start=1573
+  _globals['_SAMPLESTATUS']._serialized_end=1674
   _globals['_REVIEW']._serialized_start=87
-  _globals['_REVIEW']._serialized_end=560
-  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_start=441
-  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_end=495
-  _globals['_GETREVIEWREQUEST']._serialized_start=562
-  _globals['_GETREVIEWREQUEST']._serialized_end=640
-  _globals['_GETREVIEWRESPONSE']._serialized_start=642
-  _globals['_GETREVIEWRESPONSE']._serialized_end=700
-  _globals['_GETBYIDREQUEST']._serialized_start=702
-  _globals['_GETBYIDREQUEST']._serialized_end=730
-  _globals['_GETBYIDRESPONSE']._serialized_start=732
-  _globals['_GETBYIDRESPONSE']._serialized_end=788
-  _globals['_GENERATEREQUEST']._serialized_start=791
-  _globals['_GENERATEREQUEST']._serialized_end=1111
-  _globals['_GENERATEDREVIEW']._serialized_start=1114
-  _globals['_GENERATEDREVIEW']._serialized_end=1270
-  _globals['_GENERATERESPONSE']._serialized_start=1272
-  _globals['_GENERATERESPONSE']._serialized_end=1339
-  _globals['_REVIEWSERVICE']._serialized_start=1445
-  _globals['_REVIEWSERVICE']._serialized_end=1691
+  _globals['_REVIEW']._serialized_end=676
+  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_start=509
+  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_end=563
+  _globals['_GETREVIEWREQUEST']._serialized_start=678
+  _globals['_GETREVIEWREQUEST']._serialized_end=756
+  _globals['_GETREVIEWRESPONSE']._serialized_start=758
+  _globals['_GETREVIEWRESPONSE']._serialized_end=816
+  _globals['_GETBYIDREQUEST']._serialized_start=818
+  _globals['_GETBYIDREQUEST']._serialized_end=846
+  _globals['_GETBYIDRESPONSE']._serialized_start=848
+  _globals['_GETBYIDRESPONSE']._serialized_end=904
+  _globals['_GENERATEREQUEST']._serialized_start=907
+  _globals['_GENERATEREQUEST']._serialized_end=1343
+  _globals['_GENERATEDREVIEW']._serialized_start=1346
+  _globals['_GENERATEDREVIEW']._serialized_end=1502
+  _globals['_GENERATERESPONSE']._serialized_start=1504
+  _globals['_GENERATERESPONSE']._serialized_end=1571
+  _globals['_REVIEWSERVICE']._serialized_start=1677
+  _globals['_REVIEWSERVICE']._serialized_end=1923
 # @@protoc_insertion_point(module_scope)
