@@ -463,3 +463,52 @@ def test_processors_inside_the_loop_match_greedy_simulation(tiny_model):
         else:
             assert len(set(got[0])) > 1
     assert generator.trace_count == 1  # the settings are tensors: no recompile
+
+
+# -- proofs: the cached loop is keras-hub's GPT-2, and a request's text ignores its batch ------------
+
+PROOF_PREFIXES = ("", "The", "The band plays loud and", "The band plays loud. Mr. Smith sings well. A quiet record.",
+                  "word " * 25)  # prompt buckets 16, 16, 16, 32 and 128
+
+
+def keras_hub_greedy(causal_lm, prompt_ids, new_tokens):
+    """`GPT2CausalLM.generate` with keras-hub's GreedySampler on token ids: the new tokens."""
+    causal_lm.compile(sampler="greedy")
+    preprocessor, causal_lm.preprocessor = causal_lm.preprocessor, None  # token ids in, token ids out
+    try:
+        length = len(prompt_ids) + new_tokens
+        token_ids = np.zeros((1, length), np.int32)
+        token_ids[0, : len(prompt_ids)] = prompt_ids
+        mask = np.arange(length)[None, :] < len(prompt_ids)
+        out = causal_lm.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+    finally:
+        causal_lm.preprocessor = preprocessor
+    return np.asarray(out["token_ids"])[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(tiny_model):
+    generator = Generator(tiny_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False)
+    prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in PROOF_PREFIXES]
+    buckets = [prompt_bucket(len(p)) for p in prompts]
+    assert buckets == [16, 16, 16, 32, 128], [len(p) for p in prompts]
+    greedy = SamplerConfig(top_k=1)
+    expected = [keras_hub_greedy(tiny_model.causal_lm, p, 12) for p in prompts]
+    assert len({tuple(e) for e in expected}) > 1
+    alone = [generator._complete([p], [0], greedy, 12, progress=False)[0] for p in prompts]
+    assert alone == expected
+    mixed = generator._complete(prompts, list(range(len(prompts))), greedy, 12, progress=False)  # one batch, bucket 128
+    assert mixed == expected
+    pairs = generator._complete([prompts[1], prompts[3]], [0, 1], greedy, 12, progress=False)  # bucket 32
+    assert pairs == [expected[1], expected[3]]
+
+
+@pytest.mark.slow
+def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(tiny_model):
+    generator = Generator(tiny_model, batch_size=4, max_new_tokens=16)
+    short = GenerationRequest(ROCK, "The band", seed=9)
+    longer = GenerationRequest(ROCK, "word " * 25, seed=10)  # bucket 128: the batch runs at that length
+    alone = generator.generate([short])[0]
+    batched = generator.generate([longer, short, GenerationRequest(ROCK, "", seed=11)])
+    assert batched[1].raw == alone.raw and len(alone.raw) > len(alone.prompt)
+    assert batched[0].raw == generator.generate([longer])[0].raw
