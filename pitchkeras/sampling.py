@@ -808,6 +808,10 @@ class Generator:
             elif backend == "jax":
                 import jax
 
+                from pitchkeras import compile_cache
+
+                compile_cache.apply_to_jax()
+
                 variables = list(self._backbone.variables)
 
                 def stateless(values, *args):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
@@ -36,6 +36,7 @@ def add_parser(subparsers):
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
     p.add_argument("--out", help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_flags(p)
     return p
 
 

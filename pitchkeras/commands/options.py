@@ -11,3 +11,15 @@ def add_repetition_flags(p) -> None:
                    help="CTRL's penalty on tokens already in the text, as transformers applies it (> 0; 1 = off)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=SamplerConfig.no_repeat_ngram_size,
                    help="never repeat an n-gram of this many tokens (0 = off)")
+
+
+def add_compile_cache_flags(p) -> None:
+    """`--compile-cache DIR` and `--no-compile-cache`: the persistent compilation cache (`pitchkeras.compile_cache`).
+
+    `cli.main` reads them before TensorFlow is imported (XLA reads its flags then).
+    """
+    from pitchkeras.compile_cache import ENV_VAR, default_directory
+
+    p.add_argument("--compile-cache", metavar="DIR", default=default_directory(),
+                   help=f"keep compiled decode loops here for the next process (${ENV_VAR}=off: none by default)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile in this process only, cache nothing")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 
@@ -49,6 +49,7 @@ def add_parser(subparsers):
     p.add_argument("--shard-index", type=int, default=0, help="this worker's shard")
     p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_flags(p)
     return p
 
 

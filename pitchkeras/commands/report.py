@@ -6,7 +6,7 @@ Writes report.json (the figures), report.png (a chart of them) and samples.jsonl
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 
@@ -30,6 +30,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0, help="base seed")
     p.add_argument("--out-dir", default="report", help="where report.json, report.png and samples.jsonl go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_flags(p)
     return p
 
 

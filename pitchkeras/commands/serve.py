@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
+from pitchkeras.commands.options import add_compile_cache_flags
 from pitchkeras.errors import UsageError
 
 
@@ -26,6 +27,7 @@ def add_parser(subparsers):
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="one access-log line per call at INFO")
+    add_compile_cache_flags(p)
     return p
 
 
