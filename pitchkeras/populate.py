@@ -22,6 +22,7 @@ import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument
+from pitchkeras.quantize import QUANTIZE_MODES, quantize_model
 from pitchkeras.sampling import SamplerConfig
 from pitchkeras.store import DEFAULT_STORE_URI, Review, ReviewStore, open_store, review_id
 
@@ -61,6 +62,7 @@ class PopulateConfig:
         max_attempts: int. Candidate generations per wanted review: a pair gets at most
             `per_pair * max_attempts` attempts in a run, then stays short (reported as missing).
         shard_index, num_shards: int. This worker takes pairs i with i % num_shards == shard_index.
+        quantize: str or None. "int8": generate with int8 weights (`pitchkeras.quantize`).
     """
 
     model: str
@@ -81,6 +83,7 @@ class PopulateConfig:
     max_attempts: int = 4
     shard_index: int = 0
     num_shards: int = 1
+    quantize: Optional[str] = None  # None = the weights as trained
 
     def validate(self) -> "PopulateConfig":
         if self.per_pair < 1:
@@ -97,6 +100,8 @@ class PopulateConfig:
             raise InvalidArgument(f"length must be >= 1 token, got {self.length}")
         if not 0 < self.max_copied_fraction <= 1:
             raise InvalidArgument(f"max_copied_fraction must be in (0, 1], got {self.max_copied_fraction}")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise InvalidArgument(f"quantize must be one of {', '.join(QUANTIZE_MODES)} or None, got {self.quantize!r}")
         if self.scores is not None and not len(self.scores):
             raise InvalidArgument("scores is empty; give at least one score or None for the default grid")
         if self.genres is not None and not len(self.genres):
@@ -244,6 +249,7 @@ def populate(
                 from pitchkeras.model import load_model
 
                 model = load_model(config.model)
+            model = quantize_model(model, config.quantize)
             memorization = None
             if config.dataset:
                 from pitchkeras.quality import MemorizationIndex

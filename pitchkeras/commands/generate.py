@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
@@ -37,6 +37,7 @@ def add_parser(subparsers):
     p.add_argument("--out", help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_compile_cache_flags(p)
+    add_quantize_flag(p)
     return p
 
 
@@ -79,6 +80,7 @@ def run(args) -> int:
     import os
 
     from pitchkeras.model import atomic_write_text, load_model
+    from pitchkeras.quantize import quantize_model
     from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
 
     _check_args(args)
@@ -88,7 +90,7 @@ def run(args) -> int:
     model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
     if not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
-    model = load_model(model_dir)
+    model = quantize_model(load_model(model_dir), args.quantize)
     conditions = _conditions(args, model.info)
 
     memorization = None

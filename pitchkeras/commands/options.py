@@ -23,3 +23,11 @@ def add_compile_cache_flags(p) -> None:
     p.add_argument("--compile-cache", metavar="DIR", default=default_directory(),
                    help=f"keep compiled decode loops here for the next process (${ENV_VAR}=off: none by default)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile in this process only, cache nothing")
+
+
+def add_quantize_flag(p) -> None:
+    """`--quantize int8`: generate with int8 weights (`pitchkeras.quantize`)."""
+    from pitchkeras.quantize import QUANTIZE_MODES
+
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="quantize the model's weights for generation (Keras's model.quantize); default: off")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 
@@ -50,6 +50,7 @@ def add_parser(subparsers):
     p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_compile_cache_flags(p)
+    add_quantize_flag(p)
     return p
 
 
@@ -82,6 +83,7 @@ def run(args) -> int:
         max_attempts=args.max_attempts,
         shard_index=args.shard_index,
         num_shards=args.num_shards,
+        quantize=args.quantize,
     )
     result = populate(config, progress=not args.quiet)
     print(format_table(result))

@@ -6,7 +6,7 @@ Writes report.json (the figures), report.png (a chart of them) and samples.jsonl
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 
@@ -31,6 +31,7 @@ def add_parser(subparsers):
     p.add_argument("--out-dir", default="report", help="where report.json, report.png and samples.jsonl go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_compile_cache_flags(p)
+    add_quantize_flag(p)
     return p
 
 
@@ -144,6 +145,7 @@ def run(args) -> int:
 
     from pitchkeras.data.pipeline import read_examples
     from pitchkeras.model import atomic_write_text, load_model
+    from pitchkeras.quantize import quantize_model
     from pitchkeras.quality import MemorizationIndex
     from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
 
@@ -155,7 +157,7 @@ def run(args) -> int:
     model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
     if not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
-    model = load_model(model_dir)
+    model = quantize_model(load_model(model_dir), args.quantize)
     fmt = model.prompt_format
     grid = _grid(args, model.info)
 
