@@ -309,13 +309,12 @@ def select_tokens(probabilities, uniform, top_k, top_p):
     return ops.minimum(chosen, ops.shape(probabilities)[-1] - 1)
 
 
-def context_tokens(token_ids, length, vocabulary_size: int):
-    """Which tokens occur in each row's context: a bool tensor (batch, vocabulary_size).
+def token_mask(token_ids, selected, vocabulary_size: int):
+    """Which tokens occur at the selected positions of each row: a bool tensor (batch, vocabulary_size).
 
     Args:
         token_ids: int tensor (batch, total). Each row's tokens.
-        length: int tensor (scalar). Positions `[0, length)` are the context;
-            the rest (padding, tokens not drawn yet) is ignored.
+        selected: bool tensor broadcastable to (batch, total). The positions that count.
         vocabulary_size: int. The logits' last dimension.
     """
     from keras import ops
@@ -323,12 +322,20 @@ def context_tokens(token_ids, length, vocabulary_size: int):
     token_ids = ops.cast(token_ids, "int32")
     batch, total = ops.shape(token_ids)
     rows = ops.broadcast_to(ops.arange(batch, dtype="int32")[:, None], (batch, total))
-    in_context = ops.cast(ops.arange(total, dtype="int32")[None, :] < length, "int32")
-    in_context = ops.broadcast_to(in_context, (batch, total))
+    selected = ops.broadcast_to(ops.cast(selected, "int32"), (batch, total))
     indices = ops.reshape(ops.stack([rows, token_ids], axis=-1), (batch * total, 2))
-    # scatter adds duplicates up (tf.scatter_nd, jax .at[].add): a count per token.
-    counts = ops.scatter(indices, ops.reshape(in_context, (batch * total,)), (batch, vocabulary_size))
+    # scatter adds duplicates up (tf.scatter_nd, jax .at[].add): a count per token. No (batch, total,
+    # vocabulary) one-hot, which would be 50257 times the sequence.
+    counts = ops.scatter(indices, ops.reshape(selected, (batch * total,)), (batch, vocabulary_size))
     return counts > 0
+
+
+def context_tokens(token_ids, length, vocabulary_size: int):
+    """Which tokens occur in each row's context, positions `[0, length)`: bool (batch, vocabulary_size)."""
+    from keras import ops
+
+    total = ops.shape(token_ids)[1]
+    return token_mask(token_ids, ops.arange(total, dtype="int32")[None, :] < length, vocabulary_size)
 
 
 def penalize_repetition(logits, token_ids, length, penalty):
@@ -399,9 +406,7 @@ def ban_repeated_ngrams(logits, token_ids, length, ngram_size):
     # p - (n - 1) >= 0 keeps the rolled comparisons from wrapping round; p < length: p is a context token.
     completes = ops.logical_and(positions >= (size - 1)[:, None], positions < length)
     completes = ops.logical_and(ops.logical_and(match, completes), (size > 0)[:, None])
-    rows = ops.broadcast_to(ops.arange(batch, dtype="int32")[:, None], (batch, total))
-    indices = ops.reshape(ops.stack([rows, token_ids], axis=-1), (batch * total, 2))
-    banned = ops.scatter(indices, ops.reshape(ops.cast(completes, "int32"), (batch * total,)), (batch, vocabulary)) > 0
+    banned = token_mask(token_ids, completes, vocabulary)
     banned = ops.logical_and(banned, ops.logical_not(ops.all(banned, axis=-1, keepdims=True)))
     return ops.where(banned, float("-inf"), logits)
 
