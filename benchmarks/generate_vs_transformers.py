@@ -284,8 +284,10 @@ def main(argv=None) -> int:
     for precision in precisions:
         sides.append(Ours(precision, batch_sizes, False if args.no_xla else None, args.new_tokens))
         sides.append(Theirs(precision, args.new_tokens))
-    loops = ", ".join(f"{s.name}: {'XLA' if s.generator.jit_compile else 'TF graph + XLA token selection'}"
-                      for s in sides if isinstance(s, Ours))
+    loops = "; ".join(
+        f"{s.name}: " + ", ".join(f"batch {b} {'XLA' if s.generator.uses_xla(b) else 'TF graph + XLA token selection'}"
+                                  for b in batch_sizes)
+        for s in sides if isinstance(s, Ours))
     print(f"GPT-2 124M random weights, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, "
           f"top_p={TOP_P}, temperature={TEMPERATURE}, top_k off; our decode loop: {loops}")
     sys.stdout.flush()

@@ -548,9 +548,13 @@ class Generator:
         prompt_buckets: tuple of int. Prompt lengths (in tokens) padded up to.
         jit_compile: bool or None. Compile the decode loop with XLA (True) or
             run it as a TensorFlow graph (False; token selection is still
-            XLA-compiled). None picks what measured fastest on CPU: XLA for
-            float32, graph for bfloat16/float16, whose matmuls TensorFlow's
-            oneDNN kernels run several times faster than XLA's CPU backend.
+            XLA-compiled), for every batch shape. None picks per shape what
+            measured fastest on CPU: XLA for float32 batches of 2 and more
+            and for int8 weights; a graph at batch 1 (XLA's CPU backend runs
+            GPT-2's 768x768 projections as matrix-vector products about 5x
+            slower than TensorFlow's kernels: 42 against 72 ms per token on
+            124M) and for bfloat16/float16, whose matmuls TensorFlow's oneDNN
+            kernels run several times faster than XLA's.
         postprocess_options: PostprocessOptions or None. Post-processing steps.
         stop_at_end_token: bool. Stop a row at `<|endoftext|>` (True); False
             always runs the full `max_new_tokens` (benchmarks, to compare
@@ -582,9 +586,7 @@ class Generator:
         self.memorization = memorization
         self.max_copied_fraction = float(max_copied_fraction)
         self.prompt_buckets = tuple(sorted(int(b) for b in prompt_buckets))
-        if jit_compile is None:
-            jit_compile = model.causal_lm.backbone.compute_dtype not in ("bfloat16", "float16")
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile = None if jit_compile is None else bool(jit_compile)
         # The prompt already holds the document start, so a start marker in
         # the completion means a second document, never junk to strip.
         self.postprocess_options = postprocess_options or PostprocessOptions(strip_to_last_start=False)
@@ -604,6 +606,16 @@ class Generator:
         self._max_length = int(backbone.max_sequence_length)
         self._function = None  # the compiled decode loop, built by _compiled()
         self._sample = self._sample_step  # token selection as the loop calls it; _compiled() picks the backend's
+
+    def uses_xla(self, batch: int) -> bool:
+        """Whether the decode loop for `batch` rows is XLA-compiled (TensorFlow; see `jit_compile`)."""
+        if self.jit_compile is not None:
+            return self.jit_compile
+        from pitchkeras.quantize import is_quantized
+
+        if self._backbone.compute_dtype in ("bfloat16", "float16"):
+            return False
+        return batch > 1 or is_quantized(self.model)  # int8 dots are slower still in graph mode
 
     # -- public API ---------------------------------------------------------------
     def generate(
@@ -791,7 +803,7 @@ class Generator:
         """The decode loop compiled for the Keras backend; each input shape is traced (and compiled) once.
 
         Returns a function of numpy inputs returning a numpy (batch, total) int32 array.
-        TensorFlow: a `tf.function` (XLA or graph, see `jit_compile`). JAX:
+        TensorFlow: a `tf.function` (XLA or graph per batch shape, see `jit_compile`). JAX:
         `jax.jit` over a stateless call, the weights passed in as arguments (as
         keras-hub's own generate does), so they are not baked in as constants.
         """
@@ -805,10 +817,12 @@ class Generator:
                 # Token selection is always XLA-compiled: in a graph-mode loop its 31-step
                 # bisection would otherwise pay the executor's per-op cost at every step.
                 self._sample = tf.function(self._sample_step, jit_compile=True)
-                compiled = tf.function(self._decode_loop, jit_compile=self.jit_compile, reduce_retracing=False)
+                compiled = {xla: tf.function(self._decode_loop, jit_compile=xla, reduce_retracing=False)
+                            for xla in (True, False)}
 
                 def run(*args):
-                    return compiled(*(tf.constant(a) for a in args[:-1]), args[-1]).numpy()
+                    loop = compiled[self.uses_xla(args[0].shape[0])]
+                    return loop(*(tf.constant(a) for a in args[:-1]), args[-1]).numpy()
 
             elif backend == "jax":
                 import jax

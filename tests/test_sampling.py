@@ -512,3 +512,13 @@ def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(tiny_mo
     batched = generator.generate([longer, short, GenerationRequest(ROCK, "", seed=11)])
     assert batched[1].raw == alone.raw and len(alone.raw) > len(alone.prompt)
     assert batched[0].raw == generator.generate([longer])[0].raw
+
+
+def test_xla_or_graph_is_chosen_per_batch_shape(tiny_model):
+    from pitchkeras.model import load_model
+    from pitchkeras.quantize import quantize_model
+
+    auto = Generator(tiny_model, batch_size=8)
+    assert [auto.uses_xla(b) for b in (1, 2, 8)] == [False, True, True]  # batch 1 runs as a graph (measured faster)
+    assert Generator(tiny_model, jit_compile=True).uses_xla(1) and not Generator(tiny_model, jit_compile=False).uses_xla(8)
+    assert Generator(quantize_model(load_model(tiny_model.path), "int8")).uses_xla(1)  # int8 dots: XLA everywhere
