@@ -2,24 +2,36 @@
 
 Both sides run the GPT-2 124M architecture (12 layers, 12 heads, 768 wide,
 50257-token vocabulary) with random weights, so nothing is downloaded. Each
-call samples 128 new tokens after a 16-token prompt with top-p 0.95,
-temperature 0.7 and no top-k on both sides, in the same precision, at batch 8
-and batch 1. Neither side stops early at the end token, so both do the same
-work. Ours is the real `Generator.generate` (tokenize, compiled decode loop,
-detokenize, post-process); theirs is `model.generate(do_sample=True, ...)` on
-token ids.
+call samples `--new-tokens` new tokens after a 16-token prompt with top-p 0.95,
+temperature 0.7 and no top-k on both sides, at batch 8 and batch 1, in each
+precision of `--precisions`:
 
-Printed: tokens/sec for each (median of `--repeats` warm calls, with min and
-max), the cold start (the first call, including tracing and compilation), and
-`ratio=<ours/theirs>` at batch 8 as the LAST line.
+- float32 / bfloat16: the model in that dtype on both sides.
+- int8: float32 activations with int8 weights. Ours: Keras's
+  `backbone.quantize("int8")` (`pitchkeras.quantize`), with the same cached
+  decode loop. Theirs: `torch.ao.quantization.quantize_dynamic` over
+  `nn.Linear` (GPT-2's `Conv1D` projections are first turned into the
+  equivalent `nn.Linear`, or only the LM head would be quantized).
+
+Neither side stops early at the end token, so both do the same work. Ours is
+the real `Generator.generate` (tokenize, compiled decode loop, detokenize,
+post-process); theirs is `model.generate(do_sample=True, ...)` on token ids.
+
+Printed: the CPU's SIMD level (ratios differ between AVX2 and AVX-512
+machines), tokens/sec for each side (median of `--repeats` warm calls, with
+min and max), the cold start (the first call, including tracing and
+compilation), with `--demo-model` the validation perplexity of a trained
+model in float32 and int8, and LAST `ratio_batch1=` and `ratio=` (batch 8):
+ours over theirs in the first precision of `--precisions`.
 
 Needs `torch` (CPU wheel) and `transformers` in the environment:
 `pip install torch==2.13.0 transformers`.
 
 Example:
 
-    python benchmarks/generate_vs_transformers.py --dtype float32
-    python benchmarks/generate_vs_transformers.py --dtype bfloat16 --repeats 5
+    python benchmarks/generate_vs_transformers.py --precisions float32,int8
+    python benchmarks/generate_vs_transformers.py --precisions bfloat16 --repeats 5
+    python benchmarks/generate_vs_transformers.py --demo-model checkpoint/run1/model --demo-data data
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ INTERMEDIATE_DIM = 3072
 MAX_SEQUENCE_LENGTH = 1024
 
 PROMPT_TOKENS = 16  # including the start token
-NEW_TOKENS = 128
+NEW_TOKENS = 128  # default of --new-tokens
 TOP_P = 0.95
 TEMPERATURE = 0.7
 
@@ -59,6 +71,18 @@ def _byte_level_alphabet() -> list[str]:
             chars.append(chr(256 + extra))
             extra += 1
     return chars
+
+
+def simd_level() -> str:
+    """The CPU's widest vector extension and its int8 dot-product support, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split(":", 1)[-1].split())
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    level = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE/other"
+    extras = [name for name in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if name in flags]
+    return level + (f" ({', '.join(extras)})" if extras else "")
 
 
 def random_gpt2_model(dtype: str, seed: int = 0):
@@ -101,10 +125,9 @@ def random_gpt2_model(dtype: str, seed: int = 0):
 class Ours:
     """pitchkeras `Generator` on the random GPT-2 model."""
 
-    name = "pitchkeras"
-
-    def __init__(self, dtype: str, batch_sizes, jit_compile):
+    def __init__(self, precision: str, batch_sizes, jit_compile, new_tokens: int):
         from pitchkeras.postprocess import PostprocessOptions
+        from pitchkeras.quantize import quantize_model
         from pitchkeras.sampling import Generator, SamplerConfig
 
         class CountingGenerator(Generator):
@@ -115,11 +138,14 @@ class Ours:
                 self.new_tokens_per_row = [len(c) for c in completions]
                 return completions
 
-        model = random_gpt2_model(dtype)
+        self.name = f"pitchkeras {precision}"
+        model = random_gpt2_model("float32" if precision == "int8" else precision)
+        quantize_model(model, "int8" if precision == "int8" else None)
         # Random weights write noise: keep every sample (post-processing still runs).
         keep_all = PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False)
-        self.generator = CountingGenerator(model, batch_size=max(batch_sizes), max_new_tokens=NEW_TOKENS,
-                                   jit_compile=jit_compile, postprocess_options=keep_all, stop_at_end_token=False)
+        self.generator = CountingGenerator(model, batch_size=max(batch_sizes), max_new_tokens=new_tokens,
+                                           jit_compile=jit_compile, postprocess_options=keep_all,
+                                           stop_at_end_token=False)
         self.config = SamplerConfig(temperature=TEMPERATURE, top_k=0, top_p=TOP_P)
         self.prefix = "The band plays t"[: PROMPT_TOKENS - 1]  # 15 bytes = 15 tokens, + the start token
         assert len(self.generator._tokenize(self.prefix)) == PROMPT_TOKENS
@@ -135,23 +161,42 @@ class Ours:
         return min(self.generator.new_tokens_per_row)
 
 
+def _linear_from_conv1d(conv):
+    """transformers' GPT-2 `Conv1D` (y = x @ W + b, W: in x out) as the equivalent `nn.Linear`."""
+    import torch
+
+    linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
 class Theirs:
     """transformers `GPT2LMHeadModel.generate` on a random GPT-2 124M model."""
 
-    name = "transformers"
-
-    def __init__(self, dtype: str):
+    def __init__(self, precision: str, new_tokens: int):
         import torch
         import transformers
+        from transformers.pytorch_utils import Conv1D
 
         torch.manual_seed(0)
         config = transformers.GPT2Config(
             vocab_size=VOCABULARY_SIZE, n_positions=MAX_SEQUENCE_LENGTH, n_embd=HIDDEN_DIM, n_layer=NUM_LAYERS,
             n_head=NUM_HEADS, n_inner=INTERMEDIATE_DIM,
         )
+        self.name = f"transformers {precision}"
         self.torch = torch
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        self.model = transformers.GPT2LMHeadModel(config).to(self.dtype).eval()
+        self.new_tokens = new_tokens
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}[precision]
+        model = transformers.GPT2LMHeadModel(config).to(dtype).eval()
+        if precision == "int8":
+            for module in list(model.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, Conv1D):
+                        setattr(module, name, _linear_from_conv1d(child))
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model
         self.prompt = torch.randint(0, VOCABULARY_SIZE - 1, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
 
     def __call__(self, batch: int) -> int:
@@ -165,35 +210,63 @@ class Theirs:
                 top_p=TOP_P,
                 temperature=TEMPERATURE,
                 top_k=0,  # transformers' default is 50; pure nucleus on both sides
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,  # no early stop at the end token
+                max_new_tokens=self.new_tokens,
+                min_new_tokens=self.new_tokens,  # no early stop at the end token
                 pad_token_id=VOCABULARY_SIZE - 1,
             )
         return output.shape[1] - PROMPT_TOKENS  # every row runs to the same length
 
 
-def _timed(side, batch: int) -> float:
+def demo_perplexity(model_dir: str, data_dir: str, limit: int) -> dict:
+    """Validation perplexity of a trained pitchkeras model, float32 and int8 (Keras's loss on val.csv)."""
+    import math
+
+    from pitchkeras.data.pipeline import read_examples
+    from pitchkeras.model import load_model
+    from pitchkeras.quantize import quantize_model
+
+    texts = read_examples(os.path.join(data_dir, "val.csv"))[:limit]
+    result = {"examples": len(texts)}
+    for precision in ("float32", "int8"):
+        model = quantize_model(load_model(model_dir), "int8" if precision == "int8" else None)
+        model.causal_lm.compile()  # keras-hub's defaults: token cross-entropy, padding masked
+        loss = model.causal_lm.evaluate(x=texts, batch_size=8, verbose=0, return_dict=True)["loss"]
+        result[precision] = math.exp(loss)
+    return result
+
+
+def _timed(side, batch: int, new_tokens: int) -> float:
     start = time.perf_counter()
     new = side(batch)
     elapsed = time.perf_counter() - start
-    if new != NEW_TOKENS:
-        raise SystemExit(f"{side.name} generated {new} new tokens per row, expected {NEW_TOKENS}")
+    if new != new_tokens:
+        raise SystemExit(f"{side.name} generated {new} new tokens per row, expected {new_tokens}")
     return elapsed
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="precision on both sides")
+    parser.add_argument("--precisions", default="float32,int8",
+                        help="comma-separated, of float32, bfloat16, int8; the first gives ratio= and ratio_batch1=")
     parser.add_argument("--repeats", type=int, default=2, help="warm calls per side and batch size")
     parser.add_argument("--batch-sizes", default="8,1", help="comma-separated batch sizes; the first gives ratio=")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="new tokens per call")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for both sides (TF intra-op and torch); 0 = each library's default")
     parser.add_argument("--no-xla", action="store_true",
                         help="run our decode loop as a TF graph (default: Generator's choice, XLA for float32 only)")
+    parser.add_argument("--demo-model", help="a trained pitchkeras model dir: print its val perplexity fp32 vs int8")
+    parser.add_argument("--demo-data", help="the `pitchkeras prepare` dir it was trained on (its val.csv)")
+    parser.add_argument("--demo-examples", type=int, default=64, help="val examples for the perplexity")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"float32", "bfloat16", "int8"}:
+        parser.error(f"--precisions takes float32, bfloat16, int8; got {args.precisions!r}")
+    if bool(args.demo_model) != bool(args.demo_data):
+        parser.error("--demo-model and --demo-data go together")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
     import tensorflow as tf
@@ -204,39 +277,55 @@ def main(argv=None) -> int:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         torch.set_num_threads(args.threads)
-    print(f"CPU threads: tensorflow inter={tf.config.threading.get_inter_op_parallelism_threads()} "
-          f"intra={tf.config.threading.get_intra_op_parallelism_threads()} (0 = all), torch={torch.get_num_threads()}; "
-          f"os.cpu_count()={os.cpu_count()}")
-    sides = [Ours(args.dtype, batch_sizes, jit_compile=False if args.no_xla else None), Theirs(args.dtype)]
-    loop = "XLA" if sides[0].generator.jit_compile else "TF graph + XLA token selection"
-    print(f"GPT-2 124M random weights, dtype={args.dtype}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
-          f"top_p={TOP_P}, temperature={TEMPERATURE}, top_k off; our decode loop: {loop}")
+    print(f"CPU: {simd_level()}; os.cpu_count()={os.cpu_count()}; threads: tensorflow "
+          f"inter={tf.config.threading.get_inter_op_parallelism_threads()} "
+          f"intra={tf.config.threading.get_intra_op_parallelism_threads()} (0 = all), torch={torch.get_num_threads()}")
+    sides = []
+    for precision in precisions:
+        sides.append(Ours(precision, batch_sizes, False if args.no_xla else None, args.new_tokens))
+        sides.append(Theirs(precision, args.new_tokens))
+    loops = "; ".join(
+        f"{s.name}: " + ", ".join(f"batch {b} {'XLA' if s.generator.uses_xla(b) else 'TF graph + XLA token selection'}"
+                                  for b in batch_sizes)
+        for s in sides if isinstance(s, Ours))
+    print(f"GPT-2 124M random weights, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, "
+          f"top_p={TOP_P}, temperature={TEMPERATURE}, top_k off; our decode loop: {loops}")
     sys.stdout.flush()
 
     # Cold start: the first call per side and batch size (ours traces and compiles here).
     cold = {}
     for side in sides:
         for batch in batch_sizes:
-            cold[side.name, batch] = _timed(side, batch)
-            print(f"{side.name:>12} batch {batch}: cold start {cold[side.name, batch]:.2f} s")
+            cold[side.name, batch] = _timed(side, batch, args.new_tokens)
+            print(f"{side.name:>20} batch {batch}: cold start {cold[side.name, batch]:.2f} s")
             sys.stdout.flush()
-    # Warm calls, interleaved so load from other processes hits both sides alike.
+    # Warm calls, interleaved so load from other processes hits every side alike.
     times = {key: [] for key in cold}
     for _ in range(args.repeats):
         for batch in batch_sizes:
             for side in sides:
-                times[side.name, batch].append(_timed(side, batch))
+                times[side.name, batch].append(_timed(side, batch, args.new_tokens))
     rates = {}
     for batch in batch_sizes:
         for side in sides:
             runs = times[side.name, batch]
-            rate = [batch * NEW_TOKENS / t for t in runs]
+            rate = [batch * args.new_tokens / t for t in runs]
             rates[side.name, batch] = statistics.median(rate)
-            print(f"{side.name:>12} batch {batch}: {rates[side.name, batch]:8.1f} tokens/s "
+            print(f"{side.name:>20} batch {batch}: {rates[side.name, batch]:8.1f} tokens/s "
                   f"(median of {len(runs)}, min {min(rate):.1f}, max {max(rate):.1f}; "
                   f"cold start {cold[side.name, batch]:.2f} s)")
+    if args.demo_model:
+        ppl = demo_perplexity(args.demo_model, args.demo_data, args.demo_examples)
+        print(f"demo model validation perplexity ({ppl['examples']} examples): float32 {ppl['float32']:.3f}, "
+              f"int8 {ppl['int8']:.3f} ({100 * (ppl['int8'] / ppl['float32'] - 1):+.2f}%)")
+    for precision in precisions[1:]:  # the other precisions first, against theirs alike and theirs in the first
+        for batch in reversed(batch_sizes):
+            same = rates[f"pitchkeras {precision}", batch] / rates[f"transformers {precision}", batch]
+            first = rates[f"pitchkeras {precision}", batch] / rates[f"transformers {precisions[0]}", batch]
+            print(f"{precision} batch {batch}: ours/theirs {precision} = {same:.2f}, "
+                  f"ours/theirs {precisions[0]} = {first:.2f}")
     for batch in reversed(batch_sizes):
-        ratio = rates["pitchkeras", batch] / rates["transformers", batch]
+        ratio = rates[f"pitchkeras {precisions[0]}", batch] / rates[f"transformers {precisions[0]}", batch]
         label = "ratio" if batch == batch_sizes[0] else f"ratio_batch{batch}"
         print(f"{label}={ratio:.2f}")
     return 0

@@ -37,6 +37,10 @@ def review_to_proto(review: Review) -> pb.Review:
         message.top_p = float(review.top_p)
     if review.seed is not None:
         message.seed = int(review.seed)
+    if review.repetition_penalty is not None:
+        message.repetition_penalty = float(review.repetition_penalty)
+    if review.no_repeat_ngram_size is not None:
+        message.no_repeat_ngram_size = int(review.no_repeat_ngram_size)
     if review.added is not None:
         added = review.added if review.added.tzinfo else review.added.replace(tzinfo=datetime.timezone.utc)
         message.added.FromDatetime(added)
@@ -67,4 +71,6 @@ def review_from_proto(message: pb.Review) -> Review:
         top_p=_optional(message, "top_p"),
         seed=_optional(message, "seed"),
         prompt=message.prompt,
+        repetition_penalty=_optional(message, "repetition_penalty"),
+        no_repeat_ngram_size=_optional(message, "no_repeat_ngram_size"),
     )

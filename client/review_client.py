@@ -192,6 +192,8 @@ class ReviewClient:
         num_samples: Optional[int] = None,
         store: bool = False,
         timeout: Optional[float] = None,
+        repetition_penalty: Optional[float] = None,
+        no_repeat_ngram_size: Optional[int] = None,
     ) -> list[GeneratedReview]:
         """Freshly generated reviews, in seed order (review i used seed + i).
 
@@ -209,6 +211,8 @@ class ReviewClient:
             num_samples: int or None. How many reviews.
             store: bool. Save accepted reviews and return their ids.
             timeout: float or None. Deadline in seconds (default: generate_timeout).
+            repetition_penalty: float or None. In (0, 10]; 1 = off.
+            no_repeat_ngram_size: int or None. 0 = off.
 
         Raises:
             FailedPrecondition: the server has no model. InvalidArgument: a bad value.
@@ -218,7 +222,8 @@ class ReviewClient:
         request = pb.GenerateRequest(prompt=prompt or "", store=bool(store))
         for name, value in (("score", score), ("genre", genre), ("max_length", max_length),
                             ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                            ("seed", seed), ("num_samples", num_samples)):
+                            ("seed", seed), ("num_samples", num_samples),
+                            ("repetition_penalty", repetition_penalty), ("no_repeat_ngram_size", no_repeat_ngram_size)):
             if value is not None:
                 setattr(request, name, value)
         metadata = ((API_KEY_HEADER, self.api_key),) if self.api_key else None

@@ -99,10 +99,17 @@ def import_tensorflow_quietly() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of CLI output
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "compile_cache", None) and not getattr(args, "no_compile_cache", False):
+            from pitchkeras import compile_cache
+
+            # Before TensorFlow is imported: XLA reads its flags then. XLA's CPU loader logs a
+            # spurious ERROR on every cache hit (see compile_cache), so C++ logs default to level 3.
+            if compile_cache.enable(args.compile_cache):
+                os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of CLI output
         if _uses_tensorflow(args):
             import_tensorflow_quietly()
         module = importlib.import_module(args._run_module)

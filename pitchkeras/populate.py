@@ -22,6 +22,8 @@ import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument
+from pitchkeras.quantize import QUANTIZE_MODES, quantize_model
+from pitchkeras.sampling import SamplerConfig
 from pitchkeras.store import DEFAULT_STORE_URI, Review, ReviewStore, open_store, review_id
 
 # The seed project's eight Pitchfork genres.
@@ -52,12 +54,15 @@ class PopulateConfig:
         max_copied_fraction: float. Reject a sample whose word n-grams are found in the
             training data at least this often (only with `dataset`).
         temperature, top_k, top_p: sampler settings (seed project: 0.7, off, 0.95).
+        repetition_penalty, no_repeat_ngram_size: the sampler's repetition guards
+            (`SamplerConfig`; off by default).
         length: int. Maximum new tokens per sample.
         batch_size: int. Samples generated together (mixed across pairs).
         seed: int. Base seed; with the attempt index it fixes each review's id.
         max_attempts: int. Candidate generations per wanted review: a pair gets at most
             `per_pair * max_attempts` attempts in a run, then stays short (reported as missing).
         shard_index, num_shards: int. This worker takes pairs i with i % num_shards == shard_index.
+        quantize: str or None. "int8": generate with int8 weights (`pitchkeras.quantize`).
     """
 
     model: str
@@ -70,12 +75,15 @@ class PopulateConfig:
     temperature: float = 0.7  # the seed project's settings
     top_k: int = 0
     top_p: float = 0.95
+    repetition_penalty: float = SamplerConfig.repetition_penalty
+    no_repeat_ngram_size: int = SamplerConfig.no_repeat_ngram_size
     length: int = 200
     batch_size: int = 8
     seed: int = 0
     max_attempts: int = 4
     shard_index: int = 0
     num_shards: int = 1
+    quantize: Optional[str] = None  # None = the weights as trained
 
     def validate(self) -> "PopulateConfig":
         if self.per_pair < 1:
@@ -92,6 +100,8 @@ class PopulateConfig:
             raise InvalidArgument(f"length must be >= 1 token, got {self.length}")
         if not 0 < self.max_copied_fraction <= 1:
             raise InvalidArgument(f"max_copied_fraction must be in (0, 1], got {self.max_copied_fraction}")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise InvalidArgument(f"quantize must be one of {', '.join(QUANTIZE_MODES)} or None, got {self.quantize!r}")
         if self.scores is not None and not len(self.scores):
             raise InvalidArgument("scores is empty; give at least one score or None for the default grid")
         if self.genres is not None and not len(self.genres):
@@ -182,6 +192,8 @@ def _review_from_sample(sample, conditions: dict, model_version: str, rid: str, 
         top_p=sample.config.top_p,
         seed=seed,
         prompt=sample.prompt,
+        repetition_penalty=sample.config.repetition_penalty,
+        no_repeat_ngram_size=sample.config.no_repeat_ngram_size,
     )
 
 
@@ -210,12 +222,14 @@ def populate(
     """
     from tqdm.auto import tqdm
 
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig, validate_conditions
+    from pitchkeras.sampling import GenerationRequest, Generator, validate_conditions
 
     # Everything that can be wrong with the arguments fails here, before the
     # (slow) model load: the config, the grid against pitchkeras.json, the store URI.
     config.validate()
-    sampler = SamplerConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p).validate()
+    sampler = SamplerConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                            repetition_penalty=config.repetition_penalty,
+                            no_repeat_ngram_size=config.no_repeat_ngram_size).validate()
     if generator is not None:
         info = generator.model.info
     elif model is not None:
@@ -235,6 +249,7 @@ def populate(
                 from pitchkeras.model import load_model
 
                 model = load_model(config.model)
+            model = quantize_model(model, config.quantize)
             memorization = None
             if config.dataset:
                 from pitchkeras.quality import MemorizationIndex

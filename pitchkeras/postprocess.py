@@ -20,6 +20,8 @@ can be switched off with `PostprocessOptions`:
    (`no_sentence`).
 5. `normalize_whitespace`: single spaces, no trailing blanks, at most one
    empty line between paragraphs.
+6. `reject_repetition`: a body that loops is rejected (`repetition`); see
+   `find_repetition` for the thresholds.
 
 Example:
 
@@ -31,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from typing import Any, Mapping, Optional
@@ -43,6 +46,7 @@ NO_SENTENCE = "no_sentence"
 BAD_HEADER = "bad_header"
 CONDITION_MISMATCH = "condition_mismatch"
 SECOND_DOCUMENT = "second_document"
+REPETITION = "repetition"
 
 MARKERS = (START_OF_TEXT, END_OF_TEXT)
 
@@ -58,6 +62,18 @@ _CLOSERS = "\"'”’»)]}"
 # quotes/brackets, then whitespace or the end of the text.
 _SENTENCE_END = re.compile(r"[.!?]+[" + re.escape(_CLOSERS) + r"]*(?=\s|$)")
 _WORD_BEFORE = re.compile(r"([\w.]+)$")
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
+_UNIT_END = re.compile(r"[.!?\n]+")
+
+# Thresholds of `find_repetition`. Measured against the bundled sample dump
+# (300 reviews, none flagged) and the two loops quoted in issue 15 (both flagged);
+# real reviews repeat an artist's or an album's name, so counts alone never decide.
+MAX_RUN_REPEATS = 3  # the same 1-4 word sequence back to back more than this ("resident resident ...")
+MAX_RUN_NGRAM = 4  # longest sequence checked for back-to-back copies
+TRIGRAM_MIN_COUNT = 4  # a word 3-gram seen this often...
+TRIGRAM_MAX_SHARE = 0.2  # ...that is also more than this share of all 3-grams
+OPENING_MIN_UNITS = 6  # with at least this many sentences/lines...
+OPENING_MAX_SHARE = 0.5  # ...more than this share starting with the same two words ("I HATE X. I HATE Y. ...")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +91,7 @@ class PostprocessOptions:
         require_sentence: bool. Reject a body without a complete sentence.
         trim_to_sentence: bool. Cut the body after its last sentence end.
         normalize_whitespace: bool. Collapse runs of spaces and blank lines.
+        reject_repetition: bool. Reject a body that loops (`find_repetition`).
     """
 
     strip_to_last_start: bool = True
@@ -84,6 +101,7 @@ class PostprocessOptions:
     require_sentence: bool = True
     trim_to_sentence: bool = True
     normalize_whitespace: bool = True
+    reject_repetition: bool = True
 
 
 @dataclasses.dataclass
@@ -194,6 +212,52 @@ def normalize_whitespace(text: str) -> str:
     return text.strip()
 
 
+def find_repetition(text: str) -> Optional[str]:
+    """Why `text` is a degenerate loop, or None when it reads like prose.
+
+    Words are compared lower-case. `text` loops when any of these holds:
+
+    - a run: a sequence of 1 to `MAX_RUN_NGRAM` words follows itself back to
+      back more than `MAX_RUN_REPEATS` times ("resident resident resident
+      resident");
+    - one word 3-gram occurs at least `TRIGRAM_MIN_COUNT` times and makes up
+      more than `TRIGRAM_MAX_SHARE` of all the text's 3-grams (a sentence
+      said over and over);
+    - of at least `OPENING_MIN_UNITS` sentences or lines, more than
+      `OPENING_MAX_SHARE` start with the same two words ("I HATE MODELS.
+      I HATE PRODUCTIONS. I HATE ...").
+
+    An artist's name said five times in a review trips none of them: it is
+    neither back to back, nor a fifth of the text, nor half its sentence
+    openings.
+
+    Returns:
+        A short description of the loop found (for logs and tests), or None.
+    """
+    words = _WORD.findall(text.lower())
+    for n in range(1, MAX_RUN_NGRAM + 1):
+        for start in range(len(words) - n * (MAX_RUN_REPEATS + 1) + 1):
+            unit = words[start:start + n]
+            copies = 1
+            while words[start + copies * n:start + (copies + 1) * n] == unit:
+                copies += 1
+            if copies > MAX_RUN_REPEATS:
+                return f"{' '.join(unit)!r} {copies} times in a row"
+    trigrams = collections.Counter(zip(words, words[1:], words[2:]))
+    if trigrams:
+        gram, count = trigrams.most_common(1)[0]
+        if count >= TRIGRAM_MIN_COUNT and count > TRIGRAM_MAX_SHARE * sum(trigrams.values()):
+            return f"{' '.join(gram)!r} is {count} of {sum(trigrams.values())} 3-grams"
+    units = [_WORD.findall(unit.lower()) for unit in _UNIT_END.split(text)]
+    openings = collections.Counter(tuple(unit[:2]) for unit in units if len(unit) >= 2)
+    total = sum(openings.values())
+    if total >= OPENING_MIN_UNITS:
+        opening, count = openings.most_common(1)[0]
+        if count > OPENING_MAX_SHARE * total:
+            return f"{count} of {total} sentences start {' '.join(opening)!r}"
+    return None
+
+
 def postprocess(
     raw: str,
     fmt: PromptFormat,
@@ -212,7 +276,7 @@ def postprocess(
     Returns:
         A `Processed` with the clean text and parsed conditions, or with
         `rejected` set to one of `empty`, `bad_header`, `condition_mismatch`,
-        `second_document`, `no_sentence`.
+        `second_document`, `no_sentence`, `repetition`.
     """
     options = options or PostprocessOptions()
     requested = dict(requested or {})
@@ -243,4 +307,6 @@ def postprocess(
         text = normalize_whitespace(text)
     if not text.strip():
         return Processed("", conditions, EMPTY)
+    if options.reject_repetition and find_repetition(text):
+        return Processed("", conditions, REPETITION)
     return Processed(text, conditions, None)

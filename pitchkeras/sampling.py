@@ -61,11 +61,20 @@ class SamplerConfig:
         top_k: int. Keep only the `top_k` most likely tokens; 0 turns it off.
         top_p: float. Keep the smallest set of most likely tokens whose mass
             reaches `top_p` (nucleus sampling); in (0, 1], 1 turns it off.
+        repetition_penalty: float. CTRL's penalty (Keskar et al. 2019), as
+            transformers applies it: the logit of every token already in the
+            prompt or the completion is divided by it when positive and
+            multiplied by it when negative; > 0, 1 turns it off.
+        no_repeat_ngram_size: int. A token that would complete an n-gram of
+            this many tokens already in the prompt or the completion is never
+            drawn (transformers' `no_repeat_ngram_size`); 0 turns it off.
     """
 
     temperature: float = 0.7  # gpt-2-simple's default
     top_k: int = 0  # 0 = off
     top_p: float = 0.95  # nucleus mass; 1.0 = off
+    repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the text; 1.0 = off (CTRL used 1.2)
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size; 0 = off
 
     def validate(self) -> "SamplerConfig":
         """Return self, or raise InvalidArgument naming the bad value."""
@@ -75,6 +84,13 @@ class SamplerConfig:
             raise InvalidArgument(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p!r}")
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) \
+                or penalty <= 0:
+            raise InvalidArgument(f"repetition_penalty must be a number > 0 (1.0 = off), got {penalty!r}")
+        size = self.no_repeat_ngram_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise InvalidArgument(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {size!r}")
         return self
 
     def to_json(self) -> dict:
@@ -113,8 +129,8 @@ class Sample:
         config: SamplerConfig. The sampler settings used.
         model_version: str. The training run that produced the model.
         rejected: str or None. Why it was rejected (`condition_mismatch`,
-            `no_sentence`, `memorized`, `second_document`, `empty`,
-            `bad_header`); None if accepted.
+            `no_sentence`, `memorized`, `second_document`, `repetition`,
+            `empty`, `bad_header`); None if accepted.
         quality: dict. Quality measures, e.g. `longest_copied_run` and
             `copied_ngram_fraction` when a memorization index is used.
     """
@@ -293,6 +309,108 @@ def select_tokens(probabilities, uniform, top_k, top_p):
     return ops.minimum(chosen, ops.shape(probabilities)[-1] - 1)
 
 
+def token_mask(token_ids, selected, vocabulary_size: int):
+    """Which tokens occur at the selected positions of each row: a bool tensor (batch, vocabulary_size).
+
+    Args:
+        token_ids: int tensor (batch, total). Each row's tokens.
+        selected: bool tensor broadcastable to (batch, total). The positions that count.
+        vocabulary_size: int. The logits' last dimension.
+    """
+    from keras import ops
+
+    token_ids = ops.cast(token_ids, "int32")
+    batch, total = ops.shape(token_ids)
+    rows = ops.broadcast_to(ops.arange(batch, dtype="int32")[:, None], (batch, total))
+    selected = ops.broadcast_to(ops.cast(selected, "int32"), (batch, total))
+    indices = ops.reshape(ops.stack([rows, token_ids], axis=-1), (batch * total, 2))
+    # scatter adds duplicates up (tf.scatter_nd, jax .at[].add): a count per token. No (batch, total,
+    # vocabulary) one-hot, which would be 50257 times the sequence.
+    counts = ops.scatter(indices, ops.reshape(selected, (batch * total,)), (batch, vocabulary_size))
+    return counts > 0
+
+
+def context_tokens(token_ids, length, vocabulary_size: int):
+    """Which tokens occur in each row's context, positions `[0, length)`: bool (batch, vocabulary_size)."""
+    from keras import ops
+
+    total = ops.shape(token_ids)[1]
+    return token_mask(token_ids, ops.arange(total, dtype="int32")[None, :] < length, vocabulary_size)
+
+
+def penalize_repetition(logits, token_ids, length, penalty):
+    """CTRL's repetition penalty on the tokens of each row's context, exactly as transformers applies it.
+
+    transformers' `RepetitionPenaltyLogitsProcessor`: a token already in the
+    context has its logit divided by `penalty` when positive and multiplied
+    by it when negative (so it always becomes less likely for penalty > 1).
+
+    Args:
+        logits: float tensor (batch, vocab).
+        token_ids: int tensor (batch, total).
+        length: int tensor. Positions `[0, length)` of `token_ids` are the context.
+        penalty: float32 tensor (batch,). 1 leaves a row unchanged.
+
+    Returns:
+        float32 logits (batch, vocab).
+    """
+    from keras import ops
+
+    logits = ops.cast(logits, "float32")
+    penalty = ops.convert_to_tensor(penalty, dtype="float32")[:, None]
+    seen = context_tokens(token_ids, length, ops.shape(logits)[-1])
+    # The penalty per token, 1 for unseen ones: not a plain broadcast, so XLA cannot turn the
+    # division into a multiplication by 1/penalty, which rounds differently from transformers'.
+    factor = ops.where(seen, penalty, 1.0)
+    return ops.where(logits < 0, logits * factor, logits / factor)
+
+
+def ban_repeated_ngrams(logits, token_ids, length, ngram_size):
+    """Set to -inf the logit of every token that would repeat an n-gram of the context.
+
+    transformers' `NoRepeatNGramLogitsProcessor`: with n = `ngram_size`, the
+    next token t is banned when the last n - 1 context tokens followed by t
+    already occur as n consecutive context tokens. No sort or hash table:
+    for each earlier position p, the n - 1 tokens before it are compared with
+    the last n - 1 tokens of the context, one shifted comparison per k < n.
+    A row whose every token would be banned (a tiny vocabulary) is left
+    unchanged rather than given no token at all.
+
+    Args:
+        logits: float tensor (batch, vocab).
+        token_ids: int tensor (batch, total).
+        length: int tensor. Positions `[0, length)` of `token_ids` are the context.
+        ngram_size: int32 tensor (batch,). 0 leaves a row unchanged.
+
+    Returns:
+        float32 logits (batch, vocab).
+    """
+    from keras import ops
+
+    logits = ops.cast(logits, "float32")
+    token_ids = ops.cast(token_ids, "int32")
+    size = ops.convert_to_tensor(ngram_size, dtype="int32")
+    batch, total = ops.shape(token_ids)
+    vocabulary = ops.shape(logits)[-1]
+    length = ops.cast(length, "int32")
+
+    def same_before(k, match):
+        # match[b, p]: token p - k equals the context's k-th last token, for every k so far < n.
+        earlier = ops.roll(token_ids, k, axis=1)  # earlier[:, p] = token_ids[:, p - k]
+        last = ops.take(token_ids, ops.maximum(length - k, 0), axis=1)
+        same = earlier == last[:, None]
+        return ops.logical_and(match, ops.logical_or((k >= size)[:, None], same))
+
+    match = ops.fori_loop(1, ops.max(size), same_before, ops.ones((batch, total), "bool"))
+    positions = ops.arange(total, dtype="int32")[None, :]
+    # p - (n - 1) >= 0 keeps the rolled comparisons from wrapping round; p < length: p is a context token.
+    completes = ops.logical_and(positions >= (size - 1)[:, None], positions < length)
+    completes = ops.logical_and(ops.logical_and(match, completes), (size > 0)[:, None])
+    banned = token_mask(token_ids, completes, vocabulary)
+    banned = ops.logical_and(banned, ops.logical_not(ops.all(banned, axis=-1, keepdims=True)))
+    return ops.where(banned, float("-inf"), logits)
+
+
 def _nucleus_sampler_class():
     """Build `NucleusSampler` on first use, so importing this module stays cheap."""
     import keras
@@ -430,9 +548,13 @@ class Generator:
         prompt_buckets: tuple of int. Prompt lengths (in tokens) padded up to.
         jit_compile: bool or None. Compile the decode loop with XLA (True) or
             run it as a TensorFlow graph (False; token selection is still
-            XLA-compiled). None picks what measured fastest on CPU: XLA for
-            float32, graph for bfloat16/float16, whose matmuls TensorFlow's
-            oneDNN kernels run several times faster than XLA's CPU backend.
+            XLA-compiled), for every batch shape. None picks per shape what
+            measured fastest on CPU: XLA for float32 batches of 2 and more
+            and for int8 weights; a graph at batch 1 (XLA's CPU backend runs
+            GPT-2's 768x768 projections as matrix-vector products about 5x
+            slower than TensorFlow's kernels: 42 against 72 ms per token on
+            124M) and for bfloat16/float16, whose matmuls TensorFlow's oneDNN
+            kernels run several times faster than XLA's.
         postprocess_options: PostprocessOptions or None. Post-processing steps.
         stop_at_end_token: bool. Stop a row at `<|endoftext|>` (True); False
             always runs the full `max_new_tokens` (benchmarks, to compare
@@ -464,9 +586,7 @@ class Generator:
         self.memorization = memorization
         self.max_copied_fraction = float(max_copied_fraction)
         self.prompt_buckets = tuple(sorted(int(b) for b in prompt_buckets))
-        if jit_compile is None:
-            jit_compile = model.causal_lm.backbone.compute_dtype not in ("bfloat16", "float16")
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile = None if jit_compile is None else bool(jit_compile)
         # The prompt already holds the document start, so a start marker in
         # the completion means a second document, never junk to strip.
         self.postprocess_options = postprocess_options or PostprocessOptions(strip_to_last_start=False)
@@ -486,6 +606,16 @@ class Generator:
         self._max_length = int(backbone.max_sequence_length)
         self._function = None  # the compiled decode loop, built by _compiled()
         self._sample = self._sample_step  # token selection as the loop calls it; _compiled() picks the backend's
+
+    def uses_xla(self, batch: int) -> bool:
+        """Whether the decode loop for `batch` rows is XLA-compiled (TensorFlow; see `jit_compile`)."""
+        if self.jit_compile is not None:
+            return self.jit_compile
+        from pitchkeras.quantize import is_quantized
+
+        if self._backbone.compute_dtype in ("bfloat16", "float16"):
+            return False
+        return batch > 1 or is_quantized(self.model)  # int8 dots are slower still in graph mode
 
     # -- public API ---------------------------------------------------------------
     def generate(
@@ -614,6 +744,8 @@ class Generator:
                     np.full((shape,), config.temperature, np.float32),
                     np.full((shape,), config.top_k, np.int32),
                     np.full((shape,), config.top_p, np.float32),
+                    np.full((shape,), config.repetition_penalty, np.float32),
+                    np.full((shape,), config.no_repeat_ngram_size, np.int32),
                     total - bucket,
                 )
                 for r, i in enumerate(rows):
@@ -671,7 +803,7 @@ class Generator:
         """The decode loop compiled for the Keras backend; each input shape is traced (and compiled) once.
 
         Returns a function of numpy inputs returning a numpy (batch, total) int32 array.
-        TensorFlow: a `tf.function` (XLA or graph, see `jit_compile`). JAX:
+        TensorFlow: a `tf.function` (XLA or graph per batch shape, see `jit_compile`). JAX:
         `jax.jit` over a stateless call, the weights passed in as arguments (as
         keras-hub's own generate does), so they are not baked in as constants.
         """
@@ -685,13 +817,19 @@ class Generator:
                 # Token selection is always XLA-compiled: in a graph-mode loop its 31-step
                 # bisection would otherwise pay the executor's per-op cost at every step.
                 self._sample = tf.function(self._sample_step, jit_compile=True)
-                compiled = tf.function(self._decode_loop, jit_compile=self.jit_compile, reduce_retracing=False)
+                compiled = {xla: tf.function(self._decode_loop, jit_compile=xla, reduce_retracing=False)
+                            for xla in (True, False)}
 
                 def run(*args):
-                    return compiled(*(tf.constant(a) for a in args[:-1]), args[-1]).numpy()
+                    loop = compiled[self.uses_xla(args[0].shape[0])]
+                    return loop(*(tf.constant(a) for a in args[:-1]), args[-1]).numpy()
 
             elif backend == "jax":
                 import jax
+
+                from pitchkeras import compile_cache
+
+                compile_cache.apply_to_jax()
 
                 variables = list(self._backbone.variables)
 
@@ -699,7 +837,7 @@ class Generator:
                     with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                         return self._decode_loop(*args)
 
-                compiled = jax.jit(stateless, static_argnums=(7,))
+                compiled = jax.jit(stateless, static_argnums=(9,))
 
                 def run(*args):
                     return np.asarray(compiled([v.value for v in variables], *args))
@@ -711,7 +849,8 @@ class Generator:
             self._function = run
         return self._function
 
-    def _decode_loop(self, prompt_ids, prompt_mask, keys, temperature, top_k, top_p, new_tokens: int):
+    def _decode_loop(self, prompt_ids, prompt_mask, keys, temperature, top_k, top_p, repetition_penalty,
+                     no_repeat_ngram_size, new_tokens: int):
         """Prefill the caches with the prompt bucket, then sample until every row has ended.
 
         Written in `keras.ops`, so one loop serves the TensorFlow and JAX backends.
@@ -744,7 +883,9 @@ class Generator:
         def body(index, token_ids, caches, done):
             hidden, caches = self._forward(column(token_ids, index - 1), caches, index - 1)
             logits = backbone.token_embedding(hidden[:, -1, :], reverse=True)
-            chosen = ops.reshape(self._sample(logits, keys, index, temperature, top_k, top_p), (batch,))
+            chosen = self._sample(logits, token_ids, keys, index, temperature, top_k, top_p, repetition_penalty,
+                                  no_repeat_ngram_size)
+            chosen = ops.reshape(chosen, (batch,))
             in_prompt = column(mask, index)[:, 0] > 0
             chosen = ops.where(in_prompt, column(token_ids, index)[:, 0], ops.cast(chosen, token_ids.dtype))
             token_ids = ops.slice_update(token_ids, (0, index), chosen[:, None])
@@ -758,7 +899,17 @@ class Generator:
         )
         return token_ids
 
-    def _sample_step(self, logits, keys, index, temperature, top_k, top_p):
+    def _sample_step(self, logits, token_ids, keys, index, temperature, top_k, top_p, repetition_penalty,
+                     no_repeat_ngram_size):
+        """The token at `index` per row: logits processors, then temperature, top-k, top-p (transformers' order)."""
+        from keras import ops
+
+        logits = ops.cast(logits, "float32")
+        # Each processor runs only when some row asks for it: off, it costs one `any` per step.
+        logits = ops.cond(ops.any(repetition_penalty != 1.0),
+                          lambda: penalize_repetition(logits, token_ids, index, repetition_penalty), lambda: logits)
+        logits = ops.cond(ops.any(no_repeat_ngram_size > 0),
+                          lambda: ban_repeated_ngrams(logits, token_ids, index, no_repeat_ngram_size), lambda: logits)
         probabilities = scaled_probabilities(logits, temperature)
         return select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
 

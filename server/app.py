@@ -133,10 +133,12 @@ class ReviewServer:
         generator = self._generator
         if generator is None:
             from pitchkeras.model import load_model
+            from pitchkeras.quantize import quantize_model
             from pitchkeras.sampling import Generator
 
             log.info("loading model %s", self._model_dir)
-            generator = Generator(load_model(self._model_dir), batch_size=self.config.max_batch_size,
+            model = quantize_model(load_model(self._model_dir), self.config.quantize)
+            generator = Generator(model, batch_size=self.config.max_batch_size,
                                   max_new_tokens=self.config.default_max_length)
         if self.config.warmup:
             # Every batch shape the batcher can form (powers of two up to the max), at the default length.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from pitchkeras.errors import UsageError
 
@@ -25,6 +26,7 @@ class ServerConfig:
         warmup: bool. Compile the model's shapes before reporting SERVING.
         rate_per_s: float. API key rate limit: sustained Generate calls per second per key.
         burst: int. API key rate limit: calls a key may make at once after being idle.
+        quantize: str or None. "int8": load the model with int8 weights (`pitchkeras.quantize`).
     """
 
     max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
@@ -40,6 +42,7 @@ class ServerConfig:
     warmup: bool = True
     rate_per_s: float = 1.0
     burst: int = 5
+    quantize: Optional[str] = None  # None = the weights as trained
 
     def validate(self) -> "ServerConfig":
         """Return self, or raise UsageError naming the bad setting."""
@@ -53,6 +56,7 @@ class ServerConfig:
             ("grace_s", self.grace_s >= 0, ">= 0"),
             ("rate_per_s", self.rate_per_s > 0, "> 0"),
             ("burst", self.burst >= 1, ">= 1"),
+            ("quantize", self.quantize in (None, "int8"), 'None or "int8"'),
         )
         for name, ok, allowed in checks:
             if not ok:

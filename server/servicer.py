@@ -183,7 +183,15 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         top_k = request.top_k if request.HasField("top_k") else defaults.top_k
         if top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {top_k}")
-        config = SamplerConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)).validate()
+        penalty = request.repetition_penalty if request.HasField("repetition_penalty") else defaults.repetition_penalty
+        if not (math.isfinite(penalty) and 0 < penalty <= 10):
+            raise InvalidArgument(f"repetition_penalty must be in (0, 10] (1 = off), got {penalty!r}")
+        ngram_size = (request.no_repeat_ngram_size if request.HasField("no_repeat_ngram_size")
+                      else defaults.no_repeat_ngram_size)
+        if ngram_size < 0:
+            raise InvalidArgument(f"no_repeat_ngram_size must be >= 0 (0 = off), got {ngram_size}")
+        config = SamplerConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                               repetition_penalty=float(penalty), no_repeat_ngram_size=int(ngram_size)).validate()
         if request.HasField("seed"):
             if not 0 <= request.seed < MAX_SEED:
                 raise InvalidArgument(f"seed must be in [0, 2**62), got {request.seed}")
@@ -208,6 +216,11 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         # The id covers everything that fixes the text, so equal ids mean equal reviews.
         id_key = dict(conditions, prompt=request.prompt, temperature=repr(config.temperature),
                       top_k=str(config.top_k), top_p=repr(config.top_p), max_length=str(max_length))
+        if (config.repetition_penalty, config.no_repeat_ngram_size) != (defaults.repetition_penalty,
+                                                                        defaults.no_repeat_ngram_size):
+            # Only when set, so ids of reviews stored before these options existed stay the same.
+            id_key.update(repetition_penalty=repr(config.repetition_penalty),
+                          no_repeat_ngram_size=str(config.no_repeat_ngram_size))
         reviews = [_review(sample, conditions) for sample in samples]
         stored_ids: set[str] = set()
         if request.store:
@@ -270,6 +283,8 @@ def _review(sample, conditions: dict) -> Review:
         top_p=sample.config.top_p,
         seed=sample.seed,
         prompt=sample.prompt,
+        repetition_penalty=sample.config.repetition_penalty,
+        no_repeat_ngram_size=sample.config.no_repeat_ngram_size,
     )
 
 

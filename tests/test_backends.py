@@ -21,7 +21,7 @@ from pitchkeras.conditioning import REVIEWS
 pytest.importorskip("jax")
 tf = pytest.importorskip("tensorflow")
 
-from tests.test_sampling import ROCK, TEXTS  # noqa: E402 - the same tiny corpus as the TensorFlow tests
+from tests.test_sampling import ROCK, TEXTS, processor_cases, run_processors  # noqa: E402 - the same corpus and cases
 PREFIXES = ("", "The band", "A quiet record with many words in its prefix")
 
 # Fixed probabilities: (probabilities, top_k, top_p, the tokens that may come out).
@@ -47,15 +47,19 @@ def select_on_grid(probabilities, top_k, top_p):
 
 
 def generate_twice(model) -> dict:
-    """The PREFIXES' texts, generated, then again in reverse order, and the trace counts after each."""
-    from pitchkeras.sampling import GenerationRequest, Generator
+    """The PREFIXES' texts, generated, then again in reverse order, then with both repetition
+    processors on, and the trace counts after each."""
+    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
 
     generator = Generator(model, batch_size=4, max_new_tokens=24, prompt_buckets=(16, 32))
     requests = [GenerationRequest(ROCK, prefix, seed=seed) for seed, prefix in enumerate(PREFIXES)]
     raw = [sample.raw for sample in generator.generate(requests)]
     traces_after_first = generator.trace_count
     again = [sample.raw for sample in generator.generate(list(reversed(requests)))][::-1]
-    return {"raw": raw, "again": again, "traces": [traces_after_first, generator.trace_count]}
+    processed = [sample.raw for sample in generator.generate(
+        requests, config=SamplerConfig(repetition_penalty=1.3, no_repeat_ngram_size=2))]
+    return {"raw": raw, "again": again, "processed": processed,
+            "traces": [traces_after_first, generator.trace_count]}
 
 
 # Runs with KERAS_BACKEND=jax, from the repository root; the helpers above run on both backends.
@@ -70,6 +74,7 @@ JAX_SCRIPT = textwrap.dedent(
     from pitchkeras.model import load_model
     from pitchkeras.sampling import NucleusSampler
     from tests.test_backends import SELECTION_CASES, generate_twice, select_on_grid
+    from tests.test_sampling import processor_cases, run_processors
 
     selections = []
     for probabilities, top_k, top_p, _ in SELECTION_CASES:
@@ -83,7 +88,9 @@ JAX_SCRIPT = textwrap.dedent(
     greedy = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
     lm.compile(sampler=NucleusSampler(temperature=0.7, top_p=1e-6, seed=3))
     nucleus = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
-    print(json.dumps({"selections": selections, "greedy": [greedy, nucleus], **generate_twice(model)}))
+    processors = [[out.tolist() for out in run_processors(case)] for case in processor_cases()]
+    print(json.dumps({"selections": selections, "greedy": [greedy, nucleus], "processors": processors,
+                      **generate_twice(model)}))
     """
 )
 
@@ -117,6 +124,11 @@ def test_jax_backend_matches_tensorflow(model_dir):
         assert set(on_jax) == set(allowed)  # the nucleus, and all of it
         assert on_jax == on_tf.numpy().tolist()
 
+    # The repetition processors: exact on fixed logits on JAX too (the same cases as test_sampling's).
+    for case, (penalized, banned) in zip(processor_cases(), jax_side["processors"]):
+        np.testing.assert_array_equal(penalized, run_processors(case)[0])
+        np.testing.assert_array_equal(banned, run_processors(case)[1])
+
     # The decode loop: the same model directory, seeds and prompts give the same text.
     tf_side = generate_twice(load_model(model_dir))
     on_tf = tf_side["raw"]
@@ -124,6 +136,7 @@ def test_jax_backend_matches_tensorflow(model_dir):
     assert all(len(raw) > len(REVIEWS.prompt(ROCK, prefix)) for raw, prefix in zip(on_tf, PREFIXES))
     assert jax_side["raw"] == on_tf
     assert jax_side["again"] == on_tf  # deterministic, batch order does not matter
+    assert jax_side["processed"] == tf_side["processed"] != on_tf  # the processors change the text, alike
     greedy, nucleus = jax_side["greedy"]
     assert nucleus == greedy and len(greedy) > len("8.0\nRock\n")
     # Three prompt lengths in one bucket and one batch shape: one trace, reused.

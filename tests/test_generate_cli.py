@@ -32,13 +32,14 @@ def test_jsonl_records(model_dir, tmp_path, capsys):
     out = tmp_path / "samples.jsonl"
     code = main(["generate", "--checkpoint-dir", str(model_dir), "--run-name", "run1", "--score", "8", "--genre", "rock",
                  "--nsamples", "3", "--batch-size", "2", "--length", "10", "--seed", "7", "--top-k", "40",
-                 "--dataset", str(model_dir / "train.csv"), "--out", str(out), "--quiet"])
+                 "--repetition-penalty", "1.2", "--no-repeat-ngram-size", "3", "--dataset", str(model_dir / "train.csv"), "--out", str(out), "--quiet"])
     assert code == 0
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["seed"] for r in records] == [7, 8, 9]
     for record in records:
         assert record["conditions"] == {"score": 8.0, "genre": "Rock"}
-        assert record["sampler"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95}
+        assert record["sampler"] == {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.2,
+                                     "no_repeat_ngram_size": 3}
         assert record["model_version"] == "cli-v1"
         assert record["raw"].startswith("8.0\nRock\n")
         assert (record["rejected"] is None) == bool(record["text"])
@@ -95,3 +96,19 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, argv, message):
 def test_missing_model_dir(tmp_path, capsys):
     assert main(["generate", "--checkpoint-dir", str(tmp_path), "--score", "8", "--genre", "Rock"]) == 2
     assert "run `pitchkeras finetune` first" in capsys.readouterr().err
+
+
+def test_quantize_int8_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "int8.jsonl"
+    assert main(["generate", "--model", str(model_dir / "run1" / "model"), "--score", "8", "--genre", "Rock",
+                 "--nsamples", "2", "--length", "8", "--quantize", "int8", "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 2 and all(r["raw"].startswith("8.0\nRock\n") for r in records)
+    assert "/2 accepted" in capsys.readouterr().err
+
+
+def test_unknown_quantize_mode_is_one_line_and_exit_2(model_dir, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--model", str(model_dir / "run1" / "model"), "--quantize", "int4"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--quantize: invalid choice: 'int4'" in err and len(err.strip().splitlines()) == 1

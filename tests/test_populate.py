@@ -139,7 +139,9 @@ def test_fills_grid_with_metadata_and_a_table(tmp_path, generator):
         assert (pair.requested, pair.existing, pair.stored, pair.missing) == (2, 0, 2, 0)
         # Every attempt was stored or rejected for a reason, and none beyond the budget.
         assert pair.stored + sum(pair.rejected.values()) == counting.attempts()[_key(pair.conditions)] <= 8
-    assert set(result.rejected) == {"no_sentence"} and result.rejected["no_sentence"] > 0
+    # The unigram model writes fragments and loops (" good good good good."): both reasons are counted.
+    assert set(result.rejected) == {"no_sentence", "repetition"}
+    assert result.rejected["no_sentence"] > 0 and result.rejected["repetition"] > 0
     # Batches mix pairs: the first holds the first two attempts of two pairs.
     assert len({_key(r.conditions) for r in counting.batches[0]}) == 2
 
@@ -150,15 +152,29 @@ def test_fills_grid_with_metadata_and_a_table(tmp_path, generator):
         assert review.id == review_id(MODEL_VERSION, review.conditions, config.seed, attempt)
         assert review.model_version == MODEL_VERSION
         assert (review.temperature, review.top_k, review.top_p) == (0.7, 0, 0.95)
+        assert (review.repetition_penalty, review.no_repeat_ngram_size) == (1.0, 0)
         assert review.prompt == f"{review.score:.1f}\n{review.genre}\n"
         assert review.text.endswith(".") and review.length == len(review.text.split()) > 0
 
     table = format_table(result).splitlines()
-    assert table[0].split() == ["score", "genre", "requested", "existing", "stored", "missing", "rej:no_sentence"]
+    assert table[0].split() == ["score", "genre", "requested", "existing", "stored", "missing", "rej:no_sentence",
+                                "rej:repetition"]
     rows = [line.split() for line in table[2:]]
     assert [r[:6] for r in rows[:4]] == [[f"{s:.1f}", g, "2", "0", "2", "0"] for s in SCORES for g in sorted(GENRES)]
     assert rows[4][:5] == ["total", "8", "0", "8", "0"]
-    assert rows[4][5] == str(result.rejected["no_sentence"])
+    assert rows[4][5:] == [str(result.rejected["no_sentence"]), str(result.rejected["repetition"])]
+
+
+def test_repetition_settings_reach_the_sampler_and_the_store(tmp_path, generator):
+    config = _config(tmp_path, scores=[8.0], repetition_penalty=1.3, no_repeat_ngram_size=2)
+    result, counting = _run(config, generator)
+    assert result.stored == 4
+    with SQLiteStore(config.store[len("sqlite:///"):]) as store:
+        ids = store.existing_ids([review_id(MODEL_VERSION, p.conditions, config.seed, a)
+                                  for p in result.pairs for a in range(8)])
+        reviews = [store.get_by_id(i) for i in ids]
+    assert len(reviews) == 4
+    assert {(r.repetition_penalty, r.no_repeat_ngram_size) for r in reviews} == {(1.3, 2)}
 
 
 def test_rerun_adds_nothing_and_generates_nothing_for_full_pairs(tmp_path, generator):
@@ -355,6 +371,7 @@ def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
         (["--per-pair", "0"], "per_pair must be >= 1"),
         (["--max-attempts", "0"], "max_attempts must be >= 1"),
         (["--top-p", "0"], "top_p"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_2(tmp_path, unigram_model_dir, capsys, extra, message):

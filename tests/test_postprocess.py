@@ -1,10 +1,13 @@
 """Post-processing table tests: fixed strings in, exact text or rejection reason out."""
 
+import sqlite3
+
 import pytest
 
 from pitchkeras.conditioning import END_OF_TEXT, PLAIN, REVIEWS, START_OF_TEXT
 from pitchkeras.postprocess import (
     PostprocessOptions,
+    find_repetition,
     last_sentence_end,
     normalize_whitespace,
     postprocess,
@@ -12,6 +15,7 @@ from pitchkeras.postprocess import (
     strip_to_last_start,
     trim_to_sentence,
 )
+from pitchkeras.sample_data import SAMPLE_DUMP
 
 ROCK8 = {"score": 8.0, "genre": "Rock"}
 
@@ -115,3 +119,62 @@ def test_helpers():
     assert normalize_whitespace(" a  b \r\n\r\n\r\n c ") == "a b\n\nc"
     assert starts_second_document("Fine text." + END_OF_TEXT + "\n", REVIEWS) is False
     assert starts_second_document("Fine.\n9.0\nPop/R&B\nMore.", REVIEWS) is True
+
+
+# -- repetition ------------------------------------------------------------------------
+
+# The two loops quoted in issue 15: a tiny model on DJ biographies continuing
+# "Stella Zekri", and the seed's 355M model (dozens of such lines).
+STELLA_ZEKRI = ("Stella Zekri from became a resident resident resident resident resident resident resident "
+                "resident at resident resident resident.")
+I_HATE = "\n".join(f"I HATE {thing}." for thing in (
+    "MODELS", "PRODUCTIONS", "GARAGE PARTIES", "DJS", "THE RADIO", "MORNINGS", "CLUBS", "PROMOTERS",
+    "MODELS", "PRODUCTIONS", "GARAGE PARTIES", "DJS", "THE RADIO", "MORNINGS", "CLUBS", "PROMOTERS"))
+# Real reviews say an artist's and an album's name again and again; this must pass.
+NAMES_REPEATED = (
+    "Stella Zekri has spent a decade behind other people's records. On Night Shift, Stella Zekri finally "
+    "steps forward, and Night Shift sounds like the record she was saving. The opener builds from a single "
+    "kick drum into a wall of synths. Stella Zekri sings on three songs, and her voice is the surprise: dry, "
+    "close, unbothered. Night Shift sags in the middle, where two long instrumentals drift. But the closer, "
+    "a slow-burning duet, is the best thing Stella Zekri has put her name to. Night Shift is a very, very "
+    "good debut, and Stella Zekri is no longer anyone's secret.")
+
+REPETITION_CASES = [
+    (STELLA_ZEKRI, "repetition"),
+    (I_HATE, "repetition"),
+    ("The album is fine. " * 4, "repetition"),  # one sentence said over and over
+    ("It builds. " + "one more time " * 4 + "it ends.", "repetition"),  # a 3-word run
+    (NAMES_REPEATED, None),
+    ("No, no, no. It was never going to work, and it does not. Still, it is loud.", None),  # three in a row is fine
+    ("I love it. I love the drums. The bass is warm. The end is sudden. Then silence. It works.", None),
+]
+
+
+@pytest.mark.parametrize("body, rejected", REPETITION_CASES)
+def test_repetition_table(body, rejected):
+    result = postprocess("8.0\nRock\n" + body, REVIEWS, ROCK8)
+    assert result.rejected == rejected
+    assert (find_repetition(body) is not None) == (rejected is not None)
+
+
+def test_seed_loops_say_what_repeats():
+    assert find_repetition(STELLA_ZEKRI) == "'resident' 8 times in a row"
+    assert find_repetition(I_HATE) == "16 of 16 sentences start 'i hate'"
+
+
+def test_every_bundled_sample_review_passes():
+    conn = sqlite3.connect(f"file:{SAMPLE_DUMP}?mode=ro", uri=True)
+    try:
+        texts = [text for (text,) in conn.execute("SELECT content FROM content")]
+    finally:
+        conn.close()
+    assert len(texts) == 300
+    flagged = [(find_repetition(t), t[:60]) for t in texts if find_repetition(t)]
+    assert flagged == []
+    assert all(postprocess("8.0\nRock\n" + t, REVIEWS, ROCK8).rejected is None for t in texts)
+
+
+def test_repetition_check_can_be_switched_off():
+    keep_loops = PostprocessOptions(reject_repetition=False)
+    assert postprocess("8.0\nRock\n" + STELLA_ZEKRI, REVIEWS, ROCK8, keep_loops).rejected is None
+    assert postprocess(STELLA_ZEKRI, PLAIN).rejected == "repetition"

@@ -62,7 +62,8 @@ def test_figures_are_computed_from_the_samples(fresh, dirs):
 
     _, report, samples = fresh
     assert report["model_version"] == "report-v1"
-    assert report["sampler"] == {"temperature": 0.7, "top_k": 0, "top_p": 0.95}
+    assert report["sampler"] == {"temperature": 0.7, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0,
+                                 "no_repeat_ngram_size": 0}
     # 2 scores x 2 genres x 2 samples, seeds 5.. in grid order.
     assert len(samples) == 8 and [s["seed"] for s in samples] == list(range(5, 13))
     assert [r["condition"] for r in report["conditions"]] == ["3.0 Jazz", "8.0 Jazz", "3.0 Rock", "8.0 Rock"]
@@ -120,6 +121,7 @@ def test_table_printed(dirs, relaxed_generator, tmp_path, capsys):
         (["--genres", "Polka"], "unknown genre 'Polka' for this model; known: Jazz, Rock"),
         (["--scores", "80"], "outside this model's range"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(dirs, tmp_path, capsys, argv, message):
@@ -137,3 +139,19 @@ def test_missing_inputs(dirs, tmp_path, capsys):
     assert main(["report", "--model", str(dirs / "model"), "--dataset", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "train.csv does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_repetition_rejections_are_counted_per_condition_and_printed():
+    import types
+
+    from pitchkeras.commands.report import build_report, format_report
+    from pitchkeras.postprocess import postprocess
+
+    rock8 = {"score": 8.0, "genre": "Rock"}
+    raws = ["8.0\nRock\n" + BODY, "8.0\nRock\nA resident resident resident resident at the club."]
+    samples = [types.SimpleNamespace(text=p.text, rejected=p.rejected)
+               for p in (postprocess(raw, REVIEWS, rock8) for raw in raws)]
+    report = build_report({"8.0 Rock": (rock8, samples)}, None, [BODY])
+    assert report["conditions"][0]["rejected"] == {"repetition": 1}
+    assert (report["conditions"][0]["accepted"], report["overall"]["generated"]) == (1, 2)
+    assert "repetition 1" in format_report(report).splitlines()[2]

@@ -65,6 +65,10 @@ def select(probabilities, uniform, top_k=0, top_p=1.0):
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -1}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"no_repeat_ngram_size": 2.0}, "no_repeat_ngram_size"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, named):
@@ -75,6 +79,7 @@ def test_config_rejects_bad_values_naming_them(kwargs, named):
 def test_config_defaults_are_valid():
     config = SamplerConfig().validate()
     assert (config.temperature, config.top_k, config.top_p) == (0.7, 0, 0.95)
+    assert (config.repetition_penalty, config.no_repeat_ngram_size) == (1.0, 0)  # off: today's behaviour
     assert SamplerConfig(top_p=1.0, top_k=5).validate().top_k == 5
 
 
@@ -146,6 +151,113 @@ def test_temperature_scales_logits():
     # Log-probability gaps scale with 1/temperature; a low temperature is near-greedy.
     cold = scaled_probabilities(tf.constant(logits), tf.constant([0.01])).numpy()
     assert cold[0, 2] > 0.999
+
+
+# -- logits processors on fixed logits ----------------------------------------------------------
+
+
+def reference_repetition_penalty(logits, token_ids, length, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor, transcribed to numpy (float32)."""
+    out = np.array(logits, np.float32)
+    for row, p in enumerate(np.asarray(penalty, np.float32)):
+        context = np.asarray(token_ids[row][:length])
+        score = out[row, context]
+        out[row, context] = np.where(score < 0, score * p, score / p)
+    return out
+
+
+def reference_no_repeat_ngram(logits, token_ids, length, ngram_size):
+    """transformers' NoRepeatNGramLogitsProcessor (`_get_ngrams` / `_get_generated_ngrams`), in numpy."""
+    out = np.array(logits, np.float32)
+    for row, n in enumerate(ngram_size):
+        tokens = [int(t) for t in token_ids[row][:length]]
+        if n == 0 or length + 1 < n:
+            continue
+        seen: dict = {}
+        for i in range(len(tokens) - n + 1):
+            seen.setdefault(tuple(tokens[i:i + n - 1]), []).append(tokens[i + n - 1])
+        out[row, seen.get(tuple(tokens[length - n + 1:length]), [])] = -np.inf
+    return out
+
+
+def processor_cases(count=40, seed=0):
+    """Random (logits, token_ids, length, penalty, ngram_size) cases over a 7-token vocabulary, 3 rows each."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        logits = rng.normal(0, 2, (3, 7)).astype(np.float32)
+        token_ids = rng.integers(0, 4, (3, 12)).astype(np.int32)  # few distinct tokens: many repeats
+        length = int(rng.integers(0, 13))
+        penalty = rng.choice([1.0, 0.5, 1.2, 2.0], 3).astype(np.float32)
+        ngram = rng.integers(0, 5, 3).astype(np.int32)
+        cases.append((logits, token_ids, length, penalty, ngram))
+    return cases
+
+
+def run_processors(case):
+    """Both processors on one case, as numpy (any backend)."""
+    from keras import ops
+
+    from pitchkeras.sampling import ban_repeated_ngrams, penalize_repetition
+
+    logits, token_ids, length, penalty, ngram = case
+    length = ops.convert_to_tensor(length, "int32")
+    return (ops.convert_to_numpy(penalize_repetition(logits, token_ids, length, penalty)),
+            ops.convert_to_numpy(ban_repeated_ngrams(logits, token_ids, length, ngram)))
+
+
+def test_repetition_penalty_exact_on_fixed_logits():
+    logits = np.array([[2.0, -1.0, 0.5, -0.5, 3.0], [2.0, -1.0, 0.5, -0.5, 3.0]], np.float32)
+    token_ids = np.array([[0, 1, 1, 4, 2], [3, 3, 3, 3, 3]], np.int32)
+    # Row 0's context (length 3) is tokens 0, 1, 1: 2.0 / 2 and -1.0 * 2, once each; row 1 has penalty 1 (off).
+    got, _ = run_processors((logits, token_ids, 3, np.array([2.0, 1.0], np.float32), np.zeros(2, np.int32)))
+    np.testing.assert_array_equal(got, [[1.0, -2.0, 0.5, -0.5, 3.0], [2.0, -1.0, 0.5, -0.5, 3.0]])
+
+
+def test_no_repeat_ngram_exact_on_fixed_logits():
+    logits = np.zeros((3, 5), np.float32)
+    token_ids = np.array([[1, 2, 3, 1, 2, 0], [1, 2, 1, 2, 1, 0], [4, 4, 0, 0, 0, 0]], np.int32)
+    _, got = run_processors((logits, token_ids, 5, np.ones(3, np.float32), np.array([3, 2, 1], np.int32)))
+    inf = -np.inf
+    # Row 0: context ends "1 2" and "1 2 3" was seen -> 3. Row 1: ends "1", "1 2" seen -> 2.
+    # Row 2 (n = 1): every context token (0 and 4; the context is 4 4 0 0 0).
+    np.testing.assert_array_equal(got, [[0, 0, 0, inf, 0], [0, 0, inf, 0, 0], [inf, 0, 0, 0, inf]])
+
+
+def test_processors_match_transformers_algorithm_on_random_cases():
+    from pitchkeras.sampling import ban_repeated_ngrams, penalize_repetition
+
+    # Also XLA-compiled, as in the decode loop (XLA may rewrite x / p as x * (1 / p), which rounds differently).
+    compiled = [tf.function(f, jit_compile=True) for f in (penalize_repetition, ban_repeated_ngrams)]
+    for case in processor_cases():
+        logits, token_ids, length, penalty, ngram = case
+        penalized, banned = run_processors(case)
+        np.testing.assert_array_equal(compiled[0](logits, token_ids, tf.constant(length), penalty).numpy(), penalized)
+        np.testing.assert_array_equal(compiled[1](logits, token_ids, tf.constant(length), ngram).numpy(), banned)
+        np.testing.assert_array_equal(penalized, reference_repetition_penalty(logits, token_ids, length, penalty))
+        expected = reference_no_repeat_ngram(logits, token_ids, length, ngram)
+        every_token = np.all(np.isinf(expected), axis=-1)
+        expected[every_token] = logits[every_token]  # documented: a row left with no token is not banned
+        np.testing.assert_array_equal(banned, expected)
+
+
+def test_processors_match_transformers_itself():
+    torch = pytest.importorskip("torch")
+    generation = pytest.importorskip("transformers.generation.logits_process")
+    for logits, token_ids, length, penalty, ngram in processor_cases(count=10, seed=1):
+        if length == 0:
+            continue
+        for row in range(3):
+            one = (logits[row:row + 1], token_ids[row:row + 1], length, penalty[row:row + 1], ngram[row:row + 1])
+            penalized, banned = run_processors(one)
+            ids = torch.tensor(token_ids[row:row + 1, :length], dtype=torch.long)
+            scores = torch.tensor(logits[row:row + 1])
+            theirs = generation.RepetitionPenaltyLogitsProcessor(float(penalty[row]))(ids, scores.clone())
+            np.testing.assert_array_equal(penalized, theirs.numpy())
+            if ngram[row] > 0:
+                theirs = generation.NoRepeatNGramLogitsProcessor(int(ngram[row]))(ids, scores.clone()).numpy()
+                if not np.all(np.isinf(theirs)):
+                    np.testing.assert_array_equal(banned, theirs)
 
 
 def test_counter_uniform_is_per_row_and_deterministic():
@@ -289,3 +401,124 @@ def test_validate_conditions_spells_known_values(tiny_model):
     assert validate_conditions(tiny_model.info, {"score": "7", "genre": " rock "}) == {"score": 7.0, "genre": "Rock"}
     with pytest.raises(InvalidArgument, match="range"):
         validate_conditions(tiny_model.info, {"score": 11, "genre": "Rock"})
+
+
+# -- the processors inside the compiled loop, exact on a model with fixed logits -------------------
+
+
+def fixed_logits(vocabulary_size, logits: dict) -> np.ndarray:
+    """`logits` (token id -> value); every other token a distinct value near -30, so greedy has no ties."""
+    out = -30.0 - 1e-3 * np.arange(vocabulary_size, dtype=np.float32)
+    for token, value in logits.items():
+        out[token] = value
+    return out.astype(np.float32)
+
+
+def fixed_logits_model(tiny_model, logits: dict):
+    """A copy of the tiny model whose next-token logits are `fixed_logits(...)`, whatever the input.
+
+    The final layer norm outputs e0 (gamma 0, beta e0), so the tied-embedding
+    logits are exactly column 0 of the token embedding.
+    """
+    from pitchkeras.model import load_model
+
+    model = load_model(tiny_model.path)
+    backbone = model.causal_lm.backbone
+    embeddings = backbone.token_embedding.embeddings.numpy()
+    embeddings[:, 0] = fixed_logits(len(embeddings), logits)
+    backbone.token_embedding.embeddings.assign(embeddings)
+    backbone.layer_norm.gamma.assign(np.zeros_like(backbone.layer_norm.gamma.numpy()))
+    beta = np.zeros_like(backbone.layer_norm.beta.numpy())
+    beta[0] = 1.0
+    backbone.layer_norm.beta.assign(beta)
+    return model
+
+
+def simulate_greedy(fixed, vocabulary_size, prompt, steps, penalty, ngram_size):
+    """What greedy decoding with transformers' two processors gives on constant logits."""
+    context = list(prompt)
+    for _ in range(steps):
+        logits = fixed_logits(vocabulary_size, fixed)[None, :]
+        ids = np.asarray([context], np.int32)
+        logits = reference_repetition_penalty(logits, ids, len(context), [penalty])
+        logits = reference_no_repeat_ngram(logits, ids, len(context), [ngram_size])
+        context.append(int(np.argmax(logits)))
+    return context[len(prompt):]
+
+
+def test_processors_inside_the_loop_match_greedy_simulation(tiny_model):
+    # Token ids 10..13 likely (positive and negative logits), the end token never.
+    fixed = {10: 3.0, 11: 2.5, 12: 2.0, 13: -1.0}
+    model = fixed_logits_model(tiny_model, fixed)
+    generator = Generator(model, batch_size=2, max_new_tokens=10, stop_at_end_token=False)
+    prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in ("", "The band plays")]
+    vocabulary = model.causal_lm.backbone.vocabulary_size
+    for penalty, ngram_size in [(1.0, 0), (2.0, 0), (1.0, 2), (1.0, 3), (1.3, 2)]:
+        config = SamplerConfig(top_k=1, repetition_penalty=penalty, no_repeat_ngram_size=ngram_size)
+        got = generator._complete(prompts, [0, 1], config, 10, progress=False)
+        expected = [simulate_greedy(fixed, vocabulary, prompt, 10, penalty, ngram_size) for prompt in prompts]
+        assert got == expected, (penalty, ngram_size)
+        if (penalty, ngram_size) == (1.0, 0):
+            assert got[0] == [10] * 10  # off: today's greedy loop
+        else:
+            assert len(set(got[0])) > 1
+    assert generator.trace_count == 1  # the settings are tensors: no recompile
+
+
+# -- proofs: the cached loop is keras-hub's GPT-2, and a request's text ignores its batch ------------
+
+PROOF_PREFIXES = ("", "The", "The band plays loud and", "The band plays loud. Mr. Smith sings well. A quiet record.",
+                  "word " * 25)  # prompt buckets 16, 16, 16, 32 and 128
+
+
+def keras_hub_greedy(causal_lm, prompt_ids, new_tokens):
+    """`GPT2CausalLM.generate` with keras-hub's GreedySampler on token ids: the new tokens."""
+    causal_lm.compile(sampler="greedy")
+    preprocessor, causal_lm.preprocessor = causal_lm.preprocessor, None  # token ids in, token ids out
+    try:
+        length = len(prompt_ids) + new_tokens
+        token_ids = np.zeros((1, length), np.int32)
+        token_ids[0, : len(prompt_ids)] = prompt_ids
+        mask = np.arange(length)[None, :] < len(prompt_ids)
+        out = causal_lm.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=None)
+    finally:
+        causal_lm.preprocessor = preprocessor
+    return np.asarray(out["token_ids"])[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.slow
+def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(tiny_model):
+    generator = Generator(tiny_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False)
+    prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in PROOF_PREFIXES]
+    buckets = [prompt_bucket(len(p)) for p in prompts]
+    assert buckets == [16, 16, 16, 32, 128], [len(p) for p in prompts]
+    greedy = SamplerConfig(top_k=1)
+    expected = [keras_hub_greedy(tiny_model.causal_lm, p, 12) for p in prompts]
+    assert len({tuple(e) for e in expected}) > 1
+    alone = [generator._complete([p], [0], greedy, 12, progress=False)[0] for p in prompts]
+    assert alone == expected
+    mixed = generator._complete(prompts, list(range(len(prompts))), greedy, 12, progress=False)  # one batch, bucket 128
+    assert mixed == expected
+    pairs = generator._complete([prompts[1], prompts[3]], [0, 1], greedy, 12, progress=False)  # bucket 32
+    assert pairs == [expected[1], expected[3]]
+
+
+@pytest.mark.slow
+def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(tiny_model):
+    generator = Generator(tiny_model, batch_size=4, max_new_tokens=16)
+    short = GenerationRequest(ROCK, "The band", seed=9)
+    longer = GenerationRequest(ROCK, "word " * 25, seed=10)  # bucket 128: the batch runs at that length
+    alone = generator.generate([short])[0]
+    batched = generator.generate([longer, short, GenerationRequest(ROCK, "", seed=11)])
+    assert batched[1].raw == alone.raw and len(alone.raw) > len(alone.prompt)
+    assert batched[0].raw == generator.generate([longer])[0].raw
+
+
+def test_xla_or_graph_is_chosen_per_batch_shape(tiny_model):
+    from pitchkeras.model import load_model
+    from pitchkeras.quantize import quantize_model
+
+    auto = Generator(tiny_model, batch_size=8)
+    assert [auto.uses_xla(b) for b in (1, 2, 8)] == [False, True, True]  # batch 1 runs as a graph (measured faster)
+    assert Generator(tiny_model, jit_compile=True).uses_xla(1) and not Generator(tiny_model, jit_compile=False).uses_xla(8)
+    assert Generator(quantize_model(load_model(tiny_model.path), "int8")).uses_xla(1)  # int8 dots: XLA everywhere

@@ -318,6 +318,8 @@ GENERATE_BAD_INPUTS = [
     (dict(score=8.0, genre="Rock", top_p=0.0), "top_p must be in (0, 1]"),
     (dict(score=8.0, genre="Rock", top_p=1.5), "top_p must be in (0, 1]"),
     (dict(score=8.0, genre="Rock", top_k=-1), "top_k must be >= 0"),
+    (dict(score=8.0, genre="Rock", repetition_penalty=0.0), "repetition_penalty must be in (0, 10]"),
+    (dict(score=8.0, genre="Rock", no_repeat_ngram_size=-2), "no_repeat_ngram_size must be >= 0"),
     (dict(score=8.0, genre="Rock", seed=-1), "seed must be in"),
     (dict(score=8.0, genre="Rock", prompt="x" * 41), "at most 40"),
     (dict(score=11.0, genre="Rock"), "[0, 10]"),
@@ -358,6 +360,25 @@ def test_generate_stores_and_is_deterministic(model_server):
     assert [g.review.id for g in first] == [g.review.id for g in again]  # ids are deterministic too
     not_stored = stub.Generate(pb.GenerateRequest(score=8.0, genre="Rock", seed=11, num_samples=1), timeout=120)
     assert not not_stored.reviews[0].stored and not not_stored.reviews[0].review.id
+    channel.close()
+
+
+@pytest.mark.slow
+def test_generate_repetition_settings_are_used_and_stored(model_server):
+    channel, stub = _stub(model_server.port)
+    plain = pb.GenerateRequest(score=8.0, genre="Rock", seed=21, num_samples=4, store=True)
+    guarded = pb.GenerateRequest(score=8.0, genre="Rock", seed=21, num_samples=4, store=True,
+                                 repetition_penalty=1.5, no_repeat_ngram_size=2)
+    without = stub.Generate(plain, timeout=120).reviews
+    with_guards = stub.Generate(guarded, timeout=120).reviews
+    assert [g.raw for g in with_guards] != [g.raw for g in without]  # the settings reach the sampler
+    for item in with_guards:
+        assert item.review.repetition_penalty == pytest.approx(1.5) and item.review.no_repeat_ngram_size == 2
+        if item.stored:
+            stored = stub.GetById(pb.GetByIdRequest(id=item.review.id), timeout=10).review
+            assert (stored.repetition_penalty, stored.no_repeat_ngram_size) == (1.5, 2)
+            assert item.review.id not in {g.review.id for g in without}  # other settings, other ids
+    assert all((g.review.repetition_penalty, g.review.no_repeat_ngram_size) == (1.0, 0) for g in without)
     channel.close()
 
 

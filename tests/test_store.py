@@ -61,6 +61,8 @@ def test_record_round_trip(store):
         top_p=0.95,
         seed=7,
         prompt="7.5\nPop/R&B\n",
+        repetition_penalty=1.2,
+        no_repeat_ngram_size=3,
         selection_count=99,  # ignored: a new review has never been shown
     )
     before = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
@@ -71,6 +73,7 @@ def test_record_round_trip(store):
     assert got.length == 6
     assert (got.model_version, got.temperature, got.top_k, got.top_p, got.seed) == (MODEL, 0.7, 40, 0.95, 7)
     assert got.prompt == "7.5\nPop/R&B\n"
+    assert (got.repetition_penalty, got.no_repeat_ngram_size) == (1.2, 3)
     assert got.selection_count == 0
     assert got.added is not None and got.added.tzinfo is not None
     assert before <= got.added <= datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)

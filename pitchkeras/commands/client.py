@@ -36,6 +36,8 @@ def add_parser(subparsers):
     generate.add_argument("--temperature", type=float, help="sampling temperature in (0, 2]")
     generate.add_argument("--top-k", type=int, help="top-k cut-off (0 = off)")
     generate.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]")
+    generate.add_argument("--repetition-penalty", type=float, help="repetition penalty in (0, 10] (1 = off)")
+    generate.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram this long (0 = off)")
     generate.add_argument("--seed", type=int, help="seed of the first review (random when unset)")
     generate.add_argument("--nsamples", type=int, help="how many reviews")
     generate.add_argument("--store", action="store_true", help="save accepted reviews and print their ids")
@@ -81,7 +83,8 @@ def run(args) -> int:
             generated = client.generate(
                 score=args.score, genre=args.genre, prompt=args.prefix, max_length=args.length,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                num_samples=args.nsamples, store=args.store,
+                num_samples=args.nsamples, store=args.store, repetition_penalty=args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size,
             )
             for item in generated:
                 if args.json:

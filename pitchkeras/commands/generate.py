@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pitchkeras.cli import add_command
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
 from pitchkeras.errors import UsageError
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
@@ -25,6 +26,7 @@ def add_parser(subparsers):
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
+    add_repetition_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
     p.add_argument("--truncate", help="stop string: cut each sample where it first appears")
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True,
@@ -34,6 +36,8 @@ def add_parser(subparsers):
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
     p.add_argument("--out", help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_flags(p)
+    add_quantize_flag(p)
     return p
 
 
@@ -76,14 +80,17 @@ def run(args) -> int:
     import os
 
     from pitchkeras.model import atomic_write_text, load_model
+    from pitchkeras.quantize import quantize_model
     from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
 
     _check_args(args)
-    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p).validate()
+    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           repetition_penalty=args.repetition_penalty,
+                           no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
     model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
     if not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
-    model = load_model(model_dir)
+    model = quantize_model(load_model(model_dir), args.quantize)
     conditions = _conditions(args, model.info)
 
     memorization = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
 from pitchkeras.errors import UsageError
 from pitchkeras.store import DEFAULT_STORE_URI
 
@@ -41,6 +42,7 @@ def add_parser(subparsers):
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus (top-p) mass")
+    add_repetition_flags(p)
     p.add_argument("--length", type=int, default=200, help="max new tokens per review")
     p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
     p.add_argument("--seed", type=int, default=0, help="base seed (with the attempt index, fixes review ids)")
@@ -48,6 +50,8 @@ def add_parser(subparsers):
     p.add_argument("--shard-index", type=int, default=0, help="this worker's shard")
     p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_compile_cache_flags(p)
+    add_quantize_flag(p)
     return p
 
 
@@ -72,12 +76,15 @@ def run(args) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
         length=args.length,
         batch_size=args.batch_size,
         seed=args.seed,
         max_attempts=args.max_attempts,
         shard_index=args.shard_index,
         num_shards=args.num_shards,
+        quantize=args.quantize,
     )
     result = populate(config, progress=not args.quiet)
     print(format_table(result))

@@ -4,6 +4,7 @@ and with `--http-port` the HTTP/JSON API, the web page and /metrics on the same 
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag
 from pitchkeras.errors import UsageError
 from pitchkeras.store import DEFAULT_STORE_URI
 
@@ -32,6 +33,8 @@ def add_parser(subparsers):
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="one access-log line per call at INFO")
+    add_compile_cache_flags(p)
+    add_quantize_flag(p)
     return p
 
 
@@ -69,6 +72,7 @@ def run(args) -> int:
         warmup=not args.no_warmup,
         rate_per_s=args.rate_limit,
         burst=args.burst,
+        quantize=args.quantize,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
                 if args.api_key_file else None)

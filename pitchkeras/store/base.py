@@ -89,6 +89,8 @@ class Review:
         model_version: str. The training run id of the model that wrote it.
         temperature, top_k, top_p, seed: sampler settings used (None when unknown).
         prompt: str. The exact prompt text given to the model.
+        repetition_penalty, no_repeat_ngram_size: the sampler's repetition
+            settings (None when unknown, e.g. reviews written before they existed).
     """
 
     id: str
@@ -105,6 +107,8 @@ class Review:
     top_p: Optional[float] = None
     seed: Optional[int] = None
     prompt: str = ""
+    repetition_penalty: Optional[float] = None
+    no_repeat_ngram_size: Optional[int] = None
 
     def __post_init__(self):
         if not self.length:
@@ -174,6 +178,8 @@ def review_to_record(review: Review) -> dict[str, Any]:
         "top_p": None if review.top_p is None else float(review.top_p),
         "seed": None if review.seed is None else int(review.seed),
         "prompt": review.prompt or "",
+        "repetition_penalty": None if review.repetition_penalty is None else float(review.repetition_penalty),
+        "no_repeat_ngram_size": None if review.no_repeat_ngram_size is None else int(review.no_repeat_ngram_size),
     }
 
 
@@ -232,6 +238,8 @@ _RECORD_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "top_p": (_as_float, None),
     "seed": (_as_int, None),
     "prompt": (_as_str, ""),
+    "repetition_penalty": (_as_float, None),
+    "no_repeat_ngram_size": (_as_int, None),
 }
 
 

@@ -565,7 +565,8 @@ class FirestoreStore(ReviewStore):
 
         Pages through the collection in id order; each document missing any of
         `genre_key`, `model_version`, `extra_conditions`, `length`, `prompt`,
-        `temperature`, `top_k`, `top_p`, `seed` (or `selection_count`, when
+        `temperature`, `top_k`, `top_p`, `seed`, `repetition_penalty`,
+        `no_repeat_ngram_size` (or `selection_count`, when
         absent altogether, so the document can be picked at all) gets only those,
         in BatchWrite requests of at most 500 writes, each with the precondition
         that the document is unchanged since it was read: a pick or another
@@ -671,6 +672,8 @@ def _missing_fields(data: dict[str, Any], model_version: str) -> Optional[dict[s
         "top_p": None,
         "seed": None,
         "prompt": "",
+        "repetition_penalty": None,
+        "no_repeat_ngram_size": None,
     }
     missing = {name: value for name, value in defaults.items() if name not in data}
     if "selection_count" not in data:

@@ -50,8 +50,10 @@ _ADD_CHUNK = 500
 
 _COLUMNS = (
     "id, text, score, genre, extra_conditions, length, added, selection_count, "
-    "model_version, temperature, top_k, top_p, seed, prompt"
+    "model_version, temperature, top_k, top_p, seed, prompt, repetition_penalty, no_repeat_ngram_size"
 )
+# Columns added after the first schema: (name, type), added to older files when they are opened.
+_ADDED_COLUMNS = (("repetition_penalty", "REAL"), ("no_repeat_ngram_size", "INTEGER"))
 
 _SCHEMA = (
     """
@@ -69,7 +71,9 @@ _SCHEMA = (
         top_k INTEGER,
         top_p REAL,
         seed INTEGER,
-        prompt TEXT NOT NULL DEFAULT ''
+        prompt TEXT NOT NULL DEFAULT '',
+        repetition_penalty REAL,
+        no_repeat_ngram_size INTEGER
     )
     """,
     # One index per filter shape of get_review, each ending in the pick order
@@ -80,7 +84,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS reviews_pick ON reviews (selection_count, added, id)",
 )
 
-_INSERT_SQL = f"INSERT OR IGNORE INTO reviews ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_SQL = f"INSERT OR IGNORE INTO reviews ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
 
 _PICK_SQL = (
     "UPDATE reviews SET selection_count = selection_count + 1 "
@@ -178,6 +182,10 @@ class SQLiteStore(ReviewStore):
             try:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                present = {row[1] for row in conn.execute("PRAGMA table_info(reviews)")}
+                for name, kind in _ADDED_COLUMNS:
+                    if name not in present:
+                        conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {kind}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

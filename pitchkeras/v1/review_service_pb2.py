@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pitchkeras/v1/review_service.proto\x12\rpitchkeras.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd9\x03\n\x06Review\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x44\n\x10\x65xtra_conditions\x18\x05 \x03(\x0b\x32*.pitchkeras.v1.Review.ExtraConditionsEntry\x12\x0e\n\x06length\x18\x06 \x01(\x05\x12)\n\x05\x61\x64\x64\x65\x64\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fselection_count\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x18\n\x0btemperature\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x03H\x05\x88\x01\x01\x12\x0e\n\x06prompt\x18\x0e \x01(\t\x1a\x36\n\x14\x45xtraConditionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_scoreB\x08\n\x06_genreB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"N\n\x10GetReviewRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_scoreB\x08\n\x06_genre\":\n\x11GetReviewResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\x1c\n\x0eGetByIdRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x0fGetByIdResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\xc0\x02\n\x0fGenerateRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\nmax_length\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\t \x01(\x05H\x07\x88\x01\x01\x12\r\n\x05store\x18\n \x01(\x08\x42\x08\n\x06_scoreB\x08\n\x06_genreB\r\n\x0b_max_lengthB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_num_samples\"\x9c\x01\n\x0fGeneratedReview\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.pitchkeras.v1.SampleStatus\x12\x18\n\x10rejection_reason\x18\x03 \x01(\t\x12\x0b\n\x03raw\x18\x04 \x01(\t\x12\x0e\n\x06stored\x18\x05 \x01(\x08\"C\n\x10GenerateResponse\x12/\n\x07reviews\x18\x01 \x03(\x0b\x32\x1e.pitchkeras.v1.GeneratedReview\"\x17\n\x15ListConditionsRequest\"[\n\x0e\x43onditionCount\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x42\x08\n\x06_scoreB\x08\n\x06_genre\"z\n\x16ListConditionsResponse\x12\x31\n\nconditions\x18\x01 \x03(\x0b\x32\x1d.pitchkeras.v1.ConditionCount\x12\x0e\n\x06genres\x18\x02 \x03(\t\x12\x0e\n\x06scores\x18\x03 \x03(\x01\x12\r\n\x05total\x18\x04 \x01(\x03*e\n\x0cSampleStatus\x12\x1d\n\x19SAMPLE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SAMPLE_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16SAMPLE_STATUS_REJECTED\x10\x02\x32\xc2\x03\n\rReviewService\x12h\n\tGetReview\x12\x1f.pitchkeras.v1.GetReviewRequest\x1a .pitchkeras.v1.GetReviewResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/reviews:pick\x12\x62\n\x07GetById\x12\x1d.pitchkeras.v1.GetByIdRequest\x1a\x1e.pitchkeras.v1.GetByIdResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/reviews/{id}\x12l\n\x08Generate\x12\x1e.pitchkeras.v1.GenerateRequest\x1a\x1f.pitchkeras.v1.GenerateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/reviews:generate:\x01*\x12u\n\x0eListConditions\x12$.pitchkeras.v1.ListConditionsRequest\x1a%.pitchkeras.v1.ListConditionsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/conditionsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pitchkeras/v1/review_service.proto\x12\rpitchkeras.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcd\x04\n\x06Review\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x44\n\x10\x65xtra_conditions\x18\x05 \x03(\x0b\x32*.pitchkeras.v1.Review.ExtraConditionsEntry\x12\x0e\n\x06length\x18\x06 \x01(\x05\x12)\n\x05\x61\x64\x64\x65\x64\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fselection_count\x18\x08 \x01(\x03\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x18\n\x0btemperature\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x03H\x05\x88\x01\x01\x12\x0e\n\x06prompt\x18\x0e \x01(\t\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x01H\x06\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x10 \x01(\x05H\x07\x88\x01\x01\x1a\x36\n\x14\x45xtraConditionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_scoreB\x08\n\x06_genreB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_size\"N\n\x10GetReviewRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_scoreB\x08\n\x06_genre\":\n\x11GetReviewResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\x1c\n\x0eGetByIdRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x0fGetByIdResponse\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\"\xb4\x03\n\x0fGenerateRequest\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\nmax_length\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x06\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\t \x01(\x05H\x07\x88\x01\x01\x12\r\n\x05store\x18\n \x01(\x08\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\x0c \x01(\x05H\t\x88\x01\x01\x42\x08\n\x06_scoreB\x08\n\x06_genreB\r\n\x0b_max_lengthB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_num_samplesB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_size\"\x9c\x01\n\x0fGeneratedReview\x12%\n\x06review\x18\x01 \x01(\x0b\x32\x15.pitchkeras.v1.Review\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.pitchkeras.v1.SampleStatus\x12\x18\n\x10rejection_reason\x18\x03 \x01(\t\x12\x0b\n\x03raw\x18\x04 \x01(\t\x12\x0e\n\x06stored\x18\x05 \x01(\x08\"C\n\x10GenerateResponse\x12/\n\x07reviews\x18\x01 \x03(\x0b\x32\x1e.pitchkeras.v1.GeneratedReview\"\x17\n\x15ListConditionsRequest\"[\n\x0e\x43onditionCount\x12\x12\n\x05score\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05genre\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x42\x08\n\x06_scoreB\x08\n\x06_genre\"z\n\x16ListConditionsResponse\x12\x31\n\nconditions\x18\x01 \x03(\x0b\x32\x1d.pitchkeras.v1.ConditionCount\x12\x0e\n\x06genres\x18\x02 \x03(\t\x12\x0e\n\x06scores\x18\x03 \x03(\x01\x12\r\n\x05total\x18\x04 \x01(\x03*e\n\x0cSampleStatus\x12\x1d\n\x19SAMPLE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16SAMPLE_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16SAMPLE_STATUS_REJECTED\x10\x02\x32\xc2\x03\n\rReviewService\x12h\n\tGetReview\x12\x1f.pitchkeras.v1.GetReviewRequest\x1a .pitchkeras.v1.GetReviewResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/reviews:pick\x12\x62\n\x07GetById\x12\x1d.pitchkeras.v1.GetByIdRequest\x1a\x1e.pitchkeras.v1.GetByIdResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/reviews/{id}\x12l\n\x08Generate\x12\x1e.pitchkeras.v1.GenerateRequest\x1a\x1f.pitchkeras.v1.GenerateResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/reviews:generate:\x01*\x12u\n\x0eListConditions\x12$.pitchkeras.v1.ListConditionsRequest\x1a%.pitchkeras.v1.ListConditionsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/conditionsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,32 +43,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVIEWSERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/reviews:generate:\001*'
   _globals['_REVIEWSERVICE'].methods_by_name['ListConditions']._loaded_options = None
   _globals['_REVIEWSERVICE'].methods_by_name['ListConditions']._serialized_options = b'\202\323\344\223\002\020\022\016/v1/conditions'
-  _globals['_SAMPLESTATUS']._serialized_start=1613
-  _globals['_SAMPLESTATUS']._serialized_end=1714
+  _globals['_SAMPLESTATUS']._serialized_start=1845
+  _globals['_SAMPLESTATUS']._serialized_end=1946
   _globals['_REVIEW']._serialized_start=117
-  _globals['_REVIEW']._serialized_end=590
-  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_start=471
-  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_end=525
-  _globals['_GETREVIEWREQUEST']._serialized_start=592
-  _globals['_GETREVIEWREQUEST']._serialized_end=670
-  _globals['_GETREVIEWRESPONSE']._serialized_start=672
-  _globals['_GETREVIEWRESPONSE']._serialized_end=730
-  _globals['_GETBYIDREQUEST']._serialized_start=732
-  _globals['_GETBYIDREQUEST']._serialized_end=760
-  _globals['_GETBYIDRESPONSE']._serialized_start=762
-  _globals['_GETBYIDRESPONSE']._serialized_end=818
-  _globals['_GENERATEREQUEST']._serialized_start=821
-  _globals['_GENERATEREQUEST']._serialized_end=1141
-  _globals['_GENERATEDREVIEW']._serialized_start=1144
-  _globals['_GENERATEDREVIEW']._serialized_end=1300
-  _globals['_GENERATERESPONSE']._serialized_start=1302
-  _globals['_GENERATERESPONSE']._serialized_end=1369
-  _globals['_LISTCONDITIONSREQUEST']._serialized_start=1371
-  _globals['_LISTCONDITIONSREQUEST']._serialized_end=1394
-  _globals['_CONDITIONCOUNT']._serialized_start=1396
-  _globals['_CONDITIONCOUNT']._serialized_end=1487
-  _globals['_LISTCONDITIONSRESPONSE']._serialized_start=1489
-  _globals['_LISTCONDITIONSRESPONSE']._serialized_end=1611
-  _globals['_REVIEWSERVICE']._serialized_start=1717
-  _globals['_REVIEWSERVICE']._serialized_end=2167
+  _globals['_REVIEW']._serialized_end=706
+  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_start=539
+  _globals['_REVIEW_EXTRACONDITIONSENTRY']._serialized_end=593
+  _globals['_GETREVIEWREQUEST']._serialized_start=708
+  _globals['_GETREVIEWREQUEST']._serialized_end=786
+  _globals['_GETREVIEWRESPONSE']._serialized_start=788
+  _globals['_GETREVIEWRESPONSE']._serialized_end=846
+  _globals['_GETBYIDREQUEST']._serialized_start=848
+  _globals['_GETBYIDREQUEST']._serialized_end=876
+  _globals['_GETBYIDRESPONSE']._serialized_start=878
+  _globals['_GETBYIDRESPONSE']._serialized_end=934
+  _globals['_GENERATEREQUEST']._serialized_start=937
+  _globals['_GENERATEREQUEST']._serialized_end=1373
+  _globals['_GENERATEDREVIEW']._serialized_start=1376
+  _globals['_GENERATEDREVIEW']._serialized_end=1532
+  _globals['_GENERATERESPONSE']._serialized_start=1534
+  _globals['_GENERATERESPONSE']._serialized_end=1601
+  _globals['_LISTCONDITIONSREQUEST']._serialized_start=1603
+  _globals['_LISTCONDITIONSREQUEST']._serialized_end=1626
+  _globals['_CONDITIONCOUNT']._serialized_start=1628
+  _globals['_CONDITIONCOUNT']._serialized_end=1719
+  _globals['_LISTCONDITIONSRESPONSE']._serialized_start=1721
+  _globals['_LISTCONDITIONSRESPONSE']._serialized_end=1843
+  _globals['_REVIEWSERVICE']._serialized_start=1949
+  _globals['_REVIEWSERVICE']._serialized_end=2399
 # @@protoc_insertion_point(module_scope)

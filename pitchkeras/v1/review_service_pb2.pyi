@@ -21,7 +21,7 @@ SAMPLE_STATUS_ACCEPTED: SampleStatus
 SAMPLE_STATUS_REJECTED: SampleStatus
 
 class Review(_message.Message):
-    __slots__ = ("id", "text", "score", "genre", "extra_conditions", "length", "added", "selection_count", "model_version", "temperature", "top_k", "top_p", "seed", "prompt")
+    __slots__ = ("id", "text", "score", "genre", "extra_conditions", "length", "added", "selection_count", "model_version", "temperature", "top_k", "top_p", "seed", "prompt", "repetition_penalty", "no_repeat_ngram_size")
     class ExtraConditionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class Review(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     id: str
     text: str
     score: float
@@ -57,7 +59,9 @@ class Review(_message.Message):
     top_p: float
     seed: int
     prompt: str
-    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., genre: _Optional[str] = ..., extra_conditions: _Optional[_Mapping[str, str]] = ..., length: _Optional[int] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., selection_count: _Optional[int] = ..., model_version: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., prompt: _Optional[str] = ...) -> None: ...
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., genre: _Optional[str] = ..., extra_conditions: _Optional[_Mapping[str, str]] = ..., length: _Optional[int] = ..., added: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., selection_count: _Optional[int] = ..., model_version: _Optional[str] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., prompt: _Optional[str] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
 
 class GetReviewRequest(_message.Message):
     __slots__ = ("score", "genre")
@@ -86,7 +90,7 @@ class GetByIdResponse(_message.Message):
     def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("score", "genre", "prompt", "max_length", "temperature", "top_k", "top_p", "seed", "num_samples", "store")
+    __slots__ = ("score", "genre", "prompt", "max_length", "temperature", "top_k", "top_p", "seed", "num_samples", "store", "repetition_penalty", "no_repeat_ngram_size")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     GENRE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +101,8 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     score: float
     genre: str
     prompt: str
@@ -107,7 +113,9 @@ class GenerateRequest(_message.Message):
     seed: int
     num_samples: int
     store: bool
-    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ..., prompt: _Optional[str] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., store: _Optional[bool] = ...) -> None: ...
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ..., prompt: _Optional[str] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., store: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
 
 class GeneratedReview(_message.Message):
     __slots__ = ("review", "status", "rejection_reason", "raw", "stored")
