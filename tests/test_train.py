@@ -1,4 +1,5 @@
-"""Fine-tuning on the `tiny` preset: loss falls, run files, exact resume, SIGTERM/SIGKILL, export, tf.distribute.
+"""Fine-tuning through `CausalLM.fit` on the `tiny` preset: loss falls, run files, exact resume,
+SIGTERM/SIGKILL, export, mixed precision, per-condition validation, tf.distribute, JAX.
 
 Runs are tiny (1 layer, hidden 32, sequence 32, batch 4) and share one
 dataset and one token cache; the expensive uninterrupted run is a module
@@ -82,9 +83,9 @@ def read_metrics(run_dir: Path):
 
 def checkpoint_arrays(path: Path) -> dict:
     """{variable path: array} of a checkpoint directory."""
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    with np.load(path / "variables.npz") as arrays:
-        return {name: arrays[f"v{i:05d}"] for i, (name, _) in enumerate(state["variables"])}
+    from pitchkeras.train.checkpoints import read_arrays
+
+    return read_arrays(path)
 
 
 @pytest.fixture(scope="module")
@@ -117,55 +118,97 @@ def test_config_rejects_unknown_and_bad_values():
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-    from pitchkeras.train import TrainConfig, learning_rate_schedule
+    """Keras's CosineDecay with warmup, counted in micro-batches: the same curve with any --grad-accum."""
+    from pitchkeras.train.config import TrainConfig, learning_rate_schedule
 
-    schedule = learning_rate_schedule(TrainConfig(dataset="d", steps=100, warmup_steps=10, learning_rate=1.0))
-    values = [float(schedule(step)) for step in (0, 4, 9, 10, 55, 100)]
-    assert values[0] == pytest.approx(0.1) and values[1] == pytest.approx(0.5)
-    assert values[2] == pytest.approx(1.0) and values[3] == pytest.approx(1.0)
-    assert 0.1 < values[4] < 1.0 and values[5] == pytest.approx(0.1)
-
-
-def test_mixed_precision_auto_is_float32_on_cpu():
-    from pitchkeras.train import choose_policy
-
-    assert choose_policy("auto") == "float32"  # CI and this box have no GPU/TPU
-    assert choose_policy("mixed_bfloat16") == "mixed_bfloat16"
+    for accum in (1, 4):
+        schedule = learning_rate_schedule(TrainConfig(dataset="d", steps=100, warmup_steps=10, learning_rate=1.0,
+                                                      grad_accum=accum))
+        values = [float(schedule(step * accum)) for step in (0, 5, 10, 55, 100)]
+        assert values[0] == pytest.approx(0.0, abs=1e-7) and values[1] == pytest.approx(0.5)
+        assert values[2] == pytest.approx(1.0) and 0.1 < values[3] < 1.0 and values[4] == pytest.approx(0.1)
 
 
-def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
-    """A crash while writing leaves `latest` on the previous complete checkpoint and no temp dir."""
+def test_optimizer_is_keras_adamw_with_accumulation_and_clipping():
     import keras
 
-    from pitchkeras import train
+    from pitchkeras.train.config import TrainConfig, make_optimizer
 
-    variables = [keras.Variable(np.arange(6, dtype="float32").reshape(2, 3), name="w"), keras.Variable(1.0, name="b")]
-    ckdir = tmp_path / "run" / train.CHECKPOINTS
+    optimizer = make_optimizer(TrainConfig(dataset="d", grad_accum=3, clipnorm=0.5))
+    assert type(optimizer) is keras.optimizers.AdamW
+    assert optimizer.gradient_accumulation_steps == 3 and optimizer.global_clipnorm == 0.5
+    assert make_optimizer(TrainConfig(dataset="d")).gradient_accumulation_steps is None
+
+
+def test_mixed_precision_auto_follows_the_device_facts():
+    from pitchkeras.train import DeviceFacts, choose_policy
+
+    assert choose_policy("auto", DeviceFacts()) == "float32"  # CPU only
+    assert choose_policy("auto", DeviceFacts(gpu_capabilities=((8, 0),))) == "mixed_bfloat16"  # A100
+    assert choose_policy("auto", DeviceFacts(gpu_capabilities=((9, 0), (9, 0)))) == "mixed_bfloat16"  # H100s
+    assert choose_policy("auto", DeviceFacts(gpu_capabilities=((7, 5),))) == "mixed_float16"  # T4
+    assert choose_policy("auto", DeviceFacts(gpu_capabilities=((8, 6), (7, 0)))) == "mixed_float16"  # the weakest decides
+    assert choose_policy("auto", DeviceFacts(tpus=8)) == "mixed_bfloat16"
+    assert choose_policy("mixed_float16", DeviceFacts(tpus=8)) == "mixed_float16"  # asked for: kept
+
+
+def test_cli_flag_defaults_come_from_train_config():
+    from pitchkeras.cli import build_parser
+    from pitchkeras.train import TrainConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["finetune"]
+    args = sub.parse_args(["--dataset", "d"])
+    defaults = TrainConfig(dataset="d")
+    checked = [name for name in vars(args) if hasattr(defaults, name)]
+    assert len(checked) >= 25
+    for name in checked:
+        assert getattr(args, name) == getattr(defaults, name), name
+
+
+def test_checkpoints_are_atomic_pruned_and_restored_by_path(tmp_path, monkeypatch):
+    """A crash while writing leaves `latest` on the previous complete checkpoint; restore goes by path."""
+    import keras
+
+    from pitchkeras.train import checkpoints
+
+    def make():
+        return [keras.Variable(np.arange(6, dtype="float32").reshape(2, 3), name="w"), keras.Variable(1.0, name="b")]
+
+    variables = make()
+    ckdir = tmp_path / "run" / checkpoints.CHECKPOINTS
     for step in (1, 2, 3):
         variables[1].assign(float(step))
-        train.save_checkpoint(ckdir, variables, {"step": step}, keep=2)
+        checkpoints.save_checkpoint(ckdir, variables, {"step": step}, keep=2)
     assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "latest"]
     assert (ckdir / "latest").read_text().strip() == "ckpt-00000003"
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "savez", crash)
+    monkeypatch.setattr(np.lib.format, "write_array", crash)
     with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(ckdir, variables, {"step": 4}, keep=2)
+        checkpoints.save_checkpoint(ckdir, variables, {"step": 4}, keep=2)
     monkeypatch.undo()
     assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-00000002", "ckpt-00000003", "latest"]
 
-    found = train.find_checkpoint(tmp_path / "run", "latest")
+    found = checkpoints.find_checkpoint(tmp_path / "run", "latest")
     assert found.name == "ckpt-00000003"
-    assert train.find_checkpoint(tmp_path / "run", str(tmp_path / "run")) == found  # a run dir as PATH
-    assert train.find_checkpoint(tmp_path / "run", "fresh") is None
-    variables[1].assign(0.0)
-    assert train.restore_checkpoint(found, variables)["step"] == 3 and float(variables[1].numpy()) == 3.0
+    assert checkpoints.find_checkpoint(tmp_path / "run", str(tmp_path / "run")) == found  # a run dir as PATH
+    assert checkpoints.find_checkpoint(tmp_path / "run", "fresh") is None
+    fresh = make()
+    fresh[0].assign(np.zeros((2, 3), "float32"))
+    # Restored by path: the order the model lists its variables in does not matter.
+    assert checkpoints.restore_checkpoint(found, fresh[::-1])["step"] == 3
+    assert float(fresh[1].numpy()) == 3.0 and fresh[0].numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(UsageError, match="missing or incomplete"):
-        train.find_checkpoint(tmp_path / "run", str(tmp_path / "nowhere"))
-    with pytest.raises(UsageError, match="holds 2 variables but this model/optimizer has 1"):
-        train.restore_checkpoint(found, variables[:1])
+        checkpoints.find_checkpoint(tmp_path / "run", str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match=r"holds 1 variable\(s\) this model does not have, e.g. b"):
+        checkpoints.restore_checkpoint(found, make()[:1])
+    other = [keras.Variable(np.zeros((3, 3), "float32"), name="w"), keras.Variable(0.0, name="b")]
+    with pytest.raises(UsageError, match=r"w has shape \[2, 3\], this model's is \[3, 3\]; .*another preset"):
+        checkpoints.restore_checkpoint(found, other)
+    assert other[0].numpy().sum() == 0  # nothing assigned from a refused checkpoint
 
 
 # -- one real run ----------------------------------------------------------------------
@@ -180,7 +223,8 @@ def test_loss_falls_and_run_files(reference):
     run_dir = result.run_dir
 
     with open(run_dir / "metrics.csv", encoding="utf-8") as f:
-        assert f.readline().strip() == "step,loss,learning_rate,tokens_per_sec,val_loss,val_perplexity"
+        assert f.readline().strip() == ("step,loss,learning_rate,tokens_per_sec,val_loss,val_perplexity,"
+                                        "loss_scale,skipped_steps")
     rows = read_metrics(run_dir)
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
     assert [float(r["loss"]) for r in rows] == pytest.approx(losses, rel=1e-5)
@@ -194,7 +238,8 @@ def test_loss_falls_and_run_files(reference):
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = (run_dir / "samples" / "step-00000020.txt").read_text(encoding="utf-8")
     assert samples.count("=== {") == 3 and '"genre": "Electronic"' in samples
-    assert any((run_dir / "logs").iterdir())  # TensorBoard event file
+    assert all(not r["loss_scale"] and not r["skipped_steps"] for r in rows)  # float32: no loss scaling
+    assert list((run_dir / "logs").rglob("events.out.tfevents.*"))  # Keras's TensorBoard callback
     ckdir = run_dir / "checkpoints"
     assert sorted(p.name for p in ckdir.iterdir()) == ["ckpt-00000015", "ckpt-00000020", "latest"]
     assert (ckdir / "latest").read_text().strip() == "ckpt-00000020"
@@ -254,26 +299,29 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(shared, reference):
 
 
 def test_grad_accum_matches_a_larger_batch(shared):
-    """batch 4 x 2 accumulated micro-batches == batch 8: same losses and weights (packed rows, same data)."""
+    """fit with batch 4 x 2 accumulated micro-batches == batch 8: same losses and weights (packed rows).
+
+    A constant rate (the schedule reads Keras's micro-batch counter, so under accumulation each update
+    uses the rate of its last micro-batch, a fraction of a step later than batch 8's).
+    """
     import keras
 
     from pitchkeras.data.pipeline import make_dataset, read_examples
-    from pitchkeras.model import TinyConfig, build_tiny_causal_lm
-    from pitchkeras.train import Trainer, TrainConfig, make_optimizer
-
-    import tensorflow as tf
+    from pitchkeras.model import TinyConfig, build_tiny_causal_lm, tokenized_inputs
+    from pitchkeras.train.config import TrainConfig, compile_for_training
 
     texts = read_examples(shared["data"] / "train.csv")
     runs = []
     for batch_size, accum in ((8, 1), (4, 2)):
         model = build_tiny_causal_lm(texts, config=TinyConfig(**TINY_SHAPE), sequence_length=32, seed=0)
-        optimizer = make_optimizer(TrainConfig(dataset="d", steps=3, learning_rate=3e-3), "float32")
-        optimizer.build(model.trainable_variables)
-        trainer = Trainer(model, optimizer, tf.distribute.get_strategy(), grad_accum=accum, jit_compile=False)
-        batches = iter(make_dataset(shared["data"] / "train.csv", model.preprocessor.tokenizer, sequence_length=32,
-                                    batch_size=batch_size, seed=0))
-        losses = [float(trainer.train_step([next(batches) for _ in range(accum)])) for _ in range(3)]
-        runs.append((losses, [np.array(v) for v in model.trainable_variables]))
+        config = TrainConfig(dataset="d", steps=3, learning_rate=3e-3, grad_accum=accum, warmup_steps=0,
+                             min_learning_rate_ratio=1.0)
+        compile_for_training(model, config, jit_compile=False)
+        batches = make_dataset(shared["data"] / "train.csv", model.preprocessor.tokenizer, sequence_length=32,
+                               batch_size=batch_size, seed=0)
+        with tokenized_inputs(model):
+            history = model.fit(batches, epochs=3, steps_per_epoch=accum, verbose=0, shuffle=False)
+        runs.append((history.history["loss"], [np.array(v) for v in model.trainable_variables]))
         keras.backend.clear_session()
     (big, big_weights), (accumulated, acc_weights) = runs
     assert accumulated == pytest.approx(big, rel=1e-5)
@@ -371,33 +419,39 @@ def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
 
 
 DIST_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, signal, sys
     import tensorflow as tf
     mode, data, ck, cache = sys.argv[1:5]
     if mode == "mirrored":  # two logical CPU devices -> two replicas in one process
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from pitchkeras import train
+    import keras_hub
     from pitchkeras.model import TinyConfig
+    from pitchkeras.train import TrainConfig, finetune
     shapes = []
-    real_step = train.Trainer.train_step
-    def spy(self, batches):  # the per-replica shapes of the labels this step gets
-        shapes.append([list(v.shape) for v in self.strategy.experimental_local_results(batches[0][1])])
-        return real_step(self, batches)
-    train.Trainer.train_step = spy
-    result = train.finetune(train.TrainConfig(
-        dataset=data, checkpoint_dir=ck, cache_dir=cache, preset="tiny", steps=4, batch_size=4,
-        sequence_length=32, learning_rate=3e-3, print_every=0, save_every=2, val_every=0, progress=False,
-        strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))))
+    real_step = keras_hub.models.GPT2CausalLM.train_step
+    def spy(self, data):  # traced once per replica: the per-replica shape of the labels
+        shapes.append(list(data[1].shape))
+        return real_step(self, data)
+    keras_hub.models.GPT2CausalLM.train_step = spy
+    steps, kill_at = int(os.environ.get("STEPS", "4")), int(os.environ.get("SIGTERM_AT", "0"))
+    def log(line):  # SIGTERM this worker alone once it printed step `kill_at`
+        if kill_at and line.startswith(f"step {kill_at}/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    result = finetune(TrainConfig(
+        dataset=data, checkpoint_dir=ck, cache_dir=cache, preset="tiny", steps=steps, batch_size=4,
+        sequence_length=32, learning_rate=3e-3, print_every=1 if kill_at else 0, save_every=2, val_every=0,
+        progress=False, strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))), log=log)
     print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
-                                  "shapes": shapes[0], "model": str(result.model_dir) if result.model_dir else None}))
+                                  "shapes": shapes, "step": result.step, "interrupted": result.interrupted,
+                                  "model": str(result.model_dir) if result.model_dir else None}))
 """)
 
 
-def _spawn(shared, tmp_path, mode, ck, tf_config=None):
+def _spawn(shared, tmp_path, mode, ck, tf_config=None, **extra_env):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT, encoding="utf-8")
-    env = _env()
+    env = dict(_env(), **extra_env)
     if tf_config:
         env["TF_CONFIG"] = json.dumps(tf_config)
     return subprocess.Popen([sys.executable, str(script), mode, str(shared["data"]), str(ck), str(shared["cache"]),
@@ -427,7 +481,7 @@ def single_device(shared):
 def test_mirrored_on_two_logical_cpus_matches_single_device(shared, tmp_path, single_device):
     mirrored = _result(_spawn(shared, tmp_path, "mirrored", tmp_path / "ck"))
     assert mirrored["replicas"] == 2
-    assert mirrored["shapes"] == [[2, 32], [2, 32]]  # the global batch of 4 split in two
+    assert mirrored["shapes"][:2] == [[2, 32], [2, 32]]  # the global batch of 4 split in two
     assert mirrored["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
     ours = checkpoint_arrays(tmp_path / "ck" / "run1" / "checkpoints" / "ckpt-00000004")
     ref = checkpoint_arrays(single_device.run_dir / "checkpoints" / "ckpt-00000004")
@@ -457,7 +511,7 @@ def test_multiworker_two_local_processes_match_single_device_and_write_once(shar
     ]
     chief, other = _result(workers[0]), _result(workers[1])
     assert chief["replicas"] == 2 and other["replicas"] == 2
-    assert chief["shapes"] == [[2, 32]]  # each worker gets half of the global batch
+    assert chief["shapes"][0] == [2, 32]  # each worker gets half of the global batch
     assert chief["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
     assert chief["losses"] == pytest.approx(other["losses"], rel=1e-6)
     # Files are written once, by the chief (worker 0); worker 1 writes nothing at all.

@@ -9,8 +9,8 @@ token stream into full `sequence_length` blocks separated by `<|endoftext|>`
 Batches are `(x, y, sample_weight)` with `x = {"token_ids", "padding_mask"}`,
 exactly what `keras_hub.models.CausalLMPreprocessor` produces for `fit()`:
 `y` is `token_ids` shifted left by one and `sample_weight` the shifted padding
-mask, so a batch can go straight into `GPT2CausalLM.fit` with the
-preprocessor bypassed, or into `pitchkeras.train`'s own step.
+mask, so a batch goes straight into `GPT2CausalLM.fit` with the
+preprocessor bypassed (`pitchkeras.model.tokenized_inputs`).
 
 Example:
 
@@ -140,12 +140,16 @@ def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.Path
     tokenizing again. Without it they are cached in memory for the run.
 
     Args:
-        csv_path: str. The prepared CSV.
+        csv_path: str or list of str. The prepared CSV, or the examples themselves (never cached).
         tokenizer: keras_hub.tokenizers.Tokenizer. The model's own tokenizer.
         cache_dir: str or None. Where tokenized datasets are kept between runs.
     """
     import tensorflow as tf
 
+    if isinstance(csv_path, (list, tuple)):
+        if not csv_path:
+            raise InvalidArgument("no examples to tokenize")
+        return _tokenize_eagerly(list(csv_path), tokenizer)
     path = Path(csv_path)
 
     def tokenize():
@@ -167,7 +171,7 @@ def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.Path
 
 
 def make_dataset(
-    csv_path: str | os.PathLike,
+    csv_path: str | os.PathLike | list,
     tokenizer,
     *,
     sequence_length: int,
@@ -190,7 +194,7 @@ def make_dataset(
     `x = block[:-1]`, `y = block[1:]`, `sample_weight = mask[1:]`.
 
     Args:
-        csv_path: str. A prepared single-column CSV (`train.csv`, `val.csv`).
+        csv_path: str or list of str. A prepared single-column CSV (`train.csv`, `val.csv`), or examples.
         tokenizer: keras_hub.models.GPT2Tokenizer. The model's own tokenizer.
         sequence_length: int. Tokens per row fed to the model.
         batch_size: int. Rows per batch (the global batch under tf.distribute).
@@ -246,6 +250,10 @@ def make_dataset(
         return x, ids[:, 1:], mask[:, 1:]
 
     dataset = blocks.batch(batch_size, drop_remainder=repeat).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    if not repeat:
+        # A finite pass: count its batches once, so Keras knows where it ends (no "ran out of data").
+        batches = int(dataset.reduce(0, lambda count, _: count + 1))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     if skip_batches:
         dataset = dataset.skip(skip_batches)
     options = tf.data.Options()
