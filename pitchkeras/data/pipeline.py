@@ -182,6 +182,7 @@ def make_dataset(
     repeat: bool = True,
     cache_dir: Optional[str | os.PathLike] = None,
     skip_batches: int = 0,
+    drop_remainder: Optional[bool] = None,
 ):
     """Batches `(x, y, sample_weight)` for causal language-model training.
 
@@ -204,9 +205,12 @@ def make_dataset(
         repeat: bool. Repeat forever (training) or stop after one pass (validation).
         cache_dir: str or None. Keep tokenized examples on disk between runs.
         skip_batches: int. Batches to skip at the start: the data position of a resumed run.
+        drop_remainder: bool or None. Drop a last partial batch (None: only when repeating). Several
+            replicas need full batches: each gets an equal share.
 
     Returns:
-        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`.
+        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`: int32 ids, int32 mask,
+        int32 labels, float32 weights.
     """
     import tensorflow as tf
 
@@ -220,10 +224,19 @@ def make_dataset(
 
     docs = tokenized_examples(csv_path, tokenizer, cache_dir=cache_dir)
     num_docs = int(docs.cardinality().numpy()) if docs.cardinality() >= 0 else 0
-    if shuffle:
-        # Every example fits in the buffer: a full, seeded shuffle per epoch.
-        docs = docs.shuffle(max(num_docs, 1024), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
+    if shuffle and num_docs:
+        # A full shuffle per epoch, the order a pure function of (seed, epoch): every iterator of this
+        # dataset yields the same batches (Keras may open more than one), so resume positions hold.
+        table = docs.ragged_batch(num_docs).get_single_element()
+
+        def epoch_order(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(num_docs, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+            return tf.data.Dataset.from_tensor_slices(order)
+
+        epochs = tf.data.Dataset.range(2**62) if repeat else tf.data.Dataset.range(1)
+        docs = epochs.flat_map(epoch_order).map(lambda i: table[i], num_parallel_calls=tf.data.AUTOTUNE)
+    elif repeat:
         docs = docs.repeat()
 
     if packing:
@@ -246,10 +259,13 @@ def make_dataset(
         blocks = docs.map(pad_one, num_parallel_calls=tf.data.AUTOTUNE)
 
     def split(ids, mask):
-        x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
-        return x, ids[:, 1:], mask[:, 1:]
+        # Numbers, not bools: Keras averages the first batch across replicas to build the model under
+        # tf.distribute, and there is no mean of a bool. int32 is the backbone's own padding_mask dtype.
+        x = {"token_ids": ids[:, :-1], "padding_mask": tf.cast(mask[:, :-1], tf.int32)}
+        return x, ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
 
-    dataset = blocks.batch(batch_size, drop_remainder=repeat).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    drop = repeat if drop_remainder is None else drop_remainder
+    dataset = blocks.batch(batch_size, drop_remainder=drop).map(split, num_parallel_calls=tf.data.AUTOTUNE)
     if not repeat:
         # A finite pass: count its batches once, so Keras knows where it ends (no "ran out of data").
         batches = int(dataset.reduce(0, lambda count, _: count + 1))

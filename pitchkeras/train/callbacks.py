@@ -471,14 +471,18 @@ class ConditionValidation(keras.callbacks.Callback):
         max_examples: int. Examples per group at most (0 = all).
         resume_step: int or None. Rows after this step are dropped; None starts a new file.
         chief: bool. Whether this process writes.
+        replicas: int. Replicas the batch is split over: with several, a group is filled up to whole
+            batches by repeating its own examples (each replica needs an equal share).
     """
 
     def __init__(self, examples, prompt_format, tokenizer, out_dir, *, sequence_length: int, batch_size: int,
-                 every: int = 0, max_examples: int = 64, resume_step: Optional[int] = None, chief: bool = True):
+                 every: int = 0, max_examples: int = 64, resume_step: Optional[int] = None, chief: bool = True,
+                 replicas: int = 1):
         super().__init__()
         self.groups = condition_groups(examples, prompt_format)
         if max_examples:
             self.groups = {k: v[:max_examples] for k, v in self.groups.items()}
+        self.replicas = replicas
         self.tokenizer, self.sequence_length, self.batch_size = tokenizer, sequence_length, batch_size
         self.every, self.resume_step, self.chief = int(every), resume_step, chief
         self.csv_path = Path(out_dir) / "val_by_condition.csv"
@@ -497,7 +501,7 @@ class ConditionValidation(keras.callbacks.Callback):
         from pitchkeras.data.pipeline import make_dataset
 
         if self._datasets is None:
-            self._datasets = {key: make_dataset(rows, self.tokenizer, sequence_length=self.sequence_length,
+            self._datasets = {key: make_dataset(self._whole_batches(rows), self.tokenizer, sequence_length=self.sequence_length,
                                                 batch_size=self.batch_size, packing=False, shuffle=False,
                                                 repeat=False)
                               for key, rows in self.groups.items()}
@@ -512,6 +516,12 @@ class ConditionValidation(keras.callbacks.Callback):
                                      _fmt(_perplexity(loss))])
             plot_condition_losses(self.csv_path, self.png_path)
         return self.last
+
+    def _whole_batches(self, rows: list) -> list:
+        if self.replicas == 1 or len(rows) % self.batch_size == 0:
+            return rows
+        missing = self.batch_size - len(rows) % self.batch_size
+        return rows + [rows[i % len(rows)] for i in range(missing)]
 
     def on_epoch_end(self, epoch, logs=None):
         self._step = epoch + 1

@@ -60,6 +60,27 @@ class Distribution:
         return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy() > 0)
 
 
+    def adapt_keras_model(self, model, batch) -> None:
+        """Work around two Keras 3 (3.15) gaps in `fit`/`evaluate` under MultiWorkerMirroredStrategy.
+
+        1. `fit` builds the compiled loss from the first batch averaged over replicas
+           (`strategy.reduce("MEAN", batch)`), which this strategy cannot do for a dict of inputs:
+           build it here from one local `batch` instead (model and optimizer are built already).
+        2. Step logs are reduced with `strategy.reduce("MEAN", value, axis=0)`, which fails on a
+           scalar loss: the steps return each value as a one-element vector, reduced to a scalar.
+        """
+        from keras import ops
+
+        with self.scope():
+            model._symbolic_build(data_batch=batch)
+        model._maybe_symbolic_build = lambda *args, **kwargs: None
+
+        def vectors(step):
+            return lambda data: {name: ops.reshape(value, [1]) for name, value in step(data).items()}
+
+        model.train_step, model.test_step = vectors(model.train_step), vectors(model.test_step)
+
+
 def _tf_config_cluster() -> dict:
     try:
         return json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("cluster") or {}

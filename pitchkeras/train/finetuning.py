@@ -257,11 +257,13 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     train_ds = make_dataset(files.train, tokenizer, sequence_length=config.sequence_length,
                             batch_size=config.batch_size, packing=config.packing, seed=config.seed,
                             cache_dir=cache_dir, skip_batches=checkpointer.data_position)
+    if distribution.name == "multiworker":
+        distribution.adapt_keras_model(causal_lm, next(iter(train_ds)))
     val_ds, val_steps = None, []
     if files.val is not None:  # validated every --val-every steps and at the last one
         val_ds = make_dataset(files.val, tokenizer, sequence_length=config.sequence_length,
                               batch_size=config.batch_size, packing=config.packing, shuffle=False, repeat=False,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, drop_remainder=replicas > 1)
         if config.val_batches:
             val_ds = val_ds.take(config.val_batches)  # the same batches at every pass
         every = config.val_every or config.steps
@@ -294,7 +296,7 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     if files.val is not None and prompt_format.conditions:
         conditions = cb.ConditionValidation(
             read_examples(files.val), prompt_format, tokenizer, run_dir, sequence_length=config.sequence_length,
-            batch_size=config.batch_size, every=config.val_every, resume_step=resume, chief=chief,
+            batch_size=config.batch_size, every=config.val_every, resume_step=resume, chief=chief, replicas=replicas,
             max_examples=max(config.val_batches, 1) * config.batch_size if config.val_batches else 0)
         callbacks.append(conditions)
     callbacks += [checkpointer, cb.LossPlot(run_dir / "metrics.csv", run_dir / "loss.png", config.save_every, chief)]
