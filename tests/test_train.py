@@ -247,6 +247,55 @@ def test_loss_falls_and_run_files(reference):
     assert state["step"] == 20 and state["data_position"] == 20 and state["model_version"] == result.model_version
 
 
+def test_validation_per_condition(reference):
+    """val_by_condition.csv/.png: a loss per genre and per score bucket at each validation pass."""
+    result, _ = reference
+    with open(result.run_dir / "val_by_condition.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "condition", "value", "examples", "val_loss", "val_perplexity"]
+    assert sorted({int(r["step"]) for r in rows}) == [10, 20]
+    last = {(r["condition"], r["value"]): r for r in rows if r["step"] == "20"}
+    # The val rows are examples 80-89: scores (i % 7) + 2.5 and the three genres.
+    expected_scores = {((i % 7) + 2.5) for i in range(80, 90)}
+    buckets = {"0-3.5" if s < 4 else "4-6.5" if s < 7 else "7-8.5" if s < 9 else "9-10" for s in expected_scores}
+    assert {v for c, v in last if c == "score"} == buckets
+    assert {v for c, v in last if c == "genre"} == set(GENRES)
+    assert sum(int(r["examples"]) for (c, _), r in last.items() if c == "genre") == 10
+    for row in last.values():
+        loss = float(row["val_loss"])
+        assert math.isfinite(loss) and float(row["val_perplexity"]) == pytest.approx(math.exp(loss), rel=1e-4)
+        assert loss < float(next(r["val_loss"] for r in rows if r["step"] == "10" and
+                                 (r["condition"], r["value"]) == (row["condition"], row["value"])))
+    assert result.val_by_condition.keys() == last.keys()
+    assert (result.run_dir / "val_by_condition.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_loss_falls_like_float32(shared, tmp_path, reference, policy):
+    """The same 20-step run in bf16/fp16: per-step loss within 0.05 nats of float32's, no NaN;
+    fp16 runs under Keras's LossScaleOptimizer and metrics.csv shows the loss scale and skipped steps."""
+    from pitchkeras.train import finetune
+
+    ref, _ = reference
+    result = finetune(small_config(shared, tmp_path / "ck", mixed_precision=policy, save_every=0, val_every=0))
+    assert result.policy == policy and result.step == 20
+    losses = [loss for _, loss in result.losses]
+    ref_losses = [loss for _, loss in ref.losses]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 0.05  # stated tolerance: 0.05 nats per step
+    assert losses[0] - losses[-1] > 0.8 * (ref_losses[0] - ref_losses[-1])  # falls like float32's
+    rows = read_metrics(result.run_dir)
+    if policy == "mixed_float16":
+        assert all(float(r["loss_scale"]) >= 1 for r in rows)
+        skipped = [int(r["skipped_steps"]) for r in rows]
+        assert skipped == sorted(skipped) and 0 <= skipped[-1] < 20  # cumulative, and most steps applied
+    else:  # bfloat16 has float32's range: no loss scaling
+        assert all(not r["loss_scale"] for r in rows)
+    import keras
+
+    assert keras.config.dtype_policy().name == "float32"  # the run's policy did not leak out of it
+
+
 def test_exported_model_loads_with_keras_hub_and_generates(reference):
     import keras_hub
 
@@ -548,3 +597,54 @@ def test_multiworker_sigterm_on_one_worker_stops_every_worker_at_the_same_step(s
     assert (checkpoints / "latest").read_text().strip() == "ckpt-00000003"
     assert sorted(p.name for p in checkpoints.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
     assert [int(r["step"]) for r in read_metrics(tmp_path / "ck-0" / "run1")] == [1, 2, 3]
+
+
+# -- the JAX backend ---------------------------------------------------------------------------------
+
+JAX_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import keras
+    assert keras.config.backend() == "jax", keras.config.backend()
+    import jax
+    from pitchkeras.model import TinyConfig, load_model
+    from pitchkeras.train import TrainConfig, finetune
+    data, ck, cache, shape, tf_model, start = sys.argv[1:7]
+    result = finetune(TrainConfig(
+        dataset=data, checkpoint_dir=ck, cache_dir=cache, preset=start, steps=20, batch_size=4,
+        sequence_length=32, learning_rate=3e-3, print_every=0, save_every=10, val_every=10, val_batches=2,
+        progress=False, seed=0, tiny=TinyConfig(**json.loads(shape))))
+    on_jax = load_model(tf_model).causal_lm  # trained on TensorFlow, generating on JAX
+    text = on_jax.generate("5.0\\nRock\\n", max_length=24, stop_token_ids=None)
+    print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
+                                  "backend": result.backend, "devices": len(jax.devices()),
+                                  "val_loss": result.val_loss, "model": str(result.model_dir), "text": text}))
+""")
+
+
+@pytest.mark.slow
+def test_jax_backend_trains_with_data_parallel_like_tensorflow(shared, tmp_path, reference):
+    """KERAS_BACKEND=jax, two CPU devices: the same run as TensorFlow's within 2% per step; the models cross over.
+
+    The JAX run starts from the TensorFlow run's starting point (its saved `base/` preset: the same
+    initial weights and tokenizer; each backend draws its own random init otherwise).
+    """
+    import keras_hub
+
+    ref, _ = reference
+    env = dict(_env(), KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(shared["data"]), str(tmp_path / "ck"),
+                           str(shared["cache"]), json.dumps(TINY_SHAPE), str(ref.model_dir), str(ref.run_dir / "base")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    jax_side = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    assert jax_side["backend"] == "jax" and jax_side["devices"] == 2 and jax_side["replicas"] == 2
+    # Same data, same initial weights, float32 both: the losses agree within the stated 2% at every step.
+    assert jax_side["losses"] == pytest.approx([loss for _, loss in ref.losses], rel=2e-2)
+    assert jax_side["val_loss"] == pytest.approx(ref.val_loss, rel=2e-2)
+    assert jax_side["text"].startswith("5.0\nRock\n") and len(jax_side["text"]) > len("5.0\nRock\n")
+    # ...and the model trained on JAX loads and generates on TensorFlow.
+    causal_lm = keras_hub.models.CausalLM.from_preset(jax_side["model"])
+    text = causal_lm.generate("5.0\nRock\n", max_length=24, stop_token_ids=None)
+    assert text.startswith("5.0\nRock\n") and len(text) > len("5.0\nRock\n")
+    assert json.loads((Path(jax_side["model"]) / "pitchkeras.json").read_text())["base_preset"] == str(ref.run_dir / "base")
+

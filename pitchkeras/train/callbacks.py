@@ -340,12 +340,12 @@ def sample_prompts(prompt_format, condition_values: dict, count: int = 3) -> lis
     return pairs
 
 
-def write_samples(causal_lm, info, out, *, max_new_tokens: int = 80, seed: int = 0) -> Path:
-    """Generate a few samples with the run's own prompt format (`ModelInfo`) into the text file `out`."""
+def write_samples(causal_lm, info, out, *, max_new_tokens: int = 80, seed: int = 0, count: int = 3) -> Path:
+    """Generate `count` samples with the run's own prompt format (`ModelInfo`) into the text file `out`."""
     from pitchkeras.model import PitchModel
     from pitchkeras.sampling import GenerationRequest, Generator
 
-    conditions = sample_prompts(info.prompt_format, info.condition_values)
+    conditions = sample_prompts(info.prompt_format, info.condition_values, count)
     generator = Generator(PitchModel(causal_lm=causal_lm, info=info), batch_size=len(conditions),
                           max_new_tokens=max_new_tokens)
     samples = generator.generate([GenerationRequest(conditions=c or None, seed=seed + i)
@@ -366,19 +366,21 @@ class SampleWriter(keras.callbacks.Callback):
         seed: int. Sampling seed.
         final: bool. Write `final.txt` when training ends.
         chief: bool. Whether this process writes.
+        replicas: int. Devices a batch is split over (keras.distribution.DataParallel needs a multiple).
     """
 
     def __init__(self, info, directory, every: int, *, preprocessor=None, seed: int = 0, final: bool = True,
-                 chief: bool = True):
+                 chief: bool = True, replicas: int = 1):
         super().__init__()
         self.info, self.directory, self.every = info, Path(directory), int(every)
         self.preprocessor, self.seed, self.final, self.chief = preprocessor, seed, final, chief
+        self.count = -(-3 // replicas) * replicas  # three samples, or the next multiple of the replicas
 
     def _write(self, name: str):
         from pitchkeras.model import attached_preprocessor
 
         with attached_preprocessor(self.model, self.preprocessor):
-            write_samples(self.model, self.info, self.directory / name, seed=self.seed)
+            write_samples(self.model, self.info, self.directory / name, seed=self.seed, count=self.count)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.chief and self.every and (epoch + 1) % self.every == 0 and not self.model.stop_training:

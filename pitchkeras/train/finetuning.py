@@ -171,6 +171,17 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
         UsageError / InvalidArgument: bad settings, dataset, preset or checkpoint.
     """
     config.validate()
+    previous_policy = keras.config.dtype_policy()
+    previous_distribution = keras.distribution.distribution() if keras.config.backend() == "jax" else None
+    try:
+        return _finetune(config, log)
+    finally:  # the run's policy and device layout do not outlive it
+        keras.config.set_dtype_policy(previous_policy)
+        if keras.config.backend() == "jax":
+            keras.distribution.set_distribution(previous_distribution)
+
+
+def _finetune(config: TrainConfig, log: Optional[Callable[[str], None]]) -> TrainResult:
     started = time.perf_counter()
     say = log or (print if config.progress else (lambda _msg: None))
     files = resolve_dataset(config.dataset)
@@ -187,7 +198,7 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     if not chief:
         say = lambda _msg: None  # noqa: E731 - one voice per cluster
     policy = choose_policy(config.mixed_precision)
-    keras.mixed_precision.set_global_policy(policy)
+    keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
     replicas = distribution.replicas
     if config.batch_size % replicas:
@@ -291,7 +302,7 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     if config.sample_every:
         callbacks.append(cb.SampleWriter(info, run_dir / "samples", config.sample_every,
                                          preprocessor=causal_lm.preprocessor, seed=config.seed, final=False,
-                                         chief=chief))
+                                         chief=chief, replicas=replicas if backend == "jax" else 1))
     conditions = None
     if files.val is not None and prompt_format.conditions:
         conditions = cb.ConditionValidation(
@@ -318,7 +329,8 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
     if not result.interrupted and chief:
         result.model_dir = save_model_dir(causal_lm, info, run_dir / "model")
         if config.sample_every:
-            cb.write_samples(causal_lm, info, run_dir / "samples" / "final.txt", seed=config.seed)
+            cb.write_samples(causal_lm, info, run_dir / "samples" / "final.txt", seed=config.seed,
+                             count=-(-3 // replicas) * replicas if backend == "jax" else 3)
         say(f"model {run_id} exported to {result.model_dir}")
     result.tokens_per_sec = record.tokens / record.seconds if record.seconds else 0.0
     result.seconds = time.perf_counter() - started
