@@ -404,6 +404,24 @@ def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path)
     assert model.causal_lm.generate("5.0\nRock\n", max_length=16, stop_token_ids=None).startswith("5.0\nRock\n")
 
 
+def test_cli_prepare_gpt2_simple_txt_then_finetune(shared, tmp_path, capsys):
+    """`pitchkeras prepare corpus.txt` (gpt-2-simple delimiters) then `pitchkeras finetune` on its output."""
+    from pitchkeras.cli import main
+
+    docs = [f"DJ number {i} plays {' '.join(WORDS[GENRES[i % 3]].split()[:6])} all night long." for i in range(40)]
+    corpus = tmp_path / "bios.txt"
+    corpus.write_text("".join(f"<|startoftext|>{d}<|endoftext|>\n" for d in docs), encoding="utf-8")
+    assert main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--no-progress"]) == 0
+    code = main(["finetune", "--dataset", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--sequence-length", "32",
+                 "--learning-rate", "3e-3", "--val-every", "0", "--jit-compile", "false", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "step 3," in out
+    info = json.loads((tmp_path / "ck" / "run1" / "model" / "pitchkeras.json").read_text(encoding="utf-8"))
+    assert info["prompt_format"] == {"conditions": [], "numeric": []}  # a plain corpus: no conditions
+    assert not (tmp_path / "ck" / "run1" / "val_by_condition.csv").exists()
+
+
 def test_preset_errors_are_one_clear_line(shared, tmp_path, capsys):
     from pitchkeras.cli import main
     from pitchkeras.train import finetune
