@@ -29,8 +29,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
 MODELS = {
     "gpt2_124m": dict(vocabulary_size=50257, num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=3072,
                       max_sequence_length=1024),
@@ -154,4 +152,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras is imported (in main); never on a plain import
     sys.exit(main())

@@ -444,7 +444,7 @@ def test_preset_errors_are_one_clear_line(shared, tmp_path, capsys):
 
 
 def _env():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", KERAS_BACKEND="tensorflow")
     env.pop("TF_CONFIG", None)
     return env
 
@@ -475,9 +475,8 @@ def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
     assert 10 <= saved < 200
     assert int(read_metrics(ck / "run1")[-1]["step"]) >= saved  # rows past the checkpoint are dropped on resume
 
-    # A generous limit: ~15 s alone, but it once ran past 300 s while the shared 2 cores were saturated.
     done = subprocess.run(cmd + ["--restore-from", "latest", "--quiet"], env=_env(), capture_output=True, text=True,
-                          timeout=900)
+                          timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "step 200," in done.stdout
     rows = read_metrics(ck / "run1")
