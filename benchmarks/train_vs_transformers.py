@@ -1,22 +1,24 @@
-"""Training throughput: pitchkeras' Trainer vs a plain Hugging Face transformers/PyTorch loop, same CPU.
+"""Training throughput: pitchkeras' fit (TensorFlow and JAX) vs a plain Hugging Face transformers/PyTorch loop.
 
 Both sides train the GPT-2 124M architecture (12 layers, 12 heads, hidden 768,
 MLP 3072, vocabulary 50257, 1024 positions) from random weights (no
 download), on the same random token batches, with AdamW, in the same
 precision (float32), one optimizer step per batch:
 
-- ours: `keras_hub.models.GPT2CausalLM` driven by `pitchkeras.train.Trainer`
-  (the step `pitchkeras finetune` runs: forward, token cross-entropy,
-  backward and AdamW compiled as one XLA program) with
-  `pitchkeras.train.make_optimizer`;
+- ours: `keras_hub.models.GPT2CausalLM` compiled by
+  `pitchkeras.train.config.compile_for_training` (keras.optimizers.AdamW with
+  the warmup/cosine schedule and global clipping, the per-token loss) and
+  trained with `fit`, one step per epoch, exactly as `pitchkeras finetune`
+  runs it, once with KERAS_BACKEND=tensorflow and once with KERAS_BACKEND=jax;
 - theirs: `transformers.GPT2LMHeadModel` with `torch.optim.AdamW`, the
   textbook loop (`loss = model(ids, labels=ids).loss; loss.backward();
   opt.step(); opt.zero_grad()`).
 
-Each side runs in its own child process (so TensorFlow's and PyTorch's
-thread pools never compete; PyTorch's OpenMP threads wait passively, its
-best setting on a shared CPU), warms up, then times `--steps` steps. The last
-line printed is `ratio=<ours/theirs>` (tokens/sec over tokens/sec).
+Each side runs in its own child process (so thread pools never compete;
+PyTorch's OpenMP threads wait passively, its best setting on a shared CPU),
+warms up, then times `--steps` steps. The header names the CPU's SIMD level;
+the last line printed is `ratio=<ours on TensorFlow / theirs>` (tokens/sec
+over tokens/sec), the line before it the JAX ratio.
 
 Usage:
 
@@ -49,40 +51,51 @@ def batches(args, count):
                          dtype=np.int64) for _ in range(count)]
 
 
+def simd_level() -> str:
+    """The widest x86 vector extension this CPU has (from /proc/cpuinfo)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    for name in ("avx512f", "avx2", "avx", "sse4_2"):
+        if name in flags:
+            return name.upper().replace("AVX512F", "AVX-512")
+    return "none of AVX/SSE4.2"
+
+
 def run_ours(args) -> dict:
     import keras
     import keras_hub
-    import tensorflow as tf
+    import numpy as np
 
-    from pitchkeras.train import Trainer, TrainConfig, choose_policy, make_optimizer
+    from pitchkeras.train.config import TrainConfig, choose_policy, compile_for_training
 
     policy = choose_policy(args.precision)
-    keras.mixed_precision.set_global_policy(policy)
+    keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(args.seed)
     backbone = keras_hub.models.GPT2Backbone(dropout=args.dropout, **GPT2_124M)
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     config = TrainConfig(dataset="-", steps=1000, learning_rate=1e-4, batch_size=args.batch_size,
                          sequence_length=args.sequence_length)
-    optimizer = make_optimizer(config, policy)
-    optimizer.build(causal_lm.trainable_variables)
-    trainer = Trainer(causal_lm, optimizer, tf.distribute.get_strategy(), jit_compile=args.jit)
+    compile_for_training(causal_lm, config, jit_compile=args.jit)
+    ids = np.concatenate(batches(args, args.warmup + args.steps)).astype(np.int32)
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    y, weights = ids[:, 1:], np.ones(ids[:, 1:].shape, np.float32)
+    marks, losses = {}, []
 
-    def to_batch(ids):
-        ids = tf.constant(ids, tf.int32)
-        x = {"token_ids": ids[:, :-1], "padding_mask": tf.ones_like(ids[:, :-1], tf.bool)}
-        return x, ids[:, 1:], tf.ones_like(ids[:, 1:], tf.bool)
+    class Clock(keras.callbacks.Callback):  # the epoch-end log sync of every step is part of what finetune does
+        def on_epoch_end(self, epoch, logs=None):
+            losses.append(float(logs["loss"]))
+            if epoch + 1 == args.warmup:
+                marks["start"] = time.perf_counter()
+            marks["end"] = time.perf_counter()
 
-    data = [to_batch(ids) for ids in batches(args, args.warmup + args.steps)]
-    losses = []
-    for batch in data[: args.warmup]:
-        losses.append(float(trainer.train_step([batch])))
-    start = time.perf_counter()
-    for batch in data[args.warmup:]:
-        loss = trainer.train_step([batch])
-    losses.append(float(loss))  # float() waits for the last step
-    seconds = time.perf_counter() - start
-    return {"side": "ours", "seconds": seconds, "losses": losses, "policy": policy,
-            "params": int(causal_lm.count_params()), "intra_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    # Keras's own fit on arrays (keras-hub's would route them through its preprocessor's data pipeline).
+    keras.Model.fit(causal_lm, x, y, sample_weight=weights, batch_size=args.batch_size, epochs=args.warmup + args.steps,
+                    steps_per_epoch=1, shuffle=False, verbose=0, callbacks=[Clock()])
+    return {"side": f"ours ({keras.config.backend()})", "seconds": marks["end"] - marks["start"],
+            "losses": [losses[0], losses[-1]], "policy": policy, "params": int(causal_lm.count_params()),
+            "intra_threads": os.cpu_count()}
 
 
 def run_theirs(args) -> dict:
@@ -142,10 +155,13 @@ def main(argv=None) -> int:
 
     tokens = args.batch_size * args.sequence_length * args.steps
     print(f"GPT-2 124M, random weights, batch {args.batch_size} x {args.sequence_length} tokens, {args.precision}, "
-          f"dropout {args.dropout}, {args.warmup} warm-up + {args.steps} timed steps, {os.cpu_count()} CPU(s)")
+          f"dropout {args.dropout}, {args.warmup} warm-up + {args.steps} timed steps, {os.cpu_count()} CPU(s), "
+          f"SIMD {simd_level()}")
     rates = {}
-    for side in ("ours", "theirs"):
+    for side, backend in (("ours", "tensorflow"), ("ours", "jax"), ("theirs", None)):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        if backend:
+            env["KERAS_BACKEND"] = backend
         # PyTorch's OpenMP threads spin-wait by default; on a shared, loaded CPU that made its step
         # 3x slower here (15 s vs 5 s). Passive waiting is its best setting; TensorFlow ignores it.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -153,15 +169,16 @@ def main(argv=None) -> int:
                                env=env, capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
         if child.returncode != 0 or not lines:
-            print(f"{side} failed:\n{child.stderr[-3000:]}", file=sys.stderr)
+            print(f"{side} ({backend}) failed:\n{child.stderr[-3000:]}", file=sys.stderr)
             return 1
         result = json.loads(lines[-1][len("RESULT "):])
-        rates[side] = tokens / result["seconds"]
-        print(f"{side:6s}: {rates[side]:8.1f} tokens/s ({result['seconds'] / args.steps:.3f} s/step, "
+        rates[result["side"]] = tokens / result["seconds"]
+        print(f"{result['side']:17s}: {rates[result['side']]:8.1f} tokens/s ({result['seconds'] / args.steps:.3f} s/step, "
               f"{result['params'] / 1e6:.1f}M params, {result['policy']}, {result['intra_threads']} intra-op threads, "
               f"loss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f}"
               + (f", {result['versions']}" if "versions" in result else "") + ")")
-    print(f"ratio={rates['ours'] / rates['theirs']:.3f}")
+    print(f"ratio_jax={rates['ours (jax)'] / rates['theirs']:.3f}")
+    print(f"ratio={rates['ours (tensorflow)'] / rates['theirs']:.3f}")
     return 0
 
 

@@ -17,6 +17,7 @@ demo run offline on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -231,3 +232,68 @@ def load_model(model_dir: str | os.PathLike) -> PitchModel:
     info = ModelInfo.read(path)
     causal_lm = keras_hub.models.CausalLM.from_preset(str(path))
     return PitchModel(causal_lm=causal_lm, info=info, path=path)
+
+
+def load_causal_lm(preset: str, *, texts: Sequence[str] = (), tiny: Optional[TinyConfig] = None,
+                   sequence_length: int = 256, seed: int = 0, dtype: Optional[str] = None):
+    """The starting model of a fine-tuning run: `tiny`, a local preset directory, or a keras-hub preset name.
+
+    Args:
+        preset: str. `tiny`, a keras-hub preset directory, or a preset name (downloaded by keras-hub).
+        texts: list of str. The training texts `tiny` learns its tokenizer from.
+        tiny: TinyConfig or None. The shape of `tiny`.
+        sequence_length: int. The preprocessor's sequence length for `tiny`.
+        seed: int. Initialisation seed of `tiny`.
+        dtype: str or None. The dtype policy to load a preset with (None: the global policy).
+
+    Raises:
+        UsageError: a preset that does not exist or cannot be downloaded (offline).
+    """
+    import keras_hub
+
+    if preset == TINY:
+        return build_tiny_causal_lm(list(texts), config=tiny, sequence_length=sequence_length, seed=seed)
+    if Path(preset).is_dir():
+        try:
+            return keras_hub.models.CausalLM.from_preset(preset, dtype=dtype)
+        except Exception as err:  # keras-hub raises many kinds for a bad directory
+            raise UsageError(f"{preset} is not a keras-hub preset directory ({type(err).__name__}: {err})") from None
+    if os.sep in preset or preset.startswith("."):
+        raise UsageError(f"preset directory {preset} does not exist")
+    try:
+        return keras_hub.models.CausalLM.from_preset(preset, dtype=dtype)
+    except Exception as err:  # offline: requests/kagglehub/OSError; unknown name: ValueError
+        known = ", ".join(GPT2_PRESETS)
+        if isinstance(err, ValueError) and "preset" in str(err).lower() and preset not in GPT2_PRESETS:
+            raise UsageError(f"unknown preset {preset!r}: use {known}, tiny or a local preset directory") from None
+        raise UsageError(f"cannot download {preset}: no network; use --preset tiny or a local preset directory") from None
+
+
+@contextlib.contextmanager
+def tokenized_inputs(causal_lm):
+    """Within this block `causal_lm.fit/evaluate` take token batches (`pitchkeras.data.make_dataset`).
+
+    keras-hub tasks run their preprocessor over `fit`'s inputs (strings);
+    pre-tokenized, packed batches skip it, as keras-hub documents, by setting
+    `causal_lm.preprocessor = None`. It is put back on leaving, so `generate`
+    and `save_to_preset` keep working.
+    """
+    preprocessor = causal_lm.preprocessor
+    causal_lm.preprocessor = None
+    try:
+        yield preprocessor
+    finally:
+        causal_lm.preprocessor = preprocessor
+
+
+@contextlib.contextmanager
+def attached_preprocessor(causal_lm, preprocessor):
+    """Within this block `causal_lm` has `preprocessor` (for `generate` inside `tokenized_inputs`)."""
+    if preprocessor is None or causal_lm.preprocessor is not None:
+        yield
+        return
+    causal_lm.preprocessor = preprocessor
+    try:
+        yield
+    finally:
+        causal_lm.preprocessor = None

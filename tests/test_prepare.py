@@ -282,6 +282,80 @@ def test_plain_corpus_has_no_conditions(tmp_path):
     assert result.plot_path.read_bytes().startswith(PNG_MAGIC)
 
 
+# -- gpt-2-simple .txt corpora -------------------------------------------------------------------------------------
+BIOS = ["DJ Alpha has played warehouse parties across Europe since the late nineties.",
+        "DJ Beta mixes soul, funk and house records\nin long sets that last until sunrise.",
+        "DJ Gamma  runs a label for  minimal techno and plays it every Friday night."]
+CLEAN_BIOS = [normalize_text(b) for b in BIOS]
+
+
+@pytest.mark.parametrize("layout", ["start_end", "end_only"])
+def test_txt_corpus_with_delimiters_is_one_example_per_document(tmp_path, layout):
+    if layout == "start_end":  # what gpt-2-simple's users write (and the seed's bios.txt)
+        text = "".join(f"<|startoftext|>{b}<|endoftext|>\n" for b in BIOS)
+    else:  # a blank line inside a delimited document does not split it
+        text = f"{BIOS[0]}\n\n<|endoftext|>{BIOS[1]}<|endoftext|>\n{BIOS[2]}\n"
+    path = tmp_path / "bios.txt"
+    path.write_text(text, encoding="utf-8")
+    result = prepare(path, tmp_path / "out", options=options(val_fraction=0.34))
+    assert result.stats["source"]["kind"] == "txt" and result.stats["source"]["text_column"] == "text"
+    assert sorted(read_examples(result.examples_path)) == sorted(CLEAN_BIOS)  # cleaned, inner newline kept
+    assert result.stats["prompt_format"] == {"conditions": [], "numeric": []}  # a .txt corpus has no conditions
+    assert result.train + result.val == 3 and result.train and result.val
+    assert result.stats["warnings"] == [] and accounting_holds(result)
+
+
+def test_txt_corpus_without_delimiters_splits_at_blank_lines(tmp_path):
+    path = tmp_path / "bios.txt"
+    path.write_text("\n\n".join(BIOS) + "\n  \n\n", encoding="utf-8")
+    result = prepare(path, tmp_path / "out", options=options(min_chars=0))
+    assert read_examples(result.examples_path) == CLEAN_BIOS
+    assert result.stats["warnings"] == []
+
+
+def test_txt_without_delimiter_or_blank_line_is_one_document_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "one.txt"
+    path.write_text("\n".join(BIOS) + "\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, path, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert read_examples(tmp_path / "out" / "examples.csv") == [normalize_text("\n".join(BIOS))]
+    assert err.count("\n") == 1 and err.startswith("pitchkeras prepare: warning: one.txt: no <|endoftext|> delimiter")
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    assert len(stats["warnings"]) == 1 and "one document" in stats["warnings"][0]
+
+
+def test_directory_of_txt_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "more").mkdir(parents=True)
+    (corpus / "a.txt").write_text(BIOS[0] + "\n", encoding="utf-8")  # no delimiter: the file is the document
+    (corpus / "more" / "b.TXT").write_text(f"<|startoftext|>{BIOS[1]}<|endoftext|>"
+                                           f"<|startoftext|>{BIOS[2]}<|endoftext|>", encoding="utf-8")
+    (corpus / "notes.md").write_text("# not part of the corpus, long enough to be kept\n", encoding="utf-8")
+    source = open_source(corpus)
+    try:
+        assert source.kind == "txt-dir" and [p.name for p in source.files] == ["a.txt", "b.TXT"]
+    finally:
+        source.close()
+    result = prepare(corpus, tmp_path / "out", options=options())
+    assert read_examples(result.examples_path) == CLEAN_BIOS
+    assert result.read == 3 and result.stats["source"]["kind"] == "txt-dir" and accounting_holds(result)
+
+
+def test_txt_corpus_errors(tmp_path, capsys):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    (empty_dir / "x.csv").write_text("a,b\n", encoding="utf-8")
+    path = tmp_path / "bios.txt"
+    path.write_text("<|endoftext|>".join(BIOS), encoding="utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 is not UTF-8 but this document is long enough<|endoftext|>" + BIOS[0].encode())
+    assert_one_line_error(*run_cli(capsys, empty_dir, "--out", tmp_path / "o1"), str(empty_dir), "no .txt files")
+    assert_one_line_error(*run_cli(capsys, path, "--out", tmp_path / "o2", "--condition-columns", "score"),
+                          "a .txt corpus holds text only", "--no-conditions")
+    result = prepare(bad, tmp_path / "o3", options=options())
+    assert result.dropped == {"undecodable": 1} and read_examples(result.examples_path) == [CLEAN_BIOS[0]]
+
+
 # -- multi-genre ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["kaggle", "seed", "parquet"])  # a genres table, a "a,b" cell, a list
 def test_multi_genre_first_and_all(tmp_path, kind):

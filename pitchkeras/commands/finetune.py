@@ -1,76 +1,68 @@
-"""`pitchkeras finetune`: fine-tune GPT-2 on prepared examples (flags named like gpt-2-simple's)."""
+"""`pitchkeras finetune`: fine-tune GPT-2 on prepared examples (flags named like gpt-2-simple's).
+
+Every default comes from `pitchkeras.train.TrainConfig` (importing it does not load TensorFlow).
+"""
 
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
+from pitchkeras.train.config import PRECISIONS, STRATEGIES, TrainConfig
 
-PRECISIONS = ("auto", "mixed_float16", "mixed_bfloat16", "float32")  # same as pitchkeras.train (no TF import here)
-STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
+# (flag, TrainConfig field, type, help): the flags that map one-to-one onto a setting.
+FLAGS = (
+    ("--run-name", "run_name", str, "run folder under --checkpoint-dir"),
+    ("--checkpoint-dir", "checkpoint_dir", str, "where runs live"),
+    ("--preset", "preset", str, "keras-hub preset (gpt2_base_en, gpt2_medium_en, gpt2_large_en, gpt2_extra_large_en), "
+                                "a local preset directory, or `tiny` (offline)"),
+    ("--steps", "steps", int, "total optimizer steps (a resumed run trains up to this)"),
+    ("--batch-size", "batch_size", int, "global batch per micro-step (split across replicas)"),
+    ("--sequence-length", "sequence_length", int, "tokens per row"),
+    ("--learning-rate", "learning_rate", float, "peak learning rate (linear warmup, cosine decay)"),
+    ("--warmup-steps", "warmup_steps", int, "warmup steps (-1: 10%% of --steps, at most 200)"),
+    ("--weight-decay", "weight_decay", float, "AdamW decoupled weight decay (not on biases and norms)"),
+    ("--clipnorm", "clipnorm", float, "global gradient-norm clip (0 = off)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step"),
+    ("--print-every", "print_every", int, "steps between log lines (0 = off)"),
+    ("--save-every", "save_every", int, "steps between checkpoints (0 = only at the end)"),
+    ("--sample-every", "sample_every", int, "steps between sample files in samples/ (0 = off)"),
+    ("--max-checkpoints", "max_checkpoints", int, "checkpoints kept"),
+    ("--restore-from", "restore_from", str, "latest, fresh, or a checkpoint/run directory"),
+    ("--seed", "seed", int, "initialisation and data-order seed"),
+    ("--val-every", "val_every", int, "steps between validation passes on val.csv (0 = end only)"),
+    ("--val-batches", "val_batches", int, "batches per validation pass (0 = all)"),
+    ("--lora-rank", "lora_rank", int, "keras-hub LoRA rank (0 = full fine-tuning)"),
+    ("--cache-dir", "cache_dir", str, "tokenized-data cache (default CHECKPOINT_DIR/.token-cache; `none` = off)"),
+)
 
 
 def add_parser(subparsers):
     p = add_command(subparsers, "finetune", "Fine-tune a keras-hub GPT-2 on a prepared dataset (resumable).", __name__)
     p.add_argument("--dataset", required=True, help="`pitchkeras prepare` output directory, or one CSV")
-    p.add_argument("--run-name", default="run1", help="run folder under --checkpoint-dir")
-    p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
-    p.add_argument("--preset", default="gpt2_medium_en",
-                   help="keras-hub preset (gpt2_base_en, gpt2_medium_en, gpt2_large_en, gpt2_extra_large_en), "
-                        "a local preset directory, or `tiny` (offline)")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (a resumed run trains up to this)")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch per micro-step (split across replicas)")
-    p.add_argument("--sequence-length", type=int, default=256, help="tokens per row")
-    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (linear warmup, cosine decay)")
-    p.add_argument("--warmup-steps", type=int, default=-1, help="warmup steps (-1: 10%% of --steps, at most 200)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--print-every", type=int, default=50, help="steps between log lines (0 = off)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0 = only at the end)")
-    p.add_argument("--sample-every", type=int, default=0, help="steps between sample files in samples/ (0 = off)")
-    p.add_argument("--max-checkpoints", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--restore-from", default="latest", help="latest, fresh, or a checkpoint/run directory")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
-    p.add_argument("--val-every", type=int, default=100, help="steps between validation passes on val.csv (0 = end only)")
-    p.add_argument("--val-batches", type=int, default=20, help="batches per validation pass (0 = all)")
-    p.add_argument("--lora-rank", type=int, default=0, help="keras-hub LoRA rank (0 = full fine-tuning)")
-    p.add_argument("--mixed-precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 on GPUs >= 8.0 and TPUs, fp16 on older GPUs, fp32 on CPU")
-    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
-                   help="tf.distribute strategy (auto: multiworker with TF_CONFIG, mirrored with >1 GPU, else one)")
+    for flag, name, kind, help in FLAGS:
+        p.add_argument(flag, dest=name, type=kind, default=TrainConfig.default(name), help=help)
+    p.add_argument("--mixed-precision", default=TrainConfig.default("mixed_precision"), choices=PRECISIONS,
+                   help="auto: bf16 on GPUs >= 8.0 and TPUs, fp16 + loss scaling on older GPUs, fp32 on CPU")
+    p.add_argument("--strategy", default=TrainConfig.default("strategy"), choices=STRATEGIES,
+                   help="TensorFlow: tf.distribute strategy (auto: multiworker with TF_CONFIG, mirrored with >1 GPU, "
+                        "else one); KERAS_BACKEND=jax: auto = keras.distribution.DataParallel over local devices")
     p.add_argument("--no-packing", action="store_true", help="one padded example per row instead of packed blocks")
-    p.add_argument("--cache-dir", default="", help="tokenized-data cache (default CHECKPOINT_DIR/.token-cache; `none` = off)")
-    p.add_argument("--jit-compile", default="auto", choices=("auto", "true", "false"), help="XLA-compile the step")
+    p.add_argument("--jit-compile", default=TrainConfig.default("jit_compile"), choices=("auto", "true", "false"),
+                   help="XLA-compile the step")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     return p
 
 
 def run(args) -> int:
-    from pitchkeras.train import TrainConfig, finetune
+    from pitchkeras.train import finetune
 
     config = TrainConfig(
         dataset=args.dataset,
-        run_name=args.run_name,
-        checkpoint_dir=args.checkpoint_dir,
-        preset=args.preset,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        sequence_length=args.sequence_length,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        grad_accum=args.grad_accum,
-        print_every=args.print_every,
-        save_every=args.save_every,
-        sample_every=args.sample_every,
-        max_checkpoints=args.max_checkpoints,
-        restore_from=args.restore_from,
-        seed=args.seed,
-        val_every=args.val_every,
-        val_batches=args.val_batches,
-        lora_rank=args.lora_rank,
         mixed_precision=args.mixed_precision,
         strategy=args.strategy,
         packing=not args.no_packing,
-        cache_dir=args.cache_dir,
         jit_compile=args.jit_compile,
         progress=not args.quiet,
+        **{name: getattr(args, name) for _, name, _, _ in FLAGS},
     )
     result = finetune(config)
     if result.interrupted:

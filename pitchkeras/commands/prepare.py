@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pitchkeras.cli import add_command
 
 
@@ -16,9 +18,10 @@ def _stated(text: str) -> str:
 
 def add_parser(subparsers):
     p = add_command(subparsers, "prepare",
-                    "Turn a review dump (Kaggle or seed SQLite, CSV, JSONL, Parquet) into conditioned "
-                    "training examples, a train/val split and statistics.", __name__)
-    p.add_argument("source", metavar="SOURCE", help="the dump file; its format is detected")
+                    "Turn a review dump (Kaggle or seed SQLite, CSV, JSONL, Parquet, a gpt-2-simple .txt corpus) "
+                    "into conditioned training examples, a train/val split and statistics.", __name__)
+    p.add_argument("source", metavar="SOURCE",
+                   help="the dump file, or a directory of .txt files; its format is detected")
     p.add_argument("--out", required=True, metavar="DIR",
                    help=_stated("output directory for examples.csv, train.csv, val.csv, stats.json, stats.png "
                                  "(required; created if missing)"))
@@ -27,9 +30,9 @@ def add_parser(subparsers):
     p.add_argument("--text-column", help=_stated(
         "column holding the text (default: detected: content for the Kaggle dump, review for the seed's, "
         "else the first of text, review, content, body, bio, biography, description)"))
-    p.add_argument("--condition-columns", default="score,genre",
-                   help="conditions in prompt order, comma-separated; NAME=COLUMN reads NAME from COLUMN; "
-                        "\"\" for a plain corpus")
+    p.add_argument("--condition-columns", help=_stated(
+        "conditions in prompt order, comma-separated; NAME=COLUMN reads NAME from COLUMN; \"\" for a plain "
+        "corpus (default: score,genre for tables, none for a .txt corpus)"))
     p.add_argument("--no-conditions", action="store_true",
                    help="plain corpus (e.g. DJ biographies): same as --condition-columns \"\"")
     p.add_argument("--multi-genre", choices=("first", "all"), default="first",
@@ -55,7 +58,8 @@ def run(args) -> int:
     options = PrepareOptions(
         query=args.query,
         text_column=args.text_column,
-        condition_columns=() if args.no_conditions else parse_condition_columns(args.condition_columns),
+        condition_columns=() if args.no_conditions else (
+            None if args.condition_columns is None else parse_condition_columns(args.condition_columns)),
         multi_genre=args.multi_genre,
         min_chars=args.min_chars,
         max_chars=args.max_chars,
@@ -67,6 +71,8 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     result = prepare(args.source, args.out, options=options)
+    for warning in result.stats["warnings"]:
+        print(f"pitchkeras prepare: warning: {warning}", file=sys.stderr)
     dropped = ", ".join(f"{reason} {n}" for reason, n in result.stats["dropped"].items()) or "none"
     print(f"read {result.read} rows from {args.source} ({result.stats['source']['kind']}); "
           f"kept {result.kept} examples (train {result.train}, val {result.val}); dropped: {dropped}")

@@ -9,8 +9,8 @@ token stream into full `sequence_length` blocks separated by `<|endoftext|>`
 Batches are `(x, y, sample_weight)` with `x = {"token_ids", "padding_mask"}`,
 exactly what `keras_hub.models.CausalLMPreprocessor` produces for `fit()`:
 `y` is `token_ids` shifted left by one and `sample_weight` the shifted padding
-mask, so a batch can go straight into `GPT2CausalLM.fit` with the
-preprocessor bypassed, or into `pitchkeras.train`'s own step.
+mask, so a batch goes straight into `GPT2CausalLM.fit` with the
+preprocessor bypassed (`pitchkeras.model.tokenized_inputs`).
 
 Example:
 
@@ -140,12 +140,16 @@ def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.Path
     tokenizing again. Without it they are cached in memory for the run.
 
     Args:
-        csv_path: str. The prepared CSV.
+        csv_path: str or list of str. The prepared CSV, or the examples themselves (never cached).
         tokenizer: keras_hub.tokenizers.Tokenizer. The model's own tokenizer.
         cache_dir: str or None. Where tokenized datasets are kept between runs.
     """
     import tensorflow as tf
 
+    if isinstance(csv_path, (list, tuple)):
+        if not csv_path:
+            raise InvalidArgument("no examples to tokenize")
+        return _tokenize_eagerly(list(csv_path), tokenizer)
     path = Path(csv_path)
 
     def tokenize():
@@ -167,7 +171,7 @@ def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.Path
 
 
 def make_dataset(
-    csv_path: str | os.PathLike,
+    csv_path: str | os.PathLike | list,
     tokenizer,
     *,
     sequence_length: int,
@@ -178,6 +182,7 @@ def make_dataset(
     repeat: bool = True,
     cache_dir: Optional[str | os.PathLike] = None,
     skip_batches: int = 0,
+    drop_remainder: Optional[bool] = None,
 ):
     """Batches `(x, y, sample_weight)` for causal language-model training.
 
@@ -190,7 +195,7 @@ def make_dataset(
     `x = block[:-1]`, `y = block[1:]`, `sample_weight = mask[1:]`.
 
     Args:
-        csv_path: str. A prepared single-column CSV (`train.csv`, `val.csv`).
+        csv_path: str or list of str. A prepared single-column CSV (`train.csv`, `val.csv`), or examples.
         tokenizer: keras_hub.models.GPT2Tokenizer. The model's own tokenizer.
         sequence_length: int. Tokens per row fed to the model.
         batch_size: int. Rows per batch (the global batch under tf.distribute).
@@ -200,9 +205,12 @@ def make_dataset(
         repeat: bool. Repeat forever (training) or stop after one pass (validation).
         cache_dir: str or None. Keep tokenized examples on disk between runs.
         skip_batches: int. Batches to skip at the start: the data position of a resumed run.
+        drop_remainder: bool or None. Drop a last partial batch (None: only when repeating). Several
+            replicas need full batches: each gets an equal share.
 
     Returns:
-        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`.
+        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`: int32 ids, int32 mask,
+        int32 labels, float32 weights.
     """
     import tensorflow as tf
 
@@ -216,10 +224,19 @@ def make_dataset(
 
     docs = tokenized_examples(csv_path, tokenizer, cache_dir=cache_dir)
     num_docs = int(docs.cardinality().numpy()) if docs.cardinality() >= 0 else 0
-    if shuffle:
-        # Every example fits in the buffer: a full, seeded shuffle per epoch.
-        docs = docs.shuffle(max(num_docs, 1024), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
+    if shuffle and num_docs:
+        # A full shuffle per epoch, the order a pure function of (seed, epoch): every iterator of this
+        # dataset yields the same batches (Keras may open more than one), so resume positions hold.
+        table = docs.ragged_batch(num_docs).get_single_element()
+
+        def epoch_order(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(num_docs, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+            return tf.data.Dataset.from_tensor_slices(order)
+
+        epochs = tf.data.Dataset.range(2**62) if repeat else tf.data.Dataset.range(1)
+        docs = epochs.flat_map(epoch_order).map(lambda i: table[i], num_parallel_calls=tf.data.AUTOTUNE)
+    elif repeat:
         docs = docs.repeat()
 
     if packing:
@@ -242,10 +259,17 @@ def make_dataset(
         blocks = docs.map(pad_one, num_parallel_calls=tf.data.AUTOTUNE)
 
     def split(ids, mask):
-        x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
-        return x, ids[:, 1:], mask[:, 1:]
+        # Numbers, not bools: Keras averages the first batch across replicas to build the model under
+        # tf.distribute, and there is no mean of a bool. int32 is the backbone's own padding_mask dtype.
+        x = {"token_ids": ids[:, :-1], "padding_mask": tf.cast(mask[:, :-1], tf.int32)}
+        return x, ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
 
-    dataset = blocks.batch(batch_size, drop_remainder=repeat).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    drop = repeat if drop_remainder is None else drop_remainder
+    dataset = blocks.batch(batch_size, drop_remainder=drop).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    if not repeat:
+        # A finite pass: count its batches once, so Keras knows where it ends (no "ran out of data").
+        batches = int(dataset.reduce(0, lambda count, _: count + 1))
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     if skip_batches:
         dataset = dataset.skip(skip_batches)
     options = tf.data.Options()

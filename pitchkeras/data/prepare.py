@@ -58,6 +58,7 @@ from pitchkeras.errors import InvalidArgument
 from pitchkeras.model import atomic_write_text
 
 MULTI_GENRE = ("first", "all")
+TEXT_KINDS = ("txt", "txt-dir")  # sources with a text column only
 MULTI_VALUE_CONDITION = "genre"  # the one condition a row may hold several values of
 LANGUAGE_SAMPLE_CHARS = 2000  # langid reads this much of each text: enough to decide, bounded cost
 PROGRESS_MIN_ROWS = 5000  # smaller inputs finish before a bar is worth drawing
@@ -82,9 +83,10 @@ class PrepareOptions:
         text_column: str or None. The column holding the text (default:
             detected: `content` for the Kaggle dump, else the first of
             text/review/content/body/bio/biography/description).
-        condition_columns: tuple of str. The conditions, in prompt order;
-            `name=column` reads condition `name` from another column. `()`
-            for a plain corpus.
+        condition_columns: tuple of str or None. The conditions, in prompt
+            order; `name=column` reads condition `name` from another column.
+            `()` for a plain corpus. None (default): `score`, `genre` for
+            tables, none for a `.txt` corpus (it holds text only).
         multi_genre: str. `first` keeps a review's first genre; `all` emits
             one example per genre.
         min_chars: int. Texts shorter than this (after cleaning) are dropped.
@@ -102,7 +104,7 @@ class PrepareOptions:
 
     query: Optional[str] = None
     text_column: Optional[str] = None
-    condition_columns: tuple[str, ...] = REVIEW_CONDITIONS
+    condition_columns: Optional[tuple[str, ...]] = None  # None: score,genre for tables; () for .txt corpora
     multi_genre: str = "first"  # or "all": one example per genre
     min_chars: int = 20
     max_chars: int = 10000  # gpt-2-simple's csv reader chokes on longer fields; GPT-2 sees 1024 tokens anyway
@@ -114,7 +116,14 @@ class PrepareOptions:
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "condition_columns", tuple(self.condition_columns))
+        if self.condition_columns is not None:
+            object.__setattr__(self, "condition_columns", tuple(self.condition_columns))
+
+    def for_source(self, source: Source) -> "PrepareOptions":
+        """These options with `condition_columns` decided for `source` when left to it."""
+        if self.condition_columns is not None:
+            return self
+        return dataclasses.replace(self, condition_columns=() if source.kind in TEXT_KINDS else REVIEW_CONDITIONS)
 
 
 @dataclasses.dataclass
@@ -307,7 +316,7 @@ def _validate(options: PrepareOptions) -> None:
         raise InvalidArgument(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
     if not -2**63 <= options.seed < 2**63:  # it salts the split hash as 8 signed bytes
         raise InvalidArgument(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {options.seed}")
-    names = [c.split("=", 1)[0].strip() for c in options.condition_columns]
+    names = [c.split("=", 1)[0].strip() for c in options.condition_columns or ()]
     if len(set(names)) != len(names) or not all(names):
         raise InvalidArgument(f"--condition-columns must name each condition once, got "
                               f"{','.join(options.condition_columns)!r}")
@@ -320,6 +329,10 @@ def _resolve_columns(source: Source, options: PrepareOptions) -> tuple[str, dict
     else:
         text_column = detect_text_column(source)
     conditions = {}
+    if options.condition_columns and source.kind in TEXT_KINDS:
+        raise InvalidArgument(f"{source.path}: a .txt corpus holds text only, it has no "
+                              f"{', '.join(options.condition_columns)} column; drop --condition-columns "
+                              "(or pass --no-conditions), or prepare a table (CSV, JSONL, SQLite) instead")
     for spec in options.condition_columns:
         name, _, column = spec.partition("=")
         name, column = name.strip(), (column.strip() or name.strip())
@@ -412,7 +425,8 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     memory stays bounded on large dumps.
 
     Args:
-        source: str. The dump: Kaggle or seed SQLite, CSV/TSV, JSONL or Parquet.
+        source: str. The dump: Kaggle or seed SQLite, CSV/TSV, JSONL, Parquet,
+            or a gpt-2-simple `.txt` corpus (a file or a directory of them).
         out_dir: str. Where `examples.csv`, `train.csv`, `val.csv`,
             `stats.json` and `stats.png` go (created if missing).
         options: PrepareOptions or None. Defaults to `PrepareOptions()`.
@@ -434,12 +448,13 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidArgument(f"{out_dir}: exists and is not a directory")
 
-    names = tuple(spec.partition("=")[0].strip() for spec in options.condition_columns)
-    fmt = PromptFormat(conditions=names, numeric=tuple(n for n in names if n in NUMERIC_CONDITIONS))
     identifier = _language_identifier(options.language) if options.language else None
 
     src = open_source(source_path, query=options.query)
     try:
+        options = options.for_source(src)
+        names = tuple(spec.partition("=")[0].strip() for spec in options.condition_columns)
+        fmt = PromptFormat(conditions=names, numeric=tuple(n for n in names if n in NUMERIC_CONDITIONS))
         text_column, conditions = _resolve_columns(src, options)
         created = not out_dir.exists()
         try:
@@ -642,6 +657,7 @@ def _stats_json(src: Source, text_column: str, conditions: dict[str, str], optio
         **summary,
         "source": {"path": str(src.path), "kind": src.kind, "text_column": text_column,
                    "condition_columns": conditions},
+        "warnings": list(src.warnings),
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
         "seconds": round(time.perf_counter() - started, 3),
     }

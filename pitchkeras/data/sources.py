@@ -8,7 +8,10 @@ returns a `Source` that streams rows as dicts of the requested columns:
   gathered into a list under `genre`;
 - the seed tutorial's single-table SQLite `reviews(genre, score, review)`, or
   any SQLite database with one table (or `--query` for anything else);
-- CSV/TSV with a header row, JSON Lines, and Parquet.
+- CSV/TSV with a header row, JSON Lines, and Parquet;
+- gpt-2-simple's plain-text corpora: a `.txt` file, or a directory of them,
+  whose documents are delimited by `<|startoftext|>`/`<|endoftext|>` (or
+  `<|endoftext|>` alone), else one document per blank-line block.
 
 Memory stays bounded: SQLite is read with `fetchmany`, CSV and JSONL line by
 line, Parquet with `iter_batches`; only the Kaggle genre table (a few short
@@ -47,6 +50,8 @@ PARQUET_MAGIC = b"PAR1"
 SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db", ".db3")
 CSV_SUFFIXES = (".csv", ".tsv")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TEXT_SUFFIXES = (".txt",)
+START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"  # gpt-2-simple's document delimiters
 KAGGLE_TABLES = ("reviews", "content")  # `genres` is joined in when present
 
 # Lone surrogates are what undecodable bytes become under errors="surrogateescape"
@@ -88,12 +93,14 @@ class Source:
 
     Attributes:
         path: Path. The file.
-        kind: str. `kaggle`, `seed`, `sqlite-table`, `sqlite-query`, `csv`, `jsonl` or `parquet`.
+        kind: str. `kaggle`, `seed`, `sqlite-table`, `sqlite-query`, `csv`, `jsonl`, `parquet`,
+            `txt` or `txt-dir`.
         columns: tuple of str. The column names rows can be asked for.
         default_text_column: str or None. The text column this kind implies.
         total: int or None. Progress units in the whole input (rows or bytes), if known.
         unit: str. `rows` or `B`.
         position: int. Progress units read so far.
+        warnings: list of str. Things the reader noticed that the user should hear about.
     """
 
     kind = "?"
@@ -106,6 +113,7 @@ class Source:
         self.default_text_column = default_text_column
         self.total = total
         self.position = 0
+        self.warnings: list[str] = []
 
     def rows(self, columns: Sequence[str]) -> Iterator[Optional[dict]]:
         """Yield one dict per row holding `columns` (decoded), or None for a malformed row."""
@@ -392,12 +400,96 @@ class ParquetSource(Source):
             raise InvalidArgument(f"{self.path}: Parquet error while reading: {err}") from None
 
 
+# -- plain text (gpt-2-simple corpora) -----------------------------------------------------------------------------
+_DELIMITERS = re.compile(re.escape(START_OF_TEXT) + "|" + re.escape(END_OF_TEXT))
+
+
+def _has_delimiter(path: Path) -> bool:
+    """Whether `path` holds a gpt-2-simple delimiter (streamed: bounded memory on large files)."""
+    tail = b""
+    needles = (START_OF_TEXT.encode(), END_OF_TEXT.encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            window = tail + chunk
+            if any(n in window for n in needles):
+                return True
+            tail = window[-(len(END_OF_TEXT) + 2):]  # a delimiter split across two chunks
+    return False
+
+
+class TextSource(Source):
+    """gpt-2-simple's `.txt` corpora: one file or a directory of them, one row per document.
+
+    A file that holds `<|startoftext|>` or `<|endoftext|>` is cut at every
+    delimiter and each non-blank piece is a document (so both
+    `<|startoftext|>...<|endoftext|>` pairs and `<|endoftext|>` alone work).
+    A file without any delimiter is split into blank-line blocks; one without
+    blank lines either is a single document, which is named in `warnings`.
+    Rows have one column, `text`.
+    """
+
+    unit = "B"
+
+    def __init__(self, path: Path):
+        if path.is_dir():
+            self.kind = "txt-dir"
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            if not files:
+                raise InvalidArgument(f"{path}: a directory with no .txt files (expected a gpt-2-simple corpus)")
+        else:
+            self.kind = "txt"
+            files = [path]
+        self.files = files
+        super().__init__(path, ("text",), "text", total=sum(p.stat().st_size for p in files))
+
+    def rows(self, columns):
+        whole = []  # files read as one document: no delimiter, no blank line
+        for path in self.files:
+            delimited = _has_delimiter(path)
+            documents = 0
+            for document in self._documents(path, delimited):
+                documents += 1
+                yield {c: decode_value(document) if c == "text" else None for c in columns}
+            if not delimited and documents == 1:
+                whole.append(path.name)
+        if whole and (self.kind == "txt" or len(whole) < len(self.files)):
+            # Warn when it is likely a mistake: a single file, or some files of a directory but not all.
+            self.warnings.append(
+                f"{', '.join(whole[:3])}{' and others' if len(whole) > 3 else ''}: no <|endoftext|> delimiter "
+                f"and no blank line, read as one document each; separate documents with <|endoftext|> "
+                "or a blank line")
+
+    def _documents(self, path: Path, delimited: bool) -> Iterator[str]:
+        """The documents of one file, streamed line by line."""
+        lines: list[str] = []
+        with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            for line in f:
+                self.position += len(line.encode("utf-8", errors="surrogateescape"))
+                if delimited:
+                    pieces = _DELIMITERS.split(line)
+                    for piece in pieces[:-1]:  # every piece but the last ends at a delimiter
+                        lines.append(piece)
+                        document = "".join(lines)
+                        lines = []
+                        if document.strip():
+                            yield document
+                    lines.append(pieces[-1])
+                elif line.strip():
+                    lines.append(line)
+                elif lines:  # a blank line ends a block
+                    yield "".join(lines)
+                    lines = []
+        document = "".join(lines)
+        if document.strip():
+            yield document
+
+
 # -- detection -----------------------------------------------------------------------------------------------------
 def detect_format(path: str | Path) -> str:
-    """The format of `path`: `sqlite`, `parquet`, `csv` or `jsonl`.
+    """The format of `path`: `sqlite`, `parquet`, `csv`, `jsonl` or `txt` (a file or a directory).
 
     Magic bytes decide for SQLite and Parquet; text formats go by extension,
-    then by a look at the first bytes.
+    then by a look at the first bytes. A directory is a `.txt` corpus.
 
     Raises:
         InvalidArgument: the file is missing, empty, or of no known format.
@@ -406,7 +498,7 @@ def detect_format(path: str | Path) -> str:
     if not path.exists():
         raise InvalidArgument(f"{path}: no such file")
     if path.is_dir():
-        raise InvalidArgument(f"{path}: is a directory, expected a dump file")
+        return "txt"
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -427,6 +519,8 @@ def detect_format(path: str | Path) -> str:
         return "csv"
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
+    if suffix in TEXT_SUFFIXES:
+        return "txt"
     text = head.decode("utf-8", errors="replace")
     if b"\x00" not in head:
         if text.lstrip("\ufeff \t\r\n").startswith("{"):
@@ -436,7 +530,7 @@ def detect_format(path: str | Path) -> str:
             return "csv"
     raise InvalidArgument(
         f"{path}: unknown format; expected a SQLite database, a Parquet file, CSV/TSV with a header row, "
-        "or JSON Lines (.jsonl)")
+        "JSON Lines (.jsonl), or a gpt-2-simple .txt corpus (a file or a directory)")
 
 
 def open_source(path: str | Path, *, query: Optional[str] = None) -> Source:
@@ -444,7 +538,7 @@ def open_source(path: str | Path, *, query: Optional[str] = None) -> Source:
 
     Args:
         path: str. The dump: SQLite (Kaggle or seed schema, or one table),
-            CSV/TSV, JSON Lines or Parquet.
+            CSV/TSV, JSON Lines, Parquet, or a `.txt` corpus (file or directory).
         query: str or None. For SQLite only: the SELECT to read instead of
             the detected schema.
 
@@ -460,6 +554,8 @@ def open_source(path: str | Path, *, query: Optional[str] = None) -> Source:
         return _open_sqlite(path, query)
     if fmt == "parquet":
         return ParquetSource(path)
+    if fmt == "txt":
+        return TextSource(path)
     if fmt == "csv":
         return CsvSource(path, "\t" if path.suffix.lower() == ".tsv" else ",")
     return JsonlSource(path)

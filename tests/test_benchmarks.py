@@ -1,0 +1,66 @@
+"""benchmarks/gpu_train.py on the CPU with a tiny config: JAX without TensorFlow, the batch search, MFU's formula."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# TensorFlow made unimportable, as on the GPU machine (JAX only).
+WITHOUT_TENSORFLOW = """
+import runpy, sys
+sys.modules["tensorflow"] = None
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print("tensorflow imported:", sys.modules.get("tensorflow") is not None)
+"""
+
+
+@pytest.mark.slow
+def test_gpu_train_runs_on_jax_without_tensorflow_and_reports_mfu():
+    pytest.importorskip("jax")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_train
+    finally:
+        sys.path.pop(0)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, str(ROOT / "benchmarks" / "gpu_train.py"), "--model", "tiny",
+         "--sequence-length", "32", "--max-batch-size", "4", "--steps", "2", "--warmup", "1", "--precision",
+         "mixed_bfloat16", "--peak-tflops", "0.001"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "tensorflow imported: False" in out
+    assert "peak 0 TFLOP/s dense bf16" in out and "FLOPs/token = 6*N + 12*L*d*T" in out
+    line = next(l for l in out.splitlines() if l.startswith("tiny:"))
+    found = re.search(r"([\d,]+) params, batch (\d+) x 32: ([\d.]+) tokens/s, ([\d.]+) ms/step, ([\d.]+) TFLOP/s, "
+                      r"MFU ([\d.]+)%", line)
+    assert found, line
+    params, batch, rate, _, tflops, mfu = found.groups()
+    assert int(batch) == 4  # 1, 2, 4 all fit: the largest is kept
+    shape = dict(gpu_train.MODELS["tiny"])
+    expected = gpu_train.flops_per_token(int(params.replace(",", "")), shape, 32) * float(rate)
+    assert float(tflops) == pytest.approx(expected / 1e12, rel=1e-3)
+    assert float(mfu) == pytest.approx(100 * expected / 1e9, rel=1e-3)  # the stated peak: 0.001 TFLOP/s
+
+
+def test_flop_formula_and_peaks():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_train
+    finally:
+        sys.path.pop(0)
+    shape = gpu_train.MODELS["gpt2_124m"]
+    params = 124_439_808  # keras-hub GPT2Backbone 124M: token + position embeddings, 12 blocks, final norm
+    n = params - 1024 * 768
+    assert gpu_train.flops_per_token(params, shape, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert gpu_train.peak_flops("NVIDIA H200") == 989e12 and gpu_train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_train.peak_flops("cpu") == 0 and gpu_train.peak_flops("cpu", 2.5) == 2.5e12
