@@ -14,6 +14,9 @@ by the tokenization pipeline (and before each prompt by the generator), so the
 strings produced here never contain it. A corpus without conditions (DJ
 biographies) is just the text.
 
+`validate_conditions` checks requested conditions against those a model was
+trained on (its `pitchkeras.json`) before any prompt is built.
+
 Example:
 
 >>> fmt = PromptFormat(conditions=("score", "genre"))
@@ -30,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Mapping
+
+from pitchkeras.errors import InvalidArgument
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's only special token: document start and end.
 START_OF_TEXT = "<|startoftext|>"  # gpt-2-simple's text delimiter (export only).
@@ -144,3 +149,52 @@ class PromptFormat:
 
 REVIEWS = PromptFormat()
 PLAIN = PromptFormat(conditions=(), numeric=())
+
+
+def validate_conditions(info, conditions: Mapping[str, Any] | None) -> dict:
+    """Check requested conditions against what the model was trained on.
+
+    Args:
+        info: ModelInfo. The model's `pitchkeras.json`.
+        conditions: dict or None. The requested values.
+
+    Returns:
+        The conditions with text values spelt as in training ("rock" -> "Rock").
+
+    Raises:
+        InvalidArgument: a condition is missing, unknown to this model's
+            format, a text value the model never saw (the message lists the
+            known ones), or a number outside the trained range.
+    """
+    fmt = info.prompt_format
+    conditions = dict(conditions or {})
+    unknown = sorted(set(conditions) - set(fmt.conditions))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown condition(s) {', '.join(unknown)}; this model takes {', '.join(fmt.conditions) or 'none'}"
+        )
+    missing = [name for name in fmt.conditions if conditions.get(name) is None]
+    if missing:
+        raise InvalidArgument(f"missing condition(s) {', '.join(missing)}; this model needs {', '.join(fmt.conditions)}")
+    for name in fmt.conditions:
+        known = info.condition_values.get(name)
+        value = conditions[name]
+        if name in fmt.numeric:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"{name} must be a number, got {value!r}") from None
+            if not math.isfinite(number):
+                raise InvalidArgument(f"{name} must be a finite number, got {value!r}")
+            if known:
+                low, high = min(map(float, known)), max(map(float, known))
+                if not low <= number <= high:
+                    raise InvalidArgument(f"{name} {number:g} is outside this model's range {low:g}..{high:g}")
+            conditions[name] = number
+        elif known:
+            by_key = {str(k).casefold(): str(k) for k in known}
+            spelt = by_key.get(" ".join(str(value).split()).casefold())
+            if spelt is None:
+                raise InvalidArgument(f"unknown {name} {value!r} for this model; known: {', '.join(map(str, known))}")
+            conditions[name] = spelt
+    return conditions

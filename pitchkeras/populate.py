@@ -222,7 +222,8 @@ def populate(
     """
     from tqdm.auto import tqdm
 
-    from pitchkeras.sampling import GenerationRequest, Generator, validate_conditions
+    from pitchkeras.conditioning import validate_conditions
+    from pitchkeras.sampling import GenerationRequest, Generator
 
     # Everything that can be wrong with the arguments fails here, before the
     # (slow) model load: the config, the grid against pitchkeras.json, the store URI.

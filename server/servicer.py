@@ -165,7 +165,8 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         if self.api_keys is not None:
             self.api_keys.check(context.invocation_metadata())
         generator, batcher = self.model.require_ready()
-        from pitchkeras.sampling import GenerationRequest, SamplerConfig, validate_conditions
+        from pitchkeras.conditioning import validate_conditions
+        from pitchkeras.sampling import GenerationRequest, SamplerConfig
 
         limits = self.config
         num_samples = _bounded_int(request, "num_samples", 1, 1, limits.num_samples_cap)

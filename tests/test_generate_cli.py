@@ -61,9 +61,10 @@ def test_same_seed_same_jsonl(model_dir, tmp_path):
 
 def test_text_output_uses_the_gpt2_simple_delimiter(model_dir, monkeypatch, capsys):
     from pitchkeras import sampling
+    from pitchkeras.postprocess import PostprocessOptions
 
     # An untrained model writes fragments; accept them here to see the printed form.
-    relaxed = sampling.PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False)
+    relaxed = PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False)
     original = sampling.Generator.__init__
     monkeypatch.setattr(sampling.Generator, "__init__",
                         lambda self, *a, **k: original(self, *a, **{**k, "postprocess_options": relaxed}))

@@ -32,8 +32,9 @@ def dirs(tmp_path_factory):
 def relaxed_generator():
     """An untrained model writes fragments: accept them, so the figures are computed over real text."""
     from pitchkeras import sampling
+    from pitchkeras.postprocess import PostprocessOptions
 
-    relaxed = sampling.PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False)
+    relaxed = PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False)
     original = sampling.Generator.__init__
     mp = pytest.MonkeyPatch()
     mp.setattr(sampling.Generator, "__init__",

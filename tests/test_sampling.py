@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pitchkeras.conditioning import REVIEWS
+from pitchkeras.conditioning import REVIEWS, validate_conditions
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.postprocess import PostprocessOptions
 from pitchkeras.sampling import (
@@ -12,7 +12,6 @@ from pitchkeras.sampling import (
     SamplerConfig,
     prompt_bucket,
     row_keys,
-    validate_conditions,
 )
 
 tf = pytest.importorskip("tensorflow")

@@ -54,7 +54,7 @@ def _check_args(args) -> None:
 
 def _conditions(args, info) -> dict | None:
     """The requested conditions from --score/--genre, checked against the model."""
-    from pitchkeras.sampling import validate_conditions
+    from pitchkeras.conditioning import validate_conditions
 
     names = info.prompt_format.conditions
     given = {"score": args.score, "genre": args.genre}

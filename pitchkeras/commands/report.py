@@ -36,7 +36,7 @@ def add_parser(subparsers):
 
 
 def _grid(args, info) -> list[dict]:
-    from pitchkeras.sampling import validate_conditions
+    from pitchkeras.conditioning import validate_conditions
 
     names = info.prompt_format.conditions
     if not names:

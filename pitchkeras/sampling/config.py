@@ -1,0 +1,123 @@
+"""What a generation is asked for and what it returns: `SamplerConfig`, `GenerationRequest`, `Sample`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+
+from pitchkeras.errors import InvalidArgument
+
+MEMORIZED = "memorized"
+PROMPT_BUCKETS = (16, 32, 64, 128, 256)  # prompt lengths (tokens, with the start token) padded up to these
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How the next token is drawn.
+
+    Args:
+        temperature: float. Logits are divided by it before the softmax; > 0.
+            Lower is more conservative.
+        top_k: int. Keep only the `top_k` most likely tokens; 0 turns it off.
+        top_p: float. Keep the smallest set of most likely tokens whose mass
+            reaches `top_p` (nucleus sampling); in (0, 1], 1 turns it off.
+        repetition_penalty: float. CTRL's penalty (Keskar et al. 2019), as
+            transformers applies it: the logit of every token already in the
+            prompt or the completion is divided by it when positive and
+            multiplied by it when negative; > 0, 1 turns it off.
+        no_repeat_ngram_size: int. A token that would complete an n-gram of
+            this many tokens already in the prompt or the completion is never
+            drawn (transformers' `no_repeat_ngram_size`); 0 turns it off.
+    """
+
+    temperature: float = 0.7  # gpt-2-simple's default
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.95  # nucleus mass; 1.0 = off
+    repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the text; 1.0 = off (CTRL used 1.2)
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size; 0 = off
+
+    def validate(self) -> "SamplerConfig":
+        """Return self, or raise InvalidArgument naming the bad value."""
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise InvalidArgument(f"temperature must be > 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise InvalidArgument(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p!r}")
+        penalty = self.repetition_penalty
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) \
+                or penalty <= 0:
+            raise InvalidArgument(f"repetition_penalty must be a number > 0 (1.0 = off), got {penalty!r}")
+        size = self.no_repeat_ngram_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise InvalidArgument(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {size!r}")
+        return self
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One sample to generate.
+
+    Args:
+        conditions: dict or None. Condition values, e.g. `{"score": 8.0,
+            "genre": "Rock"}`; None for a corpus without conditions.
+        prefix: str. Free text placed after the header (an artist name, a
+            first sentence); the model continues it.
+        seed: int. Fixes the sample: the same request and config give the
+            same text.
+    """
+
+    conditions: Optional[dict] = None
+    prefix: str = ""
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Sample:
+    """A generated sample, post-processed and checked.
+
+    Args:
+        text: str. The clean body (header stripped); `""` when rejected.
+        raw: str. The prompt plus the completion as generated.
+        conditions: dict. Parsed back from the generated header (the
+            requested ones when the format has none).
+        prompt: str. The exact prompt text (without the start token).
+        seed: int. The request's seed.
+        config: SamplerConfig. The sampler settings used.
+        model_version: str. The training run that produced the model.
+        rejected: str or None. Why it was rejected (`condition_mismatch`,
+            `no_sentence`, `memorized`, `second_document`, `repetition`,
+            `empty`, `bad_header`); None if accepted.
+        quality: dict. Quality measures, e.g. `longest_copied_run` and
+            `copied_ngram_fraction` when a memorization index is used.
+    """
+
+    text: str
+    raw: str
+    conditions: dict
+    prompt: str
+    seed: int
+    config: SamplerConfig
+    model_version: str
+    rejected: Optional[str] = None
+    quality: dict = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (the JSONL record `pitchkeras generate --out` writes)."""
+        return {
+            "text": self.text,
+            "conditions": self.conditions,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "sampler": self.config.to_json(),
+            "model_version": self.model_version,
+            "rejected": self.rejected,
+            "quality": self.quality,
+            "raw": self.raw,
+        }
