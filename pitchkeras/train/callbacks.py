@@ -267,6 +267,18 @@ class MetricsCSV(keras.callbacks.Callback):
             self._file = self._writer = None
 
 
+def _save_png(fig, out) -> Path:
+    """Write `fig` to `out` atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
 def plot_loss(metrics_csv, out) -> Path:
     """Draw loss (and validation loss) against step from `metrics_csv` into the PNG `out`, atomically."""
     import matplotlib
@@ -291,13 +303,7 @@ def plot_loss(metrics_csv, out) -> Path:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save_png(fig, out)
 
 
 class LossPlot(keras.callbacks.Callback):
@@ -443,13 +449,7 @@ def plot_condition_losses(csv_path, out) -> Path:
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save_png(fig, out)
 
 
 class ConditionValidation(keras.callbacks.Callback):
