@@ -132,7 +132,11 @@ class SeedHandler(http.server.BaseHTTPRequestHandler):
                 conn.execute("UPDATE reviews SET selection_count = ? WHERE id = ?",
                              (row["selection_count"] + 1, row["id"]))
                 row = dict(row, selection_count=row["selection_count"] + 1)
-        body = json.dumps(dict(row) if row is not None else {"error": "not found"}).encode()
+        self.answer(dict(row) if row is not None else None)
+
+    def answer(self, row) -> None:
+        """The row as JSON (200), or a JSON 404 when there is none."""
+        body = json.dumps(row if row is not None else {"error": "not found"}).encode()
         self.send_response(200 if row is not None else 404)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -168,12 +172,7 @@ class SeedFirestoreHandler(SeedHandler):
                 row = dict(snapshot.to_dict(), id=snapshot.id, selection_count=snapshot.get("selection_count") + 1)
         if row is not None:
             row["added"] = str(row.get("added"))
-        body = json.dumps(row if row is not None else {"error": "not found"}).encode()
-        self.send_response(200 if row is not None else 404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(row)
 
 
 def warm_up_emulator(seconds: float) -> int:

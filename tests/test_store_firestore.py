@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import uuid
@@ -104,14 +105,12 @@ def test_migrate_leaves_documents_of_this_project_alone(firestore_store):
     assert _stored(firestore_store) == before
 
 
-def test_store_migrate_cli(firestore_store, monkeypatch, firestore_emulator):
+def test_store_migrate_cli(firestore_store, firestore_emulator):
     write_like_the_seed(firestore_store, SEED_ROWS)
     env = {"FIRESTORE_EMULATOR_HOST": firestore_emulator}
     uri = f"firestore://{PROJECT}/{firestore_store.collection_name}"
 
     def cli(*args):
-        import os
-
         return subprocess.run([sys.executable, "-m", "pitchkeras.cli", "store", *args], cwd=REPO_ROOT,
                               env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
 
@@ -162,8 +161,6 @@ def test_missing_credentials_are_one_clear_line(tmp_path, monkeypatch):
     message = str(info.value)
     for name in ("GOOGLE_APPLICATION_CREDENTIALS", "application-default", "FIRESTORE_EMULATOR_HOST"):
         assert name in message
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}
     done = subprocess.run([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", "firestore://p/reviews",
                            "--port", "0"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)

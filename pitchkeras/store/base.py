@@ -283,6 +283,27 @@ def review_from_record(review_id: str, record: Mapping[str, Any], *, source: str
     return Review(id=review_id, text=text, **fields)
 
 
+# Fields a migration leaves absent when a record lacks them: unknown conditions and time stay unknown.
+_NOT_DEFAULTED = ("score", "genre", "added")
+
+
+def missing_record_fields(record: Mapping[str, Any], model_version: str) -> Optional[dict[str, Any]]:
+    """The schema fields `record` lacks, with their defaults; None when it has no usable text.
+
+    What `ReviewStore.migrate` adds to a record another tool wrote: `genre_key`,
+    the given `model_version`, `length` counted from the text, and each other
+    field's default from `_RECORD_FIELDS` (`selection_count` 0 only when absent
+    altogether). Never `text`, and never a field the record already has.
+    """
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    defaults = {name: default for name, (_, default) in _RECORD_FIELDS.items() if name not in _NOT_DEFAULTED}
+    defaults.update(genre_key=genre_key(record.get("genre")), model_version=model_version,
+                    length=word_count(text), extra_conditions={})
+    return {name: value for name, value in defaults.items() if name not in record}
+
+
 def describe(score: Optional[float], genre: Optional[str]) -> str:
     """`score=8.0, genre='Rock'`: the filters of a pick, for messages."""
     parts = []

@@ -45,6 +45,7 @@ from pitchkeras.store.base import (
     UnusableRecord,
     describe,
     genre_key,
+    missing_record_fields,
     review_from_record,
     review_to_record,
     validate_review_id,
@@ -563,12 +564,10 @@ class FirestoreStore(ReviewStore):
     def migrate(self, *, model_version: str = "seed", progress: bool = False) -> MigrationResult:
         """Add the fields this project's schema has and a seed-written document lacks.
 
-        Pages through the collection in id order; each document missing any of
-        `genre_key`, `model_version`, `extra_conditions`, `length`, `prompt`,
-        `temperature`, `top_k`, `top_p`, `seed`, `repetition_penalty`,
-        `no_repeat_ngram_size` (or `selection_count`, when
-        absent altogether, so the document can be picked at all) gets only those,
-        in BatchWrite requests of at most 500 writes, each with the precondition
+        Pages through the collection in id order; each document missing schema
+        fields (`missing_record_fields`: `genre_key`, `model_version`, the
+        sampler settings, ...; `selection_count` 0 only when absent altogether,
+        so the document can be picked at all) gets only those, in BatchWrite requests of at most 500 writes, each with the precondition
         that the document is unchanged since it was read: a pick or another
         migration that wrote it meanwhile wins, and the document is read again.
         `text` and an existing `selection_count` are never written. Idempotent: a
@@ -593,7 +592,7 @@ class FirestoreStore(ReviewStore):
                 todo = []
                 for snapshot in page:
                     result.scanned += 1
-                    fields = _missing_fields(snapshot.to_dict(), model_version)
+                    fields = missing_record_fields(snapshot.to_dict(), model_version)
                     if fields is None:
                         log.warning("%s: document %s has no usable text; not migrated", self.uri, snapshot.id)
                         result.skipped += 1
@@ -628,7 +627,7 @@ class FirestoreStore(ReviewStore):
                             if not snapshot.exists:
                                 result.skipped += 1
                                 continue
-                            fields = _missing_fields(snapshot.to_dict(), model_version)
+                            fields = missing_record_fields(snapshot.to_dict(), model_version)
                             if fields:
                                 todo.append((snapshot, fields))
                             else:
@@ -655,27 +654,3 @@ class _PickState:
     claiming: set = dataclasses.field(default_factory=set)  # ids this process's picks are claiming now
     gone: dict = dataclasses.field(default_factory=dict)  # id -> newest version of it claimed or lost here
     spread_until: float = 0.0
-
-
-def _missing_fields(data: dict[str, Any], model_version: str) -> Optional[dict[str, Any]]:
-    """The fields (with their defaults) a document lacks; None if it cannot be served at all."""
-    text = data.get("text")
-    if not isinstance(text, str) or not text.strip():
-        return None
-    defaults = {
-        "genre_key": genre_key(data.get("genre")),
-        "model_version": model_version,
-        "extra_conditions": {},
-        "length": len(text.split()),
-        "temperature": None,
-        "top_k": None,
-        "top_p": None,
-        "seed": None,
-        "prompt": "",
-        "repetition_penalty": None,
-        "no_repeat_ngram_size": None,
-    }
-    missing = {name: value for name, value in defaults.items() if name not in data}
-    if "selection_count" not in data:
-        missing["selection_count"] = 0  # absent: never shown, and unpickable until it has a count
-    return missing
