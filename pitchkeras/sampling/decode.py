@@ -1,9 +1,14 @@
 """The cached decode loop: prefill, then one token per step, in `keras.ops` for TensorFlow and JAX.
 
 `DecodeLoop` runs a `keras.ops.while_loop` over the keras-hub GPT-2 layers
-with one key/value cache per layer (updated in place, no per-step copy of the
-whole stacked cache) sized prompt bucket + new tokens only, and stops when
-every row has produced `<|endoftext|>`. Sampling parameters are tensors, so a
+with a key cache and a value cache per layer, each (batch, heads, positions,
+head_dim), sized prompt bucket + new tokens only, and stops when every row has
+produced `<|endoftext|>`. Each decoder block calls the layer's own norms and
+projections (so int8-quantized layers run as Keras quantized them) but does
+its attention here, on that cache layout: keras-hub's cached attention keeps
+one stacked (batch, 2, positions, heads, head_dim) cache per layer, which it
+slices, re-stacks and transposes at every step; on GPT-2 124M at batch 8 that
+shuffling was 22 of the 67 ms per step (profiled, see BUILD_NOTES.md). Sampling parameters are tensors, so a
 new temperature, top-k or top-p never recompiles; each input shape is traced
 once: a `tf.function` on TensorFlow (XLA or a graph per batch shape), `jax.jit`
 on JAX.
@@ -39,6 +44,7 @@ class DecodeLoop:
 
     def __init__(self, backbone, *, pad_id: int, end_id: int, stop_at_end_token: bool,
                  uses_xla: Callable[[int], bool]):
+        check_gpt2_layers(backbone)
         self._backbone = backbone
         self._pad_id = int(pad_id)
         self._end_id = int(end_id)
@@ -118,7 +124,7 @@ class DecodeLoop:
         heads = backbone.num_heads
         head_dim = backbone.hidden_dim // heads
         caches = [
-            ops.zeros([batch, 2, total, heads, head_dim], dtype=backbone.compute_dtype)
+            tuple(ops.zeros([batch, heads, total, head_dim], dtype=backbone.compute_dtype) for _ in "kv")
             for _ in backbone.transformer_layers
         ]
         # Prefill: one pass over the whole bucket fills every layer's cache
@@ -166,18 +172,79 @@ class DecodeLoop:
         return select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
 
     def _forward(self, token_ids, caches, index):
-        """GPT-2 hidden states for `token_ids` at `index`, one cache per layer.
+        """GPT-2 hidden states for `token_ids` at positions `index, index + 1, ...`, and the updated caches.
 
-        Mirrors `GPT2CausalLM.call_with_cache`, but keeps the layers' caches
-        separate, so the loop updates each in place instead of slicing and
-        re-stacking one (batch, layers, 2, length, heads, dim) tensor per step.
+        The same computation as `GPT2CausalLM.call_with_cache` (embeddings,
+        then each `TransformerDecoder` block, then the final norm), with the
+        caches as one (keys, values) pair per layer, each (batch, heads,
+        positions, head_dim).
         """
         backbone = self._backbone
         x = backbone.token_embedding(token_ids)
         positions = backbone.position_embedding(x, start_index=index)
         x = backbone.embeddings_add((x, positions))
         new_caches = []
-        for layer, cache in zip(backbone.transformer_layers, caches):
-            x, cache = layer(x, self_attention_cache=cache, self_attention_cache_update_index=index)
-            new_caches.append(cache)
+        for layer, (keys, values) in zip(backbone.transformer_layers, caches):
+            x, keys, values = decoder_block(layer, x, keys, values, index)
+            new_caches.append((keys, values))
         return backbone.layer_norm(x), new_caches
+
+
+def check_gpt2_layers(backbone) -> None:
+    """Raise FailedPrecondition unless every block is a pre-norm, self-attention-only keras-hub decoder."""
+    for layer in backbone.transformer_layers:
+        attention = getattr(layer, "_self_attention_layer", None)
+        missing = [name for name in _BLOCK_PARTS if getattr(layer, name, None) is None] + [
+            name for name in _ATTENTION_PARTS if getattr(attention, name, None) is None]
+        if missing or not getattr(layer, "normalize_first", False) or getattr(layer, "_cross_attention_layer", None):
+            raise FailedPrecondition(
+                f"{layer.name} is not a pre-norm keras-hub TransformerDecoder without cross-attention "
+                f"(missing: {', '.join(missing) or 'none'}); Generator's decode loop needs GPT-2's blocks")
+
+
+_BLOCK_PARTS = ("_self_attention_layer_norm", "_self_attention_layer", "_feedforward_layer_norm",
+                "_feedforward_intermediate_dense", "_feedforward_output_dense")
+_ATTENTION_PARTS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense", "_inverse_sqrt_key_dim")
+
+
+def decoder_block(layer, x, keys, values, index):
+    """One keras-hub GPT-2 `TransformerDecoder` block (pre-norm, no dropout) on a (batch, heads, pos, dim) cache.
+
+    The norms, the q/k/v/output projections and the MLP are the layer's own
+    sublayers; the attention is Keras's `dot_product_attention` arithmetic
+    (logits in float32 scaled after the dot, masked, softmax, then the
+    values) written for this cache layout, with the causal mask of a cached
+    decode: position `index + s` sees cache positions `<= index + s`.
+
+    Args:
+        layer: keras_hub TransformerDecoder.
+        x: tensor (batch, length, hidden). The block's input.
+        keys, values: tensors (batch, heads, positions, head_dim). This layer's cache.
+        index: int tensor. The position of `x`'s first row in the cache.
+
+    Returns:
+        (output (batch, length, hidden), keys, values) with the new positions written.
+    """
+    from keras import ops
+
+    attention = layer._self_attention_layer
+    residual = x
+    h = layer._self_attention_layer_norm(x)
+    query = attention._query_dense(h)  # (batch, length, heads, head_dim)
+    keys = ops.slice_update(keys, (0, 0, index, 0), ops.transpose(attention._key_dense(h), (0, 2, 1, 3)))
+    values = ops.slice_update(values, (0, 0, index, 0), ops.transpose(attention._value_dense(h), (0, 2, 1, 3)))
+    length, positions = query.shape[1], keys.shape[2]
+    logits = ops.einsum("bhsd,bhtd->bhst", ops.transpose(query, (0, 2, 1, 3)), keys)
+    logits = ops.cast(logits, "float32") * ops.cast(attention._inverse_sqrt_key_dim, "float32")
+    visible = ops.arange(positions)[None, :] <= (index + ops.arange(length))[:, None]
+    logits = ops.where(visible[None, None], logits, _LARGE_NEGATIVE)
+    probabilities = ops.cast(ops.softmax(logits, axis=-1), values.dtype)
+    attended = ops.einsum("bhst,bhtd->bshd", probabilities, values)  # (batch, length, heads, head_dim)
+    x = attention._output_dense(attended) + residual
+    residual = x
+    h = layer._feedforward_layer_norm(x)
+    h = layer._feedforward_output_dense(layer._feedforward_intermediate_dense(h))
+    return h + residual, keys, values
+
+
+_LARGE_NEGATIVE = -1e9  # a masked logit: exp() of it is 0 in float32 and bfloat16 alike
