@@ -286,7 +286,7 @@ def main(argv=None) -> int:
         sides.append(Theirs(precision, args.new_tokens))
     loops = "; ".join(
         f"{s.name}: " + ", ".join(f"batch {b} {'XLA' if s.generator.uses_xla(b) else 'TF graph + XLA token selection'}"
-                                  for b in batch_sizes)
+                                  f" on {s.generator._batch_shape(b)} rows" for b in batch_sizes)
         for s in sides if isinstance(s, Ours))
     print(f"GPT-2 124M random weights, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, "
           f"top_p={TOP_P}, temperature={TEMPERATURE}, top_k off; our decode loop: {loops}")

@@ -496,6 +496,8 @@ def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(tiny_
     assert len({tuple(e) for e in expected}) > 1
     alone = [generator._complete([p], [0], greedy, 12, progress=False)[0] for p in prompts]
     assert alone == expected
+    graph = Generator(tiny_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False, jit_compile=False)
+    assert [graph._complete([p], [0], greedy, 12, progress=False)[0] for p in prompts[:2]] == expected[:2]
     mixed = generator._complete(prompts, list(range(len(prompts))), greedy, 12, progress=False)  # one batch, bucket 128
     assert mixed == expected
     pairs = generator._complete([prompts[1], prompts[3]], [0, 1], greedy, 12, progress=False)  # bucket 32
@@ -513,11 +515,22 @@ def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(tiny_mo
     assert batched[0].raw == generator.generate([longer])[0].raw
 
 
-def test_xla_or_graph_is_chosen_per_batch_shape(tiny_model):
+def test_xla_or_graph_is_chosen_per_batch_shape_and_device(tiny_model):
     from pitchkeras.model import load_model
     from pitchkeras.quantize import quantize_model
 
     auto = Generator(tiny_model, batch_size=8)
-    assert [auto.uses_xla(b) for b in (1, 2, 8)] == [False, True, True]  # batch 1 runs as a graph (measured faster)
-    assert Generator(tiny_model, jit_compile=True).uses_xla(1) and not Generator(tiny_model, jit_compile=False).uses_xla(8)
+    assert not auto.on_accelerator()  # the test machine is a CPU
+    assert [auto.uses_xla(b) for b in (1, 2, 8)] == [True, True, True]
+    assert [auto._batch_shape(n) for n in (1, 2, 3, 8, 9)] == [2, 2, 4, 8, 8]  # a lone request runs as 2 rows
+    assert Generator(tiny_model, batch_size=1)._batch_shape(1) == 2
+    graph = Generator(tiny_model, jit_compile=False)
+    assert not graph.uses_xla(8) and graph._batch_shape(1) == 1  # a graph runs a lone request alone
+    assert Generator(tiny_model, jit_compile=True).uses_xla(1)
     assert Generator(quantize_model(load_model(tiny_model.path), "int8")).uses_xla(1)  # int8 dots: XLA everywhere
+    # bfloat16 on a CPU: a graph (oneDNN's kernels); on an accelerator: XLA, with no padding row.
+    half = Generator(tiny_model)
+    half._backbone = type("Backbone", (), {"compute_dtype": "bfloat16"})()
+    assert not half.uses_xla(8) and half._batch_shape(1) == 1
+    half._on_accelerator = True
+    assert half.uses_xla(1) and half.uses_xla(8) and half._batch_shape(1) == 1
