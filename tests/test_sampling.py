@@ -527,7 +527,8 @@ def test_xla_or_graph_is_chosen_per_batch_shape_and_device(tiny_model):
     graph = Generator(tiny_model, jit_compile=False)
     assert not graph.uses_xla(8) and graph._batch_shape(1) == 1  # a graph runs a lone request alone
     assert Generator(tiny_model, jit_compile=True).uses_xla(1)
-    assert Generator(quantize_model(load_model(tiny_model.path), "int8")).uses_xla(1)  # int8 dots: XLA everywhere
+    int8 = Generator(quantize_model(load_model(tiny_model.path), "int8"))
+    assert int8.uses_xla(1) and int8._batch_shape(1) == 1  # int8 dots: XLA everywhere, a lone request alone
     # bfloat16 on a CPU: a graph (oneDNN's kernels); on an accelerator: XLA, with no padding row.
     half = Generator(tiny_model)
     half._backbone = type("Backbone", (), {"compute_dtype": "bfloat16"})()

@@ -60,10 +60,11 @@ class Generator:
             run it as a TensorFlow graph (False; token selection is still
             XLA-compiled), for every batch shape. None picks what measured
             fastest: on a GPU or TPU, XLA always. On a CPU, XLA for float32
-            and int8, where a lone request runs as 2 rows (a copy of it beside
-            it): XLA's CPU backend emits a matrix-vector product as a plain
-            loop fused with its input, 27.8 against 32.8 ms per token on GPT-2
-            124M for 2 rows against 1; a graph for bfloat16/float16, whose
+            and int8; in float32 a lone request runs as 2 rows (a copy of it
+            beside it): XLA's CPU backend emits a matrix-vector product as a
+            plain loop fused with its input, 27.8 against 32.8 ms per token on
+            GPT-2 124M for 2 rows against 1 (int8 dots, compute-bound here,
+            would cost twice: 26.0 against 31.4 tokens/s); a graph for bfloat16/float16, whose
             matmuls TensorFlow's oneDNN kernels run several times faster than
             XLA's on a CPU without native bfloat16.
         postprocess_options: PostprocessOptions or None. Post-processing steps.
@@ -237,7 +238,10 @@ class Generator:
             shape *= 2
         shape = min(shape, self.batch_size)
         if shape == 1 and self.uses_xla(1) and not self.on_accelerator():
-            shape = 2
+            from pitchkeras.quantize import is_quantized
+
+            if not is_quantized(self.model):  # int8 dots are compute-bound here: 2 rows cost twice (measured)
+                shape = 2
         return shape
 
     def _complete(self, prompts: list[list[int]], seeds: list[int], config: SamplerConfig, new_tokens: int,
