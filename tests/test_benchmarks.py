@@ -64,3 +64,38 @@ def test_flop_formula_and_peaks():
     assert gpu_train.flops_per_token(params, shape, 1024) == 6 * n + 12 * 12 * 768 * 1024
     assert gpu_train.peak_flops("NVIDIA H200") == 989e12 and gpu_train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert gpu_train.peak_flops("cpu") == 0 and gpu_train.peak_flops("cpu", 2.5) == 2.5e12
+
+
+def _matmul_floor():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import matmul_floor
+    finally:
+        sys.path.pop(0)
+    return matmul_floor
+
+
+def test_matmul_floor_multiplies_every_gpt2_124m_weight_matrix_once_per_step():
+    import keras_hub
+
+    floor = _matmul_floor()
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=floor.VOCABULARY_SIZE, num_layers=floor.NUM_LAYERS,
+                                             num_heads=12, hidden_dim=floor.HIDDEN_DIM,
+                                             intermediate_dim=floor.INTERMEDIATE_DIM, max_sequence_length=1024)
+    # A decode step reads every kernel and the token embedding (the logits); not the position table, norms, biases.
+    read = [w for w in backbone.weights if w.path.endswith("/kernel") or w.path.endswith("token_embedding/embeddings")]
+    layers, embedding = floor.weights()
+    assert sorted(int(w.numpy().size) for w in read) == sorted(
+        [int(m.size) for layer in layers for m in layer] + [int(embedding.size)])
+    assert floor.weight_bytes(layers, embedding) == 4 * sum(int(w.numpy().size) for w in read)
+
+
+@pytest.mark.slow
+def test_matmul_floor_runs_both_sides_and_prints_the_ratio_last(capsys):
+    pytest.importorskip("torch")
+    assert _matmul_floor().main(["--rows", "2", "--steps", "1", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("CPU: ")
+    assert [line.split(":")[0] for line in lines[2:5]] == [
+        "rows 2   tensorflow XLA", "rows 2 tensorflow graph", "rows 2            torch"]
+    assert re.fullmatch(r"ratio_rows2=\d+\.\d\d", lines[-1])
