@@ -62,9 +62,10 @@ class Generator:
             fastest: on a GPU or TPU, XLA always. On a CPU, XLA for float32
             and int8; in float32 a lone request runs as 2 rows (a copy of it
             beside it): XLA's CPU backend emits a matrix-vector product as a
-            plain loop fused with its input, 27.8 against 32.8 ms per token on
-            GPT-2 124M for 2 rows against 1 (int8 dots, compute-bound here,
-            would cost twice: 26.0 against 31.4 tokens/s); a graph for bfloat16/float16, whose
+            plain loop fused with its input: on GPT-2 124M 27.8 ms per token
+            on 2 rows against 46.3 on 1 row (and 32.8 as a graph); int8 dots,
+            compute-bound here, would cost twice (26.0 against 31.4
+            tokens/s); a graph for bfloat16/float16, whose
             matmuls TensorFlow's oneDNN kernels run several times faster than
             XLA's on a CPU without native bfloat16.
         postprocess_options: PostprocessOptions or None. Post-processing steps.
