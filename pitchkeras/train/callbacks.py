@@ -22,7 +22,7 @@ Example (the README's "From your own Keras script" runs this shape):
 >>> start = ckpt.restore(causal_lm)          # 0 when there is no checkpoint yet
 >>> ds = make_dataset("data/train.csv", tokenizer, sequence_length=256, batch_size=8,
 ...                   skip_batches=ckpt.data_position)
->>> causal_lm.fit(ds, epochs=1000, steps_per_epoch=1, initial_epoch=start,
+>>> causal_lm.fit(ds, epochs=1000, steps_per_epoch=1, initial_epoch=start, shuffle=False,
 ...               callbacks=[StopOnSignal(), MetricsCSV("run/metrics.csv", resume_step=start), ckpt])
 """
 
