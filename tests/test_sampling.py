@@ -535,3 +535,24 @@ def test_xla_or_graph_is_chosen_per_batch_shape_and_device(tiny_model):
     assert not half.uses_xla(8) and half._batch_shape(1) == 1
     half._on_accelerator = True
     assert half.uses_xla(1) and half.uses_xla(8) and half._batch_shape(1) == 1
+
+
+def test_decode_loop_names_what_a_non_gpt2_block_lacks():
+    from types import SimpleNamespace
+
+    from pitchkeras.errors import FailedPrecondition
+    from pitchkeras.sampling.decode import DecodeLoop
+
+    attention = SimpleNamespace(_query_dense=object(), _key_dense=object(), _value_dense=object(),
+                                _inverse_sqrt_key_dim=0.125)  # no _output_dense
+    layer = SimpleNamespace(name="block_0", normalize_first=True, _self_attention_layer=attention,
+                            _self_attention_layer_norm=object(), _feedforward_layer_norm=object(),
+                            _feedforward_intermediate_dense=object(), _feedforward_output_dense=object())
+    with pytest.raises(FailedPrecondition, match=r"block_0 .*missing: _output_dense"):
+        DecodeLoop(SimpleNamespace(transformer_layers=[layer]), pad_id=0, end_id=1, stop_at_end_token=True,
+                   uses_xla=lambda batch: True)
+    attention._output_dense = object()
+    layer.normalize_first = False  # a post-norm block computes something else
+    with pytest.raises(FailedPrecondition, match=r"block_0 is not a pre-norm .*missing: none"):
+        DecodeLoop(SimpleNamespace(transformer_layers=[layer]), pad_id=0, end_id=1, stop_at_end_token=True,
+                   uses_xla=lambda batch: True)

@@ -8,10 +8,10 @@ projections (so int8-quantized layers run as Keras quantized them) but does
 its attention here, on that cache layout: keras-hub's cached attention keeps
 one stacked (batch, 2, positions, heads, head_dim) cache per layer, which it
 slices, re-stacks and transposes at every step; on GPT-2 124M at batch 8 that
-shuffling was 22 of the 67 ms per step (profiled, see BUILD_NOTES.md). Sampling parameters are tensors, so a
-new temperature, top-k or top-p never recompiles; each input shape is traced
-once: a `tf.function` on TensorFlow (XLA or a graph per batch shape), `jax.jit`
-on JAX.
+shuffling was 22 of the 67 ms per step (profiled, see BUILD_NOTES.md).
+Sampling parameters are tensors, so a new temperature, top-k or top-p never
+recompiles; each input shape is traced once: a `tf.function` on TensorFlow
+(XLA or a graph per batch shape), `jax.jit` on JAX.
 """
 
 from __future__ import annotations
