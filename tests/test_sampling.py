@@ -549,10 +549,10 @@ def test_decode_loop_names_what_a_non_gpt2_block_lacks():
                             _self_attention_layer_norm=object(), _feedforward_layer_norm=object(),
                             _feedforward_intermediate_dense=object(), _feedforward_output_dense=object())
     with pytest.raises(FailedPrecondition, match=r"block_0 .*missing: _output_dense"):
-        DecodeLoop(SimpleNamespace(transformer_layers=[layer]), pad_id=0, end_id=1, stop_at_end_token=True,
+        DecodeLoop(SimpleNamespace(transformer_layers=[layer], position_embedding=object()), pad_id=0, end_id=1, stop_at_end_token=True,
                    uses_xla=lambda batch: True)
     attention._output_dense = object()
     layer.normalize_first = False  # a post-norm block computes something else
     with pytest.raises(FailedPrecondition, match=r"block_0 is not a pre-norm .*missing: none"):
-        DecodeLoop(SimpleNamespace(transformer_layers=[layer]), pad_id=0, end_id=1, stop_at_end_token=True,
+        DecodeLoop(SimpleNamespace(transformer_layers=[layer], position_embedding=object()), pad_id=0, end_id=1, stop_at_end_token=True,
                    uses_xla=lambda batch: True)

@@ -191,7 +191,10 @@ class DecodeLoop:
 
 
 def check_gpt2_layers(backbone) -> None:
-    """Raise FailedPrecondition unless every block is a pre-norm, self-attention-only keras-hub decoder."""
+    """Raise FailedPrecondition unless `backbone` is a GPT-2 backbone whose every block is a pre-norm,
+    self-attention-only keras-hub decoder (what `DecodeLoop` runs)."""
+    if not hasattr(backbone, "transformer_layers") or not hasattr(backbone, "position_embedding"):
+        raise FailedPrecondition(f"{type(backbone).__name__} is not a GPT-2 backbone; Generator needs one")
     for layer in backbone.transformer_layers:
         attention = getattr(layer, "_self_attention_layer", None)
         missing = [name for name in _BLOCK_PARTS if getattr(layer, name, None) is None] + [
@@ -205,6 +208,7 @@ def check_gpt2_layers(backbone) -> None:
 _BLOCK_PARTS = ("_self_attention_layer_norm", "_self_attention_layer", "_feedforward_layer_norm",
                 "_feedforward_intermediate_dense", "_feedforward_output_dense")
 _ATTENTION_PARTS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense", "_inverse_sqrt_key_dim")
+_LARGE_NEGATIVE = -1e9  # a masked logit: exp() of it is 0 in float32 and bfloat16 alike
 
 
 def decoder_block(layer, x, keys, values, index):
@@ -246,5 +250,3 @@ def decoder_block(layer, x, keys, values, index):
     h = layer._feedforward_output_dense(layer._feedforward_intermediate_dense(h))
     return h + residual, keys, values
 
-
-_LARGE_NEGATIVE = -1e9  # a masked logit: exp() of it is 0 in float32 and bfloat16 alike

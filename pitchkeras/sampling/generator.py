@@ -21,11 +21,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pitchkeras.conditioning import validate_conditions
-from pitchkeras.errors import FailedPrecondition, InvalidArgument
+from pitchkeras.errors import InvalidArgument
 from pitchkeras.postprocess import PostprocessOptions, postprocess
 from pitchkeras.sampling.config import MEMORIZED, PROMPT_BUCKETS, GenerationRequest, Sample, SamplerConfig
 from pitchkeras.sampling.counter_rng import row_keys
-from pitchkeras.sampling.decode import DecodeLoop
+from pitchkeras.sampling.decode import DecodeLoop, check_gpt2_layers
 
 
 def prompt_bucket(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
@@ -108,8 +108,7 @@ class Generator:
         self._on_accelerator = None  # found on first use (DeviceFacts), see jit_compile
 
         backbone = model.causal_lm.backbone
-        if not hasattr(backbone, "transformer_layers") or not hasattr(backbone, "position_embedding"):
-            raise FailedPrecondition(f"{type(backbone).__name__} is not a GPT-2 backbone; Generator needs one")
+        check_gpt2_layers(backbone)
         self._backbone = backbone
         preprocessor = model.causal_lm.preprocessor
         self._tokenizer = preprocessor.tokenizer
