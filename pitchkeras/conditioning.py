@@ -14,6 +14,13 @@ by the tokenization pipeline (and before each prompt by the generator), so the
 strings produced here never contain it. A corpus without conditions (DJ
 biographies) is just the text.
 
+A model imported from gpt-2-simple (`pitchkeras import`) was trained on text
+in which `<|startoftext|>` and `<|endoftext|>` are plain text, split into
+several BPE pieces. Its format carries those text delimiters (`start_text`,
+`end_text`): prompts begin with `start_text`, are fed without the model's start
+token (as gpt-2-simple feeds a prefix), and generation stops where `end_text`
+appears (`stop_sequences`).
+
 `validate_conditions` checks requested conditions against those a model was
 trained on (its `pitchkeras.json`) before any prompt is built.
 
@@ -37,7 +44,7 @@ from typing import Any, Mapping
 from pitchkeras.errors import InvalidArgument
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's only special token: document start and end.
-START_OF_TEXT = "<|startoftext|>"  # gpt-2-simple's text delimiter (export only).
+START_OF_TEXT = "<|startoftext|>"  # gpt-2-simple's text delimiter (plain text, never a special token).
 
 REVIEW_CONDITIONS = ("score", "genre")
 NUMERIC_CONDITIONS = ("score",)  # printed with one decimal, parsed back as float
@@ -52,14 +59,29 @@ class PromptFormat:
             `()` for a plain corpus.
         numeric: tuple of str. Conditions printed with one decimal and parsed
             back as float (default: `score`).
+        start_text: str. Plain text that opens every document (gpt-2-simple's
+            `<|startoftext|>`); `""` for pitchkeras' own formats.
+        end_text: str. Plain text that closes every document (gpt-2-simple's
+            `<|endoftext|>` as text); generation stops where it appears.
+        start_token: bool. Feed the model's start token before a non-empty
+            prompt (pitchkeras, transformers). gpt-2-simple feeds a prefix
+            alone and the start token only when there is no prefix.
     """
 
     conditions: tuple[str, ...] = REVIEW_CONDITIONS
     numeric: tuple[str, ...] = NUMERIC_CONDITIONS
+    start_text: str = ""
+    end_text: str = ""
+    start_token: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "conditions", tuple(self.conditions))
         object.__setattr__(self, "numeric", tuple(self.numeric))
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        """Texts at which a completion ends (cut there, never shown): `end_text`, if any."""
+        return (self.end_text,) if self.end_text else ()
 
     # -- formatting -----------------------------------------------------------
     def format_value(self, name: str, value: Any) -> str:
@@ -89,12 +111,19 @@ class PromptFormat:
         return "".join(self.format_value(n, values[n]) + "\n" for n in self.conditions)
 
     def example(self, values: Mapping[str, Any] | None, text: str) -> str:
-        """One training example: header lines then the text."""
-        return self.header(values) + text
+        """One training example: header lines then the text (inside the text delimiters, if any)."""
+        return self.start_text + self.header(values) + text + self.end_text
 
     def prompt(self, values: Mapping[str, Any] | None = None, prefix: str = "") -> str:
-        """A generation prompt: header lines, then an optional free-text prefix."""
-        return self.header(values) + (prefix or "")
+        """A generation prompt: the start text, header lines, then an optional free-text prefix.
+
+        A prefix that already opens with the start text (a gpt-2-simple user's
+        `--prefix '<|startoftext|>...'`) does not get it twice.
+        """
+        prefix = prefix or ""
+        if self.start_text and prefix.startswith(self.start_text):
+            prefix = prefix[len(self.start_text):]
+        return self.start_text + self.header(values) + prefix
 
     def gpt2_simple(self, example: str) -> str:
         """An example wrapped in gpt-2-simple's text delimiters."""
@@ -107,6 +136,8 @@ class PromptFormat:
         Raises:
             ValueError: the header lines are missing or malformed.
         """
+        if self.start_text and sample.startswith(self.start_text):
+            sample = sample[len(self.start_text):]
         lines = sample.split("\n", len(self.conditions))
         if len(lines) <= len(self.conditions):
             raise ValueError(
@@ -140,11 +171,16 @@ class PromptFormat:
 
     # -- (de)serialisation for pitchkeras.json --------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {"conditions": list(self.conditions), "numeric": list(self.numeric)}
+        data: dict[str, Any] = {"conditions": list(self.conditions), "numeric": list(self.numeric)}
+        if self.start_text or self.end_text or not self.start_token:  # pitchkeras' own formats keep their old JSON
+            data.update(start_text=self.start_text, end_text=self.end_text, start_token=self.start_token)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "PromptFormat":
-        return cls(tuple(data.get("conditions", ())), tuple(data.get("numeric", ())))
+        return cls(tuple(data.get("conditions", ())), tuple(data.get("numeric", ())),
+                   start_text=str(data.get("start_text", "")), end_text=str(data.get("end_text", "")),
+                   start_token=bool(data.get("start_token", True)))
 
 
 REVIEWS = PromptFormat()

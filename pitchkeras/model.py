@@ -59,6 +59,9 @@ class ModelInfo:
         model_version: str. The training run id; stored with every generated review.
         base_preset: str. The preset the run started from (`tiny`, `gpt2_medium_en`, a path).
         sequence_length: int. The training sequence length.
+        source_layout: str. Where an imported model came from (`gpt2-simple`,
+            `openai`, `transformers`; see `pitchkeras.convert`); `""` for a
+            model trained here.
     """
 
     prompt_format: PromptFormat
@@ -66,9 +69,10 @@ class ModelInfo:
     model_version: str = "untrained"
     base_preset: str = ""
     sequence_length: int = 0
+    source_layout: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format_version": FORMAT_VERSION,
             "prompt_format": self.prompt_format.to_json(),
             "condition_values": self.condition_values,
@@ -76,6 +80,9 @@ class ModelInfo:
             "base_preset": self.base_preset,
             "sequence_length": self.sequence_length,
         }
+        if self.source_layout:
+            data["source_layout"] = self.source_layout
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelInfo":
@@ -85,6 +92,7 @@ class ModelInfo:
             model_version=str(data.get("model_version", "untrained")),
             base_preset=str(data.get("base_preset", "")),
             sequence_length=int(data.get("sequence_length", 0)),
+            source_layout=str(data.get("source_layout", "")),
         )
 
     def write(self, model_dir: str | os.PathLike) -> Path:

@@ -4,6 +4,9 @@ Pure `str -> result` functions, no model and no TensorFlow, so the rules are
 tested with fixed strings. `postprocess()` runs the steps in order; each one
 can be switched off with `PostprocessOptions`:
 
+0. The format's text delimiters (models imported from gpt-2-simple): the
+   leading `start_text` is dropped and the text is cut where a stop sequence
+   (`end_text`) first appears (`cut_at_stop`); always on.
 1. `strip_to_last_start`: drop everything before the last `<|startoftext|>`
    (gpt-2-simple samples often begin mid-way through a previous document) and
    any leading `<|endoftext|>` tokens.
@@ -118,6 +121,13 @@ class Processed:
     text: str
     conditions: dict
     rejected: Optional[str] = None
+
+
+def cut_at_stop(text: str, stop_sequences) -> str:
+    """`text` up to the earliest of `stop_sequences` (all of it when none appears)."""
+    cuts = [text.find(stop) for stop in stop_sequences if stop]
+    cuts = [cut for cut in cuts if cut >= 0]
+    return text[: min(cuts)] if cuts else text
 
 
 def strip_to_last_start(text: str) -> str:
@@ -281,6 +291,9 @@ def postprocess(
     options = options or PostprocessOptions()
     requested = dict(requested or {})
     text = raw
+    if fmt.start_text and text.startswith(fmt.start_text):
+        text = text[len(fmt.start_text):]
+    text = cut_at_stop(text, fmt.stop_sequences)
     if options.strip_to_last_start:
         text = strip_to_last_start(text)
     conditions = dict(requested)

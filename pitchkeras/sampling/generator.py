@@ -22,7 +22,7 @@ import numpy as np
 
 from pitchkeras.conditioning import validate_conditions
 from pitchkeras.errors import InvalidArgument
-from pitchkeras.postprocess import PostprocessOptions, postprocess
+from pitchkeras.postprocess import PostprocessOptions, cut_at_stop, postprocess
 from pitchkeras.sampling.config import MEMORIZED, PROMPT_BUCKETS, GenerationRequest, Sample, SamplerConfig
 from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import DecodeLoop, check_gpt2_layers
@@ -158,7 +158,8 @@ class Generator:
             max_new_tokens: int or None. Cap on new tokens (default: the generator's).
             progress: bool. Show a tqdm bar.
             truncate: str or None. gpt-2-simple's stop string: the completion
-                is cut where it first appears.
+                is cut where it first appears, as at the model's own stop
+                sequences (`PromptFormat.stop_sequences`).
             include_prefix: bool. Keep the request's prefix at the start of
                 the text (gpt-2-simple's `include_prefix`).
 
@@ -224,9 +225,13 @@ class Generator:
         return example
 
     def _tokenize(self, text: str) -> list[int]:
-        """Token ids as `GPT2CausalLMPreprocessor.generate_preprocess` packs them (start token first)."""
+        """Token ids as `GPT2CausalLMPreprocessor.generate_preprocess` packs them (start token first).
+
+        A format without `start_token` (gpt-2-simple) feeds a non-empty prompt alone, as gpt-2-simple does.
+        """
         ids = np.asarray(self._tokenizer.tokenize(text)).reshape(-1).tolist() if text else []
-        return ([int(self._start_id)] if self._start_id is not None else []) + [int(i) for i in ids]
+        start = self._start_id is not None and (self.model.prompt_format.start_token or not ids)
+        return ([int(self._start_id)] if start else []) + [int(i) for i in ids]
 
     def _batch_shape(self, n: int) -> int:
         """Rows to run for `n` requests: the next power of two, at most batch_size.
@@ -292,16 +297,14 @@ class Generator:
         return results
 
     def _finish(self, request, conditions, prompt, completion, config, truncate, include_prefix) -> Sample:
-        continuation = self._detokenize(completion)
-        if truncate:
-            cut = continuation.find(truncate)
-            if cut >= 0:
-                continuation = continuation[:cut]
-        raw = prompt + continuation
         fmt = self.model.prompt_format
+        continuation = cut_at_stop(self._detokenize(completion), fmt.stop_sequences + ((truncate,) if truncate else ()))
+        raw = prompt + continuation
         processed = postprocess(raw, fmt, conditions or None, self.postprocess_options)
         text, rejected = processed.text, processed.rejected
         prefix = (request.prefix or "").strip()
+        if fmt.start_text and prefix.startswith(fmt.start_text):  # gpt-2-simple's habit: the delimiter in --prefix
+            prefix = prefix[len(fmt.start_text):].strip()
         if not include_prefix and prefix and text.startswith(prefix):
             text = text[len(prefix):].lstrip()
         quality: dict = {}
