@@ -17,7 +17,10 @@ from pitchkeras import __version__
 from pitchkeras.errors import PitchkerasError
 
 # Order shown in --help: the data flow.
-COMMANDS = ("prepare", "finetune", "generate", "report", "populate", "store", "serve", "client", "demo")
+COMMANDS = ("prepare", "import", "finetune", "generate", "report", "populate", "store", "serve", "client", "export",
+            "demo")
+# Subcommands whose module has another name (`import` is a Python keyword).
+MODULE_NAMES = {"import": "import_model"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"pitchkeras.commands.{name}")
+            module = importlib.import_module(f"pitchkeras.commands.{MODULE_NAMES.get(name, name)}")
         except ModuleNotFoundError as err:
-            if err.name == f"pitchkeras.commands.{name}":
+            if err.name == f"pitchkeras.commands.{MODULE_NAMES.get(name, name)}":
                 continue  # stage not built yet
             raise
         module.add_parser(subparsers)
@@ -57,7 +60,7 @@ def add_command(subparsers, name: str, help: str, module: str) -> argparse.Argum
 
 
 # Commands that load TensorFlow (serve only with --model: without it, it starts in a second).
-TENSORFLOW_COMMANDS = ("finetune", "generate", "report", "populate", "demo")
+TENSORFLOW_COMMANDS = ("import", "finetune", "generate", "report", "populate", "export", "demo")
 
 
 def _uses_tensorflow(args) -> bool:
