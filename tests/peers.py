@@ -133,7 +133,7 @@ def gpt2_simple_reference(run_dir: Path, *, texts=(), prompts=(), length: int = 
         texts: list of str. Encoded with gpt-2-simple's `Encoder` (`encodings`).
         prompts: list of str. Each encoded, run through gpt-2-simple's forward
             pass (`logits`, a list of arrays) and greedy `sample_sequence`
-            (`greedy`, the new ids).
+            (`greedy`, the new ids; `greedy_text`, them decoded by its `Encoder`).
         shape: passed to `write_gpt2_simple_run`.
     """
     spec = {"run_dir": str(run_dir), "texts": list(texts), "prompts": list(prompts), "length": length,
@@ -157,8 +157,9 @@ def _child(spec: dict, out: str) -> None:
         write_gpt2_simple_run(run_dir, **spec["shape"])
     enc = gpt2_simple_encoder(run_dir)
     encoded = [enc.encode(p) for p in spec["prompts"]]
-    result = {"encodings": [enc.encode(t) for t in spec["texts"]], "prompt_ids": encoded,
-              "greedy": [gpt2_simple_greedy(run_dir, ids, spec["length"]) for ids in encoded]}
+    greedy = [gpt2_simple_greedy(run_dir, ids, spec["length"]) for ids in encoded]
+    result = {"encodings": [enc.encode(t) for t in spec["texts"]], "prompt_ids": encoded, "greedy": greedy,
+              "greedy_text": [enc.decode(ids) for ids in greedy]}
     logits = {f"logits{i}": gpt2_simple_logits(run_dir, [ids])[0] for i, ids in enumerate(encoded)}
     np.savez(out, json=np.array(json.dumps(result)), **logits)
 

@@ -134,7 +134,7 @@ class CheckpointLoader:
             self._last = ("", None)  # drop the previous tensor before reading the next
             try:
                 tensor = self.reader.get_tensor(name)
-            except tf.errors.OpError as err:
+            except (tf.errors.OpError, IndexError, RuntimeError, ValueError) as err:  # truncated: IndexError
                 raise UsageError(f"{self.prefix}.data-*: cannot read {name}; the file is truncated or corrupt "
                                  f"({_first_line(err)})") from None
             if tensor.ndim == 3:  # conv1d weights: [1, nx, nf] -> transformers' [nx, nf]
