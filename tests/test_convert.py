@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,23 @@ def test_export_of_a_gpt2_simple_run_carries_its_stop_text(gs, tmp_path):
     ids = gs["prompt_ids"][0]
     assert np.abs(_hf_logits(tmp_path / "hf", ids) - gs["logits"][0]).max() < TOLERANCE
     assert main(["export", str(gs["model_dir"]), "--out", str(tmp_path / "hf")]) == 2  # never overwrites
+
+
+@pytest.mark.slow
+def test_ctranslate2_converts_the_export(gs, tmp_path):
+    """The README's next step after `export`: CTranslate2's own converter, then its logits equal gpt-2-simple's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    converter = shutil.which("ct2-transformers-converter")
+    if converter is None:
+        pytest.skip("ct2-transformers-converter is not on PATH")
+    assert main(["export", str(gs["model_dir"]), "--out", str(tmp_path / "hf")]) == 0
+    subprocess.run([converter, "--model", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "ct2")], check=True,
+                   capture_output=True, timeout=300)
+    generator = ctranslate2.Generator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
+    logits = np.array(generator.forward_batch([gs["prompt_ids"][1]]))[0]
+    assert np.abs(logits - gs["logits"][1]).max() < TOLERANCE
 
 
 # -- an imported run is a model directory like any other ----------------------------------
