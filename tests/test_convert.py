@@ -337,5 +337,7 @@ def test_serve_generates_from_an_imported_run(gs, tmp_path):
     with BackgroundServer(f"sqlite:///{tmp_path}/reviews.db", model_dir=str(gs["model_dir"])) as background:
         assert background.wait_until_ready(180) == "ready"
         with ReviewClient(f"127.0.0.1:{background.port}") as client:
-            result = client.generate(score=8.2, genre="Electronic", max_length=8, seed=3)
-    assert result is not None
+            [result] = client.generate(score=8.2, genre="Electronic", max_length=8, seed=3)
+    assert result.raw.startswith(PROMPTS[0])  # gpt-2-simple's prompt, delimiter included
+    assert END_OF_TEXT not in result.raw[len(PROMPTS[0]):]  # cut at the stop text
+    assert result.review.model_version == "import-run1-7"
