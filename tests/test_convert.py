@@ -204,6 +204,14 @@ def test_import_errors_are_one_line_and_leave_nothing(gs, tmp_path, capsys, brea
     assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))
 
 
+def test_a_transformers_model_that_is_not_gpt2_is_refused(tmp_path, capsys):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, err = _import(capsys, tmp_path / "llama", "--out", tmp_path / "out")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'llama' / 'config.json'}: model_type is 'llama'" in err and not (tmp_path / "out").exists()
+
+
 def test_import_never_overwrites(gs, capsys):
     code, err = _import(capsys, gs["run"], "--out", gs["model_dir"])
     assert code == 2 and "already exists" in err
