@@ -71,11 +71,11 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     result = prepare(args.source, args.out, options=options)
-    for warning in result.stats["warnings"]:
+    for warning in result.warnings:
         print(f"pitchkeras prepare: warning: {warning}", file=sys.stderr)
     dropped = ", ".join(f"{reason} {n}" for reason, n in result.stats["dropped"].items()) or "none"
-    print(f"read {result.read} rows from {args.source} ({result.stats['source']['kind']}); "
+    print(f"read {result.read} rows from {args.source} ({result.kind}); "
           f"kept {result.kept} examples (train {result.train}, val {result.val}); dropped: {dropped}")
     print(f"wrote {result.examples_path}, {result.train_path}, {result.val_path}, {result.stats_path}, "
-          f"{result.plot_path} in {result.stats['seconds']:.1f} s")
+          f"{result.plot_path} in {result.seconds:.1f} s")
     return 0
