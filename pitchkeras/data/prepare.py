@@ -52,15 +52,14 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from pitchkeras.conditioning import NUMERIC_CONDITIONS, REVIEW_CONDITIONS, PromptFormat
+from pitchkeras.conditioning import NUMERIC_CONDITIONS, PromptFormat
+from pitchkeras.data.options import MULTI_GENRE, TEXT_KINDS, PrepareOptions, parse_condition_columns  # noqa: F401
 from pitchkeras.data.pipeline import read_examples
 from pitchkeras.data.sources import MALFORMED, UNDECODABLE, Source, detect_text_column, find_column, open_source
 from pitchkeras.data.stats import DatasetStats
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.model import atomic_write_text
 
-MULTI_GENRE = ("first", "all")
-TEXT_KINDS = ("txt", "txt-dir")  # sources with a text column only
 MULTI_VALUE_CONDITION = "genre"  # the one condition a row may hold several values of
 LANGUAGE_SAMPLE_CHARS = 2000  # langid reads this much of each text: enough to decide, bounded cost
 PROGRESS_MIN_ROWS = 5000  # smaller inputs finish before a bar is worth drawing
@@ -74,59 +73,6 @@ _SPACES = re.compile(r"[\t\x0b\x0c][ \t\x0b\x0c]*| [ \t\x0b\x0c]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters that never belong in prose
 _LINE_EDGES = re.compile(r" \n ?|\n ")
 _BLANK_LINES = re.compile(r"\n{3,}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareOptions:
-    """How `prepare` reads, cleans, formats and splits a dump.
-
-    Args:
-        query: str or None. SQLite only: the SELECT to read instead of the
-            detected schema.
-        text_column: str or None. The column holding the text (default:
-            detected: `content` for the Kaggle dump, else the first of
-            text/review/content/body/bio/biography/description).
-        condition_columns: tuple of str or None. The conditions, in prompt
-            order; `name=column` reads condition `name` from another column.
-            `()` for a plain corpus. None (default): `score`, `genre` for
-            tables, none for a `.txt` corpus (it holds text only).
-        multi_genre: str. `first` keeps a review's first genre; `all` emits
-            one example per genre.
-        min_chars: int. Texts shorter than this (after cleaning) are dropped.
-        max_chars: int. Texts longer than this are dropped.
-        drop_multiline: bool. Drop texts that contain a newline (the seed
-            tutorial's filter); by default inner newlines are kept.
-        language: str or None. Keep only texts `langid` classifies as this
-            ISO 639-1 code (e.g. `en`).
-        delimiters: bool. Wrap each `examples.csv` row in
-            `<|startoftext|>`/`<|endoftext|>` for gpt-2-simple.
-        val_fraction: float. Share of examples in `val.csv`, in [0, 1).
-        seed: int. Seeds the split hash; another seed gives another split.
-        progress: bool. Show a tqdm bar on large inputs.
-    """
-
-    query: Optional[str] = None
-    text_column: Optional[str] = None
-    condition_columns: Optional[tuple[str, ...]] = None  # None: score,genre for tables; () for .txt corpora
-    multi_genre: str = "first"  # or "all": one example per genre
-    min_chars: int = 20
-    max_chars: int = 10000  # gpt-2-simple's csv reader chokes on longer fields; GPT-2 sees 1024 tokens anyway
-    drop_multiline: bool = False
-    language: Optional[str] = None
-    delimiters: bool = False
-    val_fraction: float = 0.05
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.condition_columns is not None:
-            object.__setattr__(self, "condition_columns", tuple(self.condition_columns))
-
-    def for_source(self, source: Source) -> "PrepareOptions":
-        """These options with `condition_columns` decided for `source` when left to it."""
-        if self.condition_columns is not None:
-            return self
-        return dataclasses.replace(self, condition_columns=() if source.kind in TEXT_KINDS else REVIEW_CONDITIONS)
 
 
 @dataclasses.dataclass
@@ -166,11 +112,6 @@ class PrepareResult:
     kind: str = ""
     warnings: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
-
-
-def parse_condition_columns(text: str) -> tuple[str, ...]:
-    """`"score,genre"` -> `("score", "genre")`; `""` -> `()` (a plain corpus)."""
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def normalize_text(text: str) -> str:
