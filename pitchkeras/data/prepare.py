@@ -588,17 +588,18 @@ def _ensure_both_splits(outputs: _Outputs, counts: RunCounts, options: PrepareOp
     if counts.kept < 2 or options.val_fraction == 0:
         return
     if counts.val == 0:
-        moved = set(counts.lowest.examples)
-        if len(moved) < counts.kept:
-            _move_examples(outputs, moved, "train.csv", "val.csv")
-            counts.train -= len(moved)
-            counts.val += len(moved)
+        _move_edge(outputs, counts, counts.lowest, "train", "val")
     elif counts.train == 0:
-        moved = set(counts.highest.examples)
-        if len(moved) < counts.kept:
-            _move_examples(outputs, moved, "val.csv", "train.csv")
-            counts.val -= len(moved)
-            counts.train += len(moved)
+        _move_edge(outputs, counts, counts.highest, "val", "train")
+
+
+def _move_edge(outputs: _Outputs, counts: RunCounts, edge: _Edge, source: str, target: str) -> None:
+    """Move the examples of `edge` from split `source` to split `target`, unless that would empty `source`."""
+    moved = set(edge.examples)
+    if len(moved) < counts.kept:
+        _move_examples(outputs, moved, f"{source}.csv", f"{target}.csv")
+        setattr(counts, source, getattr(counts, source) - len(moved))
+        setattr(counts, target, getattr(counts, target) + len(moved))
 
 
 def _nothing_left_message(path: Path, counts: RunCounts) -> str:
