@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     try:
         if args.store == "firestore":
             from pitchkeras.store import open_store
-            from pitchkeras.store.emulator import FirestoreEmulator
+            from tests.emulator import FirestoreEmulator
 
             emulator = FirestoreEmulator().start()
             os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host  # both servers inherit it

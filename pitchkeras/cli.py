@@ -40,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pitchkeras.commands.{MODULE_NAMES.get(name, name)}")
-        except ModuleNotFoundError as err:
-            if err.name == f"pitchkeras.commands.{MODULE_NAMES.get(name, name)}":
-                continue  # stage not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(f"pitchkeras.commands.{MODULE_NAMES.get(name, name)}").add_parser(subparsers)
     return parser
 
 

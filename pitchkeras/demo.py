@@ -143,93 +143,132 @@ def run_demo(config: DemoConfig, *, out: Callable[[str], None] = print) -> DemoR
     """
     config.validate()
     started = time.perf_counter()
+    paths = _DemoPaths(_open_workdir(config, out))
+    stages = _Stages(paths.workdir, config.fresh, out)
+    stage_info = {
+        "prepare": stages.run(1, "prepare", lambda: _prepare_stage(config, paths)),
+        "finetune": stages.run(2, "finetune", lambda: _finetune_stage(config, paths, out)),
+    }
+    # The model is loaded once: populate and the server's Generate share one compiled generator.
+    generator = _load_generator(config, paths)
+    # Not marker-reused: populate is itself resumable and generates nothing for full pairs.
+    stage_info["populate"] = stages.run(3, "populate", lambda: _populate_stage(config, paths, generator, out),
+                                        reusable=False)
+    served: dict = {}
+    stage_info["serve"] = stages.run(
+        4, "serve", lambda: _serve_and_call(config, paths.store_uri, generator, served, out), reusable=False)
+    artifacts = _list_artifacts(paths, out)
+    seconds = time.perf_counter() - started
+    out(f"pitchkeras demo: done in {seconds:.0f} s (rerun reuses finished stages; --fresh starts over)")
+    return DemoResult(workdir=paths.workdir, artifacts=artifacts, stages=stage_info, served=served, seconds=seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DemoPaths:
+    """Where each stage of a demo run reads and writes, under its workdir."""
+
+    workdir: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / "checkpoint" / "demo"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+    @property
+    def store_uri(self) -> str:
+        return f"sqlite:///{self.workdir / 'reviews.db'}"
+
+
+def _open_workdir(config: DemoConfig, out) -> Path:
+    """The workdir, emptied first with `fresh` (only if a demo made it), and marked as a demo's."""
     workdir = Path(config.workdir).resolve()
     if config.fresh and workdir.exists():
         _check_is_demo_dir(workdir)
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / ".pitchkeras-demo", "a `pitchkeras demo` workdir; `--fresh` deletes it\n")
-    stages = _Stages(workdir, config.fresh, out)
-    data_dir = workdir / "data"
-    checkpoint_dir = workdir / "checkpoint"
-    model_dir = checkpoint_dir / "demo" / "model"
-    store_uri = f"sqlite:///{workdir / 'reviews.db'}"
     out(f"pitchkeras demo: working in {workdir}")
+    return workdir
 
-    def prepare_stage() -> dict:
-        from pitchkeras.data.prepare import PrepareOptions, prepare
-        from pitchkeras.sample_data import SAMPLE_DUMP
 
-        result = prepare(SAMPLE_DUMP, data_dir, options=PrepareOptions(seed=config.seed, val_fraction=0.1,
-                                                                         progress=config.progress))
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items()) if v) or "none"
-        return {"summary": f"{result.train} train / {result.val} val examples from {result.read} rows; dropped: {dropped}"}
+def _prepare_stage(config: DemoConfig, paths: _DemoPaths) -> dict:
+    from pitchkeras.data.prepare import PrepareOptions, prepare
+    from pitchkeras.sample_data import SAMPLE_DUMP
 
-    def finetune_stage() -> dict:
-        from pitchkeras.train import TrainConfig, finetune
+    result = prepare(SAMPLE_DUMP, paths.data_dir, options=PrepareOptions(seed=config.seed, val_fraction=0.1,
+                                                                           progress=config.progress))
+    dropped = ", ".join(f"{k} {v}" for k, v in sorted(result.dropped.items()) if v) or "none"
+    return {"summary": f"{result.train} train / {result.val} val examples from {result.read} rows; dropped: {dropped}"}
 
-        train_config = TrainConfig(
-            dataset=str(data_dir), run_name="demo", checkpoint_dir=str(checkpoint_dir), preset=config.preset,
-            steps=config.steps, batch_size=config.batch_size, sequence_length=config.sequence_length,
-            # Quarters: a log line, a checkpoint and a validation pass together, the last one on the final step.
-            learning_rate=config.learning_rate, print_every=max(config.steps // 4, 1),
-            save_every=max(config.steps // 4, 1), val_every=max(config.steps // 4, 1), val_batches=4,
-            seed=config.seed, restore_from="latest", progress=config.progress,
-        ).validate()
-        result = finetune(train_config, log=out)
-        if result.interrupted or result.model_dir is None:
-            raise FailedPrecondition("fine-tuning was interrupted; run `pitchkeras demo` again to resume it")
-        val = f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""
-        last = result.losses[-1][1] if result.losses else float("nan")
-        return {"summary": f"{result.step} steps, loss {last:.3f}{val}, {result.tokens_per_sec:,.0f} tokens/s, "
-                           f"policy {result.policy}", "model_version": result.model_version}
 
-    stage_info = {}
-    stage_info["prepare"] = stages.run(1, "prepare", prepare_stage)
-    stage_info["finetune"] = stages.run(2, "finetune", finetune_stage)
+def _finetune_stage(config: DemoConfig, paths: _DemoPaths, out) -> dict:
+    from pitchkeras.train import TrainConfig, finetune
 
-    # The model is loaded once: populate and the server's Generate share one compiled generator.
+    train_config = TrainConfig(
+        dataset=str(paths.data_dir), run_name=paths.run_dir.name, checkpoint_dir=str(paths.run_dir.parent),
+        preset=config.preset, steps=config.steps, batch_size=config.batch_size,
+        sequence_length=config.sequence_length,
+        # Quarters: a log line, a checkpoint and a validation pass together, the last one on the final step.
+        learning_rate=config.learning_rate, print_every=max(config.steps // 4, 1),
+        save_every=max(config.steps // 4, 1), val_every=max(config.steps // 4, 1), val_batches=4,
+        seed=config.seed, restore_from="latest", progress=config.progress,
+    ).validate()
+    result = finetune(train_config, log=out)
+    if result.interrupted or result.model_dir is None:
+        raise FailedPrecondition("fine-tuning was interrupted; run `pitchkeras demo` again to resume it")
+    val = f", val loss {result.val_loss:.3f}" if result.val_loss is not None else ""
+    last = result.losses[-1][1] if result.losses else float("nan")
+    return {"summary": f"{result.step} steps, loss {last:.3f}{val}, {result.tokens_per_sec:,.0f} tokens/s, "
+                       f"policy {result.policy}", "model_version": result.model_version}
+
+
+def _load_generator(config: DemoConfig, paths: _DemoPaths):
+    """The fine-tuned model's generator, rejecting copies of the prepared data."""
     from pitchkeras.model import load_model
-    from pitchkeras.populate import PopulateConfig, format_table, populate
     from pitchkeras.quality import MemorizationIndex
     from pitchkeras.sampling import Generator
 
-    model = load_model(model_dir)
-    memorization = MemorizationIndex.from_examples(data_dir, prompt_format=model.prompt_format)
-    generator = Generator(model, batch_size=8, max_new_tokens=config.length, memorization=memorization)
+    model = load_model(paths.model_dir)
+    memorization = MemorizationIndex.from_examples(paths.data_dir, prompt_format=model.prompt_format)
+    return Generator(model, batch_size=8, max_new_tokens=config.length, memorization=memorization)
+
+
+def _populate_stage(config: DemoConfig, paths: _DemoPaths, generator, out) -> dict:
+    from pitchkeras.populate import PopulateConfig, format_table, populate
+
     populate_config = PopulateConfig(
-        model=str(model_dir), store=store_uri, per_pair=config.per_pair, scores=list(config.scores),
-        genres=list(config.genres) if config.genres else None, dataset=str(data_dir), length=config.length,
+        model=str(paths.model_dir), store=paths.store_uri, per_pair=config.per_pair, scores=list(config.scores),
+        genres=list(config.genres) if config.genres else None, dataset=str(paths.data_dir), length=config.length,
         seed=config.seed,
     ).validate()
+    result = populate(populate_config, generator=generator, progress=config.progress, log=out)
+    out(format_table(result))
+    rejected = sum(result.rejected.values())
+    return {"summary": f"{result.stored} stored now, {rejected} rejected, store {paths.store_uri}"}
 
-    def populate_stage() -> dict:
-        result = populate(populate_config, generator=generator, progress=config.progress, log=out)
-        out(format_table(result))
-        rejected = sum(result.rejected.values())
-        return {"summary": f"{result.stored} stored now, {rejected} rejected, store {store_uri}"}
 
-    # Not marker-reused: populate is itself resumable and generates nothing for full pairs.
-    stage_info["populate"] = stages.run(3, "populate", populate_stage, reusable=False)
-    served: dict = {}
-    stage_info["serve"] = stages.run(4, "serve", lambda: _serve_and_call(config, store_uri, generator, served, out),
-                                     reusable=False)
+def _list_artifacts(paths: _DemoPaths, out) -> dict:
     artifacts = {
-        "dataset": data_dir,
-        "dataset statistics": data_dir / "stats.png",
-        "run directory": checkpoint_dir / "demo",
-        "loss curve": checkpoint_dir / "demo" / "loss.png",
-        "model (keras-hub preset)": model_dir,
-        "review store": workdir / "reviews.db",
+        "dataset": paths.data_dir,
+        "dataset statistics": paths.data_dir / "stats.png",
+        "run directory": paths.run_dir,
+        "loss curve": paths.run_dir / "loss.png",
+        "model (keras-hub preset)": paths.model_dir,
+        "review store": paths.workdir / "reviews.db",
     }
-    seconds = time.perf_counter() - started
     out("")
     out("artifacts:")
     width = max(len(k) for k in artifacts)
     for name, path in artifacts.items():
         out(f"  {name.ljust(width)}  {path}")
-    out(f"pitchkeras demo: done in {seconds:.0f} s (rerun reuses finished stages; --fresh starts over)")
-    return DemoResult(workdir=workdir, artifacts=artifacts, stages=stage_info, served=served, seconds=seconds)
+    return artifacts
 
 
 def _serve_and_call(config: DemoConfig, store_uri: str, generator, served: dict, out) -> dict:

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from pitchkeras.store.emulator import PACKAGE, FirestoreEmulator, find_emulator
 from pitchkeras.store.sqlite import SQLiteStore
+from tests.emulator import PACKAGE, FirestoreEmulator, find_emulator
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BACKENDS = ("sqlite", "firestore")

@@ -699,3 +699,42 @@ def test_cli_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == f"pitchkeras prepare: error: {missing}: no such file\n"
     assert proc.stdout == ""
+
+
+# -- the pandas readers: chunk boundaries and bad lines --------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_boundaries_change_nothing(prepared, tmp_path, monkeypatch, kind):
+    """Three rows a chunk: dedup across chunks, drop counts and their order, outputs: all as in one chunk."""
+    from pitchkeras.data import sources
+
+    path, whole = prepared[kind]
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 3)
+    chunked = prepare(path, tmp_path / "out", options=options())
+    for name in ("examples.csv", "train.csv", "val.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (whole.out_dir / name).read_bytes(), name
+    assert list(chunked.stats["dropped"].items()) == list(whole.stats["dropped"].items())
+    assert list(chunked.dropped.items()) == list(whole.dropped.items())
+    assert {k: v for k, v in chunked.stats.items() if k not in ("seconds", "source")} == \
+        {k: v for k, v in whole.stats.items() if k not in ("seconds", "source")}
+
+
+def test_csv_line_with_more_fields_than_the_header_is_a_malformed_row(tmp_path):
+    path = tmp_path / "extra.csv"
+    path.write_text("score,genre,text\n"
+                    "8.1,rock,A review that is long enough to be kept by default.\n"
+                    "7.0,rock,An unquoted, comma splits this review into a field too many.\n"
+                    "6.5,jazz,\"A quoted, comma is fine: this review is kept as well.\"\n", encoding="utf-8")
+    result = prepare(path, tmp_path / "out", options=options())
+    assert result.read == 3 and result.kept == 2 and result.dropped == {"malformed_row": 1}
+    assert accounting_holds(result)
+
+
+def test_jsonl_chunk_with_a_bad_line_loses_only_that_line(tmp_path, monkeypatch):
+    """pandas refuses the whole chunk; it is read again line by line and only the bad line is counted."""
+    from pitchkeras.data import sources
+
+    monkeypatch.setattr(sources, "CHUNK_ROWS", 4)
+    path = dumps.write_jsonl(tmp_path / "dump.jsonl", malformed_line=True)
+    result = prepare(path, tmp_path / "out", options=options())
+    assert read_examples(result.examples_path) == expected_examples()
+    assert result.dropped == {**dumps.dropped(), "malformed_row": 1} and accounting_holds(result)

@@ -172,7 +172,7 @@ def test_missing_credentials_are_one_clear_line(tmp_path, monkeypatch):
 def test_pick_on_an_emptied_collection_is_not_found(firestore_store, firestore_emulator):
     firestore_store.add_reviews([Review(id="d" * 24, text="Soon gone.", score=9.0, genre="Global")])
     assert firestore_store.counts() == [ConditionCount(9.0, "Global", 1)]
-    from pitchkeras.store.emulator import clear_emulator
+    from tests.emulator import clear_emulator
 
     clear_emulator(firestore_emulator, PROJECT)  # the emulator's REST reset of every document of the project
     with pytest.raises(NotFound):

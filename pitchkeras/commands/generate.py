@@ -3,39 +3,76 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Optional
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
+from pitchkeras.commands.options import (
+    add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_repetition_flags,
+    field_default, model_directory)
 from pitchkeras.errors import UsageError
+from pitchkeras.populate import PopulateConfig
+from pitchkeras.sampling.config import GenerationRequest
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """What `pitchkeras generate` does around the sampler: the defaults of its flags.
+
+    Args:
+        prefix: str. Text every sample starts with, after the header.
+        nsamples: int. Number of samples (gpt-2-simple's default: 1).
+        batch_size: int. Samples generated together (gpt-2-simple's default: 1).
+        truncate: str or None. Cut each sample where this text first appears.
+        include_prefix: bool. Keep `prefix` at the start of each sample.
+        dataset: str or None. A prepared dataset (or train.csv) to reject copies of.
+        max_copied_fraction: float. With `dataset`: reject a sample when this
+            share of its 8-grams is in the training data (as populate does).
+        out: str or None. A JSONL file for the samples, else stdout.
+    """
+
+    prefix: str = GenerationRequest.prefix
+    nsamples: int = 1
+    batch_size: int = 1
+    truncate: Optional[str] = None
+    include_prefix: bool = True
+    dataset: Optional[str] = None
+    max_copied_fraction: float = field_default(PopulateConfig, "max_copied_fraction")
+    out: Optional[str] = None
+
+
 def add_parser(subparsers):
+    def default(name):
+        return field_default(GenerateOptions, name)
+
     p = add_command(subparsers, "generate", "Generate samples from a model, post-processed and checked.", __name__)
-    p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
-    p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
-    p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
+    add_model_flags(p)
     p.add_argument("--score", type=float, help="review score condition (e.g. 8.0)")
     p.add_argument("--genre", help="genre condition (one the model was trained on)")
-    p.add_argument("--prefix", default="", help="text the samples start with (after the header), e.g. an artist name")
-    p.add_argument("--nsamples", type=int, default=1, help="number of samples")
-    p.add_argument("--batch-size", type=int, default=1, help="samples generated together")
+    p.add_argument("--prefix", default=default("prefix"),
+                   help="text the samples start with (after the header), e.g. an artist name")
+    p.add_argument("--nsamples", type=int, default=default("nsamples"), help="number of samples")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
     p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (> 0)")
     p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
     add_repetition_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
-    p.add_argument("--truncate", help="stop string: cut each sample where it first appears")
-    p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--truncate", default=default("truncate"),
+                   help="stop string: cut each sample where it first appears")
+    p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=default("include_prefix"),
                    help="keep --prefix at the start of each sample")
-    p.add_argument("--dataset", help="prepared dataset dir or train.csv: measure copying and reject copies")
-    p.add_argument("--max-copied-fraction", type=float, default=0.5,
+    p.add_argument("--dataset", default=default("dataset"),
+                   help="prepared dataset dir or train.csv: measure copying and reject copies")
+    p.add_argument("--max-copied-fraction", type=float, default=default("max_copied_fraction"),
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
-    p.add_argument("--out", help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default=default("out"),
+                   help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
+    add_progress_flag(p, quiet_alias=True)
     add_compile_cache_flags(p)
     add_quantize_flag(p)
     return p
@@ -77,7 +114,6 @@ def _conditions(args, info) -> dict | None:
 def run(args) -> int:
     import collections
     import json
-    import os
 
     from pitchkeras.model import atomic_write_text, load_model
     from pitchkeras.quantize import quantize_model
@@ -87,10 +123,7 @@ def run(args) -> int:
     config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            repetition_penalty=args.repetition_penalty,
                            no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
-    model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
-    model = quantize_model(load_model(model_dir), args.quantize)
+    model = quantize_model(load_model(model_directory(args)), args.quantize)
     conditions = _conditions(args, model.info)
 
     memorization = None
@@ -98,12 +131,12 @@ def run(args) -> int:
         from pitchkeras.quality import MemorizationIndex
 
         memorization = MemorizationIndex.from_examples(args.dataset, prompt_format=model.prompt_format,
-                                                       progress=not args.quiet)
+                                                       progress=not args.no_progress)
     generator = Generator(model, batch_size=args.batch_size, max_new_tokens=args.length,
                           memorization=memorization, max_copied_fraction=args.max_copied_fraction)
     requests = [GenerationRequest(conditions=conditions, prefix=args.prefix, seed=args.seed + i)
                 for i in range(args.nsamples)]
-    samples = generator.generate(requests, config=config, progress=not args.quiet, truncate=args.truncate,
+    samples = generator.generate(requests, config=config, progress=not args.no_progress, truncate=args.truncate,
                                  include_prefix=args.include_prefix)
 
     if args.out:

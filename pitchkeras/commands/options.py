@@ -1,6 +1,12 @@
-"""Flags shared by the commands that generate (generate, populate, report, serve), defined once."""
+"""Flags shared by several commands, defined once; every default comes from a config dataclass field."""
 
 from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from pitchkeras.errors import UsageError
 
 
 def add_repetition_flags(p) -> None:
@@ -31,3 +37,88 @@ def add_quantize_flag(p) -> None:
 
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="quantize the model's weights for generation (Keras's model.quantize); default: off")
+
+
+# -- shared non-sampler flags ------------------------------------------------------------------------------------
+def field_default(config, name: str):
+    """The default of field `name` of dataclass `config`: where every flag's default comes from.
+
+    Args:
+        config: type. A dataclass (`PrepareOptions`, `ServerConfig`, ...).
+        name: str. One of its fields.
+    """
+    field = config.__dataclass_fields__[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def parameter_default(function, name: str):
+    """The default of keyword `name` of `function`, for a flag whose setting is a parameter, not a field."""
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
+def add_model_flags(p) -> None:
+    """`--model DIR`, else `--checkpoint-dir`/`--run-name`: where `pitchkeras finetune` put its model."""
+    from pitchkeras.train.config import TrainConfig
+
+    p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
+    p.add_argument("--run-name", default=TrainConfig.default("run_name"),
+                   help="run whose model/ to use when --model is not given")
+    p.add_argument("--checkpoint-dir", default=TrainConfig.default("checkpoint_dir"), help="where runs live")
+
+
+def model_directory(args) -> str:
+    """The model directory `add_model_flags` named.
+
+    Raises:
+        UsageError: it does not exist.
+    """
+    model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
+    return model_dir
+
+
+def add_progress_flag(p, help: str = "no progress bar", quiet_alias: bool = False) -> None:
+    """`--no-progress` (dest `no_progress`): every command spells it the same.
+
+    Args:
+        p: argparse.ArgumentParser. The command's parser.
+        help: str. What the flag switches off.
+        quiet_alias: bool. Also accept `--quiet`, the spelling generate,
+            populate and report had before (tests and scripts use it). It
+            stays listed in `--help`: populate's help test lists every action.
+    """
+    p.add_argument("--no-progress", action="store_true", help=help)
+    if quiet_alias:
+        p.add_argument("--quiet", dest="no_progress", action="store_true", help="former spelling of --no-progress")
+
+
+def add_genres_flag(p, help: str) -> None:
+    """`--genres a,b,...`, by default the seed project's eight (`pitchkeras.populate.SEED_GENRES`)."""
+    from pitchkeras.populate import SEED_GENRES
+
+    p.add_argument("--genres", default=",".join(SEED_GENRES), help=help)
+
+
+def parse_list(text: str) -> list[str]:
+    """`"a, b,,c"` -> `["a", "b", "c"]`."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def parse_scores(text: str) -> list[float]:
+    """`"2,8.5"` -> `[2.0, 8.5]`.
+
+    Raises:
+        UsageError: a part is not a number.
+    """
+    try:
+        return [float(part) for part in parse_list(text)]
+    except ValueError:
+        raise UsageError(f"--scores must be comma-separated numbers, got {text!r}") from None
+
+
+def format_scores(scores) -> str:
+    """`(2.0, 5.0, 8.0)` -> `"2,5,8"`: a config's score list as the flag spells it."""
+    return ",".join(f"{score:g}" for score in scores)

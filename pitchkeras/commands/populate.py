@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
+from pitchkeras.commands.options import (
+    add_compile_cache_flags, add_genres_flag, add_model_flags, add_progress_flag, add_quantize_flag,
+    add_repetition_flags, field_default, model_directory, parameter_default, parse_list, parse_scores)
 from pitchkeras.errors import UsageError
-from pitchkeras.store import DEFAULT_STORE_URI
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--scores must be comma-separated numbers, got {text!r}") from None
 
 
 def _score_range(text: str) -> list[float]:
@@ -25,46 +19,55 @@ def _score_range(text: str) -> list[float]:
     return score_grid(start, stop, step)
 
 
+def _default_score_range() -> str:
+    """`score_grid`'s own defaults as START:STOP:STEP."""
+    from pitchkeras.populate import score_grid
+
+    return ":".join(f"{parameter_default(score_grid, name):g}" for name in ("start", "stop", "step"))
+
+
 def add_parser(subparsers):
+    from pitchkeras.populate import PopulateConfig
+
+    def default(name):
+        return field_default(PopulateConfig, name)
+
     p = add_command(subparsers, "populate", "Generate reviews for every (score, genre) pair and store them.", __name__)
-    p.add_argument("--model", help="model directory; when omitted, CHECKPOINT_DIR/RUN_NAME/model")
-    p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
-    p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
-    p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
-    p.add_argument("--per-pair", type=int, default=5, help="reviews wanted per (score, genre) pair")
-    p.add_argument("--scores", help="comma-separated scores, e.g. 2,8.5; when given, overrides --score-range")
-    p.add_argument("--score-range", default="0:10:0.5", help="score grid START:STOP:STEP")
-    p.add_argument("--genres", default="Rock,Electronic,Rap,Pop/R&B,Experimental,Folk/Country,Metal,Jazz",
-                   help="comma-separated genres (matched case-insensitively to the model's)")
-    p.add_argument("--dataset", help="prepared dataset dir or train.csv: reject samples copied from it")
-    p.add_argument("--max-copied-fraction", type=float, default=0.5,
+    add_model_flags(p)
+    p.add_argument("--store", default=default("store"), help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    p.add_argument("--per-pair", type=int, default=default("per_pair"), help="reviews wanted per (score, genre) pair")
+    p.add_argument("--scores", default=default("scores"),
+                   help="comma-separated scores, e.g. 2,8.5; when given, overrides --score-range")
+    p.add_argument("--score-range", default=_default_score_range(), help="score grid START:STOP:STEP")
+    add_genres_flag(p, "comma-separated genres (matched case-insensitively to the model's)")
+    p.add_argument("--dataset", default=default("dataset"),
+                   help="prepared dataset dir or train.csv: reject samples copied from it")
+    p.add_argument("--max-copied-fraction", type=float, default=default("max_copied_fraction"),
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus (top-p) mass")
     add_repetition_flags(p)
     p.add_argument("--length", type=int, default=200, help="max new tokens per review")
-    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
     p.add_argument("--seed", type=int, default=0, help="base seed (with the attempt index, fixes review ids)")
-    p.add_argument("--max-attempts", type=int, default=4, help="candidates generated per wanted review at most; a pair still short after them is reported missing")
-    p.add_argument("--shard-index", type=int, default=0, help="this worker's shard")
-    p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-attempts", type=int, default=default("max_attempts"),
+                   help="candidates generated per wanted review at most; a pair still short after them is reported "
+                        "missing")
+    p.add_argument("--shard-index", type=int, default=default("shard_index"), help="this worker's shard")
+    p.add_argument("--num-shards", type=int, default=default("num_shards"), help="workers splitting the grid")
+    add_progress_flag(p, quiet_alias=True)
     add_compile_cache_flags(p)
     add_quantize_flag(p)
     return p
 
 
 def run(args) -> int:
-    import os
-
     from pitchkeras.populate import PopulateConfig, format_table, populate
 
-    model = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
-    if not os.path.isdir(model):
-        raise UsageError(f"model directory {model} does not exist; run `pitchkeras finetune` first or pass --model")
-    scores = _floats(args.scores) if args.scores else _score_range(args.score_range)
-    genres = [g.strip() for g in args.genres.split(",") if g.strip()]
+    model = model_directory(args)
+    scores = parse_scores(args.scores) if args.scores else _score_range(args.score_range)
+    genres = parse_list(args.genres)
     config = PopulateConfig(
         model=model,
         store=args.store,
@@ -86,7 +89,7 @@ def run(args) -> int:
         num_shards=args.num_shards,
         quantize=args.quantize,
     )
-    result = populate(config, progress=not args.quiet)
+    result = populate(config, progress=not args.no_progress)
     print(format_table(result))
     missing = sum(p.missing for p in result.pairs)
     # Generation is deterministic per (seed, attempt): a plain rerun redoes the rejected attempts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from pitchkeras.cli import add_command
+from pitchkeras.commands.options import add_progress_flag, field_default
 
 
 def _stated(text: str) -> str:
@@ -17,6 +18,11 @@ def _stated(text: str) -> str:
 
 
 def add_parser(subparsers):
+    from pitchkeras.data.options import MULTI_GENRE, PrepareOptions
+
+    def default(name):
+        return field_default(PrepareOptions, name)
+
     p = add_command(subparsers, "prepare",
                     "Turn a review dump (Kaggle or seed SQLite, CSV, JSONL, Parquet, a gpt-2-simple .txt corpus) "
                     "into conditioned training examples, a train/val split and statistics.", __name__)
@@ -25,35 +31,37 @@ def add_parser(subparsers):
     p.add_argument("--out", required=True, metavar="DIR",
                    help=_stated("output directory for examples.csv, train.csv, val.csv, stats.json, stats.png "
                                  "(required; created if missing)"))
-    p.add_argument("--query", help=_stated("SQLite only: a SELECT to read instead of the detected schema "
-                                            "(default: none, the schema decides)"))
-    p.add_argument("--text-column", help=_stated(
+    p.add_argument("--query", default=default("query"), help=_stated(
+        "SQLite only: a SELECT to read instead of the detected schema (default: none, the schema decides)"))
+    p.add_argument("--text-column", default=default("text_column"), help=_stated(
         "column holding the text (default: detected: content for the Kaggle dump, review for the seed's, "
         "else the first of text, review, content, body, bio, biography, description)"))
-    p.add_argument("--condition-columns", help=_stated(
+    p.add_argument("--condition-columns", default=default("condition_columns"), help=_stated(
         "conditions in prompt order, comma-separated; NAME=COLUMN reads NAME from COLUMN; \"\" for a plain "
         "corpus (default: score,genre for tables, none for a .txt corpus)"))
     p.add_argument("--no-conditions", action="store_true",
                    help="plain corpus (e.g. DJ biographies): same as --condition-columns \"\"")
-    p.add_argument("--multi-genre", choices=("first", "all"), default="first",
+    p.add_argument("--multi-genre", choices=MULTI_GENRE, default=default("multi_genre"),
                    help="a review with several genres: keep its first, or one example per genre")
-    p.add_argument("--min-chars", type=int, default=20, help="drop texts shorter than this (after cleaning)")
-    p.add_argument("--max-chars", type=int, default=10000, help="drop texts longer than this")
-    p.add_argument("--drop-multiline", action="store_true",
+    p.add_argument("--min-chars", type=int, default=default("min_chars"),
+                   help="drop texts shorter than this (after cleaning)")
+    p.add_argument("--max-chars", type=int, default=default("max_chars"), help="drop texts longer than this")
+    p.add_argument("--drop-multiline", action="store_true", default=default("drop_multiline"),
                    help="drop texts containing a newline (the seed tutorial's filter); kept by default")
-    p.add_argument("--language", metavar="CODE",
+    p.add_argument("--language", metavar="CODE", default=default("language"),
                    help=_stated("keep only texts langid identifies as this ISO 639-1 code, e.g. en "
                                  "(default: no filter)"))
-    p.add_argument("--delimiters", action="store_true",
+    p.add_argument("--delimiters", action="store_true", default=default("delimiters"),
                    help="wrap each examples.csv row in <|startoftext|>/<|endoftext|> for gpt-2-simple")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of examples in val.csv")
-    p.add_argument("--seed", type=int, default=0, help="seeds the hash that splits train/val")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--val-fraction", type=float, default=default("val_fraction"), help="share of examples in val.csv")
+    p.add_argument("--seed", type=int, default=default("seed"), help="seeds the hash that splits train/val")
+    add_progress_flag(p)
     return p
 
 
 def run(args) -> int:
-    from pitchkeras.data.prepare import PrepareOptions, parse_condition_columns, prepare
+    from pitchkeras.data.options import PrepareOptions, parse_condition_columns
+    from pitchkeras.data.prepare import prepare
 
     options = PrepareOptions(
         query=args.query,
@@ -71,11 +79,11 @@ def run(args) -> int:
         progress=not args.no_progress,
     )
     result = prepare(args.source, args.out, options=options)
-    for warning in result.stats["warnings"]:
+    for warning in result.warnings:
         print(f"pitchkeras prepare: warning: {warning}", file=sys.stderr)
     dropped = ", ".join(f"{reason} {n}" for reason, n in result.stats["dropped"].items()) or "none"
-    print(f"read {result.read} rows from {args.source} ({result.stats['source']['kind']}); "
+    print(f"read {result.read} rows from {args.source} ({result.kind}); "
           f"kept {result.kept} examples (train {result.train}, val {result.val}); dropped: {dropped}")
     print(f"wrote {result.examples_path}, {result.train_path}, {result.val_path}, {result.stats_path}, "
-          f"{result.plot_path} in {result.stats['seconds']:.1f} s")
+          f"{result.plot_path} in {result.seconds:.1f} s")
     return 0

@@ -5,31 +5,61 @@ Writes report.json (the figures), report.png (a chart of them) and samples.jsonl
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional, Sequence
+
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
+from pitchkeras.commands.options import (
+    add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_repetition_flags,
+    field_default, format_scores, model_directory, parse_list, parse_scores)
 from pitchkeras.errors import UsageError
+from pitchkeras.sampling.config import GenerationRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOptions:
+    """What `pitchkeras report` samples and where it writes: the defaults of its flags.
+
+    Args:
+        per_condition: int. Samples per condition.
+        scores: sequence of float. The scores sampled.
+        genres: sequence of str or None. The genres sampled; None: every genre the model knows.
+        prefix: str. Prefix of every sample (the only prompt for a model without conditions).
+        batch_size: int. Samples generated together.
+        out_dir: str. Where report.json, report.png and samples.jsonl go.
+    """
+
+    per_condition: int = 8
+    scores: Sequence[float] = (2.0, 5.0, 8.0)
+    genres: Optional[Sequence[str]] = None
+    prefix: str = GenerationRequest.prefix
+    batch_size: int = 8
+    out_dir: str = "report"
 
 
 def add_parser(subparsers):
+    def default(name):
+        return field_default(ReportOptions, name)
+
     p = add_command(subparsers, "report",
                     "Sample every condition and report copying, diversity and pronoun counts (JSON + PNG).", __name__)
-    p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
-    p.add_argument("--run-name", default="run1", help="run whose model/ to use when --model is not given")
-    p.add_argument("--checkpoint-dir", default="checkpoint", help="where runs live")
+    add_model_flags(p)
     p.add_argument("--dataset", required=True, help="prepared dataset dir or train.csv (the training data)")
-    p.add_argument("--per-condition", type=int, default=8, help="samples per condition")
-    p.add_argument("--scores", default="2,5,8", help="comma-separated scores to sample")
-    p.add_argument("--genres", help="comma-separated genres (default: every genre the model knows)")
-    p.add_argument("--prefix", default="", help="prefix for every sample (the only prompt for a model without conditions)")
+    p.add_argument("--per-condition", type=int, default=default("per_condition"), help="samples per condition")
+    p.add_argument("--scores", default=format_scores(default("scores")), help="comma-separated scores to sample")
+    p.add_argument("--genres", default=default("genres"),
+                   help="comma-separated genres (default: every genre the model knows)%(default).0s")
+    p.add_argument("--prefix", default=default("prefix"),
+                   help="prefix for every sample (the only prompt for a model without conditions)")
     p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
-    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass")
     add_repetition_flags(p)
     p.add_argument("--seed", type=int, default=0, help="base seed")
-    p.add_argument("--out-dir", default="report", help="where report.json, report.png and samples.jsonl go")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out-dir", default=default("out_dir"), help="where report.json, report.png and samples.jsonl go")
+    add_progress_flag(p, quiet_alias=True)
     add_compile_cache_flags(p)
     add_quantize_flag(p)
     return p
@@ -41,12 +71,8 @@ def _grid(args, info) -> list[dict]:
     names = info.prompt_format.conditions
     if not names:
         return [{}]
-    try:
-        scores = [float(s) for s in args.scores.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--scores must be comma-separated numbers, got {args.scores!r}") from None
-    genres = [g.strip() for g in args.genres.split(",") if g.strip()] if args.genres else \
-        [str(g) for g in info.condition_values.get("genre", [])]
+    scores = parse_scores(args.scores)
+    genres = parse_list(args.genres) if args.genres else [str(g) for g in info.condition_values.get("genre", [])]
     if set(names) != {"score", "genre"}:
         raise UsageError(f"report knows score/genre conditions; this model has {', '.join(names)}")
     if not genres:
@@ -154,10 +180,7 @@ def run(args) -> int:
     config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            repetition_penalty=args.repetition_penalty,
                            no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
-    model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")
-    model = quantize_model(load_model(model_dir), args.quantize)
+    model = quantize_model(load_model(model_directory(args)), args.quantize)
     fmt = model.prompt_format
     grid = _grid(args, model.info)
 
@@ -173,7 +196,7 @@ def run(args) -> int:
     generator = Generator(model, batch_size=args.batch_size, max_new_tokens=args.length, memorization=index)
     requests = [GenerationRequest(conditions or None, args.prefix, args.seed + i * args.per_condition + j)
                 for i, conditions in enumerate(grid) for j in range(args.per_condition)]
-    samples = generator.generate(requests, config=config, progress=not args.quiet)
+    samples = generator.generate(requests, config=config, progress=not args.no_progress)
     grouped: dict = {}
     for request, sample in zip(requests, samples):
         label = _label(request.conditions or {})

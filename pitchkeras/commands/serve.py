@@ -3,13 +3,20 @@ and with `--http-port` the HTTP/JSON API, the web page and /metrics on the same 
 
 from __future__ import annotations
 
+import argparse
+
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, field_default
 from pitchkeras.errors import UsageError
 from pitchkeras.store import DEFAULT_STORE_URI
 
 
 def add_parser(subparsers):
+    from pitchkeras.server.config import ServerConfig
+
+    def default(name):
+        return field_default(ServerConfig, name)
+
     p = add_command(subparsers, "serve", "Serve reviews over gRPC (pitchkeras.v1.ReviewService).", __name__)
     p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
     p.add_argument("--model", help="model directory: enables Generate (health is NOT_SERVING until it is warm)")
@@ -19,16 +26,23 @@ def add_parser(subparsers):
                    help="also serve HTTP/JSON, the web page and /metrics on this port (0 picks one); off when not given")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes sharing the ports (SO_REUSEPORT); each loads its own --model")
-    p.add_argument("--max-batch-size", type=int, default=8, help="Generate samples decoded together")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a Generate call waits to share a batch")
+    p.add_argument("--max-batch-size", type=int, default=default("max_batch_size"),
+                   help="Generate samples decoded together")
+    p.add_argument("--max-wait-ms", type=float, default=default("max_wait_ms"),
+                   help="how long a Generate call waits to share a batch")
     p.add_argument("--length", type=int, default=200, help="default max new tokens per generated review")
-    p.add_argument("--max-length-cap", type=int, default=512, help="largest max_length a request may ask for")
-    p.add_argument("--num-samples-cap", type=int, default=16, help="most reviews one Generate call may ask for")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get to finish on shutdown")
-    p.add_argument("--no-warmup", action="store_true", help="skip compiling the model before reporting SERVING")
+    p.add_argument("--max-length-cap", type=int, default=default("max_length_cap"),
+                   help="largest max_length a request may ask for")
+    p.add_argument("--num-samples-cap", type=int, default=default("num_samples_cap"),
+                   help="most reviews one Generate call may ask for")
+    p.add_argument("--grace", dest="grace_s", type=float, default=default("grace_s"),
+                   help="seconds in-flight calls get to finish on shutdown")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=default("warmup"),
+                   help="compile the model before reporting SERVING (--no-warmup skips it)")
     p.add_argument("--api-key-file", help="file with one API key per line: Generate then requires `x-api-key`")
-    p.add_argument("--rate-limit", type=float, default=1.0, help="with keys: sustained Generate calls/s per key")
-    p.add_argument("--burst", type=int, default=5, help="with keys: Generate calls a key may make at once")
+    p.add_argument("--rate-limit", dest="rate_per_s", type=float, default=default("rate_per_s"),
+                   help="with keys: sustained Generate calls/s per key")
+    p.add_argument("--burst", type=int, default=default("burst"), help="with keys: Generate calls a key may make at once")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -68,9 +82,9 @@ def run(args) -> int:
         default_max_length=args.length,
         max_length_cap=args.max_length_cap,
         num_samples_cap=args.num_samples_cap,
-        grace_s=args.grace,
-        warmup=not args.no_warmup,
-        rate_per_s=args.rate_limit,
+        grace_s=args.grace_s,
+        warmup=args.warmup,
+        rate_per_s=args.rate_per_s,
         burst=args.burst,
         quantize=args.quantize,
     ).validate()

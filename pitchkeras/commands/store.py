@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 
 from pitchkeras.cli import add_command
-from pitchkeras.store import DEFAULT_STORE_URI
+from pitchkeras.commands.options import add_progress_flag, parameter_default
+from pitchkeras.store import DEFAULT_STORE_URI, ReviewStore
+
+
+def _add_store_flag(p) -> None:
+    p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
 
 
 def add_parser(subparsers):
@@ -19,12 +24,13 @@ def add_parser(subparsers):
         "migrate", formatter_class=fmt,
         help="add the fields this project's schema has to documents another tool (the seed's script) wrote; "
              "never touches text or selection_count; idempotent and resumable (rerun it)")
-    migrate.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
-    migrate.add_argument("--model-version", default="seed", help="model_version given to documents that have none")
-    migrate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_store_flag(migrate)
+    migrate.add_argument("--model-version", default=parameter_default(ReviewStore.migrate, "model_version"),
+                         help="model_version given to documents that have none")
+    add_progress_flag(migrate)
 
     counts = actions.add_parser("counts", formatter_class=fmt, help="reviews per (score, genre) pair")
-    counts.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
+    _add_store_flag(counts)
     return p
 
 

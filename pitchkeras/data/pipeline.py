@@ -212,17 +212,21 @@ def make_dataset(
         A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`: int32 ids, int32 mask,
         int32 labels, float32 weights.
     """
-    import tensorflow as tf
-
     if sequence_length < 2:
         raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")
     if batch_size < 1:
         raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
-    eot = int(tokenizer.end_token_id)
-    pad = int(getattr(tokenizer, "pad_token_id", 0) or 0)
-    block = sequence_length + 1  # one extra token: the last position's target
-
     docs = tokenized_examples(csv_path, tokenizer, cache_dir=cache_dir)
+    docs = _ordered(docs, shuffle=shuffle, seed=seed, repeat=repeat)
+    blocks = _blocks(docs, tokenizer, block=sequence_length + 1, packing=packing)  # +1: the last position's target
+    drop = repeat if drop_remainder is None else drop_remainder
+    return _batches(blocks, batch_size, drop_remainder=drop, repeat=repeat, skip_batches=skip_batches)
+
+
+def _ordered(docs, *, shuffle: bool, seed: int, repeat: bool):
+    """Tokenized examples in epoch order: reshuffled every epoch by (seed, epoch), repeated when training."""
+    import tensorflow as tf
+
     num_docs = int(docs.cardinality().numpy()) if docs.cardinality() >= 0 else 0
     if shuffle and num_docs:
         # A full shuffle per epoch, the order a pure function of (seed, epoch): every iterator of this
@@ -235,28 +239,38 @@ def make_dataset(
             return tf.data.Dataset.from_tensor_slices(order)
 
         epochs = tf.data.Dataset.range(2**62) if repeat else tf.data.Dataset.range(1)
-        docs = epochs.flat_map(epoch_order).map(lambda i: table[i], num_parallel_calls=tf.data.AUTOTUNE)
-    elif repeat:
-        docs = docs.repeat()
+        return epochs.flat_map(epoch_order).map(lambda i: table[i], num_parallel_calls=tf.data.AUTOTUNE)
+    return docs.repeat() if repeat else docs
 
+
+def _blocks(docs, tokenizer, *, block: int, packing: bool):
+    """`(ids, mask)` rows of `block` tokens: packed examples, or one padded example per row."""
+    import tensorflow as tf
+
+    eot = int(tokenizer.end_token_id)
+    pad = int(getattr(tokenizer, "pad_token_id", 0) or 0)
     if packing:
-        blocks = (
+        return (
             docs.map(lambda ids: tf.concat([[eot], ids], axis=0), num_parallel_calls=tf.data.AUTOTUNE)
             .unbatch()
             .batch(block, drop_remainder=True)
             .map(lambda ids: (ids, tf.ones_like(ids, dtype=tf.bool)))
         )
-    else:
 
-        def pad_one(ids):
-            ids = tf.concat([[eot], ids[: block - 2], [eot]], axis=0)
-            length = tf.shape(ids)[0]
-            mask = tf.ones([length], dtype=tf.bool)
-            ids = tf.pad(ids, [[0, block - length]], constant_values=pad)
-            mask = tf.pad(mask, [[0, block - length]], constant_values=False)
-            return tf.ensure_shape(ids, [block]), tf.ensure_shape(mask, [block])
+    def pad_one(ids):
+        ids = tf.concat([[eot], ids[: block - 2], [eot]], axis=0)
+        length = tf.shape(ids)[0]
+        mask = tf.ones([length], dtype=tf.bool)
+        ids = tf.pad(ids, [[0, block - length]], constant_values=pad)
+        mask = tf.pad(mask, [[0, block - length]], constant_values=False)
+        return tf.ensure_shape(ids, [block]), tf.ensure_shape(mask, [block])
 
-        blocks = docs.map(pad_one, num_parallel_calls=tf.data.AUTOTUNE)
+    return docs.map(pad_one, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _batches(blocks, batch_size: int, *, drop_remainder: bool, repeat: bool, skip_batches: int):
+    """Batches of `(x, y, sample_weight)`: inputs, next-token targets and their weights."""
+    import tensorflow as tf
 
     def split(ids, mask):
         # Numbers, not bools: Keras averages the first batch across replicas to build the model under
@@ -264,8 +278,7 @@ def make_dataset(
         x = {"token_ids": ids[:, :-1], "padding_mask": tf.cast(mask[:, :-1], tf.int32)}
         return x, ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
 
-    drop = repeat if drop_remainder is None else drop_remainder
-    dataset = blocks.batch(batch_size, drop_remainder=drop).map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = blocks.batch(batch_size, drop_remainder=drop_remainder).map(split, num_parallel_calls=tf.data.AUTOTUNE)
     if not repeat:
         # A finite pass: count its batches once, so Keras knows where it ends (no "ran out of data").
         batches = int(dataset.reduce(0, lambda count, _: count + 1))

@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -48,21 +47,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
-from pitchkeras.conditioning import NUMERIC_CONDITIONS, REVIEW_CONDITIONS, PromptFormat
+import numpy as np
+import pandas as pd
+
+from pitchkeras.conditioning import NUMERIC_CONDITIONS, PromptFormat
+from pitchkeras.data.options import MULTI_GENRE, TEXT_KINDS, PrepareOptions, parse_condition_columns  # noqa: F401
 from pitchkeras.data.pipeline import read_examples
-from pitchkeras.data.sources import UNDECODABLE, Source, detect_text_column, find_column, open_source
+from pitchkeras.data.sources import MALFORMED, UNDECODABLE, Source, detect_text_column, find_column, open_source
 from pitchkeras.data.stats import DatasetStats
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.model import atomic_write_text
 
-MULTI_GENRE = ("first", "all")
-TEXT_KINDS = ("txt", "txt-dir")  # sources with a text column only
 MULTI_VALUE_CONDITION = "genre"  # the one condition a row may hold several values of
 LANGUAGE_SAMPLE_CHARS = 2000  # langid reads this much of each text: enough to decide, bounded cost
 PROGRESS_MIN_ROWS = 5000  # smaller inputs finish before a bar is worth drawing
 PROGRESS_MIN_BYTES = 5 << 20
+TEXT, COIN, EXAMPLE = "__text__", "__coin__", "__example__"  # the working columns a chunk gains
 
 # ASCII horizontal whitespace only (NBSP and friends are kept as written). Patterns match only what
 # changes (not every single space), and each runs only when a plain `in` finds work for it: a regex
@@ -71,59 +73,6 @@ _SPACES = re.compile(r"[\t\x0b\x0c][ \t\x0b\x0c]*| [ \t\x0b\x0c]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters that never belong in prose
 _LINE_EDGES = re.compile(r" \n ?|\n ")
 _BLANK_LINES = re.compile(r"\n{3,}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareOptions:
-    """How `prepare` reads, cleans, formats and splits a dump.
-
-    Args:
-        query: str or None. SQLite only: the SELECT to read instead of the
-            detected schema.
-        text_column: str or None. The column holding the text (default:
-            detected: `content` for the Kaggle dump, else the first of
-            text/review/content/body/bio/biography/description).
-        condition_columns: tuple of str or None. The conditions, in prompt
-            order; `name=column` reads condition `name` from another column.
-            `()` for a plain corpus. None (default): `score`, `genre` for
-            tables, none for a `.txt` corpus (it holds text only).
-        multi_genre: str. `first` keeps a review's first genre; `all` emits
-            one example per genre.
-        min_chars: int. Texts shorter than this (after cleaning) are dropped.
-        max_chars: int. Texts longer than this are dropped.
-        drop_multiline: bool. Drop texts that contain a newline (the seed
-            tutorial's filter); by default inner newlines are kept.
-        language: str or None. Keep only texts `langid` classifies as this
-            ISO 639-1 code (e.g. `en`).
-        delimiters: bool. Wrap each `examples.csv` row in
-            `<|startoftext|>`/`<|endoftext|>` for gpt-2-simple.
-        val_fraction: float. Share of examples in `val.csv`, in [0, 1).
-        seed: int. Seeds the split hash; another seed gives another split.
-        progress: bool. Show a tqdm bar on large inputs.
-    """
-
-    query: Optional[str] = None
-    text_column: Optional[str] = None
-    condition_columns: Optional[tuple[str, ...]] = None  # None: score,genre for tables; () for .txt corpora
-    multi_genre: str = "first"  # or "all": one example per genre
-    min_chars: int = 20
-    max_chars: int = 10000  # gpt-2-simple's csv reader chokes on longer fields; GPT-2 sees 1024 tokens anyway
-    drop_multiline: bool = False
-    language: Optional[str] = None
-    delimiters: bool = False
-    val_fraction: float = 0.05
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.condition_columns is not None:
-            object.__setattr__(self, "condition_columns", tuple(self.condition_columns))
-
-    def for_source(self, source: Source) -> "PrepareOptions":
-        """These options with `condition_columns` decided for `source` when left to it."""
-        if self.condition_columns is not None:
-            return self
-        return dataclasses.replace(self, condition_columns=() if source.kind in TEXT_KINDS else REVIEW_CONDITIONS)
 
 
 @dataclasses.dataclass
@@ -143,6 +92,9 @@ class PrepareResult:
         val: int. Examples in `val.csv`.
         dropped: dict. Reason -> rows (examples, for `duplicate`) dropped.
         stats: dict. The content of `stats.json`.
+        kind: str. The source's kind (`kaggle`, `seed`, `csv`, ...).
+        warnings: list of str. What the reader noticed that the user should hear about.
+        seconds: float. How long the run took.
     """
 
     out_dir: Path
@@ -157,11 +109,9 @@ class PrepareResult:
     val: int
     dropped: dict
     stats: dict
-
-
-def parse_condition_columns(text: str) -> tuple[str, ...]:
-    """`"score,genre"` -> `("score", "genre")`; `""` -> `()` (a plain corpus)."""
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    kind: str = ""
+    warnings: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
 
 
 def normalize_text(text: str) -> str:
@@ -210,7 +160,7 @@ def parse_number(value: Any) -> Optional[float]:
 
 def _category_values(value: Any, multi: bool) -> list[str]:
     """The cleaned values of a categorical condition (several only for `genre`)."""
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     values = value if isinstance(value, list) else ([value] if not multi else str(value).split(","))
     cleaned = []
@@ -351,6 +301,12 @@ def _readable(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def _write_csv(f, examples: pd.Series) -> None:
+    """Append `examples` to an open file: one csv-quoted field per row, `\\n` line ends, no header."""
+    if len(examples):
+        examples.to_frame().to_csv(f, header=False, index=False, lineterminator="\n")
+
+
 class _Outputs:
     """The three CSVs, written to temp files in `out_dir` and renamed into place by `commit`."""
 
@@ -360,19 +316,17 @@ class _Outputs:
         self.out_dir = out_dir
         self.tmp = {}
         self.files = {}
-        self.writers = {}
         try:
             for name in self.NAMES:
                 fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
                 self.tmp[name] = Path(tmp)
                 self.files[name] = os.fdopen(fd, "w", encoding="utf-8", newline="")
-                self.writers[name] = csv.writer(self.files[name], lineterminator="\n").writerow
         except BaseException:
             self.discard()
             raise
 
-    def write(self, name: str, example: str) -> None:
-        self.writers[name]((example,))
+    def write(self, name: str, examples: pd.Series) -> None:
+        _write_csv(self.files[name], examples)
 
     def close(self):
         for f in self.files.values():
@@ -398,31 +352,290 @@ class _Outputs:
 def _move_examples(outputs: _Outputs, moved: set[str], source: str, target: str) -> None:
     """Move the examples in `moved` from one split's temp file to the other's (tiny datasets only)."""
     outputs.close()
-    kept_rows = [row for row in read_examples(outputs.tmp[source]) if row not in moved]
-    atomic_write_text(outputs.tmp[source], _csv_text(kept_rows))
+    rows = pd.Series(read_examples(outputs.tmp[source]), dtype=object)
+    with open(outputs.tmp[source], "w", encoding="utf-8", newline="") as f:
+        _write_csv(f, rows[~rows.isin(moved)])
     with open(outputs.tmp[target], "a", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        for row in moved:
-            writer.writerow((row,))
+        _write_csv(f, pd.Series(list(moved), dtype=object))
 
 
-def _csv_text(rows: Iterable[str]) -> str:
-    import io
+# -- the run: one pass over the source, a chunk (DataFrame) at a time --------------------------------------------
+@dataclasses.dataclass
+class _Edge:
+    """The examples at the lowest (or highest) split hash so far: what moves if a split would be empty."""
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    for row in rows:
-        writer.writerow((row,))
-    return buffer.getvalue()
+    coin: float
+    examples: list
 
 
+@dataclasses.dataclass
+class RunCounts:
+    """What one pass over a source counted and kept track of.
+
+    Args:
+        stats: DatasetStats. The kept examples' statistics.
+        read: int. Rows read.
+        kept: int. Examples written.
+        train: int. Examples in `train.csv`.
+        val: int. Examples in `val.csv`.
+        multi_genre_extra: int. Examples beyond one per row (`multi_genre="all"`).
+        dropped: collections.Counter. Reason -> count, in the order each reason first occurred.
+        lowest: _Edge. The examples with the lowest split hash.
+        highest: _Edge. The examples with the highest split hash.
+    """
+
+    stats: DatasetStats
+    read: int = 0
+    kept: int = 0
+    train: int = 0
+    val: int = 0
+    multi_genre_extra: int = 0
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    lowest: _Edge = dataclasses.field(default_factory=lambda: _Edge(2.0, []))
+    highest: _Edge = dataclasses.field(default_factory=lambda: _Edge(-1.0, []))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run needs to know besides the rows: columns, format, filters."""
+
+    text_column: str
+    conditions: dict  # condition name -> source column
+    fmt: PromptFormat
+    identifier: Optional[LanguageIdentifier]
+    options: PrepareOptions
+
+    @property
+    def wanted(self) -> list[str]:
+        return list(dict.fromkeys([self.text_column, *self.conditions.values()]))
+
+    @property
+    def exploded(self) -> Optional[str]:
+        """The condition `multi_genre="all"` turns into one example per value, if any."""
+        multi = self.options.multi_genre == "all" and MULTI_VALUE_CONDITION in self.conditions
+        return MULTI_VALUE_CONDITION if multi else None
+
+
+class _Drops:
+    """One chunk's drops: reason -> (count, first row position), merged into `RunCounts.dropped` in row order."""
+
+    def __init__(self):
+        self.found: dict[str, list[int]] = {}
+
+    def drop(self, rows: pd.DataFrame, mask, reason: str) -> pd.DataFrame:
+        """`rows` without those `mask` selects, counted under `reason`."""
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return rows
+        count, first = int(mask.sum()), int(rows.index[mask][0])
+        known = self.found.setdefault(reason, [0, first])
+        known[0] += count
+        known[1] = min(known[1], first)
+        return rows[~mask]
+
+    def merge_into(self, dropped: collections.Counter) -> None:
+        # A reason's place in stats.json (among equal counts) is where it first occurred in the dump.
+        for reason, (count, _) in sorted(self.found.items(), key=lambda item: item[1][1]):
+            dropped[reason] += count
+
+
+def _run(src: Source, plan: _Plan, outputs: _Outputs) -> RunCounts:
+    """The streaming loop: read a chunk, clean it, turn it into examples, dedupe, split, write, count."""
+    counts = RunCounts(DatasetStats(plan.fmt))
+    seen: set[bytes] = set()  # 16-byte hashes of kept examples, not the texts: bounded memory
+    with _progress_bar(src, plan.options) as bar:
+        for frame in src.frames(plan.wanted):
+            # Row positions in the whole dump: they order the drop reasons as they were met.
+            frame.index = pd.RangeIndex(counts.read, counts.read + len(frame))
+            counts.read += len(frame)
+            drops = _Drops()
+            rows = _filter_rows(_select(frame, plan), plan, drops)
+            examples = _dedupe(_examples(rows, plan, counts), seen, drops)
+            _write_examples(examples, plan, outputs, counts)
+            drops.merge_into(counts.dropped)
+            bar.update(max(0, src.position - bar.n))
+    return counts
+
+
+def _progress_bar(src: Source, options: PrepareOptions):
+    """A tqdm bar in the source's units, shown only for large inputs."""
+    from tqdm import tqdm
+
+    large = src.total is None or src.total >= (PROGRESS_MIN_BYTES if src.unit == "B" else PROGRESS_MIN_ROWS)
+    return tqdm(total=src.total, unit=src.unit, unit_scale=src.unit == "B", desc=f"prepare {src.path.name}",
+                disable=not (options.progress and large), mininterval=0.5, file=sys.stderr)
+
+
+def _select(frame: pd.DataFrame, plan: _Plan) -> pd.DataFrame:
+    """The text and each condition's column, named `TEXT` and by condition name."""
+    columns = {TEXT: frame[plan.text_column], MALFORMED: frame[MALFORMED]}
+    columns.update({name: frame[column] for name, column in plan.conditions.items()})
+    return pd.DataFrame(columns, index=frame.index)
+
+
+def _undecodable(rows: pd.DataFrame) -> pd.Series:
+    """Rows holding a value (or a list element) whose bytes were not UTF-8."""
+    def bad(value):
+        return value is UNDECODABLE or (isinstance(value, list) and any(v is UNDECODABLE for v in value))
+
+    return rows.drop(columns=MALFORMED).map(bad).any(axis=1)
+
+
+def _filter_rows(rows: pd.DataFrame, plan: _Plan, drops: _Drops) -> pd.DataFrame:
+    """Each filter in turn, a row counted under the first that drops it: the cleaned, conditioned rows."""
+    options = plan.options
+    rows = drops.drop(rows, rows[MALFORMED], "malformed_row")
+    rows = drops.drop(rows, _undecodable(rows), "undecodable").drop(columns=MALFORMED)
+    rows[TEXT] = rows[TEXT].map(_as_text).map(normalize_text)
+    rows = drops.drop(rows, rows[TEXT] == "", "empty_text")
+    for name in plan.conditions:
+        rows = _condition(rows, name, plan, drops)
+    if options.drop_multiline:
+        rows = drops.drop(rows, rows[TEXT].map(lambda text: "\n" in text), "multiline")
+    rows = drops.drop(rows, rows[TEXT].map(len) < options.min_chars, "too_short")
+    rows = drops.drop(rows, rows[TEXT].map(len) > options.max_chars, "too_long")
+    if plan.identifier is not None:
+        language = rows[TEXT].map(lambda text: plan.identifier.classify(text[:LANGUAGE_SAMPLE_CHARS]))
+        rows = drops.drop(rows, language != options.language, "language")
+    return rows
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+_UNPARSEABLE = object()
+
+
+def _number_or_unparseable(value: Any):
+    try:
+        return parse_number(value)
+    except ValueError:
+        return _UNPARSEABLE
+
+
+def _condition(rows: pd.DataFrame, name: str, plan: _Plan, drops: _Drops) -> pd.DataFrame:
+    """`rows` with condition `name` parsed (numeric) or cleaned (categorical); the rows without one dropped."""
+    if name in plan.fmt.numeric:
+        rows[name] = rows[name].map(_number_or_unparseable)
+        rows = drops.drop(rows, rows[name].map(lambda v: v is _UNPARSEABLE), f"unparseable_{name}")
+        return drops.drop(rows, rows[name].isna(), f"missing_{name}")
+    rows[name] = rows[name].map(functools.partial(_category_values, multi=name == MULTI_VALUE_CONDITION))
+    rows = drops.drop(rows, rows[name].map(len) == 0, f"missing_{name}")
+    if name != plan.exploded:
+        rows[name] = rows[name].map(lambda found: found[0])
+    return rows
+
+
+def _examples(rows: pd.DataFrame, plan: _Plan, counts: RunCounts) -> pd.DataFrame:
+    """One example per row (per genre with `multi_genre="all"`), with its split hash."""
+    rows[COIN] = rows[TEXT].map(lambda text: _split_hash(text, plan.options.seed))
+    if plan.exploded:
+        counts.multi_genre_extra += int((rows[plan.exploded].map(len) - 1).sum())
+        rows = rows.explode(plan.exploded)
+    names = list(plan.fmt.conditions)
+    values = rows[names].to_dict("records")
+    rows[EXAMPLE] = [plan.fmt.example(v, text) for v, text in zip(values, rows[TEXT])]
+    return rows
+
+
+def _example_key(example: str) -> bytes:
+    return hashlib.blake2b(example.encode("utf-8"), digest_size=16).digest()
+
+
+def _dedupe(rows: pd.DataFrame, seen: set, drops: _Drops) -> pd.DataFrame:
+    """`rows` without exact repeats of an example already kept (in this chunk or before)."""
+    keys = rows[EXAMPLE].map(_example_key)
+    repeated = keys.duplicated().to_numpy() | keys.map(seen.__contains__).to_numpy(dtype=bool)
+    seen.update(keys[~repeated])
+    return drops.drop(rows, repeated, "duplicate")
+
+
+def _write_examples(rows: pd.DataFrame, plan: _Plan, outputs: _Outputs, counts: RunCounts) -> None:
+    """Write the kept examples, split by their hash, and count them."""
+    if rows.empty:
+        return
+    examples, to_val = rows[EXAMPLE], (rows[COIN] < plan.options.val_fraction).to_numpy()
+    outputs.write("examples.csv", examples.map(plan.fmt.gpt2_simple) if plan.options.delimiters else examples)
+    outputs.write("val.csv", examples[to_val])
+    outputs.write("train.csv", examples[~to_val])
+    counts.kept += len(rows)
+    counts.val += int(to_val.sum())
+    counts.train += int((~to_val).sum())
+    counts.stats.add_frame(rows[list(plan.fmt.conditions)], rows[TEXT])
+    _track_edges(rows, counts)
+
+
+def _track_edges(rows: pd.DataFrame, counts: RunCounts) -> None:
+    low, high = float(rows[COIN].min()), float(rows[COIN].max())
+    for edge, coin, beyond in ((counts.lowest, low, low < counts.lowest.coin),
+                               (counts.highest, high, high > counts.highest.coin)):
+        at_coin = rows.loc[(rows[COIN] == coin).to_numpy(), EXAMPLE].tolist()
+        if beyond:
+            edge.coin, edge.examples = coin, at_coin
+        elif coin == edge.coin:
+            edge.examples.extend(at_coin)
+
+
+def _ensure_both_splits(outputs: _Outputs, counts: RunCounts, options: PrepareOptions) -> None:
+    """On tiny datasets the hash may leave a split empty: move the nearest review's examples over.
+
+    Training reads `val.csv` for evaluation, so an empty one would fail later
+    and less clearly. Only happens when a split would otherwise be empty.
+    """
+    if counts.kept < 2 or options.val_fraction == 0:
+        return
+    if counts.val == 0:
+        _move_edge(outputs, counts, counts.lowest, "train", "val")
+    elif counts.train == 0:
+        _move_edge(outputs, counts, counts.highest, "val", "train")
+
+
+def _move_edge(outputs: _Outputs, counts: RunCounts, edge: _Edge, source: str, target: str) -> None:
+    """Move the examples of `edge` from split `source` to split `target`, unless that would empty `source`."""
+    moved = set(edge.examples)
+    if len(moved) < counts.kept:
+        _move_examples(outputs, moved, f"{source}.csv", f"{target}.csv")
+        setattr(counts, source, getattr(counts, source) - len(moved))
+        setattr(counts, target, getattr(counts, target) + len(moved))
+
+
+def _nothing_left_message(path: Path, counts: RunCounts) -> str:
+    if counts.read == 0:
+        return f"{path}: no rows to read (the source is empty)"
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in counts.dropped.most_common())
+    return (f"{path}: nothing left after filtering; read {counts.read} rows, dropped {reasons} "
+            "(loosen the filter that removed most, e.g. --min-chars/--max-chars/--language, or check the columns)")
+
+
+def _stats_json(src: Source, plan: _Plan, counts: RunCounts, started: float) -> dict:
+    return {
+        "read": counts.read,
+        "kept": counts.kept,
+        "dropped": dict(counts.dropped.most_common()),
+        # read + multi_genre_extra == kept + sum(dropped): `all` turns one row into one example per genre.
+        "multi_genre_extra": counts.multi_genre_extra,
+        "train": counts.train,
+        "val": counts.val,
+        **counts.stats.summary(),
+        "source": {"path": str(src.path), "kind": src.kind, "text_column": plan.text_column,
+                   "condition_columns": plan.conditions},
+        "warnings": list(src.warnings),
+        "options": {k: v for k, v in dataclasses.asdict(plan.options).items() if k != "progress"},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# -- prepare: open, run, write -----------------------------------------------------------------------------------
 def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
             options: Optional[PrepareOptions] = None) -> PrepareResult:
     """Read a dump, clean it, and write conditioned examples, a split and statistics.
 
-    Rows stream from the source in chunks; only one 16-byte hash per kept
-    example, one length per kept example and small counters are held, so
-    memory stays bounded on large dumps.
+    Rows stream from the source as DataFrames of `CHUNK_ROWS` rows; only one
+    16-byte hash per kept example, one length per kept example and small
+    counters outlive a chunk, so memory stays bounded on large dumps.
 
     Args:
         source: str. The dump: Kaggle or seed SQLite, CSV/TSV, JSONL, Parquet,
@@ -443,221 +656,66 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     options = options or PrepareOptions()
     _validate(options)
     started = time.perf_counter()
-    source_path = Path(source)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidArgument(f"{out_dir}: exists and is not a directory")
-
     identifier = _language_identifier(options.language) if options.language else None
-
-    src = open_source(source_path, query=options.query)
+    src = open_source(Path(source), query=options.query)
     try:
-        options = options.for_source(src)
-        names = tuple(spec.partition("=")[0].strip() for spec in options.condition_columns)
-        fmt = PromptFormat(conditions=names, numeric=tuple(n for n in names if n in NUMERIC_CONDITIONS))
-        text_column, conditions = _resolve_columns(src, options)
+        plan = _plan(src, options, identifier)
         created = not out_dir.exists()
+        outputs = _open_outputs(out_dir)
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            outputs = _Outputs(out_dir)
-        except OSError as err:
-            raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
-        try:
-            counts = _run(src, text_column, conditions, fmt, identifier, options, outputs)
-            if counts["kept"] == 0:
-                raise InvalidArgument(_nothing_left_message(source_path, counts))
-            _ensure_both_splits(outputs, counts, options)
-            # A previous run's stats.json must not outlive its CSVs: it marks a complete dataset
-            # and carries the prompt format that training reads.
-            (out_dir / "stats.json").unlink(missing_ok=True)
-            plot_path = counts["stats"].plot(out_dir / "stats.png")
-            outputs.commit()
-            # stats.json goes last: its presence says the whole dataset was written.
-            stats = _stats_json(src, text_column, conditions, options, counts, started)
-            stats_path = atomic_write_text(out_dir / "stats.json",
-                                           json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
-            _readable(stats_path)
+            counts = _run(src, plan, outputs)
+            if counts.kept == 0:
+                raise InvalidArgument(_nothing_left_message(Path(source), counts))
+            _ensure_both_splits(outputs, counts, plan.options)
+            return _write_dataset(src, plan, counts, outputs, started)
         except BaseException as err:
-            outputs.discard()
-            if created and not any(out_dir.iterdir()):
-                out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
+            _discard(outputs, out_dir, created)
             if isinstance(err, OSError):  # disk full, permissions, a file vanishing mid-run: one line
                 raise InvalidArgument(f"{err.filename or out_dir}: {err.strerror or err}") from None
             raise
     finally:
         src.close()
 
+
+def _plan(src: Source, options: PrepareOptions, identifier: Optional[LanguageIdentifier]) -> _Plan:
+    """The options decided for `src`, its columns resolved, and the prompt format they imply."""
+    options = options.for_source(src)
+    names = tuple(spec.partition("=")[0].strip() for spec in options.condition_columns)
+    fmt = PromptFormat(conditions=names, numeric=tuple(n for n in names if n in NUMERIC_CONDITIONS))
+    text_column, conditions = _resolve_columns(src, options)
+    return _Plan(text_column, conditions, fmt, identifier, options)
+
+
+def _open_outputs(out_dir: Path) -> _Outputs:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _Outputs(out_dir)
+    except OSError as err:
+        raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
+
+
+def _discard(outputs: _Outputs, out_dir: Path, created: bool) -> None:
+    outputs.discard()
+    if created and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
+
+
+def _write_dataset(src: Source, plan: _Plan, counts: RunCounts, outputs: _Outputs, started: float) -> PrepareResult:
+    """Put the CSVs in place, then the plot, then `stats.json` last: its presence says the dataset is whole."""
+    out_dir = outputs.out_dir
+    # A previous run's stats.json must not outlive its CSVs: it marks a complete dataset
+    # and carries the prompt format that training reads.
+    (out_dir / "stats.json").unlink(missing_ok=True)
+    plot_path = counts.stats.plot(out_dir / "stats.png")
+    outputs.commit()
+    stats = _stats_json(src, plan, counts, started)
+    stats_path = atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    _readable(stats_path)
     return PrepareResult(
-        out_dir=out_dir,
-        examples_path=out_dir / "examples.csv",
-        train_path=out_dir / "train.csv",
-        val_path=out_dir / "val.csv",
-        stats_path=stats_path,
-        plot_path=plot_path,
-        read=counts["read"],
-        kept=counts["kept"],
-        train=counts["train"],
-        val=counts["val"],
-        dropped=dict(counts["dropped"]),
-        stats=stats,
-    )
-
-
-def _run(src: Source, text_column: str, conditions: dict[str, str], fmt: PromptFormat, identifier,
-         options: PrepareOptions, outputs: _Outputs) -> dict:
-    """The streaming loop: read, clean, format, dedupe, split, count."""
-    from tqdm import tqdm
-
-    dropped = collections.Counter()
-    stats = DatasetStats(fmt)
-    seen = set()  # 16-byte hashes of kept examples, not the texts: bounded memory
-    read = kept = train = val = extra = 0
-    lowest = (2.0, [])  # (split hash, examples): moved to val if val would be empty
-    highest = (-1.0, [])
-    wanted = list(dict.fromkeys([text_column, *conditions.values()]))
-    multi_all = options.multi_genre == "all"
-
-    large = src.total is None or src.total >= (PROGRESS_MIN_BYTES if src.unit == "B" else PROGRESS_MIN_ROWS)
-    bar = tqdm(total=src.total, unit=src.unit, unit_scale=src.unit == "B", desc=f"prepare {src.path.name}",
-               disable=not (options.progress and large), mininterval=0.5, file=sys.stderr)
-    with bar:
-        for row in src.rows(wanted):
-            read += 1
-            if read % 512 == 0:
-                bar.update(src.position - bar.n)
-            if row is None:
-                dropped["malformed_row"] += 1
-                continue
-            if any(v is UNDECODABLE or (isinstance(v, list) and any(x is UNDECODABLE for x in v))
-                   for v in row.values()):
-                dropped["undecodable"] += 1
-                continue
-            raw = row[text_column]
-            text = normalize_text(raw if isinstance(raw, str) else ("" if raw is None else str(raw)))
-            if not text:
-                dropped["empty_text"] += 1
-                continue
-
-            # Conditions: one dict per example this row yields (several only for --multi-genre all).
-            values, reason = {}, None
-            variants = None
-            for name, column in conditions.items():
-                if name in fmt.numeric:
-                    try:
-                        number = parse_number(row[column])
-                    except ValueError:
-                        reason = f"unparseable_{name}"
-                        break
-                    if number is None:
-                        reason = f"missing_{name}"
-                        break
-                    values[name] = number
-                else:
-                    found = _category_values(row[column], multi=name == MULTI_VALUE_CONDITION)
-                    if not found:
-                        reason = f"missing_{name}"
-                        break
-                    if name == MULTI_VALUE_CONDITION and multi_all:
-                        variants = (name, found)
-                    values[name] = found[0]
-            if reason:
-                dropped[reason] += 1
-                continue
-
-            if options.drop_multiline and "\n" in text:
-                dropped["multiline"] += 1
-                continue
-            if len(text) < options.min_chars:
-                dropped["too_short"] += 1
-                continue
-            if len(text) > options.max_chars:
-                dropped["too_long"] += 1
-                continue
-            if identifier is not None and identifier.classify(text[:LANGUAGE_SAMPLE_CHARS]) != options.language:
-                dropped["language"] += 1
-                continue
-
-            if variants:
-                name, found = variants
-                per_example = [{**values, name: v} for v in found]
-                extra += len(found) - 1
-            else:
-                per_example = [values]
-            coin = _split_hash(text, options.seed)
-            for example_values in per_example:
-                example = fmt.example(example_values, text)
-                key = hashlib.blake2b(example.encode("utf-8"), digest_size=16).digest()
-                if key in seen:
-                    dropped["duplicate"] += 1
-                    continue
-                seen.add(key)
-                kept += 1
-                stats.add(example_values, text)
-                outputs.write("examples.csv", fmt.gpt2_simple(example) if options.delimiters else example)
-                if coin < options.val_fraction:
-                    outputs.write("val.csv", example)
-                    val += 1
-                else:
-                    outputs.write("train.csv", example)
-                    train += 1
-                if coin < lowest[0]:
-                    lowest = (coin, [example])
-                elif coin == lowest[0]:
-                    lowest[1].append(example)
-                if coin > highest[0]:
-                    highest = (coin, [example])
-                elif coin == highest[0]:
-                    highest[1].append(example)
-        bar.update(max(0, src.position - bar.n))
-    return {"read": read, "kept": kept, "train": train, "val": val, "multi_genre_extra": extra,
-            "dropped": dropped, "stats": stats, "lowest": lowest[1], "highest": highest[1]}
-
-
-def _ensure_both_splits(outputs: _Outputs, counts: dict, options: PrepareOptions) -> None:
-    """On tiny datasets the hash may leave a split empty: move the nearest review's examples over.
-
-    Training reads `val.csv` for evaluation, so an empty one would fail later
-    and less clearly. Only happens when a split would otherwise be empty.
-    """
-    if counts["kept"] < 2 or options.val_fraction == 0:
-        return
-    if counts["val"] == 0:
-        moved = set(counts["lowest"])
-        if len(moved) < counts["kept"]:
-            _move_examples(outputs, moved, "train.csv", "val.csv")
-            counts["train"] -= len(moved)
-            counts["val"] += len(moved)
-    elif counts["train"] == 0:
-        moved = set(counts["highest"])
-        if len(moved) < counts["kept"]:
-            _move_examples(outputs, moved, "val.csv", "train.csv")
-            counts["val"] -= len(moved)
-            counts["train"] += len(moved)
-
-
-def _nothing_left_message(path: Path, counts: dict) -> str:
-    if counts["read"] == 0:
-        return f"{path}: no rows to read (the source is empty)"
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in counts["dropped"].most_common())
-    return (f"{path}: nothing left after filtering; read {counts['read']} rows, dropped {reasons} "
-            "(loosen the filter that removed most, e.g. --min-chars/--max-chars/--language, or check the columns)")
-
-
-def _stats_json(src: Source, text_column: str, conditions: dict[str, str], options: PrepareOptions,
-                counts: dict, started: float) -> dict:
-    summary = counts["stats"].summary()
-    return {
-        "read": counts["read"],
-        "kept": counts["kept"],
-        "dropped": dict(counts["dropped"].most_common()),
-        # read + multi_genre_extra == kept + sum(dropped): `all` turns one row into one example per genre.
-        "multi_genre_extra": counts["multi_genre_extra"],
-        "train": counts["train"],
-        "val": counts["val"],
-        **summary,
-        "source": {"path": str(src.path), "kind": src.kind, "text_column": text_column,
-                   "condition_columns": conditions},
-        "warnings": list(src.warnings),
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        out_dir=out_dir, examples_path=out_dir / "examples.csv", train_path=out_dir / "train.csv",
+        val_path=out_dir / "val.csv", stats_path=stats_path, plot_path=plot_path, read=counts.read,
+        kept=counts.kept, train=counts.train, val=counts.val, dropped=dict(counts.dropped), stats=stats,
+        kind=src.kind, warnings=list(src.warnings), seconds=stats["seconds"])

@@ -1,49 +1,55 @@
-"""Review dumps as a stream of rows: detect the format, then read it in chunks.
+"""Review dumps as pandas DataFrames: detect the format, then read it in chunks.
 
 `open_source(path)` looks at the file's first bytes (and its extension) and
-returns a `Source` that streams rows as dicts of the requested columns:
+returns a `Source` whose `frames(columns)` yields DataFrames of the requested
+columns, `CHUNK_ROWS` rows at a time:
 
-- the public Kaggle Pitchfork SQLite dump: `reviews` joined with `content` on
-  `reviewid` (text column `content`), with every `genres` row of a review
-  gathered into a list under `genre`;
+- the public Kaggle Pitchfork SQLite dump: `pd.read_sql_query` over `reviews`
+  joined with `content` on `reviewid` (text column `content`), with every
+  `genres` row of a review gathered into a list under `genre`;
 - the seed tutorial's single-table SQLite `reviews(genre, score, review)`, or
   any SQLite database with one table (or `--query` for anything else);
-- CSV/TSV with a header row, JSON Lines, and Parquet;
+- CSV/TSV with a header row (`pd.read_csv`), JSON Lines (`pd.read_json`), and
+  Parquet (pyarrow record batches turned into frames);
 - gpt-2-simple's plain-text corpora: a `.txt` file, or a directory of them,
   whose documents are delimited by `<|startoftext|>`/`<|endoftext|>` (or
   `<|endoftext|>` alone), else one document per blank-line block.
 
-Memory stays bounded: SQLite is read with `fetchmany`, CSV and JSONL line by
-line, Parquet with `iter_batches`; only the Kaggle genre table (a few short
-strings per review) is held in memory.
+Memory stays bounded: every reader is chunked; only the Kaggle genre table (a
+few short strings per review) is held in memory.
 
 Text that is not valid UTF-8 never raises: the value comes back as the
-`UNDECODABLE` marker, so the caller can count and skip the row. A JSONL line
-that is not a JSON object comes back as `None` (a malformed row).
+`UNDECODABLE` marker, so the caller can count and skip the row. A row that
+cannot be parsed at all (a JSON Lines line that is not a JSON object, a CSV
+line with more fields than the header) comes back with its `MALFORMED` column
+True and its other columns empty.
 
 Example:
 
 >>> source = open_source("database.sqlite")
 >>> source.kind, source.default_text_column
 ('kaggle', 'content')
->>> next(source.rows(["score", "genre", "content"]))
-{'score': 8.4, 'genre': ['rock'], 'content': 'The band ...'}
+>>> next(source.frames(["score", "genre", "content"])).iloc[0].to_dict()
+{'score': 8.4, 'genre': ['rock'], 'content': 'The band ...', '__malformed__': False}
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
 import sqlite3
-import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
+import pandas as pd
+
+from pitchkeras.conditioning import END_OF_TEXT, START_OF_TEXT
 from pitchkeras.errors import InvalidArgument
 
-FETCH_ROWS = 1000  # rows per sqlite fetchmany / parquet batch: amortises call overhead, bounds memory
+CHUNK_ROWS = 1000  # rows per frame: amortises pandas' per-call overhead, bounds memory
+MALFORMED = "__malformed__"  # the boolean column every frame carries: the row could not be parsed
 TEXT_COLUMNS = ("text", "review", "content", "body", "bio", "biography", "description")  # detection order
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PARQUET_MAGIC = b"PAR1"
@@ -51,8 +57,8 @@ SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db", ".db3")
 CSV_SUFFIXES = (".csv", ".tsv")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt",)
-START_OF_TEXT, END_OF_TEXT = "<|startoftext|>", "<|endoftext|>"  # gpt-2-simple's document delimiters
 KAGGLE_TABLES = ("reviews", "content")  # `genres` is joined in when present
+CSV_FIELD_LIMIT = 2**31 - 1  # reviews longer than csv's default 128 KiB field limit must just work
 
 # Lone surrogates are what undecodable bytes become under errors="surrogateescape"
 # (and what a JSON "\udc80" escape decodes to); neither can be written as UTF-8.
@@ -67,10 +73,15 @@ class _Undecodable:
 
 
 UNDECODABLE = _Undecodable()
+_BAD_LINE = object()  # what the CSV bad-line handler puts in each field of a line it rejects
 
 
 def decode_value(value: Any) -> Any:
-    """A raw value with its text decoded: `UNDECODABLE` when the bytes are not UTF-8."""
+    """A raw value with its text decoded: `UNDECODABLE` when the bytes are not UTF-8.
+
+    Lists (and the arrays pyarrow gives for list columns) come back as lists
+    of decoded values; anything else as it was.
+    """
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             return bytes(value).decode("utf-8")
@@ -78,9 +89,23 @@ def decode_value(value: Any) -> Any:
             return UNDECODABLE
     if isinstance(value, str):
         return UNDECODABLE if _SURROGATE.search(value) else value
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple, np.ndarray)):
         return [decode_value(v) for v in value]
     return value
+
+
+def _object_frame(records: dict[str, list]) -> pd.DataFrame:
+    """A frame of Python objects: no str-dtype inference (pyarrow strings refuse lone surrogates)."""
+    return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in records.items()})
+
+
+def _decoded(frame: pd.DataFrame, columns: Sequence[str], malformed=False) -> pd.DataFrame:
+    """`columns` of `frame`, decoded, with the `MALFORMED` column (missing columns read as empty)."""
+    out = pd.DataFrame(index=frame.index)
+    for name in columns:
+        out[name] = frame[name].map(decode_value) if name in frame.columns else None
+    out[MALFORMED] = malformed
+    return out
 
 
 def _quote(name: str) -> str:
@@ -89,13 +114,13 @@ def _quote(name: str) -> str:
 
 
 class Source:
-    """A readable dump: its columns, a default text column, and a row stream.
+    """A readable dump: its columns, a default text column, and a chunked frame reader.
 
     Attributes:
         path: Path. The file.
         kind: str. `kaggle`, `seed`, `sqlite-table`, `sqlite-query`, `csv`, `jsonl`, `parquet`,
             `txt` or `txt-dir`.
-        columns: tuple of str. The column names rows can be asked for.
+        columns: tuple of str. The column names frames can be asked for.
         default_text_column: str or None. The text column this kind implies.
         total: int or None. Progress units in the whole input (rows or bytes), if known.
         unit: str. `rows` or `B`.
@@ -115,12 +140,9 @@ class Source:
         self.position = 0
         self.warnings: list[str] = []
 
-    def rows(self, columns: Sequence[str]) -> Iterator[Optional[dict]]:
-        """Yield one dict per row holding `columns` (decoded), or None for a malformed row."""
+    def frames(self, columns: Sequence[str]) -> Iterator[pd.DataFrame]:
+        """Yield DataFrames of `columns` (decoded) plus `MALFORMED`, in source order."""
         raise NotImplementedError
-
-    def describe(self) -> str:
-        return f"{self.kind} ({', '.join(self.columns)})"
 
     def close(self):
         pass
@@ -128,30 +150,23 @@ class Source:
 
 # -- SQLite --------------------------------------------------------------------------------------------------------
 class SqliteSource(Source):
-    """A SELECT over a SQLite database, read `FETCH_ROWS` at a time."""
+    """A SELECT over a SQLite database, read with `pd.read_sql_query` `CHUNK_ROWS` at a time."""
 
     def __init__(self, path, conn, kind, select, columns, default_text_column=None, total=None, genres=None):
         super().__init__(path, columns, default_text_column, total)
         self.kind = kind
         self.conn = conn
-        self._select = select  # callable(columns) -> (sql, output column names)
+        self._select = select  # callable(columns) -> SQL
         self._genres = genres  # reviewid -> [raw genre], for the Kaggle schema
 
-    def rows(self, columns):
-        sql, names = self._select(columns)
+    def frames(self, columns):
         try:
-            cursor = self.conn.execute(sql)
-            while True:
-                chunk = cursor.fetchmany(FETCH_ROWS)
-                if not chunk:
-                    break
-                for raw in chunk:
-                    row = dict(zip(names, raw))
-                    if self._genres is not None and "genre" in columns:
-                        row["genre"] = self._genres.get(row.get("reviewid"), [])
-                    yield {name: decode_value(row.get(name)) for name in columns}
+            for chunk in pd.read_sql_query(self._select(columns), self.conn, chunksize=CHUNK_ROWS):
+                if self._genres is not None and "genre" in columns:
+                    chunk["genre"] = [self._genres.get(r, []) for r in chunk["reviewid"]]
                 self.position += len(chunk)
-        except sqlite3.Error as err:
+                yield _decoded(chunk, columns)
+        except (sqlite3.Error, pd.errors.DatabaseError) as err:
             raise InvalidArgument(f"{self.path}: SQLite error while reading: {err}") from None
 
     def close(self):
@@ -163,87 +178,99 @@ def _table_columns(conn, table: str) -> list[str]:
             for row in conn.execute(f"PRAGMA table_info({_quote(table)})")]
 
 
-def _open_sqlite(path: Path, query: Optional[str]) -> SqliteSource:
+def _connect(path: Path) -> tuple[sqlite3.Connection, list[str]]:
+    """A read-only connection that hands text back as bytes (invalid UTF-8 is counted, not raised), and its tables."""
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        conn.text_factory = bytes  # decode ourselves: invalid UTF-8 is counted, not raised
+        conn.text_factory = bytes
         tables = [name.decode() for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' "
             "ORDER BY name")]
     except sqlite3.Error as err:
         raise InvalidArgument(f"{path}: not a readable SQLite database ({err})") from None
+    return conn, tables
+
+
+def _count(conn, table: str) -> int:
+    return conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
+
+
+def _query_source(path: Path, conn, query: str, found: str) -> SqliteSource:
+    """`--query`: whatever SELECT the user wrote."""
+    try:
+        cursor = conn.execute(query)
+    except sqlite3.Error as err:
+        raise InvalidArgument(f"{path}: --query failed: {err} (tables found: {found})") from None
+    columns = [d[0] for d in cursor.description or ()]
+    cursor.close()
+    if not columns:
+        raise InvalidArgument(f"{path}: --query returned no columns; it must be a SELECT")
+    return SqliteSource(path, conn, "sqlite-query", lambda wanted: query, columns)
+
+
+def _is_kaggle(conn, tables: list[str]) -> bool:
+    return all(t in tables and "reviewid" in _table_columns(conn, t) for t in KAGGLE_TABLES)
+
+
+def _kaggle_genres(conn, tables: list[str]) -> Optional[dict]:
+    """reviewid -> its genres in dump order (the first is the review's first genre), or None without a table."""
+    if "genres" not in tables or not {"reviewid", "genre"} <= set(_table_columns(conn, "genres")):
+        return None
+    genres = pd.read_sql_query("SELECT reviewid, genre FROM genres ORDER BY rowid", conn)
+    return genres.groupby("reviewid", sort=False)["genre"].agg(list).to_dict()
+
+
+def _kaggle_source(path: Path, conn, tables: list[str]) -> SqliteSource:
+    """The Kaggle dump: reviews LEFT JOIN content, genres gathered per review."""
+    review_columns = [c for c in _table_columns(conn, "reviews") if c not in ("content", "genre")]
+    genres = _kaggle_genres(conn, tables)
+    columns = review_columns + ["content"] + (["genre"] if genres is not None else [])
+
+    def select(wanted):
+        picked = [c for c in wanted if c in review_columns]
+        if genres is not None and "genre" in wanted and "reviewid" not in picked:
+            picked.append("reviewid")
+        exprs = [f"r.{_quote(c)}" for c in picked] + (["c.content"] if "content" in wanted else [])
+        # LEFT JOIN: a review without a content row is read (and counted as empty), not lost.
+        return (f"SELECT {', '.join(exprs) or 'r.reviewid'} FROM reviews r "
+                "LEFT JOIN content c ON c.reviewid = r.reviewid ORDER BY r.rowid")
+
+    return SqliteSource(path, conn, "kaggle", select, columns, "content", _count(conn, "reviews"), genres)
+
+
+def _table_source(path: Path, conn, tables: list[str], found: str) -> SqliteSource:
+    """One table: the seed's `reviews(genre, score, review)` or any other."""
+    if "reviews" in tables:
+        table = "reviews"
+    elif len(tables) == 1:
+        table = tables[0]
+    else:
+        raise InvalidArgument(
+            f"{path}: no known tables (expected Kaggle `reviews`+`content`, or one table like seed "
+            f"`reviews(genre, score, review)`); tables found: {found}; pass --query to choose")
+    columns = _table_columns(conn, table)
+    kind = "seed" if {"genre", "score", "review"} <= set(columns) else "sqlite-table"
+
+    def select(wanted):
+        # No ORDER BY: a table scan is already in rowid order, and a view has no rowid.
+        return f"SELECT {', '.join(_quote(c) for c in wanted) or '1'} FROM {_quote(table)}"
+
+    return SqliteSource(path, conn, kind, select, columns, total=_count(conn, table))
+
+
+def _open_sqlite(path: Path, query: Optional[str]) -> SqliteSource:
+    conn, tables = _connect(path)
     found = ", ".join(tables) or "none"
-
-    def count(table):
-        return conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
-
     try:
         if query is not None:
-            try:
-                cursor = conn.execute(query)
-            except sqlite3.Error as err:
-                raise InvalidArgument(f"{path}: --query failed: {err} (tables found: {found})") from None
-            columns = [d[0] for d in cursor.description or ()]
-            cursor.close()
-            if not columns:
-                raise InvalidArgument(f"{path}: --query returned no columns; it must be a SELECT")
-
-            def select_query(wanted):
-                return query, columns
-
-            return SqliteSource(path, conn, "sqlite-query", select_query, columns)
-
-        if all(t in tables for t in KAGGLE_TABLES) and "reviewid" in _table_columns(conn, "reviews") \
-                and "reviewid" in _table_columns(conn, "content"):
-            review_columns = [c for c in _table_columns(conn, "reviews") if c not in ("content", "genre")]
-            columns = review_columns + ["content"]
-            genres = None
-            if "genres" in tables and {"reviewid", "genre"} <= set(_table_columns(conn, "genres")):
-                # Several genre rows per review, in dump order; the first is the review's first genre.
-                genres = {}
-                for reviewid, genre in conn.execute("SELECT reviewid, genre FROM genres ORDER BY rowid"):
-                    genres.setdefault(reviewid, []).append(genre)
-                columns.append("genre")
-
-            def select_kaggle(wanted):
-                picked = [c for c in wanted if c in review_columns]
-                exprs = [f"r.{_quote(c)}" for c in picked]
-                names = list(picked)
-                if "content" in wanted:
-                    exprs.append("c.content")
-                    names.append("content")
-                if genres is not None and "genre" in wanted and "reviewid" not in picked:
-                    exprs.append("r.reviewid")
-                    names.append("reviewid")
-                # LEFT JOIN: a review without a content row is read (and counted as empty), not lost.
-                sql = (f"SELECT {', '.join(exprs) or 'r.reviewid'} FROM reviews r "
-                       "LEFT JOIN content c ON c.reviewid = r.reviewid ORDER BY r.rowid")
-                return sql, names
-
-            return SqliteSource(path, conn, "kaggle", select_kaggle, columns, "content", count("reviews"), genres)
-
-        if "reviews" in tables:
-            table = "reviews"
-        elif len(tables) == 1:
-            table = tables[0]
-        else:
-            raise InvalidArgument(
-                f"{path}: no known tables (expected Kaggle `reviews`+`content`, or one table like seed "
-                f"`reviews(genre, score, review)`); tables found: {found}; pass --query to choose")
-        columns = _table_columns(conn, table)
-        kind = "seed" if {"genre", "score", "review"} <= set(columns) else "sqlite-table"
-
-        def select_table(wanted):
-            # No ORDER BY: a table scan is already in rowid order, and a view has no rowid.
-            return f"SELECT {', '.join(_quote(c) for c in wanted) or '1'} FROM {_quote(table)}", list(wanted)
-
-        source = SqliteSource(path, conn, kind, select_table, columns, total=count(table))
-        source.table = table
-        return source
+            return _query_source(path, conn, query, found)
+        if _is_kaggle(conn, tables):
+            return _kaggle_source(path, conn, tables)
+        return _table_source(path, conn, tables, found)
     except InvalidArgument:
         conn.close()
         raise
-    except sqlite3.Error as err:
+    except (sqlite3.Error, pd.errors.DatabaseError) as err:
         conn.close()
         raise InvalidArgument(f"{path}: SQLite error: {err}") from None
 
@@ -269,13 +296,22 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
-def _csv_limit():
-    # Reviews longer than csv's default 128 KiB field limit must just work.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+def _open_counted(path: Path) -> tuple[io.TextIOWrapper, _CountingReader]:
+    """`path` as text (invalid UTF-8 kept as lone surrogates, newlines as written), and its byte counter."""
+    counter = _CountingReader(open(path, "rb", buffering=0))
+    text = io.TextIOWrapper(io.BufferedReader(counter, 1 << 20), encoding="utf-8",
+                            errors="surrogateescape", newline="")
+    return text, counter
 
 
 class CsvSource(Source):
-    """A CSV/TSV file with a header row, read line by line."""
+    """A CSV/TSV file with a header row, read with `pd.read_csv` in chunks.
+
+    The python engine keeps the csv module's quoting rules, and is the one
+    that takes a bad-line handler: a line with more fields than the header
+    comes back as a `MALFORMED` row (counted by the caller), not as a row
+    whose text is some other column's.
+    """
 
     kind = "csv"
     unit = "B"
@@ -283,47 +319,56 @@ class CsvSource(Source):
     def __init__(self, path, delimiter):
         self.path = path
         self.delimiter = delimiter
-        _csv_limit()
-        with self._open()[0] as f:
+        _raise_csv_limit()
+        with _open_counted(path)[0] as f:
             try:
-                header = next(csv.reader(f, delimiter=delimiter), None)
-            except csv.Error as err:
+                header = list(self._read(f, nrows=0).columns)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+                if isinstance(err, pd.errors.EmptyDataError):
+                    raise InvalidArgument(f"{path}: empty CSV (no header row)") from None
                 raise InvalidArgument(f"{path}: malformed CSV header ({err})") from None
-        if not header or not any(h.strip() for h in header):
-            raise InvalidArgument(f"{path}: empty CSV (no header row)")
         header = [h.strip() for h in header]
+        if not any(header):
+            raise InvalidArgument(f"{path}: empty CSV (no header row)")
         if header[0].startswith("\ufeff"):  # a UTF-8 byte-order mark from Excel
             header[0] = header[0][1:]
         super().__init__(path, header, total=path.stat().st_size)
 
-    def _open(self):
-        counter = _CountingReader(open(self.path, "rb", buffering=0))
-        text = io.TextIOWrapper(io.BufferedReader(counter, 1 << 20), encoding="utf-8",
-                                errors="surrogateescape", newline="")
-        return text, counter
+    def _read(self, f, **kwargs):
+        width = getattr(self, "columns", None)
+        return pd.read_csv(
+            f, sep=self.delimiter, engine="python", dtype=object, keep_default_na=False, na_filter=False,
+            on_bad_lines=lambda line: [_BAD_LINE] * len(width or line), **kwargs)
 
-    def rows(self, columns):
+    def frames(self, columns):
         index = [self.columns.index(c) for c in columns]
-        text, counter = self._open()
+        text, counter = _open_counted(self.path)
         with text:
-            reader = csv.reader(text, delimiter=self.delimiter)
             try:
-                next(reader, None)  # header
-                for n, record in enumerate(reader):
-                    if not record:
-                        continue  # a blank line is not a row
-                    yield {c: decode_value(record[i]) if i < len(record) and record[i] != "" else None
-                           for c, i in zip(columns, index)}
-                    if n % 256 == 0:
-                        self.position = counter.count
-            except csv.Error as err:
-                raise InvalidArgument(f"{self.path}: malformed CSV near line {reader.line_num}: {err}") from None
-        self.position = counter.count
+                for chunk in self._read(text, chunksize=CHUNK_ROWS):
+                    bad = chunk.iloc[:, 0].map(lambda v: v is _BAD_LINE).to_numpy(dtype=bool)
+                    picked = chunk.iloc[:, index].set_axis(list(columns), axis=1)
+                    picked.loc[bad] = None
+                    self.position = counter.count
+                    yield _decoded(picked, columns, malformed=bad)
+            except (pd.errors.ParserError, ValueError) as err:
+                raise InvalidArgument(f"{self.path}: malformed CSV: {err}") from None
+
+
+def _raise_csv_limit():
+    import csv
+
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # pandas' python engine reads through the csv module
 
 
 # -- JSON Lines ----------------------------------------------------------------------------------------------------
 class JsonlSource(Source):
-    """A JSON Lines file: one object per line, read line by line."""
+    """A JSON Lines file: `pd.read_json(lines=True)` on each chunk of `CHUNK_ROWS` lines.
+
+    A chunk that pandas refuses (a line that is not a JSON object, or text
+    that is not UTF-8) is read again line by line, so only the bad lines are
+    lost, each counted as `MALFORMED`.
+    """
 
     kind = "jsonl"
     unit = "B"
@@ -348,25 +393,44 @@ class JsonlSource(Source):
             raise InvalidArgument(f"{path}: empty file (no JSON object)")
         super().__init__(path, columns, total=path.stat().st_size)
 
-    def rows(self, columns):
+    def frames(self, columns):
         with open(self.path, "rb", buffering=1 << 20) as f:
-            for line in f:
-                self.position += len(line)
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict):
-                    yield None
-                    continue
-                yield {c: decode_value(record.get(c)) for c in columns}
+            for lines in _batches(f, CHUNK_ROWS):
+                self.position += sum(len(line) for line in lines)
+                texts = [line.decode("utf-8", errors="surrogateescape") for line in lines if line.strip()]
+                if texts:
+                    yield _json_frame(texts, columns)
+
+
+def _json_frame(lines: list[str], columns: Sequence[str]) -> pd.DataFrame:
+    """One frame of JSON Lines: pandas' parser, else line by line (a bad line becomes a `MALFORMED` row)."""
+    if all(line.lstrip().startswith("{") for line in lines):
+        try:
+            frame = pd.read_json(io.StringIO("".join(lines)), lines=True, dtype=False, precise_float=True)
+        except (ValueError, UnicodeError):
+            pass  # a line that is not JSON, or text that is not UTF-8: read line by line below
+        else:
+            if len(frame) == len(lines):
+                return _decoded(frame, columns)
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        records.append(record if isinstance(record, dict) else None)
+    bad = np.array([r is None for r in records])
+    frame = _object_frame({c: [None if r is None else r.get(c) for r in records] for c in columns})
+    return _decoded(frame, columns, malformed=bad)
 
 
 # -- Parquet -------------------------------------------------------------------------------------------------------
 class ParquetSource(Source):
-    """A Parquet file read in record batches (only the requested columns)."""
+    """A Parquet file read as record batches of `CHUNK_ROWS` rows, each turned into a frame.
+
+    Not `pd.read_parquet`: it reads whole files (or whole row groups, a
+    million rows each by pyarrow's default), and memory must stay bounded.
+    """
 
     kind = "parquet"
 
@@ -379,25 +443,26 @@ class ParquetSource(Source):
             raise InvalidArgument(f"{path}: not a readable Parquet file ({err})") from None
         super().__init__(path, self.file.schema_arrow.names, total=self.file.metadata.num_rows)
 
-    def rows(self, columns):
+    def frames(self, columns):
         import pyarrow as pa
 
         try:
-            for batch in self.file.iter_batches(batch_size=FETCH_ROWS, columns=list(columns)):
-                values = []
-                for name in columns:
-                    array = batch.column(batch.schema.get_field_index(name))
-                    # Strings go through bytes so invalid UTF-8 is counted like everywhere else.
-                    if pa.types.is_string(array.type):
-                        array = array.cast(pa.binary())
-                    elif pa.types.is_large_string(array.type):
-                        array = array.cast(pa.large_binary())
-                    values.append(array.to_pylist())
-                for row in zip(*values):
-                    yield {name: decode_value(v) for name, v in zip(columns, row)}
+            for batch in self.file.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns)):
+                # Strings go through bytes so invalid UTF-8 is counted like everywhere else.
+                arrays = [_as_binary(pa, batch.column(batch.schema.get_field_index(c))) for c in columns]
+                frame = pa.RecordBatch.from_arrays(arrays, names=list(columns)).to_pandas()
                 self.position += batch.num_rows
+                yield _decoded(frame, columns)
         except pa.ArrowException as err:
             raise InvalidArgument(f"{self.path}: Parquet error while reading: {err}") from None
+
+
+def _as_binary(pa, array):
+    if pa.types.is_string(array.type):
+        return array.cast(pa.binary())
+    if pa.types.is_large_string(array.type):
+        return array.cast(pa.large_binary())
+    return array
 
 
 # -- plain text (gpt-2-simple corpora) -----------------------------------------------------------------------------
@@ -425,7 +490,7 @@ class TextSource(Source):
     `<|startoftext|>...<|endoftext|>` pairs and `<|endoftext|>` alone work).
     A file without any delimiter is split into blank-line blocks; one without
     blank lines either is a single document, which is named in `warnings`.
-    Rows have one column, `text`.
+    Frames have one column, `text`.
     """
 
     unit = "B"
@@ -442,14 +507,18 @@ class TextSource(Source):
         self.files = files
         super().__init__(path, ("text",), "text", total=sum(p.stat().st_size for p in files))
 
-    def rows(self, columns):
+    def frames(self, columns):
+        for documents in _batches(self._all_documents(), CHUNK_ROWS):
+            yield _decoded(_object_frame({"text": documents}), columns)
+
+    def _all_documents(self) -> Iterator[str]:
         whole = []  # files read as one document: no delimiter, no blank line
         for path in self.files:
             delimited = _has_delimiter(path)
             documents = 0
             for document in self._documents(path, delimited):
                 documents += 1
-                yield {c: decode_value(document) if c == "text" else None for c in columns}
+                yield document
             if not delimited and documents == 1:
                 whole.append(path.name)
         if whole and (self.kind == "txt" or len(whole) < len(self.files)):
@@ -482,6 +551,17 @@ class TextSource(Source):
         document = "".join(lines)
         if document.strip():
             yield document
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # -- detection -----------------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """Statistics of a prepared dataset: counts, score histograms, text lengths, and a plot.
 
-`DatasetStats` is fed one kept example at a time (`add`) and holds only
-counters and one integer per example (its length), so it stays small on
+`DatasetStats` is fed kept examples a DataFrame chunk at a time (`add_frame`)
+and holds only counters and one integer per example (its length), so it stays small on
 large dumps. `summary()` gives the dict that becomes `stats.json`;
 `plot(path)` draws `stats.png` with matplotlib's Agg backend (no display).
 
 Example:
 
 >>> stats = DatasetStats(PromptFormat())
->>> stats.add({"score": 8.4, "genre": "rock"}, "Loud and clear.")
+>>> stats.add_frame(pd.DataFrame({"score": [8.4], "genre": ["rock"]}), pd.Series(["Loud and clear."]))
 >>> stats.summary()["genres"]
 {'rock': 1}
 """
@@ -21,6 +21,8 @@ import os
 from array import array
 from pathlib import Path
 from typing import Any, Mapping
+
+import pandas as pd
 
 from pitchkeras.conditioning import PromptFormat
 
@@ -65,14 +67,21 @@ class DatasetStats:
         self.numeric = {c: collections.defaultdict(collections.Counter) for c in fmt.numeric if c in fmt.conditions}
         self.lengths = array("q")
 
-    def add(self, values: Mapping[str, Any], text: str) -> None:
-        """Count one kept example (its condition values and body text)."""
+    def add_frame(self, values: "pd.DataFrame", texts: "pd.Series") -> None:
+        """Count a chunk of kept examples: one column per condition, and their body texts.
+
+        Values are counted in order of first appearance, so ties in
+        `stats.json` keep the order the dump met them in.
+        """
         for name, counter in self.counts.items():
-            counter[values[name]] += 1
-        group = values[self.group_by] if self.group_by else "all"
-        for name, groups in self.numeric.items():
-            groups[group][round(float(values[name]), 1)] += 1
-        self.lengths.append(len(text))
+            counter.update({value: int(n) for value, n in values.groupby(name, sort=False).size().items()})
+        groups = values[self.group_by] if self.group_by else pd.Series("all", index=values.index)
+        for name, per_group in self.numeric.items():
+            rounded = values[name].map(lambda v: round(float(v), 1))  # Python's rounding, not numpy's
+            table = pd.DataFrame({"group": groups.to_numpy(), "value": rounded.to_numpy()})
+            for (group, value), n in table.groupby(["group", "value"], sort=False).size().items():
+                per_group[group][float(value)] += int(n)
+        self.lengths.extend(texts.map(len).tolist())
 
     def condition_values(self) -> dict[str, list]:
         """Every condition's sorted distinct values (pitchkeras.json's known values)."""

@@ -1,4 +1,4 @@
-"""Google's Cloud Firestore emulator, started and stopped from Python (tests, benchmarks, local runs).
+"""Google's Cloud Firestore emulator, started and stopped from Python (tests and benchmarks; not installed).
 
 The emulator ships with the Google Cloud CLI (Debian package
 `google-cloud-cli-firestore-emulator`, Java 17). `FirestoreEmulator` starts
