@@ -291,6 +291,8 @@ def _grpc_options(config: ServerConfig, reuse_port: bool) -> list[tuple[str, int
         # Clients' own keepalive pings: allowed every 10 s at most, also between calls.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # A connection must finish its TLS and HTTP/2 handshake as fast as an HTTP client sends its head.
+        ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000)),
     ]
 
 

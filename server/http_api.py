@@ -220,6 +220,8 @@ class HttpApi:
             response = await handler(request)
         except HttpAbort as err:
             response = error_response(err.http_status, err.code, err.message, headers=err.headers)
+            if err.http_status == 408:  # its body stalled: nothing more is coming worth waiting for
+                response.force_close()
             if err.http_status == 429 and "Retry-After" not in response.headers:  # the servicer's own 429
                 response.headers["Retry-After"] = str(max(1, round(1 / self.server.config.rate_per_s)))
         except web.HTTPException as err:  # aiohttp's own: unknown route, wrong method, body too large
