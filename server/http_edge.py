@@ -24,7 +24,8 @@ import time
 from typing import Optional
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 log = logging.getLogger("pitchkeras.server.http")
 
@@ -117,6 +118,19 @@ class EdgeHandler(RequestHandler):
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def log_exception(self, *args, **kwargs) -> None:
+        """aiohttp's own error log: what a client caused (a body that breaks off or does not parse while
+        aiohttp drains it) is a rate-limited WARNING without a traceback; anything else stays an ERROR."""
+        exc = kwargs.get("exc_info")
+        if not isinstance(exc, (HttpProcessingError, RequestPayloadError, ConnectionError)):
+            super().log_exception(*args, **kwargs)
+            return
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        host = peer[0] if peer else "?"
+        if self._parse_errors.allow(host):
+            log.warning("malformed HTTP request: %s from %s (logged once per %g s per peer)",
+                        _reason(exc, None, 400), host, self._parse_errors.interval_s)
+
     def handle_error(self, request, status: int = 500, exc: Optional[BaseException] = None,
                      message: Optional[str] = None) -> web.StreamResponse:
         """A framework error: JSON, security headers, the connection closed; logged without a traceback."""
@@ -169,7 +183,7 @@ class EdgeRunner(web.AppRunner):
         super().__init__(app, access_log=None, handle_signals=False, **kwargs)
         self._edge_kwargs = dict(header_timeout_s=header_timeout_s, keepalive_timeout=keepalive_timeout_s,
                                  parse_errors=PeerLogLimiter(), error_body=error_body, access_log=None,
-                                 lingering_time=_LINGER_S)
+                                 lingering_time=_LINGER_S, auto_decompress=False)  # http_api decodes bodies
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()  # starts and freezes the app

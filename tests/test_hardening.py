@@ -80,15 +80,17 @@ def test_anonymous_callers_are_refused_before_the_body_is_read(keyed):
     assert time.monotonic() - started < 4.0
 
 
-@pytest.mark.parametrize("encoding, body, message", [
-    ("gzip", b"\x1f\x8b\x08\x00garbage that is not deflate data", "not valid 'gzip' data"),
-    ("gzip", gzip.compress(b'{"score": 8, "genre": "Rock"}')[:16], ""),  # cut inside the stream
-    ("deflate", b"not a zlib stream at all", "not valid 'deflate' data"),
-    ("br", b"whatever", ""),
+@pytest.mark.parametrize("encoding, body, status, message", [
+    ("gzip", b"\x1f\x8b\x08\x00garbage that is not deflate data", 400, "not valid 'gzip' data"),
+    ("gzip", gzip.compress(b'{"score": 8, "genre": "Rock"}')[:16], 400, "ends early"),
+    ("deflate", b"not a zlib stream at all", 400, "not valid 'deflate' data"),
+    ("deflate", b"{}", 400, "not valid 'deflate' data"),
+    ("br", b"whatever", 415, "unsupported Content-Encoding 'br'"),
+    ("gzip", gzip.compress(b" " * (SERVER_CONFIG.max_receive_bytes + 1)), 413, "once decoded"),  # a small bomb
 ])
-def test_corrupt_content_encoding_is_400(keyed, encoding, body, message):
+def test_corrupt_content_encoding_is_4xx(keyed, encoding, body, status, message):
     assert_error(request(keyed.http_port, "POST", GENERATE, body, keyed_headers(**{"Content-Encoding": encoding})),
-                 400, "INVALID_ARGUMENT", message)
+                 status, "INVALID_ARGUMENT", message)
 
 
 def test_valid_compressed_bodies_still_work(keyed):
