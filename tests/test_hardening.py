@@ -15,11 +15,13 @@ import grpc
 import pytest
 
 from pitchkeras.client import review_client
+from pitchkeras.errors import NotFound
 from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.server import auth
 from pitchkeras.store import open_store
 from pitchkeras.v1 import review_service_pb2 as pb
 from tests.serve_fixtures import SERVER_CONFIG, pool_reviews, pool_uri  # noqa: F401
+from tests.store_fixtures import firestore_emulator, firestore_store, sqlite_store, store  # noqa: F401
 from tests.test_http import assert_error, metric_samples, request
 
 C = grpc.StatusCode
@@ -250,6 +252,22 @@ def test_not_found_names_no_store_location(keyed):
         assert "sqlite" not in caught.value.details() and keyed.db_path not in caught.value.details()
     finally:
         channel.close()
+
+
+def test_store_misses_name_no_location(store):
+    store.add_reviews(pool_reviews()[:1])
+    messages = []
+    for miss in (lambda: store.get_by_id(UNKNOWN_ID), lambda: store.get_review(score=1.0),
+                 lambda: store.get_review(genre="Polka" * 50)):
+        with pytest.raises(NotFound) as caught:
+            miss()
+        messages.append(str(caught.value))
+    secrets = [store.uri] + [getattr(store, name) for name in ("path", "project", "collection_name")
+                             if hasattr(store, name)]
+    for message in messages:
+        assert not [s for s in secrets if s in message], (message, secrets)
+        assert len(message) < 300
+    assert UNKNOWN_ID in messages[0] and "score=1.0" in messages[1]
 
 
 # -- gRPC: bytes that are not the request message --------------------------------------------------
