@@ -242,17 +242,8 @@ async def create_server(
         metrics.watch_store(store)
         servicer = ReviewServicer(store, config=config, store_executor=store_executor, model=model, api_keys=api_keys,
                                   metrics=metrics)
-        server = grpc.aio.server(
-            interceptors=[LoggingInterceptor(metrics, api_keys)],
-            options=_grpc_options(config, reuse_port),
-        )
-        add_review_service(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        server, health_servicer = _grpc_server(servicer, LoggingInterceptor(metrics, api_keys),
+                                               _grpc_options(config, reuse_port))
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
             if tls_cert is not None:
@@ -275,6 +266,20 @@ async def create_server(
                      http_tls=(tls_cert, tls_key) if tls_cert is not None else None),
         bound,
     )
+
+
+def _grpc_server(servicer: ReviewServicer, interceptor: LoggingInterceptor,
+                 options: list) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server with the ReviewService, health and reflection (not bound, not started)."""
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    add_review_service(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server, health_servicer
 
 
 def _grpc_options(config: ServerConfig, reuse_port: bool) -> list[tuple[str, int]]:

@@ -15,6 +15,13 @@ Routes:
   `GET /metrics` (Prometheus text format).
 - `GET /` (the web page), `GET /r/<id>` (one review, rendered here, HTML-escaped),
   `GET /static/<file>` (its CSS and JavaScript).
+
+Every GET route answers HEAD too. Request bodies must be `application/json`
+(415 otherwise), at most `MAX_JSON_DEPTH` deep, optionally gzip/deflate
+encoded, and arrive within `body_timeout_s`; keyed RPCs check the key before
+the body is read. A client that leaves mid-request is counted as 499. Every
+answer carries `http_edge.SECURITY_HEADERS`; connection-level limits (header
+and keep-alive timeouts, malformed requests) are in `http_edge`.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ class FirestoreStore(ReviewStore):
                 "the Firestore store needs google-cloud-firestore: pip install google-cloud-firestore"
             ) from exc
         self._firestore = firestore
-        with self._translate_errors():
+        with self._translate_errors(f"{self.uri}: "):  # opening: the operator's message may name the store
             kwargs = {"project": project}
             if database:
                 kwargs["database"] = database
@@ -228,27 +228,31 @@ class FirestoreStore(ReviewStore):
     # -- errors and call options ----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _translate_errors(self) -> Iterator[None]:
-        """Turn google.api_core / google.auth exceptions into the library's errors."""
+    def _translate_errors(self, where: str = "") -> Iterator[None]:
+        """Turn google.api_core / google.auth exceptions into the library's errors.
+
+        Messages name the store only when `where` is given (opening it); at serve time they reach callers,
+        who must not learn the project or collection, so Firestore's resource names are cut out too.
+        """
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
 
         try:
             yield
         except gexc.InvalidArgument as exc:
-            raise InvalidArgument(f"Firestore rejected the request: {_without_names(exc.message)}") from exc
+            raise InvalidArgument(f"{where}Firestore rejected the request: {_without_names(exc.message)}") from exc
         except gexc.NotFound as exc:
-            raise NotFound(f"Firestore found no such document: {_without_names(exc.message)}") from exc
+            raise NotFound(f"{where}Firestore found no such document: {_without_names(exc.message)}") from exc
         except (gexc.FailedPrecondition, gexc.PermissionDenied, gexc.Unauthenticated) as exc:
             # Missing composite index (the message links to create it) or credentials without access.
-            raise FailedPrecondition(f"Firestore refused the request: {_without_names(exc.message)}") from exc
+            raise FailedPrecondition(f"{where}Firestore refused the request: {_without_names(exc.message)}") from exc
         except gexc.GoogleAPIError as exc:
             # Unavailable, deadline exceeded, retries exhausted, aborted, internal.
-            raise Unavailable(f"Firestore is unavailable ({type(exc).__name__}); retry") from exc
+            raise Unavailable(f"{where}Firestore is unavailable ({type(exc).__name__}); retry") from exc
         except auth_exc.DefaultCredentialsError as exc:
-            raise FailedPrecondition(f"no Google credentials found: {_CREDENTIALS_HELP}") from exc
+            raise FailedPrecondition(f"{where}no Google credentials found: {_CREDENTIALS_HELP}") from exc
         except auth_exc.GoogleAuthError as exc:
-            raise FailedPrecondition(f"unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
+            raise FailedPrecondition(f"{where}unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
 
     def _call_options(self, timeout: Optional[float] = None) -> dict[str, Any]:
         """The client's public `retry=`/`timeout=`: transient errors retried until the deadline."""
