@@ -328,3 +328,44 @@ def test_a_huge_genre_is_invalid_argument_with_a_short_echo(keyed):
         channel.close()
     status, _, body = request(keyed.http_port, "GET", "/review/?genre=" + "A" * 6000)
     assert status == 400 and len(body["error"]["message"]) < 600
+
+
+def test_a_server_streaming_rpc_gets_the_same_guard_log_and_count(caplog):
+    """What StreamGenerate will get once the .proto has it: the guard, the access log and the count."""
+    import asyncio
+
+    from pitchkeras.server.handlers import _guarded, safe_deserializer
+    from pitchkeras.server.interceptor import LoggingInterceptor
+    from pitchkeras.server.metrics import ServerMetrics
+
+    async def stream(request, context):
+        for index in range(3):
+            yield pb.GetByIdResponse(review=pb.Review(id=f"{request.genre}-{index}"))
+
+    async def main():
+        metrics = ServerMetrics()
+        server = grpc.aio.server(interceptors=[LoggingInterceptor(metrics)])
+        handler = grpc.unary_stream_rpc_method_handler(
+            _guarded(stream, server_streaming=True), request_deserializer=safe_deserializer(pb.GetReviewRequest),
+            response_serializer=pb.GetByIdResponse.SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, {"Fake": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_stream(f"/{SERVICE.full_name}/Fake")
+                ids = [pb.GetByIdResponse.FromString(r).review.id
+                       async for r in call(pb.GetReviewRequest(genre="Rock").SerializeToString(), timeout=10)]
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    [r async for r in call(b"\xff" * 11, timeout=10)]
+        finally:
+            await server.stop(None)
+        return ids, caught.value, metrics
+
+    with caplog.at_level(logging.INFO, logger="pitchkeras.server.access"):
+        ids, error, metrics = asyncio.run(main())
+    assert ids == ["Rock-0", "Rock-1", "Rock-2"]
+    assert error.code() == C.INVALID_ARGUMENT and "not a valid pitchkeras.v1.GetReviewRequest" in error.details()
+    assert "ReviewService/Fake OK" in caplog.text and "ReviewService/Fake INVALID_ARGUMENT" in caplog.text
+    rendered = metrics.render().decode()
+    assert 'method="Fake",protocol="grpc"' in rendered and 'code="INVALID_ARGUMENT",method="Fake"' in rendered
