@@ -24,7 +24,7 @@ from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = os.environ.get("PITCHKERAS_TARGET", "127.0.0.1:50051")
 SERVICE = "pitchkeras.v1.ReviewService"
-API_KEY_HEADER = "x-api-key"  # metadata key the server reads for Generate
+API_KEY_HEADER = "x-api-key"  # metadata key the server reads for Generate (pitchkeras.server.auth imports it)
 
 # Retries through gRPC's own retry machinery, for GetById only: it is
 # idempotent (a permalink read). GetReview increments a counter and Generate

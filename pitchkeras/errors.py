@@ -28,3 +28,30 @@ class FailedPrecondition(PitchkerasError):
 
 class UsageError(PitchkerasError):
     """Bad command-line input: printed as one line, exit code 2."""
+
+
+#: Longest echo of a caller's value in a message (`echo`).
+ECHO_CHARS = 80
+#: Longest message an answer carries: far below gRPC's 8 KiB metadata limit, whatever it quotes.
+MESSAGE_CHARS = 1000
+
+
+def clip(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """`text` cut to at most `limit` characters, ending in `...` when cut: the one truncation rule of messages.
+
+    Args:
+        text: str. The text to cut.
+        limit: int. Most characters of the result (at least 3).
+    """
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def echo(value, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` clipped to `limit` characters: how every message quotes what the caller sent.
+
+    Args:
+        value: any. The value to quote.
+        limit: int. Most characters of the result.
+    """
+    return clip(repr(value), limit)

@@ -19,12 +19,12 @@ from pitchkeras.errors import UsageError
 from pitchkeras.server.auth import ApiKeys
 from pitchkeras.server.batcher import GenerateBatcher
 from pitchkeras.server.config import ServerConfig
+from pitchkeras.server.handlers import add_review_service
 from pitchkeras.server.interceptor import LoggingInterceptor
 from pitchkeras.server.metrics import ServerMetrics
 from pitchkeras.server.servicer import ModelSlot, ReviewServicer
 from pitchkeras.store.base import ReviewStore
 from pitchkeras.v1 import review_service_pb2 as pb
-from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("pitchkeras.server")
 
@@ -55,6 +55,7 @@ class ReviewServer:
         self._http_socket = http_socket
         self._http_tls = http_tls  # (cert, key): HTTPS when gRPC serves TLS too
         self._http_runner = None
+        self.http_app = None  # the aiohttp application once started with an HTTP port
         self.store = store
         self.servicer = servicer
         self.health = health_servicer
@@ -86,8 +87,13 @@ class ReviewServer:
 
             from pitchkeras.server.http_api import HttpApi
 
-            self._http_runner = web.AppRunner(HttpApi(self).app, access_log=None, handle_signals=False,
-                                              shutdown_timeout=self.config.grace_s)
+            from pitchkeras.server.http_api import framework_error
+            from pitchkeras.server.http_edge import EdgeRunner
+
+            self.http_app = HttpApi(self).app
+            self._http_runner = EdgeRunner(self.http_app, header_timeout_s=self.config.header_timeout_s,
+                                           keepalive_timeout_s=self.config.keepalive_timeout_s,
+                                           error_body=framework_error, shutdown_timeout=self.config.grace_s)
             await self._http_runner.setup()
             ssl_context = _ssl_context(*self._http_tls) if self._http_tls is not None else None
             await web.SockSite(self._http_runner, self._http_socket, shutdown_timeout=self.config.grace_s,
@@ -113,7 +119,7 @@ class ReviewServer:
             generator = await loop.run_in_executor(self._model_executor, self._build_generator)
         except Exception as err:  # the server keeps serving stored reviews; Generate reports why
             log.exception("loading the model failed")
-            self.model.error = f"{type(err).__name__}: {err}"
+            self.model.error = f"{type(err).__name__}; see the server log"  # its text may name paths
             self._set_model_state("failed")
             await self._set_health(NOT_SERVING)
             self._ready.set()
@@ -236,21 +242,8 @@ async def create_server(
         metrics.watch_store(store)
         servicer = ReviewServicer(store, config=config, store_executor=store_executor, model=model, api_keys=api_keys,
                                   metrics=metrics)
-        server = grpc.aio.server(
-            interceptors=[LoggingInterceptor(metrics)],
-            options=[
-                ("grpc.max_receive_message_length", config.max_receive_bytes),
-                ("grpc.max_send_message_length", config.max_send_bytes),
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-            ],
-        )
-        pb_grpc.add_ReviewServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        server, health_servicer = _grpc_server(servicer, LoggingInterceptor(metrics, api_keys),
+                                               _grpc_options(config, reuse_port))
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
             if tls_cert is not None:
@@ -273,6 +266,39 @@ async def create_server(
                      http_tls=(tls_cert, tls_key) if tls_cert is not None else None),
         bound,
     )
+
+
+def _grpc_server(servicer: ReviewServicer, interceptor: LoggingInterceptor,
+                 options: list) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server with the ReviewService, health and reflection (not bound, not started)."""
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    add_review_service(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server, health_servicer
+
+
+def _grpc_options(config: ServerConfig, reuse_port: bool) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC server: message limits, keepalive pings, idle and ping-abuse limits."""
+    return [
+        ("grpc.max_receive_message_length", config.max_receive_bytes),
+        ("grpc.max_send_message_length", config.max_send_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # Ping each client after this much silence; drop it if the ack takes longer than the timeout.
+        ("grpc.keepalive_time_ms", int(config.grpc_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.grpc_keepalive_timeout_s * 1000)),
+        # A connection without calls for this long is closed (GOAWAY); clients reconnect when they need to.
+        ("grpc.max_connection_idle_ms", int(config.grpc_max_idle_s * 1000)),
+        # Clients' own keepalive pings: allowed every 10 s at most, also between calls.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A connection must finish its TLS and HTTP/2 handshake as fast as an HTTP client sends its head.
+        ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000)),
+    ]
 
 
 def _http_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

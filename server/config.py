@@ -27,6 +27,12 @@ class ServerConfig:
         rate_per_s: float. API key rate limit: sustained Generate calls per second per key.
         burst: int. API key rate limit: calls a key may make at once after being idle.
         quantize: str or None. "int8": load the model with int8 weights (`pitchkeras.quantize`).
+        header_timeout_s: float. HTTP: seconds from a request head's first byte to its end.
+        body_timeout_s: float. HTTP: seconds to receive a whole request body.
+        keepalive_timeout_s: float. HTTP: seconds an idle connection is kept open.
+        grpc_keepalive_s: float. gRPC: ping a client after this many seconds without traffic.
+        grpc_keepalive_timeout_s: float. gRPC: drop a client whose ping ack takes longer than this.
+        grpc_max_idle_s: float. gRPC: close a connection without calls for this long.
     """
 
     max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
@@ -43,6 +49,12 @@ class ServerConfig:
     rate_per_s: float = 1.0
     burst: int = 5
     quantize: Optional[str] = None  # None = the weights as trained
+    header_timeout_s: float = 10.0  # a request head is a few hundred bytes: seconds are plenty on any link
+    body_timeout_s: float = 30.0  # bodies are at most max_receive_bytes (1 MiB): 30 s is ~35 KB/s
+    keepalive_timeout_s: float = 30.0  # browsers reuse a connection for a page's next calls; 1 h held sockets
+    grpc_keepalive_s: float = 60.0  # finds dead peers in minutes, not gRPC's default 2 h
+    grpc_keepalive_timeout_s: float = 20.0
+    grpc_max_idle_s: float = 300.0  # idle channels are cheap to reopen; idle sockets are not free to keep
 
     def validate(self) -> "ServerConfig":
         """Return self, or raise UsageError naming the bad setting."""
@@ -57,6 +69,9 @@ class ServerConfig:
             ("rate_per_s", self.rate_per_s > 0, "> 0"),
             ("burst", self.burst >= 1, ">= 1"),
             ("quantize", self.quantize in (None, "int8"), 'None or "int8"'),
+            *((name, getattr(self, name) > 0, "> 0") for name in (
+                "header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "grpc_keepalive_s",
+                "grpc_keepalive_timeout_s", "grpc_max_idle_s")),
         )
         for name, ok, allowed in checks:
             if not ok:

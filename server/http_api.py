@@ -15,6 +15,13 @@ Routes:
   `GET /metrics` (Prometheus text format).
 - `GET /` (the web page), `GET /r/<id>` (one review, rendered here, HTML-escaped),
   `GET /static/<file>` (its CSS and JavaScript).
+
+Every GET route answers HEAD too. Request bodies must be `application/json`
+(415 otherwise), at most `MAX_JSON_DEPTH` deep, optionally gzip/deflate
+encoded, and arrive within `body_timeout_s`; keyed RPCs check the key before
+the body is read. A client that leaves mid-request is counted as 499. Every
+answer carries `http_edge.SECURITY_HEADERS`; connection-level limits (header
+and keep-alive timeouts, malformed requests) are in `http_edge`.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import re
 import string
 import time
+import zlib
 from importlib import resources
 from typing import Any, Callable
 
@@ -34,6 +42,9 @@ from aiohttp import web
 from google.api import annotations_pb2
 from google.protobuf import json_format
 
+from pitchkeras.errors import PitchkerasError, clip, echo
+from pitchkeras.server.auth import KEYED_METHODS, AuthError
+from pitchkeras.server.http_edge import SECURITY_HEADERS
 from pitchkeras.server.metrics import CONTENT_TYPE_LATEST
 from pitchkeras.v1 import review_service_pb2 as pb
 
@@ -54,14 +65,32 @@ _HTTP_ONLY_STATUS = {404: C.NOT_FOUND, 405: C.UNIMPLEMENTED, 413: C.INVALID_ARGU
 SEED_KEYS = ("id", "text", "score", "genre", "length", "added", "selection_count")
 _PROBE_ID = "0" * 24  # a well-formed id no populate run writes: the readiness probe's cheap store read
 _WEB = "web"  # package data folder of the page
+#: Deepest JSON nesting a request body may have; requests are a few flat fields.
+MAX_JSON_DEPTH = 32
+#: HTTP status of a call whose client went away before the answer (nginx's 499, "client closed request").
+CLIENT_CLOSED = 499
+# Content-Encodings a body may have, as zlib window bits (gzip: 16 + 15; deflate: zlib-wrapped, as RFC 9110 says).
+_ENCODING_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]++")
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 
 
 class HttpAbort(grpc.aio.AbortError):
-    """What `HttpContext.abort` raises: the servicer's code and message, on their way to an HTTP status."""
+    """What `HttpContext.abort` raises: the servicer's code and message, on their way to an HTTP status.
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    Args:
+        code: grpc.StatusCode. The canonical code.
+        message: str. What was wrong.
+        http_status: int or None. The HTTP status when it is not `HTTP_STATUS[code]` (415, 408).
+        headers: dict or None. Extra answer headers (`Retry-After`).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int = 0, headers=None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message = code, clip(message)
+        self.http_status = http_status or HTTP_STATUS.get(code, 500)
+        self.headers = headers or {}
 
 
 class HttpContext:
@@ -82,9 +111,86 @@ class HttpContext:
 
 
 def error_response(http_status: int, code: grpc.StatusCode, message: str, headers=None) -> web.Response:
-    """An AIP-193 error: `{"error": {"code": HTTP status, "status": "CANONICAL_CODE", "message": ...}}`."""
+    """An AIP-193 error: `{"error": {"code": HTTP status, "status": "CANONICAL_CODE", "message": ...}}`.
+
+    A 401 says how to authenticate (`WWW-Authenticate`), as HTTP requires.
+    """
     body = {"error": {"code": http_status, "status": code.name, "message": message}}
+    headers = dict(headers or {})
+    if http_status == 401:
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="pitchkeras"')
     return web.json_response(body, status=http_status, headers=headers)
+
+
+def framework_error(http_status: int, message: str) -> web.Response:
+    """An AIP-193 error for what aiohttp refuses before any handler runs (a malformed request)."""
+    code = _HTTP_ONLY_STATUS.get(http_status, C.INTERNAL if http_status >= 500 else C.INVALID_ARGUMENT)
+    return error_response(http_status, code, message)
+
+
+def json_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text nests at most `limit` deep, found without parsing it (parsers recurse per level).
+
+    Strings are dropped, then every other character but brackets; each pass then removes the
+    innermost empty pairs, so `limit` passes empty the brackets of JSON nested at most `limit` deep.
+    Brackets that never pair up (not JSON) count as too deep.
+    """
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", raw))
+    for _ in range(limit):
+        if not brackets:
+            return True
+        brackets = _EMPTY_PAIR.sub(b"", brackets)
+    return not brackets
+
+
+def decode_body(raw: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its Content-Encoding, at most `limit` bytes; HttpAbort when it cannot be decoded.
+
+    Decoded here rather than by aiohttp, which can leave a reader waiting on a corrupt stream and does not
+    bound what a small compressed body expands to.
+
+    Args:
+        raw: bytes. The body as sent.
+        encoding: str. The Content-Encoding header ("" or "identity": none).
+        limit: int. Most bytes the decoded body may have.
+    """
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding not in _ENCODING_WBITS:
+        raise HttpAbort(C.INVALID_ARGUMENT, f"unsupported Content-Encoding {echo(encoding)}; "
+                        "send the body as is, gzip or deflate", http_status=415)
+    decoder = zlib.decompressobj(_ENCODING_WBITS[encoding])
+    try:
+        data = decoder.decompress(raw, limit + 1)
+    except zlib.error:
+        raise HttpAbort(C.INVALID_ARGUMENT, f"request body is not valid {echo(encoding)} data") from None
+    if len(data) > limit:
+        raise HttpAbort(C.INVALID_ARGUMENT, f"request body is larger than {limit} bytes once decoded",
+                        http_status=413)
+    if not decoder.eof or decoder.unused_data:
+        raise HttpAbort(C.INVALID_ARGUMENT, f"request body is not valid {echo(encoding)} data "
+                        "(the stream ends early, or data follows its end)")
+    return data
+
+
+def parse_json_object(raw: bytes, type_name: str) -> dict:
+    """A request body as a JSON object; HttpAbort INVALID_ARGUMENT for anything else.
+
+    Args:
+        raw: bytes. The body as received (already decompressed).
+        type_name: str. The request message's name, for the message.
+    """
+    if not json_depth_ok(raw):
+        raise HttpAbort(C.INVALID_ARGUMENT, f"request body is not JSON nested at most {MAX_JSON_DEPTH} levels deep "
+                                            "(too deep, or brackets that do not pair up)")
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError as err:  # UnicodeDecodeError included
+        raise HttpAbort(C.INVALID_ARGUMENT, f"request body is not JSON: {_one_line(err)}") from None
+    if not isinstance(data, dict):
+        raise HttpAbort(C.INVALID_ARGUMENT, f"request body must be a JSON object ({type_name})")
+    return data
 
 
 def _one_line(text: str) -> str:
@@ -118,6 +224,7 @@ class HttpApi:
         self.servicer = server.servicer
         self.metrics = server.metrics
         self.app = web.Application(client_max_size=server.config.max_receive_bytes, middlewares=[self._middleware])
+        self.app.on_response_prepare.append(_add_security_headers)
         self._page_files = _load_web_files()
         self._routes()
 
@@ -128,6 +235,8 @@ class HttpApi:
 
         labelled.metric_method = label  # read by the middleware; unmatched routes have none
         self.app.router.add_route(verb, path, labelled)
+        if verb == "GET":  # HTTP requires HEAD wherever GET is served; aiohttp sends the headers only
+            self.app.router.add_route("HEAD", path, labelled)
 
     def _routes(self) -> None:
         for name, verb, path, body in http_rules():
@@ -149,7 +258,11 @@ class HttpApi:
         try:
             response = await handler(request)
         except HttpAbort as err:
-            response = error_response(HTTP_STATUS.get(err.code, 500), err.code, err.message)
+            response = error_response(err.http_status, err.code, err.message, headers=err.headers)
+            if err.http_status == 408:  # its body stalled: nothing more is coming worth waiting for
+                response.force_close()
+            if err.http_status == 429 and "Retry-After" not in response.headers:  # the servicer's own 429
+                response.headers["Retry-After"] = str(max(1, round(1 / self.server.config.rate_per_s)))
         except web.HTTPException as err:  # aiohttp's own: unknown route, wrong method, body too large
             code = _HTTP_ONLY_STATUS.get(err.status, C.UNKNOWN if err.status >= 500 else C.INVALID_ARGUMENT)
             message = {
@@ -159,6 +272,8 @@ class HttpApi:
             }.get(err.status, _one_line(err.text or err.reason))
             headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
             response = error_response(err.status, code, message, headers=headers)
+        except ConnectionError:  # the client went away mid-request: nobody to answer; counted as cancelled
+            response = web.Response(status=CLIENT_CLOSED, reason="Client Closed Request")
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here: logged with its traceback, answered without one
@@ -182,15 +297,11 @@ class HttpApi:
 
         async def handler(request: web.Request) -> web.Response:
             message = request_class()
+            if name in KEYED_METHODS:
+                self._admit(request)  # before the body: anonymous callers cannot make us read (or parse) it
             if body:
-                raw = await request.read()
-                try:
-                    data = json.loads(raw or b"{}")
-                except ValueError as err:
-                    raise HttpAbort(C.INVALID_ARGUMENT, f"request body is not JSON: {err}") from None
-                if not isinstance(data, dict):
-                    raise HttpAbort(C.INVALID_ARGUMENT, f"request body must be a JSON object ({method.input_type.name})")
-                _parse(data, message, "request body")
+                _parse(parse_json_object(await self._read_body(request), method.input_type.name), message,
+                       "request body")
             else:
                 _parse(_query_fields(request), message, "query")
             # Path fields win over the query, as in gRPC transcoding.
@@ -199,6 +310,32 @@ class HttpApi:
             return web.json_response(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
 
         return handler
+
+    def _admit(self, request: web.Request) -> None:
+        """Check the caller's API key (without spending a call of its rate) when the server has keys."""
+        keys = self.servicer.api_keys
+        if keys is None:
+            return
+        try:
+            keys.check(HttpContext(request).invocation_metadata(), peer=request.remote or "", spend=False)
+        except AuthError as err:
+            code = getattr(grpc.StatusCode, err.code_name)
+            headers = {"Retry-After": err.retry_after} if code == C.RESOURCE_EXHAUSTED else None
+            raise HttpAbort(code, str(err), headers=headers) from None
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, decoded: JSON only, within the body timeout; HttpAbort otherwise."""
+        if request.content_type != "application/json":
+            raise HttpAbort(C.INVALID_ARGUMENT, f"request body must be application/json, got "
+                            f"{echo(request.headers.get('Content-Type', 'none'))}", http_status=415)
+        timeout = self.server.config.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise HttpAbort(C.DEADLINE_EXCEEDED, f"request body did not arrive within {timeout:g} s",
+                            http_status=408) from None
+        return decode_body(raw, request.headers.get("Content-Encoding", ""), self.server.config.max_receive_bytes)
 
     # -- the seed's routes ---------------------------------------------------------------
     async def _seed_pick(self, request: web.Request) -> web.Response:
@@ -220,8 +357,11 @@ class HttpApi:
         store = "ok"
         try:
             await self.servicer._store(self.servicer.store.existing_ids, [_PROBE_ID])
-        except Exception as err:  # noqa: BLE001 - any failure means not ready; the reason is shown
+        except PitchkerasError as err:  # the store's own message names no location
             store = _one_line(f"{type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - any failure means not ready; a bug's text stays in the log
+            log.warning("readiness probe of the store failed: %s: %s", type(err).__name__, err)
+            store = f"{type(err).__name__}; see the server log"
         ready = not self.server.stopping and model.state in ("off", "ready") and store == "ok"
         body = {"status": "ready" if ready else "not ready", "model": model.state, "store": store,
                 "shutting_down": self.server.stopping}
@@ -271,6 +411,10 @@ class HttpApi:
 def _query_fields(request: web.Request) -> dict[str, Any]:
     """Query parameters as proto3 JSON fields; empty values (`?score=&genre=`, an HTML form's) mean unset."""
     return {name: value for name, value in request.query.items() if value != ""}
+
+
+async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(SECURITY_HEADERS)
 
 
 def _parse(data: dict, message, where: str) -> None:

@@ -1,4 +1,5 @@
-"""A server interceptor that logs and counts every unary call: method, status code, latency."""
+"""A server interceptor that logs and counts every call of ours (method, status code, latency), and checks the
+API key of keyed methods before the servicer runs."""
 
 from __future__ import annotations
 
@@ -8,30 +9,52 @@ import time
 
 import grpc
 
+from pitchkeras.server.auth import KEYED_METHODS, AuthError, peer_host
+
 log = logging.getLogger("pitchkeras.server.access")
 
 
 class LoggingInterceptor(grpc.aio.ServerInterceptor):
     """Logs `METHOD CODE LATENCY_ms` at INFO (WARNING for server-side failures).
 
+    Unary calls of every service are logged; server-streaming calls of ours
+    (`pitchkeras.v1.ReviewService`) are logged when the stream ends. Health's
+    Watch and reflection streams pass through unlogged.
+
     Args:
         metrics: ServerMetrics or None. Also counts each call there (`protocol="grpc"`).
+        api_keys: ApiKeys or None. When set, keyed methods (`auth.KEYED_METHODS`) are refused
+            here, before the servicer, when their key is missing, wrong or over its limit.
     """
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics=None, api_keys=None):
         self.metrics = metrics
+        self.api_keys = api_keys
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming methods (health Watch, reflection) pass through unlogged
         method = handler_call_details.method
-        behavior = handler.unary_unary
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and method.startswith(_OWN_PREFIX):
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
+    def _unary(self, method: str, behavior):
         async def logged(request, context):
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
+                await self._admit(method, context)
                 return await behavior(request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -40,19 +63,49 @@ class LoggingInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                code = _status(code)
-                elapsed = time.perf_counter() - start
-                if self.metrics is not None:
-                    self.metrics.observe_call("grpc", metric_method(method), code.name, elapsed)
-                level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-                if log.isEnabledFor(level):
-                    log.log(level, "%s %s %.1f ms", method, code.name, elapsed * 1e3)
+                self._record(method, code, start)
 
-        return grpc.unary_unary_rpc_method_handler(
-            logged,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return logged
+
+    def _streaming(self, method: str, behavior):
+        async def logged(request, context):
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                await self._admit(method, context)
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes with `context.write` and returns None
+                    await result
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                self._record(method, code, start)
+
+        return logged
+
+    async def _admit(self, method: str, context) -> None:
+        """Refuse a keyed call without a usable key, before its request reaches the servicer."""
+        if self.api_keys is None or metric_method(method) not in KEYED_METHODS:
+            return
+        try:
+            self.api_keys.check(context.invocation_metadata(), peer=peer_host(context.peer()), spend=False)
+        except AuthError as err:
+            await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
+
+    def _record(self, method: str, code, start: float) -> None:
+        code = _status(code)
+        elapsed = time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.observe_call("grpc", metric_method(method), code.name, elapsed)
+        level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s %.1f ms", method, code.name, elapsed * 1e3)
 
 
 _OWN_PREFIX = "/pitchkeras.v1.ReviewService/"

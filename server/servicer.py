@@ -20,7 +20,7 @@ from typing import Any, Optional
 import grpc
 
 from pitchkeras.client.convert import review_to_proto
-from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError
+from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError, clip, echo
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.store.base import Review, ReviewStore, review_id, validate_review_id, validate_score
@@ -50,11 +50,11 @@ def _translated(method):
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except AuthError as err:
-            await context.abort(getattr(grpc.StatusCode, err.code_name), str(err))
+            await context.abort(getattr(grpc.StatusCode, err.code_name), clip(err))
         except Exception as err:
             for error_type, code in _CODES:
                 if isinstance(err, error_type):
-                    await context.abort(code, str(err))
+                    await context.abort(code, clip(err))
             log.exception("%s failed unexpectedly", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
 
@@ -132,7 +132,7 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         known = await self._store(self.store.genres)
         # An empty store knows no genre at all: that is NOT_FOUND (populate it), not the caller's mistake.
         if known and genre.casefold() not in {g.casefold() for g in known}:
-            raise InvalidArgument(f"unknown genre {genre!r}; known (case-insensitive): {', '.join(known)}")
+            raise InvalidArgument(f"unknown genre {echo(genre)}; known (case-insensitive): {', '.join(known)}")
 
     @_translated
     async def GetById(self, request: pb.GetByIdRequest, context: grpc.aio.ServicerContext) -> pb.GetByIdResponse:

@@ -41,6 +41,8 @@ def request(port: int, method: str, path: str, body=None, headers=None):
     try:
         if isinstance(body, (dict, list)):
             body = json.dumps(body)
+        if body is not None:  # POST bodies must say they are JSON
+            headers = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
         raw = response.read().decode("utf-8")

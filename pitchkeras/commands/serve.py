@@ -8,7 +8,10 @@ import argparse
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, field_default
 from pitchkeras.errors import UsageError
+from pitchkeras.server.config import ServerConfig
 from pitchkeras.store import DEFAULT_STORE_URI
+
+_DEFAULTS = ServerConfig()  # the timeout flags' defaults are its fields
 
 
 def add_parser(subparsers):
@@ -47,9 +50,26 @@ def add_parser(subparsers):
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="one access-log line per call at INFO")
+    _add_timeout_flags(p)
     add_compile_cache_flags(p)
     add_quantize_flag(p)
     return p
+
+
+def _add_timeout_flags(p) -> None:
+    """Slow or silent clients: how long each edge waits before dropping them."""
+    p.add_argument("--header-timeout", type=float, default=_DEFAULTS.header_timeout_s,
+                   help="HTTP: seconds from a request head's first byte to its end")
+    p.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout_s,
+                   help="HTTP: seconds to receive a whole request body")
+    p.add_argument("--keepalive-timeout", type=float, default=_DEFAULTS.keepalive_timeout_s,
+                   help="HTTP: seconds an idle connection is kept open")
+    p.add_argument("--grpc-keepalive", type=float, default=_DEFAULTS.grpc_keepalive_s,
+                   help="gRPC: ping a client after this many seconds without traffic")
+    p.add_argument("--grpc-keepalive-timeout", type=float, default=_DEFAULTS.grpc_keepalive_timeout_s,
+                   help="gRPC: drop a client whose ping is not acknowledged within this many seconds")
+    p.add_argument("--grpc-max-idle", type=float, default=_DEFAULTS.grpc_max_idle_s,
+                   help="gRPC: close a connection without calls for this many seconds")
 
 
 def _read(path: str, flag: str) -> bytes:
@@ -87,6 +107,12 @@ def run(args) -> int:
         rate_per_s=args.rate_per_s,
         burst=args.burst,
         quantize=args.quantize,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keepalive_timeout_s=args.keepalive_timeout,
+        grpc_keepalive_s=args.grpc_keepalive,
+        grpc_keepalive_timeout_s=args.grpc_keepalive_timeout,
+        grpc_max_idle_s=args.grpc_max_idle,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
                 if args.api_key_file else None)

@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from pitchkeras.errors import InvalidArgument
+from pitchkeras.errors import InvalidArgument, echo
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,8 @@ def validate_review_id(value: str) -> str:
     Ids are opaque strings of 1 to 128 characters from `[A-Za-z0-9_-]`.
     """
     if not isinstance(value, str) or not REVIEW_ID_RE.match(value):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise InvalidArgument(
-            f"malformed review id {shown}: expected 1 to 128 characters from A-Z, a-z, 0-9, '_' and '-'"
+            f"malformed review id {echo(value)}: expected 1 to 128 characters from A-Z, a-z, 0-9, '_' and '-'"
         )
     return value
 
@@ -63,9 +62,9 @@ def validate_score(score: Optional[float]) -> Optional[float]:
     try:
         score = float(score)
     except (TypeError, ValueError):
-        raise InvalidArgument(f"score must be a number in [0, 10], got {score!r}") from None
+        raise InvalidArgument(f"score must be a number in [0, 10], got {echo(score)}") from None
     if math.isnan(score) or not 0.0 <= score <= 10.0:
-        raise InvalidArgument(f"score must be in [0, 10], got {score!r}")
+        raise InvalidArgument(f"score must be in [0, 10], got {echo(score)}")
     return round(score, 1)
 
 
@@ -263,7 +262,7 @@ def review_from_record(review_id: str, record: Mapping[str, Any], *, source: str
     warn = warn or log.warning
     text = record.get("text")
     if not isinstance(text, str) or not text.strip():
-        raise UnusableRecord(f"{source}: document {review_id} has no usable text ({type(text).__name__})")
+        raise UnusableRecord(f"document {review_id} has no usable text ({type(text).__name__})")
     fields: dict[str, Any] = {}
     for name, (coerce, default) in _RECORD_FIELDS.items():
         value = record.get(name)
@@ -310,7 +309,7 @@ def describe(score: Optional[float], genre: Optional[str]) -> str:
     if score is not None:
         parts.append(f"score={score}")
     if genre is not None:
-        parts.append(f"genre={genre!r}")
+        parts.append(f"genre={echo(genre)}")
     return ", ".join(parts) if parts else "any conditions"
 
 

@@ -30,10 +30,13 @@ import dataclasses
 import datetime
 import logging
 import random
+import re
 import threading
 import time
 import urllib.parse
 from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from google.rpc import code_pb2
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from pitchkeras.store.base import (
@@ -77,12 +80,14 @@ _FIELD_OVERHEAD_BYTES = 512
 _MAX_GETS_PER_CALL = 300
 # Documents read per page by migrate().
 _MIGRATE_PAGE = 300
-# google.rpc.Code values in BatchWrite statuses.
-_CODE_OK = 0
-_CODE_ALREADY_EXISTS = 6
-_PERMANENT_CODES = {3: InvalidArgument, 5: NotFound, 7: FailedPrecondition, 9: FailedPrecondition,
-                    16: FailedPrecondition}  # INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, ...
-_RETRIED_CODES = {4, 8, 10, 13, 14}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNAVAILABLE
+# What each google.rpc.Code of a BatchWrite status means for the write.
+_PERMANENT_CODES = {code_pb2.INVALID_ARGUMENT: InvalidArgument, code_pb2.NOT_FOUND: NotFound,
+                    code_pb2.PERMISSION_DENIED: FailedPrecondition, code_pb2.FAILED_PRECONDITION: FailedPrecondition,
+                    code_pb2.UNAUTHENTICATED: FailedPrecondition}
+_RETRIED_CODES = {code_pb2.DEADLINE_EXCEEDED, code_pb2.RESOURCE_EXHAUSTED, code_pb2.ABORTED, code_pb2.INTERNAL,
+                  code_pb2.UNAVAILABLE}
+# Firestore names documents `projects/P/databases/D/documents/C/ID`; messages to callers show none of that.
+_RESOURCE_NAME_RE = re.compile(r"projects/\S+")
 _URI_OPTIONS = ("timeout", "database", "candidates")
 # Firestore auto ids: 20 characters of this alphabet.
 _AUTO_ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -91,6 +96,11 @@ _CREDENTIALS_HELP = (
     "`gcloud auth application-default login` (Application Default Credentials), "
     "or set FIRESTORE_EMULATOR_HOST=host:port for an emulator"
 )
+
+
+def _without_names(message: str) -> str:
+    """A Firestore message with its resource names (project, database, collection) cut out."""
+    return _RESOURCE_NAME_RE.sub("<document>", str(message))
 
 
 def _parse_uri(uri: str) -> dict[str, Any]:
@@ -203,7 +213,7 @@ class FirestoreStore(ReviewStore):
                 "the Firestore store needs google-cloud-firestore: pip install google-cloud-firestore"
             ) from exc
         self._firestore = firestore
-        with self._translate_errors():
+        with self._translate_errors(f"{self.uri}: "):  # opening: the operator's message may name the store
             kwargs = {"project": project}
             if database:
                 kwargs["database"] = database
@@ -218,27 +228,31 @@ class FirestoreStore(ReviewStore):
     # -- errors and call options ----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _translate_errors(self) -> Iterator[None]:
-        """Turn google.api_core / google.auth exceptions into the library's errors."""
+    def _translate_errors(self, where: str = "") -> Iterator[None]:
+        """Turn google.api_core / google.auth exceptions into the library's errors.
+
+        Messages name the store only when `where` is given (opening it); at serve time they reach callers,
+        who must not learn the project or collection, so Firestore's resource names are cut out too.
+        """
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
 
         try:
             yield
         except gexc.InvalidArgument as exc:
-            raise InvalidArgument(f"{self.uri}: {exc.message}") from exc
+            raise InvalidArgument(f"{where}Firestore rejected the request: {_without_names(exc.message)}") from exc
         except gexc.NotFound as exc:
-            raise NotFound(f"{self.uri}: {exc.message}") from exc
+            raise NotFound(f"{where}Firestore found no such document: {_without_names(exc.message)}") from exc
         except (gexc.FailedPrecondition, gexc.PermissionDenied, gexc.Unauthenticated) as exc:
             # Missing composite index (the message links to create it) or credentials without access.
-            raise FailedPrecondition(f"{self.uri}: {exc.message}") from exc
+            raise FailedPrecondition(f"{where}Firestore refused the request: {_without_names(exc.message)}") from exc
         except gexc.GoogleAPIError as exc:
             # Unavailable, deadline exceeded, retries exhausted, aborted, internal.
-            raise Unavailable(f"{self.uri}: Firestore is unavailable: {exc}") from exc
+            raise Unavailable(f"{where}Firestore is unavailable ({type(exc).__name__}); retry") from exc
         except auth_exc.DefaultCredentialsError as exc:
-            raise FailedPrecondition(f"{self.uri}: no Google credentials found: {_CREDENTIALS_HELP}") from exc
+            raise FailedPrecondition(f"{where}no Google credentials found: {_CREDENTIALS_HELP}") from exc
         except auth_exc.GoogleAuthError as exc:
-            raise FailedPrecondition(f"{self.uri}: unusable Google credentials ({exc}); {_CREDENTIALS_HELP}") from exc
+            raise FailedPrecondition(f"{where}unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
 
     def _call_options(self, timeout: Optional[float] = None) -> dict[str, Any]:
         """The client's public `retry=`/`timeout=`: transient errors retried until the deadline."""
@@ -407,20 +421,21 @@ class FirestoreStore(ReviewStore):
                 response = batch.commit(**self._call_options(deadline - time.monotonic()))
             retry = []
             for (ref, data), status in zip(writes, response.status):
-                if status.code == _CODE_OK:
+                if status.code == code_pb2.OK:
                     added += 1
-                elif status.code == _CODE_ALREADY_EXISTS:
+                elif status.code == code_pb2.ALREADY_EXISTS:
                     pass
                 elif status.code in _RETRIED_CODES:
                     retry.append((ref, data))
                 else:
                     error = _PERMANENT_CODES.get(status.code, Unavailable)
-                    raise error(f"{self.uri}: writing review {ref.id} failed (code {status.code}): {status.message}")
+                    raise error(f"writing review {ref.id} failed ({code_pb2.Code.Name(status.code)}): "
+                                f"{_without_names(status.message)}")
             writes, attempt = retry, attempt + 1
             if writes:
                 pause = min(1.0, 0.05 * 2**attempt)
                 if time.monotonic() + pause > deadline:
-                    raise Unavailable(f"{self.uri}: {len(writes)} review write(s) still failing transiently "
+                    raise Unavailable(f"{len(writes)} review write(s) still failing transiently "
                                       f"after {self.timeout:g} s; retry")
                 time.sleep(pause)
         return added
@@ -455,7 +470,7 @@ class FirestoreStore(ReviewStore):
                         state.reading = False
                         self._picks_changed.notify_all()
                 if not fresh:
-                    raise NotFound(f"no review matches {describe(score, genre)} in {self.uri}")
+                    raise NotFound(f"no review matches {describe(score, genre)}")
                 with self._picks_changed:
                     # Not what this process is claiming right now, nor versions it already claimed or
                     # lost: a read can predate those claims.
@@ -488,7 +503,7 @@ class FirestoreStore(ReviewStore):
                     state.spread_until = time.monotonic() + _SPREAD_FOR_S
             if time.monotonic() >= deadline:
                 raise Unavailable(
-                    f"{self.uri}: gave up picking a review after {lost_races} lost races in "
+                    f"gave up picking a review after {lost_races} lost races in "
                     f"{self.timeout:g} s of contention; retry"
                 )
             if candidate is not None:
@@ -510,7 +525,7 @@ class FirestoreStore(ReviewStore):
         with self._translate_errors():
             snapshot = self._collection.document(review_id).get(**self._call_options())
         if not snapshot.exists:
-            raise NotFound(f"no review with id {review_id} in {self.uri}")
+            raise NotFound(f"no review with id {review_id}")
         try:
             return review_from_record(snapshot.id, snapshot.to_dict(), source=self.uri)
         except UnusableRecord as exc:
@@ -609,16 +624,16 @@ class FirestoreStore(ReviewStore):
                         response = batch.commit(**self._call_options())
                     again = []
                     for (snapshot, fields), status in zip(todo, response.status):
-                        if status.code == _CODE_OK:
+                        if status.code == code_pb2.OK:
                             result.updated += 1
-                        elif status.code == 9 or status.code in _RETRIED_CODES:  # changed since read, or transient
-                            again.append(snapshot.reference)
-                        elif status.code == 5:  # deleted meanwhile
+                        elif status.code == code_pb2.FAILED_PRECONDITION or status.code in _RETRIED_CODES:
+                            again.append(snapshot.reference)  # changed since read, or transient
+                        elif status.code == code_pb2.NOT_FOUND:  # deleted meanwhile
                             result.skipped += 1
                         else:
                             error = _PERMANENT_CODES.get(status.code, Unavailable)
-                            raise error(f"{self.uri}: migrating {snapshot.id} failed (code {status.code}): "
-                                        f"{status.message}")
+                            raise error(f"{self.uri}: migrating {snapshot.id} failed "
+                                        f"({code_pb2.Code.Name(status.code)}): {status.message}")
                     todo = []
                     if again:  # read those again and recompute what they lack
                         with self._translate_errors():

@@ -100,17 +100,21 @@ _COUNTS_SQL = "SELECT score, genre, COUNT(*) FROM reviews GROUP BY score, genre"
 
 
 @contextlib.contextmanager
-def _translate_errors(uri: str) -> Iterator[None]:
-    """Turn sqlite3 exceptions into the library's errors."""
+def _translate_errors(where: str = "") -> Iterator[None]:
+    """Turn sqlite3 exceptions into the library's errors.
+
+    Messages name the database only when `where` is given (opening it, for the
+    operator); at serve time they reach callers, who must not learn where the store is.
+    """
     try:
         yield
     except sqlite3.IntegrityError as exc:
-        raise InvalidArgument(f"{uri}: rejected write: {exc}") from exc
+        raise InvalidArgument(f"{where}rejected write: {exc}") from exc
     except sqlite3.OperationalError as exc:
         # Locked past the busy timeout, unable to open, disk I/O, read-only file.
-        raise Unavailable(f"{uri}: SQLite is unavailable: {exc}") from exc
+        raise Unavailable(f"{where}SQLite is unavailable: {exc}") from exc
     except sqlite3.DatabaseError as exc:
-        raise Unavailable(f"{uri}: not a usable SQLite database: {exc}") from exc
+        raise Unavailable(f"{where}not a usable SQLite database: {exc}") from exc
 
 
 def _path_from_uri(uri: str) -> str:
@@ -174,7 +178,7 @@ class SQLiteStore(ReviewStore):
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
             raise Unavailable(f"{self.uri}: cannot create folder {parent}: {exc}") from exc
-        with self._write_lock, _translate_errors(self.uri):
+        with self._write_lock, _translate_errors(f"{self.uri}: "):
             conn = self._connection()
             # WAL is persistent in the file; setting it needs a moment without readers.
             conn.execute("PRAGMA journal_mode=WAL")
@@ -198,7 +202,7 @@ class SQLiteStore(ReviewStore):
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
-            raise Unavailable(f"{self.uri}: the store is closed")
+            raise Unavailable("the store is closed")
         conn = getattr(self._local, "conn", None)
         if conn is None:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -227,7 +231,7 @@ class SQLiteStore(ReviewStore):
         return added
 
     def _insert(self, rows: list[tuple]) -> int:
-        with self._write_lock, _translate_errors(self.uri):
+        with self._write_lock, _translate_errors():
             conn = self._connection()
             before = conn.total_changes
             conn.execute("BEGIN IMMEDIATE")
@@ -249,7 +253,7 @@ class SQLiteStore(ReviewStore):
             clauses.append(_WHERE_SCORE)
             params.append(score)
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        with self._write_lock, _translate_errors(self.uri):
+        with self._write_lock, _translate_errors():
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -259,21 +263,21 @@ class SQLiteStore(ReviewStore):
                 conn.execute("ROLLBACK")
                 raise
         if row is None:
-            raise NotFound(f"no review matches {describe(score, genre)} in {self.uri}")
+            raise NotFound(f"no review matches {describe(score, genre)}")
         return _row_to_review(row, self.uri)
 
     def get_by_id(self, review_id: str) -> Review:
         validate_review_id(review_id)
-        with _translate_errors(self.uri):
+        with _translate_errors():
             row = self._connection().execute(_GET_BY_ID_SQL, (review_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no review with id {review_id} in {self.uri}")
+            raise NotFound(f"no review with id {review_id}")
         return _row_to_review(row, self.uri)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         ids = list(dict.fromkeys(ids))
         found: set[str] = set()
-        with _translate_errors(self.uri):
+        with _translate_errors():
             conn = self._connection()
             for start in range(0, len(ids), _MAX_PARAMS):
                 part = ids[start:start + _MAX_PARAMS]
@@ -282,7 +286,7 @@ class SQLiteStore(ReviewStore):
         return found
 
     def counts(self) -> list[ConditionCount]:
-        with _translate_errors(self.uri):
+        with _translate_errors():
             rows = self._connection().execute(_COUNTS_SQL).fetchall()
         return sorted((ConditionCount(score=s, genre=g, count=n) for s, g, n in rows), key=_count_order)
 

@@ -1,0 +1,166 @@
+"""Load and faults on Google's Firestore emulator: two `pitchkeras serve` processes on one collection under
+steady GetReview load while the emulator is frozen for a few seconds, then resumed.
+
+The emulator keeps its data in memory only: a restarted emulator is empty
+(its `--export-on-exit` did not write an export when its process group was
+stopped with SIGTERM here), so stopping and restarting it would lose the
+counts this test checks. The outage is therefore a freeze of the emulator's
+whole process group (SIGSTOP, then SIGCONT): its port stays open and calls
+hang rather than being refused, the harder case for deadlines, and its data
+survives, so the counts can be checked exactly.
+
+Invariants: during the outage every call ends by its deadline, as OK or
+UNAVAILABLE (the servers' store timeout is shorter than the client's
+deadline); both servers answer OK again by themselves soon after; and every
+review's `selection_count` is at least the picks of it answered OK (none
+lost), the excess over all reviews being at most the calls that did not end
+OK (an increment applied while its answer was lost: the documented
+transport-retry case in BUILD_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+
+from pitchkeras.store.emulator import FirestoreEmulator, find_emulator
+from pitchkeras.store.firestore import FirestoreStore
+from pitchkeras.v1 import review_service_pb2 as pb
+from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
+from tests.serve_fixtures import pool_reviews
+
+PROJECT = "pitchkeras-outage"
+STORE_TIMEOUT_S = 2.0  # the servers' Firestore deadline (every store call, retries included)
+DEADLINE_S = 5.0  # the clients' deadline
+CLIENTS = 6
+BEFORE_S, OUTAGE_S, AFTER_S = 4.0, 4.0, 8.0
+RECOVERY_S = STORE_TIMEOUT_S + 3.0  # calls started this long after the resume must all be OK
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def emulator():
+    """An emulator of this test's own, so it can be frozen without touching the session's."""
+    if find_emulator() is None:
+        pytest.skip("the Cloud Firestore emulator is not installed")
+    with FirestoreEmulator() as own:
+        yield own
+
+
+def _serve(store_uri: str, env: dict, log_path) -> tuple[subprocess.Popen, int]:
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", store_uri, "--port", "0",
+                                "--grace", "1", "--log-level", "WARNING"],
+                               stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    line = process.stdout.readline().strip()
+    if not line.startswith("serving on "):
+        process.kill()
+        raise AssertionError(f"serve did not start: {line!r}; see {log_path}")
+    return process, int(line.rsplit(":", 1)[1])
+
+
+class Load:
+    """`CLIENTS` threads calling GetReview in turn on each server until stopped; every call recorded."""
+
+    def __init__(self, ports: list[int]):
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        self.calls: list[tuple[int, float, float, grpc.StatusCode, str]] = []  # server, start, end, code, id
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)]
+
+    def _run(self, index: int) -> None:
+        stubs = [pb_grpc.ReviewServiceStub(c) for c in self.channels]
+        turn = index
+        while not self._stop.is_set():
+            server = turn % len(stubs)
+            turn += 1
+            started = time.monotonic()
+            try:
+                review_id = stubs[server].GetReview(pb.GetReviewRequest(), timeout=DEADLINE_S).review.id
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                review_id, code = "", err.code()
+            with self._lock:
+                self.calls.append((server, started, time.monotonic(), code, review_id))
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(DEADLINE_S + 5)
+        for channel in self.channels:
+            channel.close()
+
+
+def test_two_servers_ride_out_an_emulator_outage_without_losing_a_pick(emulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", emulator.host)  # the servers and the seeder use this one
+    collection = f"outage-{uuid.uuid4().hex[:8]}"
+    reviews = pool_reviews()
+    processes = []
+    with FirestoreStore(PROJECT, collection, timeout=20.0, seed=0) as seeder:
+        seeder.add_reviews(reviews)
+        uri = f"firestore://{PROJECT}/{collection}?timeout={STORE_TIMEOUT_S:g}"
+        try:
+            servers = [_serve(uri, dict(os.environ), tmp_path / f"serve{i}.log") for i in range(2)]
+            processes = [process for process, _ in servers]
+            with Load([port for _, port in servers]) as load:
+                time.sleep(BEFORE_S)
+                frozen_at = time.monotonic()
+                os.killpg(emulator._proc.pid, signal.SIGSTOP)  # the launcher and its JVM
+                time.sleep(OUTAGE_S)
+                os.killpg(emulator._proc.pid, signal.SIGCONT)
+                resumed_at = time.monotonic()
+                time.sleep(AFTER_S)
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(30)
+                process.stdout.close()
+        counts = {r.id: seeder.get_by_id(r.id).selection_count for r in reviews}
+    _check(load.calls, counts, frozen_at, resumed_at)
+
+
+def _check(calls, counts: dict, frozen_at: float, resumed_at: float) -> None:
+    codes = collections.Counter(code.name for *_, code, _ in calls)
+    durations = [end - start for _, start, end, _, _ in calls]
+    # No call hangs past its deadline, and every answer is OK or UNAVAILABLE (the store's, not the client's timeout).
+    assert max(durations) <= DEADLINE_S + 0.5, max(durations)
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    during = [(end - start, code) for _, start, end, code, _ in calls if frozen_at <= start < resumed_at - STORE_TIMEOUT_S]
+    assert during and all(code == grpc.StatusCode.UNAVAILABLE for _, code in during), during
+    assert max(seconds for seconds, _ in during) <= STORE_TIMEOUT_S + 1.5
+    # Both servers recover by themselves.
+    recovered = {}
+    for server, start, _, code, _ in sorted(calls, key=lambda c: c[1]):
+        if start >= resumed_at and code == grpc.StatusCode.OK:
+            recovered.setdefault(server, start - resumed_at)
+    assert set(recovered) == {0, 1}, recovered
+    late = [code for _, start, _, code, _ in calls if start >= resumed_at + RECOVERY_S]
+    assert late and all(code == grpc.StatusCode.OK for code in late), collections.Counter(late)
+    # No pick lost; excess only from calls that did not end OK.
+    ok_picks = collections.Counter(review_id for *_, code, review_id in calls if code == grpc.StatusCode.OK)
+    for review_id, count in counts.items():
+        assert count >= ok_picks[review_id], (review_id, count, ok_picks[review_id])
+    excess = sum(counts.values()) - sum(ok_picks.values())
+    failed = sum(1 for *_, code, _ in calls if code != grpc.StatusCode.OK)
+    assert 0 <= excess <= failed, (excess, failed)
+    print(f"\n{len(calls)} calls ({dict(codes)}); during the outage {len(during)} calls, slowest "
+          f"{max(s for s, _ in during):.2f} s; recovered after {max(recovered.values()):.2f} s "
+          f"(per server {[round(recovered[s], 2) for s in sorted(recovered)]}); over-count {excess} of {failed} "
+          f"failed calls; slowest call overall {max(durations):.2f} s")
