@@ -17,7 +17,7 @@ from pitchkeras import __version__
 from pitchkeras.errors import PitchkerasError
 
 # Order shown in --help: the data flow.
-COMMANDS = ("prepare", "finetune", "generate", "report", "populate", "store", "serve", "client", "demo")
+COMMANDS = ("prepare", "finetune", "plan", "generate", "report", "populate", "store", "serve", "client", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
