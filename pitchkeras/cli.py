@@ -17,8 +17,8 @@ from pitchkeras import __version__
 from pitchkeras.errors import PitchkerasError
 
 # Order shown in --help: the data flow.
-COMMANDS = ("prepare", "import", "finetune", "generate", "report", "populate", "store", "serve", "client", "export",
-            "demo")
+COMMANDS = ("prepare", "import", "finetune", "plan", "generate", "report", "populate", "store", "serve", "client",
+            "export", "demo")
 # Subcommands whose module has another name (`import` is a Python keyword).
 MODULE_NAMES = {"import": "import_model"}
 

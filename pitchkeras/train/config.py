@@ -15,6 +15,7 @@ from pitchkeras.model import TinyConfig
 
 PRECISIONS = ("auto", "mixed_float16", "mixed_bfloat16", "float32")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
+OPTIMIZERS = ("adamw", "adafactor", "lion")
 
 
 @dataclasses.dataclass
@@ -31,12 +32,20 @@ class TrainConfig:
         preset: str. A keras-hub GPT-2 preset name, a local preset directory, or `tiny`.
         steps: int. Total optimizer steps the run trains to (a resumed run finishes the same schedule).
         batch_size: int. Global batch (rows) per micro-step, split across replicas.
+        auto_batch: bool. Choose the micro-batch from the memory plan: the largest divisor of
+            `batch_size * grad_accum` that fits `memory`, accumulated up to that effective batch.
+        memory: str. The device memory budget of `auto_batch` (`16GB`; "" = the local accelerator's,
+            none on a CPU, where the batch stays as given).
+        memory_margin: float. Fraction of `memory` kept free by `auto_batch` (allocator slack, fragmentation).
         sequence_length: int. Tokens per row.
         learning_rate: float. Peak learning rate.
         warmup_steps: int. Linear warmup steps; -1 means 10% of `steps` (at most 200).
         min_learning_rate_ratio: float. Cosine decay ends at this fraction of the peak.
         weight_decay: float. AdamW decoupled weight decay (not applied to biases and norms).
         clipnorm: float. Global gradient-norm clip (0 = off).
+        optimizer: str. `adamw` (two moments per weight), `adafactor` (factored second moments) or `lion`
+            (one moment; wants a 3-10x lower learning rate than AdamW).
+        remat: bool. Rematerialize the transformer blocks (recompute activations in the backward pass).
         grad_accum: int. Micro-batches accumulated per optimizer step.
         print_every: int. Steps between log lines (0 = off).
         save_every: int. Steps between checkpoints (0 = only at the end).
@@ -63,12 +72,17 @@ class TrainConfig:
     preset: str = "gpt2_medium_en"  # the seed tutorial's model; `tiny` for offline/CPU
     steps: int = 1000
     batch_size: int = 8
+    auto_batch: bool = False
+    memory: str = ""
+    memory_margin: float = 0.1  # XLA's plan excludes allocator slack; a tenth of the device is left for it
     sequence_length: int = 256  # reviews median ~700 tokens; 256 keeps 355M on one 16 GB GPU
     learning_rate: float = 1e-4  # fine-tuning a pretrained model; a fresh `tiny` wants ~2e-3
     warmup_steps: int = -1  # -1: 10% of steps, at most 200
     min_learning_rate_ratio: float = 0.1  # cosine decays to 10% of the peak
     weight_decay: float = 0.01
     clipnorm: float = 1.0  # GPT-2/nanoGPT recipe: clip the global gradient norm at 1
+    optimizer: str = "adamw"
+    remat: bool = False
     grad_accum: int = 1  # effective batch = batch_size * grad_accum
     print_every: int = 50
     save_every: int = 500
@@ -116,6 +130,14 @@ class TrainConfig:
             raise InvalidArgument(f"learning_rate must be positive, got {self.learning_rate}")
         if self.clipnorm < 0:
             raise InvalidArgument(f"clipnorm must be 0 (off) or positive, got {self.clipnorm}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidArgument(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 <= self.memory_margin < 1:
+            raise InvalidArgument(f"memory_margin must be in [0, 1), got {self.memory_margin}")
+        if self.memory:
+            from pitchkeras.train.plan import parse_memory
+
+            parse_memory(self.memory)
         if self.mixed_precision not in PRECISIONS:
             raise InvalidArgument(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.strategy not in STRATEGIES:
@@ -210,23 +232,27 @@ def learning_rate_schedule(config: TrainConfig):
 
 
 def make_optimizer(config: TrainConfig):
-    """`keras.optimizers.AdamW` with the schedule, weight decay, clipping and accumulation of `config`.
+    """The Keras optimizer `config.optimizer` names, with the schedule, weight decay, clipping and accumulation.
 
-    Keras adds loss scaling itself when the model's policy is `mixed_float16`
-    (`compile(auto_scale_loss=True)` wraps this in a `LossScaleOptimizer`).
+    `adamw` is `keras.optimizers.AdamW`; `adafactor` is
+    `keras.optimizers.Adafactor` with the run's schedule (its own
+    `relative_step` 1/sqrt(step) cap off); `lion` is `keras.optimizers.Lion`.
+    Each decays weights decoupled and clips the global gradient norm the same
+    way. Keras adds loss scaling itself when the model's policy is
+    `mixed_float16` (`compile(auto_scale_loss=True)` wraps this in a
+    `LossScaleOptimizer`).
     """
     import keras
 
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate_schedule(config),
-        weight_decay=config.weight_decay,
-        beta_1=0.9,
-        beta_2=0.999,
-        epsilon=1e-6,
-        global_clipnorm=config.clipnorm or None,
-        gradient_accumulation_steps=config.grad_accum if config.grad_accum > 1 else None,
-        name="adamw",
-    )
+    common = dict(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay,
+                  global_clipnorm=config.clipnorm or None, name=config.optimizer,
+                  gradient_accumulation_steps=config.grad_accum if config.grad_accum > 1 else None)
+    if config.optimizer == "adafactor":
+        optimizer = keras.optimizers.Adafactor(relative_step=False, **common)
+    elif config.optimizer == "lion":
+        optimizer = keras.optimizers.Lion(beta_1=0.9, beta_2=0.99, **common)
+    else:
+        optimizer = keras.optimizers.AdamW(beta_1=0.9, beta_2=0.999, epsilon=1e-6, **common)
     # Decay only matrices: biases and layer-norm scales/offsets keep their values (as in GPT-2's recipe).
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer

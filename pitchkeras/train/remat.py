@@ -1,0 +1,128 @@
+"""Rematerialization of the transformer blocks: keep each block's input, recompute its activations backward.
+
+A rematerialized block keeps only its input for the backward pass and
+recomputes its activations there: at sequence length 1024 the attention
+scores of one GPT-2 block are heads x 1024 x 1024 per row, which is most of
+what a training step holds on to.
+
+Why not `keras.RematScope(mode="list_of_layers")` as it is: Keras 3.15 hands
+every keyword of the block's call to `keras.remat`, which on JAX turns
+`training=True` and `use_causal_mask=True` into traced values (the block
+then fails on `if training`), and a dropout inside the remat leaks its seed
+update out of the `jax.checkpoint` trace. Here the Python-valued keywords
+stay static, and on JAX the block's state (its dropout seeds) goes in and
+comes out of the rematerialized function explicitly, so the recomputation
+draws the same masks and the run's losses equal those without remat.
+
+On JAX the recomputation is a `jax.custom_vjp` whose backward first makes
+the block's inputs depend on the incoming gradient (a select on whether its
+first element is NaN): `jax.checkpoint`'s recomputation depends only on
+saved inputs, and XLA's CPU compiler merges it back into the forward pass
+(measured: the same buffers as without remat), so neither the CPU's plan
+nor a CPU run would show the saving. With the dependency the recomputation
+can only run in the backward pass, on every XLA backend.
+On TensorFlow it is `keras.remat` (`tf.recompute_grad`), which redraws
+dropout masks in the recomputation, so there remat is refused on a model
+with dropout.
+"""
+
+from __future__ import annotations
+
+from pitchkeras.errors import UsageError
+
+
+def remat_transformer_blocks(backbone) -> None:
+    """Rematerialize each transformer block of a keras-hub GPT-2 `backbone` from now on.
+
+    Args:
+        backbone: keras_hub.models.GPT2Backbone. Changed in place (its blocks' `call`).
+
+    Raises:
+        UsageError: on TensorFlow, a backbone with dropout (the recomputation would draw other masks).
+    """
+    import keras
+
+    if keras.config.backend() == "tensorflow" and float(getattr(backbone, "dropout", 0.0) or 0.0) > 0:
+        raise UsageError(f"--remat on TensorFlow needs a model without dropout (this one has {backbone.dropout}): "
+                         "tf.recompute_grad redraws dropout masks; use KERAS_BACKEND=jax")
+    for block in backbone.transformer_layers:
+        block.call = _rematerialized(block, block.call)
+
+
+def _rematerialized(layer, call):
+    """`call` of `layer` through `keras.remat`, tensors traced, every other argument static."""
+    import keras
+
+    def call_with_remat(*args, **kwargs):
+        names = [name for name, value in kwargs.items() if keras.ops.is_tensor(value)]
+        static = {name: value for name, value in kwargs.items() if name not in names}
+        tensors = [*args, *(kwargs[name] for name in names)]
+        count = len(args)
+
+        def run(flat):
+            return call(*flat[:count], **dict(zip(names, flat[count:count + len(names)])), **static)
+
+        state = _traced_state(layer)
+        if state is None:  # TensorFlow: real variables, which tf.recompute_grad tracks itself
+            return keras.remat(lambda *flat: run(flat))(*tensors)
+        variables, values = state
+        outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], lambda: run(flat)),
+                                       len(tensors))(*tensors, *values)
+        for variable, after in zip([v for v in variables if not v.trainable], updated):
+            variable.assign(after)  # e.g. a dropout's seed, advanced
+        return outputs
+
+    return call_with_remat
+
+
+def _traced_state(layer):
+    """On JAX inside a stateless call: the layer's variables and their current traced values, else None."""
+    import keras
+    from keras.src.backend.common.stateless_scope import get_stateless_scope  # the JAX trainer's state mapping
+
+    scope = get_stateless_scope() if keras.config.backend() == "jax" else None
+    if scope is None:
+        return None
+    variables = list(layer.variables)
+    values = []
+    for variable in variables:
+        value = scope.get_current_value(variable)
+        values.append(variable.value if value is None else value)
+    return variables, values
+
+
+def _stateless(variables, values, fn):
+    """Run `fn` with `variables` read from `values`; return its outputs and the non-trainable ones' values after."""
+    import keras
+
+    with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+        outputs = fn()
+    return outputs, [scope.get_current_value(variable) for variable in variables if not variable.trainable]
+
+
+def _late_remat(fn, gated: int):
+    """`fn` whose backward recomputes it from its inputs once the output's gradient exists (JAX).
+
+    Args:
+        fn: callable. A pure function of arrays.
+        gated: int. How many leading inputs (the activations, not the weights) wait for the gradient.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def rematerialized(*inputs):
+        return fn(*inputs)
+
+    def forward(*inputs):
+        return fn(*inputs), inputs  # only the inputs are kept
+
+    def backward(inputs, cotangent):
+        first = next(leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.floating))
+        waiting = jnp.isnan(first.reshape(-1)[0])  # unknown until the gradient exists; NaN poisons it anyway
+        inputs = [jnp.where(waiting, jnp.zeros_like(x), x) if i < gated else x for i, x in enumerate(inputs)]
+        _, pullback = jax.vjp(fn, *inputs)
+        return pullback(cotangent)
+
+    rematerialized.defvjp(forward, backward)
+    return rematerialized
