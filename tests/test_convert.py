@@ -323,6 +323,23 @@ def test_ctranslate2_converts_the_export(gs, tmp_path):
     assert np.abs(logits - gs["logits"][1]).max() < TOLERANCE
 
 
+def test_an_exported_run_imports_back_unchanged(gs, tmp_path, capsys):
+    """gpt-2-simple -> pitchkeras -> transformers -> pitchkeras: format, values, token ids and logits survive."""
+    pytest.importorskip("torch")
+    from pitchkeras.model import ModelInfo, load_model
+
+    assert main(["export", str(gs["model_dir"]), "--out", str(tmp_path / "hf")]) == 0
+    code, err = _import(capsys, tmp_path / "hf", "--out", tmp_path / "back")
+    assert code == 0 and "conditions: score, genre" in err
+    model = load_model(tmp_path / "back")
+    original = ModelInfo.read(gs["model_dir"])
+    assert model.prompt_format == original.prompt_format
+    assert model.info.condition_values == original.condition_values
+    for text, expected in zip(TEXTS, gs["encodings"]):
+        assert np.asarray(model.tokenizer.tokenize(text)).tolist() == expected, text
+    assert np.abs(_logits(model, gs["prompt_ids"][0]) - gs["logits"][0]).max() < TOLERANCE
+
+
 # -- an imported run is a model directory like any other ----------------------------------
 
 @pytest.mark.slow
