@@ -34,7 +34,11 @@ def _read_json(path: Path):
 
 
 def vocabulary_and_merges(path: Path) -> tuple[dict, list[str]]:
-    """The BPE vocabulary and merges of a transformers GPT-2 directory (`vocab.json` + `merges.txt`, or `tokenizer.json`)."""
+    """The BPE vocabulary and merges of a transformers GPT-2 directory.
+
+    From `vocab.json` + `merges.txt` when present (keras-hub's converter reads
+    only these), else from `tokenizer.json` (all transformers 5 writes).
+    """
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         vocabulary = _read_json(path / "vocab.json")
         lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
