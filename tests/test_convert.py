@@ -212,6 +212,14 @@ def test_a_transformers_model_that_is_not_gpt2_is_refused(tmp_path, capsys):
     assert f"{tmp_path / 'llama' / 'config.json'}: model_type is 'llama'" in err and not (tmp_path / "out").exists()
 
 
+def test_step_picks_a_saved_checkpoint(gs, tmp_path, capsys):
+    run = tmp_path / "run1"
+    shutil.copytree(gs["run"], run)
+    (run / "checkpoint").unlink()  # --step needs no index file
+    code, err = _import(capsys, run, "--out", tmp_path / "m", "--step", "7")
+    assert code == 0 and f"{run / 'model-7'}" in err
+
+
 def test_import_never_overwrites(gs, capsys):
     code, err = _import(capsys, gs["run"], "--out", gs["model_dir"])
     assert code == 2 and "already exists" in err
@@ -315,15 +323,32 @@ def test_ctranslate2_converts_the_export(gs, tmp_path):
     assert np.abs(logits - gs["logits"][1]).max() < TOLERANCE
 
 
+def test_an_exported_run_imports_back_unchanged(gs, tmp_path, capsys):
+    """gpt-2-simple -> pitchkeras -> transformers -> pitchkeras: format, values, token ids and logits survive."""
+    pytest.importorskip("torch")
+    from pitchkeras.model import ModelInfo, load_model
+
+    assert main(["export", str(gs["model_dir"]), "--out", str(tmp_path / "hf")]) == 0
+    code, err = _import(capsys, tmp_path / "hf", "--out", tmp_path / "back")
+    assert code == 0 and "conditions: score, genre" in err
+    model = load_model(tmp_path / "back")
+    original = ModelInfo.read(gs["model_dir"])
+    assert model.prompt_format == original.prompt_format
+    assert model.info.condition_values == original.condition_values
+    for text, expected in zip(TEXTS, gs["encodings"]):
+        assert np.asarray(model.tokenizer.tokenize(text)).tolist() == expected, text
+    assert np.abs(_logits(model, gs["prompt_ids"][0]) - gs["logits"][0]).max() < TOLERANCE
+
+
 # -- an imported run is a model directory like any other ----------------------------------
 
 @pytest.mark.slow
 def test_finetune_continues_an_imported_run(gs, tmp_path, capsys):
     from pitchkeras.model import load_model
-    from tests.peers import CORPUS
 
-    corpus = tmp_path / "reviews.txt"
-    corpus.write_text("\n".join(CORPUS * 10), encoding="utf-8")
+    corpus = tmp_path / "reviews.txt"  # gpt-2-simple's training file for the run
+    corpus.write_text("\n".join(f"{START_OF_TEXT}{5 + i % 5}.0\nRock\nRecord number {i} is loud, then quiet, "
+                                f"then loud again.{END_OF_TEXT}" for i in range(60)), encoding="utf-8")
     assert main(["prepare", str(corpus), "--out", str(tmp_path / "data"), "--no-progress"]) == 0
     code = main(["finetune", "--dataset", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ck"),
                  "--preset", str(gs["model_dir"]), "--steps", "2", "--batch-size", "2", "--sequence-length", "32",

@@ -26,9 +26,10 @@ def add_parser(subparsers):
     p.add_argument("path", metavar="PATH", help="the directory to import; its layout is detected")
     p.add_argument("--out", required=True, metavar="MODEL_DIR",
                    help=_stated("the pitchkeras model directory to create (required; must not exist)"))
-    p.add_argument("--conditions", default=",".join(ImportConfig.conditions), metavar="NAMES",
+    p.add_argument("--conditions", default=ImportConfig.conditions, metavar="NAMES",
                    help=_stated("header lines the model was trained with, in order, comma-separated (e.g. "
-                                "score,genre; default: none, a plain corpus)"))
+                                "score,genre; \"\" for a plain corpus; default: those in the pitchkeras.json of a "
+                                "directory `pitchkeras export` wrote, else none)"))
     p.add_argument("--dataset", default=ImportConfig.dataset,
                    help=_stated("the training data (a `prepare` directory, a CSV, or the gpt-2-simple .txt file) "
                                 "to learn the conditions' known values from (default: none, any value is taken)"))
@@ -50,9 +51,11 @@ def add_parser(subparsers):
 def run(args) -> int:
     from pitchkeras.convert import ImportConfig, import_model
 
-    conditions = tuple(name.strip() for name in args.conditions.split(",") if name.strip())
-    if len(set(conditions)) != len(conditions):
-        raise UsageError(f"--conditions {args.conditions!r} names a condition twice")
+    conditions = None
+    if args.conditions is not None:
+        conditions = tuple(name.strip() for name in args.conditions.split(",") if name.strip())
+        if len(set(conditions)) != len(conditions):
+            raise UsageError(f"--conditions {args.conditions!r} names a condition twice")
     if args.step is not None and args.step < 0:
         raise UsageError(f"--step must be >= 0, got {args.step}")
     config = ImportConfig(conditions=conditions, start_text=args.start_text, end_text=args.end_text,

@@ -34,7 +34,11 @@ def _read_json(path: Path):
 
 
 def vocabulary_and_merges(path: Path) -> tuple[dict, list[str]]:
-    """The BPE vocabulary and merges of a transformers GPT-2 directory (`vocab.json` + `merges.txt`, or `tokenizer.json`)."""
+    """The BPE vocabulary and merges of a transformers GPT-2 directory.
+
+    From `vocab.json` + `merges.txt` when present (keras-hub's converter reads
+    only these), else from `tokenizer.json` (all transformers 5 writes).
+    """
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         vocabulary = _read_json(path / "vocab.json")
         lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
@@ -54,11 +58,14 @@ def vocabulary_and_merges(path: Path) -> tuple[dict, list[str]]:
     return vocabulary, merges
 
 
-def load_causal_lm(source, *, dtype: str = "float32", sequence_length: int = 1024):
+def load_causal_lm(source, *, special_end_token: bool = True, dtype: str = "float32", sequence_length: int = 1024):
     """A keras-hub `GPT2CausalLM` from a transformers GPT-2 directory (keras-hub's converter for the weights).
 
     Args:
         source: layout.Source. A `transformers` source.
+        special_end_token: bool. `<|endoftext|>` in text is the one special
+            token, as transformers has it (True), or plain BPE pieces, as
+            gpt-2-simple's `Encoder` has it (False).
         dtype: str. The dtype to build the model in.
         sequence_length: int. The preprocessor's sequence length (capped at `n_positions`).
     """
@@ -68,7 +75,8 @@ def load_causal_lm(source, *, dtype: str = "float32", sequence_length: int = 102
     if END_TOKEN not in vocabulary:
         raise UsageError(f"{source.path}: the vocabulary has no {END_TOKEN}; not a GPT-2 tokenizer")
     try:
-        tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary, merges=merges)
+        tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocabulary, merges=merges,
+                                                   **({} if special_end_token else {"unsplittable_tokens": []}))
     except ValueError as err:
         raise UsageError(f"{source.path / 'merges.txt'}: does not match the vocabulary ({err})") from None
     try:

@@ -29,9 +29,10 @@ class ImportConfig:
     """How `pitchkeras import` reads a model and the prompt format it gives it.
 
     Args:
-        conditions: tuple of str. Condition names, one header line each, as the
-            model was trained (`("score", "genre")` for the seed's reviews);
-            `()` for a plain corpus such as DJ biographies.
+        conditions: tuple of str or None. Condition names, one header line each,
+            as the model was trained (`("score", "genre")` for the seed's
+            reviews); `()` for a plain corpus such as DJ biographies; None: those
+            in the directory's `pitchkeras.json` (a model `export` wrote), else none.
         start_text: str or None. Plain text that opened every training document;
             None: gpt-2-simple's `<|startoftext|>` for a gpt-2-simple run, none
             for an OpenAI base model or a transformers directory.
@@ -44,7 +45,7 @@ class ImportConfig:
             (default: `import-<directory name>[-<step>]`).
     """
 
-    conditions: tuple[str, ...] = ()  # a plain corpus
+    conditions: Optional[tuple[str, ...]] = None  # from an exported pitchkeras.json, else a plain corpus
     start_text: Optional[str] = None  # by layout
     end_text: Optional[str] = None  # by layout
     step: Optional[int] = None  # the latest
@@ -64,15 +65,38 @@ class ExportConfig:
     format: str = "transformers"
 
 
-def prompt_format_for(source, config: ImportConfig) -> PromptFormat:
-    """The prompt format an imported model is prompted with: gpt-2-simple's habits for its runs."""
-    tf1 = source.layout in (layouts.GPT2_SIMPLE, layouts.OPENAI)
-    delimited = source.layout == layouts.GPT2_SIMPLE
-    start = config.start_text if config.start_text is not None else (START_OF_TEXT if delimited else "")
-    end = config.end_text if config.end_text is not None else (END_OF_TEXT if delimited else "")
-    conditions = tuple(config.conditions)
+def saved_info(source):
+    """The `pitchkeras.json` `pitchkeras export` left in a transformers directory, or None."""
+    from pitchkeras.model import MODEL_INFO_FILE, ModelInfo
+
+    if source.layout != layouts.TRANSFORMERS or not (source.path / MODEL_INFO_FILE).is_file():
+        return None
+    return ModelInfo.read(source.path)
+
+
+def prompt_format_for(source, config: ImportConfig, saved=None) -> PromptFormat:
+    """The prompt format an imported model is prompted with: gpt-2-simple's habits for its runs.
+
+    Args:
+        source: layout.Source. The directory imported.
+        config: ImportConfig. Explicit choices (None fields: the defaults below).
+        saved: ModelInfo or None. An exported model's own `pitchkeras.json`: its
+            format is the default, so a model goes out and back unchanged.
+    """
+    if saved is not None:
+        fmt = saved.prompt_format
+        default_conditions, default_start, default_end, start_token = fmt.conditions, fmt.start_text, fmt.end_text, \
+            fmt.start_token
+    else:
+        delimited = source.layout == layouts.GPT2_SIMPLE
+        default_conditions = ()
+        default_start, default_end = (START_OF_TEXT, END_OF_TEXT) if delimited else ("", "")
+        start_token = source.layout == layouts.TRANSFORMERS  # gpt-2-simple feeds a prefix without it
+    conditions = tuple(default_conditions if config.conditions is None else config.conditions)
     return PromptFormat(conditions, tuple(n for n in conditions if n in NUMERIC_CONDITIONS),
-                        start_text=start, end_text=end, start_token=not tf1)
+                        start_text=default_start if config.start_text is None else config.start_text,
+                        end_text=default_end if config.end_text is None else config.end_text,
+                        start_token=start_token)
 
 
 def _dataset_documents(dataset: str) -> list[str]:
@@ -109,11 +133,12 @@ def learn_condition_values(dataset: str, fmt: PromptFormat) -> dict:
     return {name: sorted(seen) for name, seen in values.items()}
 
 
-def _load(source, config: ImportConfig):
+def _load(source, fmt: PromptFormat):
     if source.layout == layouts.TRANSFORMERS:
         from pitchkeras.convert import huggingface
 
-        return huggingface.load_causal_lm(source)
+        # A model that came from gpt-2-simple (and went out through `export`) keeps its delimiters as plain text.
+        return huggingface.load_causal_lm(source, special_end_token=fmt.start_token)
     from pitchkeras.convert import gpt2_simple
 
     return gpt2_simple.load_causal_lm(source)
@@ -149,9 +174,14 @@ def import_model(path: str | os.PathLike, out: str | os.PathLike, config: Option
     config = config or ImportConfig()
     out = _fresh_out(out)
     source = layouts.detect(path, step=config.step)
-    fmt = prompt_format_for(source, config)
-    condition_values = learn_condition_values(config.dataset, fmt) if config.dataset and fmt.conditions else {}
-    causal_lm = _load(source, config)
+    saved = saved_info(source)
+    fmt = prompt_format_for(source, config, saved)
+    condition_values = {}
+    if config.dataset and fmt.conditions:
+        condition_values = learn_condition_values(config.dataset, fmt)
+    elif saved is not None and fmt.conditions == saved.prompt_format.conditions:
+        condition_values = saved.condition_values
+    causal_lm = _load(source, fmt)
     suffix = f"-{source.step}" if source.step is not None else ""
     info = ModelInfo(prompt_format=fmt, condition_values=condition_values,
                      model_version=config.model_version or f"import-{source.path.resolve().name}{suffix}",
