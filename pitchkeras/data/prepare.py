@@ -1,8 +1,10 @@
 """Turn a review dump into conditioned training examples.
 
-`prepare(source, out_dir)` streams rows from any dump `open_source` knows,
-cleans them, formats each with `PromptFormat.example` (the one prompt format),
-and writes to `out_dir`:
+`prepare(source, out_dir)` reads any dump `open_source` knows as pandas
+DataFrames, a chunk of rows at a time; each chunk goes through the filters
+(one boolean mask each, `_filter_rows`), becomes examples formatted with
+`PromptFormat.example` (the one prompt format), is deduplicated against every
+example kept so far, split, and written to `out_dir`:
 
 - `examples.csv`: every kept example, one per row, single column, no header,
   csv-quoted so multi-line examples survive (with `delimiters=True` each is
@@ -14,8 +16,9 @@ and writes to `out_dir`:
   same side;
 - `stats.json` and `stats.png` (see `pitchkeras.data.stats`).
 
-Rows are dropped, and counted per reason, for: `malformed_row`,
-`undecodable` (bytes that are not UTF-8), `empty_text`, `missing_<condition>`,
+Rows are dropped, and counted per reason, for: `malformed_row` (a JSON
+Lines line that is not an object, a CSV line with more fields than the
+header), `undecodable` (bytes that are not UTF-8), `empty_text`, `missing_<condition>`,
 `unparseable_<condition>` (a numeric condition such as a score that is not a
 number), `multiline`, `too_short`, `too_long`, `language` and `duplicate`
 (an exact repeat of an example already kept).
