@@ -19,14 +19,23 @@ Example:
     asyncio.run(main())
 """
 
-from pitchkeras.server.app import (
-    SERVICE_NAME,
-    BackgroundServer,
-    ReviewServer,
-    create_server,
-    serve,
-)
-from pitchkeras.server.auth import ApiKeys
-from pitchkeras.server.config import ServerConfig
+import importlib
+from typing import TYPE_CHECKING
+
+# Loaded on first use: `pitchkeras.server.config` (what `pitchkeras serve` builds its flags from) must not pull in
+# grpc and aiohttp for every command line that merely builds its parsers.
+_EXPORTS = {"SERVICE_NAME": "app", "BackgroundServer": "app", "ReviewServer": "app", "create_server": "app",
+            "serve": "app", "ApiKeys": "auth", "ServerConfig": "config"}
+
+if TYPE_CHECKING:
+    from pitchkeras.server.app import SERVICE_NAME, BackgroundServer, ReviewServer, create_server, serve  # noqa: F401
+    from pitchkeras.server.auth import ApiKeys  # noqa: F401
+    from pitchkeras.server.config import ServerConfig  # noqa: F401
 
 __all__ = ["ApiKeys", "BackgroundServer", "ReviewServer", "SERVICE_NAME", "ServerConfig", "create_server", "serve"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"pitchkeras.server.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,7 +45,8 @@ def add_parser(subparsers):
     p.add_argument("--api-key-file", help="file with one API key per line: Generate then requires `x-api-key`")
     p.add_argument("--rate-limit", dest="rate_per_s", type=float, default=default("rate_per_s"),
                    help="with keys: sustained Generate calls/s per key")
-    p.add_argument("--burst", type=int, default=default("burst"), help="with keys: Generate calls a key may make at once")
+    p.add_argument("--burst", type=int, default=default("burst"),
+                   help="with keys: Generate calls a key may make at once")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),

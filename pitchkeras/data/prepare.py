@@ -1,8 +1,10 @@
 """Turn a review dump into conditioned training examples.
 
-`prepare(source, out_dir)` streams rows from any dump `open_source` knows,
-cleans them, formats each with `PromptFormat.example` (the one prompt format),
-and writes to `out_dir`:
+`prepare(source, out_dir)` reads any dump `open_source` knows as pandas
+DataFrames, a chunk of rows at a time; each chunk goes through the filters
+(one boolean mask each, `_filter_rows`), becomes examples formatted with
+`PromptFormat.example` (the one prompt format), is deduplicated against every
+example kept so far, split, and written to `out_dir`:
 
 - `examples.csv`: every kept example, one per row, single column, no header,
   csv-quoted so multi-line examples survive (with `delimiters=True` each is
@@ -14,8 +16,9 @@ and writes to `out_dir`:
   same side;
 - `stats.json` and `stats.png` (see `pitchkeras.data.stats`).
 
-Rows are dropped, and counted per reason, for: `malformed_row`,
-`undecodable` (bytes that are not UTF-8), `empty_text`, `missing_<condition>`,
+Rows are dropped, and counted per reason, for: `malformed_row` (a JSON
+Lines line that is not an object, a CSV line with more fields than the
+header), `undecodable` (bytes that are not UTF-8), `empty_text`, `missing_<condition>`,
 `unparseable_<condition>` (a numeric condition such as a score that is not a
 number), `multiline`, `too_short`, `too_long`, `language` and `duplicate`
 (an exact repeat of an example already kept).
@@ -55,7 +58,8 @@ import pandas as pd
 from pitchkeras.conditioning import NUMERIC_CONDITIONS, PromptFormat
 from pitchkeras.data.options import MULTI_GENRE, TEXT_KINDS, PrepareOptions, parse_condition_columns  # noqa: F401
 from pitchkeras.data.pipeline import read_examples
-from pitchkeras.data.sources import MALFORMED, UNDECODABLE, Source, detect_text_column, find_column, open_source
+from pitchkeras.data.sources import (
+    MALFORMED, UNDECODABLE, Source, detect_text_column, find_column, objects, open_source)
 from pitchkeras.data.stats import DatasetStats
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.model import atomic_write_text
@@ -486,7 +490,7 @@ def _filter_rows(rows: pd.DataFrame, plan: _Plan, drops: _Drops) -> pd.DataFrame
     options = plan.options
     rows = drops.drop(rows, rows[MALFORMED], "malformed_row")
     rows = drops.drop(rows, _undecodable(rows), "undecodable").drop(columns=MALFORMED)
-    rows[TEXT] = rows[TEXT].map(_as_text).map(normalize_text)
+    rows[TEXT] = objects((normalize_text(_as_text(value)) for value in rows[TEXT]), index=rows.index)
     rows = drops.drop(rows, rows[TEXT] == "", "empty_text")
     for name in plan.conditions:
         rows = _condition(rows, name, plan, drops)
@@ -519,13 +523,14 @@ def _number_or_unparseable(value: Any):
 def _condition(rows: pd.DataFrame, name: str, plan: _Plan, drops: _Drops) -> pd.DataFrame:
     """`rows` with condition `name` parsed (numeric) or cleaned (categorical); the rows without one dropped."""
     if name in plan.fmt.numeric:
-        rows[name] = rows[name].map(_number_or_unparseable)
+        rows[name] = objects(map(_number_or_unparseable, rows[name]), index=rows.index)
         rows = drops.drop(rows, rows[name].map(lambda v: v is _UNPARSEABLE), f"unparseable_{name}")
         return drops.drop(rows, rows[name].isna(), f"missing_{name}")
-    rows[name] = rows[name].map(functools.partial(_category_values, multi=name == MULTI_VALUE_CONDITION))
+    multi = name == MULTI_VALUE_CONDITION
+    rows[name] = objects((_category_values(value, multi) for value in rows[name]), index=rows.index)
     rows = drops.drop(rows, rows[name].map(len) == 0, f"missing_{name}")
     if name != plan.exploded:
-        rows[name] = rows[name].map(lambda found: found[0])
+        rows[name] = objects((found[0] for found in rows[name]), index=rows.index)
     return rows
 
 
@@ -537,7 +542,7 @@ def _examples(rows: pd.DataFrame, plan: _Plan, counts: RunCounts) -> pd.DataFram
         rows = rows.explode(plan.exploded)
     names = list(plan.fmt.conditions)
     values = rows[names].to_dict("records")
-    rows[EXAMPLE] = [plan.fmt.example(v, text) for v, text in zip(values, rows[TEXT])]
+    rows[EXAMPLE] = objects((plan.fmt.example(v, text) for v, text in zip(values, rows[TEXT])), index=rows.index)
     return rows
 
 
@@ -558,7 +563,8 @@ def _write_examples(rows: pd.DataFrame, plan: _Plan, outputs: _Outputs, counts: 
     if rows.empty:
         return
     examples, to_val = rows[EXAMPLE], (rows[COIN] < plan.options.val_fraction).to_numpy()
-    outputs.write("examples.csv", examples.map(plan.fmt.gpt2_simple) if plan.options.delimiters else examples)
+    wrapped = objects(map(plan.fmt.gpt2_simple, examples), index=examples.index) if plan.options.delimiters else None
+    outputs.write("examples.csv", examples if wrapped is None else wrapped)
     outputs.write("val.csv", examples[to_val])
     outputs.write("train.csv", examples[~to_val])
     counts.kept += len(rows)

@@ -94,16 +94,27 @@ def decode_value(value: Any) -> Any:
     return value
 
 
+def objects(values: Iterable, index=None) -> pd.Series:
+    """A Series of Python objects, never inferred as pandas' pyarrow-backed `str` dtype.
+
+    Text stays as Python strings from reader to writer: pyarrow strings
+    refuse the lone surrogates undecodable bytes become, and every
+    per-value step would convert the whole column back and forth (copies
+    that, on review-length texts, multiplied a chunk's memory).
+    """
+    return pd.Series(list(values), index=index, dtype=object)
+
+
 def _object_frame(records: dict[str, list]) -> pd.DataFrame:
-    """A frame of Python objects: no str-dtype inference (pyarrow strings refuse lone surrogates)."""
-    return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in records.items()})
+    return pd.DataFrame({name: objects(values) for name, values in records.items()})
 
 
 def _decoded(frame: pd.DataFrame, columns: Sequence[str], malformed=False) -> pd.DataFrame:
     """`columns` of `frame`, decoded, with the `MALFORMED` column (missing columns read as empty)."""
     out = pd.DataFrame(index=frame.index)
     for name in columns:
-        out[name] = frame[name].map(decode_value) if name in frame.columns else None
+        values = frame[name] if name in frame.columns else [None] * len(frame)
+        out[name] = objects(map(decode_value, values), index=frame.index)
     out[MALFORMED] = malformed
     return out
 
