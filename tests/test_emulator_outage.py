@@ -32,7 +32,7 @@ import uuid
 import grpc
 import pytest
 
-from pitchkeras.store.emulator import FirestoreEmulator, find_emulator
+from tests.emulator import FirestoreEmulator, find_emulator
 from pitchkeras.store.firestore import FirestoreStore
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
