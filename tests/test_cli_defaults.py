@@ -19,6 +19,7 @@ from pitchkeras import cli
 from pitchkeras.commands.generate import GenerateOptions
 from pitchkeras.commands.options import field_default, parse_list, parse_scores
 from pitchkeras.commands.report import ReportOptions
+from pitchkeras.convert.importing import ExportConfig, ImportConfig
 from pitchkeras.data.options import PrepareOptions
 from pitchkeras.demo import DemoConfig
 from pitchkeras.populate import SEED_GENRES, PopulateConfig, score_grid
@@ -30,6 +31,9 @@ from pitchkeras.train.config import TrainConfig
 # command -> the dataclasses its flags take their defaults from (in lookup order).
 COMMAND_CONFIGS = {
     "prepare": (PrepareOptions,),
+    "import": (ImportConfig,),
+    "export": (ExportConfig,),
+    "plan": (TrainConfig,),
     "finetune": (TrainConfig,),
     "generate": (GenerateOptions, SamplerConfig),
     "report": (ReportOptions, SamplerConfig),
