@@ -152,7 +152,8 @@ def _check(calls, counts: dict, frozen_at: float, resumed_at: float) -> None:
     # No call hangs past its deadline, and every answer is OK or UNAVAILABLE (the store's, not the client's timeout).
     assert max(durations) <= DEADLINE_S + 0.5, max(durations)
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
-    during = [(end - start, code) for _, start, end, code, _ in calls if frozen_at <= start < resumed_at - STORE_TIMEOUT_S]
+    during = [(end - start, code) for _, start, end, code, _ in calls
+              if frozen_at <= start < resumed_at - STORE_TIMEOUT_S]
     assert during and all(code == grpc.StatusCode.UNAVAILABLE for _, code in during), during
     assert max(seconds for seconds, _ in during) <= STORE_TIMEOUT_S + 1.5
     # Both servers recover by themselves.

@@ -87,7 +87,8 @@ def server(pool_uri):
 
 def test_stalled_http_clients_are_dropped_while_others_are_served(server):
     port = server.http_port
-    head = b"POST /v1/reviews:generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n"
+    head = (b"POST /v1/reviews:generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 900\r\n\r\n")
     groups = {
         "mid-headers": [Staller(port, [b"GET /review/ HTTP/1.1\r\nHost: x\r\nX-Slow: "]) for _ in range(40)],
         "trickling headers": [Staller(port, [b"GET /review/ HTTP/1.1\r\n"] + [b"X-A: b\r\n"] * 20, 0.25)

@@ -252,7 +252,8 @@ class FirestoreStore(ReviewStore):
         except auth_exc.DefaultCredentialsError as exc:
             raise FailedPrecondition(f"{where}no Google credentials found: {_CREDENTIALS_HELP}") from exc
         except auth_exc.GoogleAuthError as exc:
-            raise FailedPrecondition(f"{where}unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
+            raise FailedPrecondition(
+                f"{where}unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
 
     def _call_options(self, timeout: Optional[float] = None) -> dict[str, Any]:
         """The client's public `retry=`/`timeout=`: transient errors retried until the deadline."""
