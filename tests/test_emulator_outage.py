@@ -161,7 +161,8 @@ def _check(calls, counts: dict, frozen_at: float, resumed_at: float) -> None:
     for server, start, _, code, _ in sorted(calls, key=lambda c: c[1]):
         if start >= resumed_at and code == grpc.StatusCode.OK:
             recovered.setdefault(server, start - resumed_at)
-    assert set(recovered) == {0, 1}, recovered
+    assert set(recovered) == {0, 1}, (recovered, collections.Counter(
+        (server, code.name) for server, start, _, code, _ in calls if start >= resumed_at))
     late = [code for _, start, _, code, _ in calls if start >= resumed_at + RECOVERY_S]
     assert late and all(code == grpc.StatusCode.OK for code in late), collections.Counter(late)
     # No pick lost; excess only from calls that did not end OK.
