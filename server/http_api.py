@@ -71,7 +71,7 @@ MAX_JSON_DEPTH = 32
 CLIENT_CLOSED = 499
 # Content-Encodings a body may have, as zlib window bits (gzip: 16 + 15; deflate: zlib-wrapped, as RFC 9110 says).
 _ENCODING_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]++")
 _EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 
@@ -82,7 +82,7 @@ class HttpAbort(grpc.aio.AbortError):
     Args:
         code: grpc.StatusCode. The canonical code.
         message: str. What was wrong.
-        http_status: int or None. The HTTP status when it is not `HTTP_STATUS[code]` (415, 408).
+        http_status: int. The HTTP status when it is not `HTTP_STATUS[code]` (415, 408); 0 for that one.
         headers: dict or None. Extra answer headers (`Retry-After`).
     """
 

@@ -91,12 +91,15 @@ class EdgeHandler(RequestHandler):
         self._error_body = error_body
 
     def _waiting_for_a_head(self) -> bool:
-        # aiohttp's own idle test (see its keep-alive check): the handler waits for the next message.
-        return self._waiter is not None and not self._waiter.done()
+        # aiohttp's own idle test (see its keep-alive check): the handler waits for the next message. Before
+        # the connection's first head its handler task may not have started yet (Python < 3.12 starts it
+        # lazily), so no head parsed so far also counts.
+        return (self._waiter is not None and not self._waiter.done()) or self._request_count == 0
 
     def data_received(self, data: bytes) -> None:
+        heads = self._request_count  # aiohttp counts every request head it has parsed
         super().data_received(data)
-        if not self._waiting_for_a_head():  # a head completed (or a request is being handled)
+        if self._request_count != heads or not self._waiting_for_a_head():  # a head completed, or a request runs
             self._cancel_header_timer()
         elif self._header_timer is None and self.transport is not None:
             self._header_timer = self._loop.call_later(self._header_timeout_s, self._header_timed_out)

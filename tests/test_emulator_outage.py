@@ -1,5 +1,6 @@
 """Load and faults on Google's Firestore emulator: two `pitchkeras serve` processes on one collection under
-steady GetReview load while the emulator is frozen for a few seconds, then resumed.
+steady GetReview load while the emulator is frozen for a few seconds, then resumed; and while it is killed and
+started again on the same port.
 
 The emulator keeps its data in memory only: a restarted emulator is empty
 (its `--export-on-exit` did not write an export when its process group was
@@ -9,13 +10,22 @@ whole process group (SIGSTOP, then SIGCONT): its port stays open and calls
 hang rather than being refused, the harder case for deadlines, and its data
 survives, so the counts can be checked exactly.
 
-Invariants: during the outage every call ends by its deadline, as OK or
+Invariants of the freeze: during the outage every call ends by its deadline, as OK or
 UNAVAILABLE (the servers' store timeout is shorter than the client's
 deadline); both servers answer OK again by themselves soon after; and every
 review's `selection_count` is at least the picks of it answered OK (none
 lost), the excess over all reviews being at most the calls that did not end
 OK (an increment applied while its answer was lost: the documented
 transport-retry case in BUILD_NOTES.md).
+
+The restart test kills the emulator's process group, starts a new emulator
+on the same port after a few seconds and re-seeds it with the same reviews
+(count 0), so its counts are checked from the re-seed on: every review's
+count is at least the OK picks started after the re-seed, and the excess is
+at most the calls that overlap the re-seed's write (they may pick in the new
+data) plus the later calls that did not end OK. Calls while it is down answer
+UNAVAILABLE within the store timeout; between the restart and the re-seed an
+empty collection may answer NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -142,7 +152,8 @@ def _check(calls, counts: dict, frozen_at: float, resumed_at: float) -> None:
     # No call hangs past its deadline, and every answer is OK or UNAVAILABLE (the store's, not the client's timeout).
     assert max(durations) <= DEADLINE_S + 0.5, max(durations)
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
-    during = [(end - start, code) for _, start, end, code, _ in calls if frozen_at <= start < resumed_at - STORE_TIMEOUT_S]
+    during = [(end - start, code) for _, start, end, code, _ in calls
+              if frozen_at <= start < resumed_at - STORE_TIMEOUT_S]
     assert during and all(code == grpc.StatusCode.UNAVAILABLE for _, code in during), during
     assert max(seconds for seconds, _ in during) <= STORE_TIMEOUT_S + 1.5
     # Both servers recover by themselves.
@@ -150,7 +161,8 @@ def _check(calls, counts: dict, frozen_at: float, resumed_at: float) -> None:
     for server, start, _, code, _ in sorted(calls, key=lambda c: c[1]):
         if start >= resumed_at and code == grpc.StatusCode.OK:
             recovered.setdefault(server, start - resumed_at)
-    assert set(recovered) == {0, 1}, recovered
+    assert set(recovered) == {0, 1}, (recovered, collections.Counter(
+        (server, code.name) for server, start, _, code, _ in calls if start >= resumed_at))
     late = [code for _, start, _, code, _ in calls if start >= resumed_at + RECOVERY_S]
     assert late and all(code == grpc.StatusCode.OK for code in late), collections.Counter(late)
     # No pick lost; excess only from calls that did not end OK.
@@ -164,3 +176,73 @@ def _check(calls, counts: dict, frozen_at: float, resumed_at: float) -> None:
           f"{max(s for s, _ in during):.2f} s; recovered after {max(recovered.values()):.2f} s "
           f"(per server {[round(recovered[s], 2) for s in sorted(recovered)]}); over-count {excess} of {failed} "
           f"failed calls; slowest call overall {max(durations):.2f} s")
+
+
+def test_two_servers_reconnect_to_a_restarted_emulator(emulator, tmp_path, monkeypatch):
+    """A restart loses the emulator's data, so the test re-seeds it; the counts are checked from the re-seed on."""
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", emulator.host)
+    collection = f"restart-{uuid.uuid4().hex[:8]}"
+    reviews = pool_reviews()
+    with FirestoreStore(PROJECT, collection, timeout=20.0, seed=0) as seeder:
+        seeder.add_reviews(reviews)
+    uri = f"firestore://{PROJECT}/{collection}?timeout={STORE_TIMEOUT_S:g}"
+    processes, restarted = [], None
+    try:
+        servers = [_serve(uri, dict(os.environ), tmp_path / f"serve{i}.log") for i in range(2)]
+        processes = [process for process, _ in servers]
+        with Load([port for _, port in servers]) as load:
+            time.sleep(BEFORE_S)
+            stopped_at = time.monotonic()
+            emulator.stop()
+            time.sleep(OUTAGE_S)
+            restarted = FirestoreEmulator(port=emulator.port).start()
+            with FirestoreStore(PROJECT, collection, timeout=20.0, seed=0) as seeder:
+                seeding = (time.monotonic(), None)
+                seeder.add_reviews(reviews)
+                seeding = (seeding[0], time.monotonic())
+            time.sleep(AFTER_S)
+        with FirestoreStore(PROJECT, collection, timeout=20.0, seed=0) as reader:
+            counts = {r.id: reader.get_by_id(r.id).selection_count for r in reviews}
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(30)
+            process.stdout.close()
+        if restarted is not None:
+            restarted.stop()
+    _check_restart(load.calls, counts, stopped_at, seeding)
+
+
+def _check_restart(calls, counts: dict, stopped_at: float, seeding: tuple[float, float]) -> None:
+    seed_started, seeded_at = seeding
+    codes = collections.Counter(code.name for *_, code, _ in calls)
+    assert max(end - start for _, start, end, _, _ in calls) <= DEADLINE_S + 0.5
+    # While it is down: UNAVAILABLE; once it is back but empty (not yet re-seeded): NOT_FOUND.
+    assert set(codes) <= {"OK", "UNAVAILABLE", "NOT_FOUND"}, codes
+    assert all(stopped_at - DEADLINE_S <= start <= seeded_at for _, start, _, code, _ in calls
+               if code == grpc.StatusCode.NOT_FOUND)
+    down = [end - start for _, start, end, code, _ in calls if code == grpc.StatusCode.UNAVAILABLE]
+    assert down and max(down) <= STORE_TIMEOUT_S + 1.5, max(down, default=0)
+    recovered = {}
+    for server, start, _, code, _ in sorted(calls, key=lambda c: c[1]):
+        if start >= seeded_at and code == grpc.StatusCode.OK:
+            recovered.setdefault(server, start - seeded_at)
+    assert set(recovered) == {0, 1}, recovered
+    late = [code for _, start, _, code, _ in calls if start >= seeded_at + RECOVERY_S]
+    assert late and all(code == grpc.StatusCode.OK for code in late), collections.Counter(late)
+    # From the re-seed on: no pick lost; excess only from calls that overlapped the re-seed or did not end OK.
+    after = collections.Counter(review_id for _, start, _, code, review_id in calls
+                                if start >= seeded_at and code == grpc.StatusCode.OK)
+    for review_id, count in counts.items():
+        assert count >= after[review_id], (review_id, count, after[review_id])
+    overlapping = sum(1 for _, start, end, _, _ in calls if start < seeded_at and end > seed_started)
+    failed_after = sum(1 for _, start, _, code, _ in calls if start >= seeded_at and code != grpc.StatusCode.OK)
+    excess = sum(counts.values()) - sum(after.values())
+    assert 0 <= excess <= overlapping + failed_after, (excess, overlapping, failed_after)
+    back = min(start for _, start, _, code, _ in calls if start > stopped_at and code == grpc.StatusCode.OK)
+    print(f"\n{len(calls)} calls ({dict(codes)}); UNAVAILABLE answered in at most {max(down):.2f} s; first OK "
+          f"{back - stopped_at:.1f} s after the stop, {back - seeded_at:+.2f} s from the re-seed; "
+          f"recovered {max(recovered.values()):.2f} s after the re-seed (per server "
+          f"{[round(recovered[s], 2) for s in sorted(recovered)]}); {excess} increments beyond the OK picks "
+          f"started after the re-seed (bound: {overlapping} calls overlapping the re-seed + {failed_after} failed)")

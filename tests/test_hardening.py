@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from pitchkeras.client import review_client
-from pitchkeras.errors import NotFound
+from pitchkeras.errors import NotFound, Unavailable
 from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.server import auth
 from pitchkeras.store import open_store
@@ -269,6 +269,23 @@ def test_store_misses_name_no_location(store):
         assert not [s for s in secrets if s in message], (message, secrets)
         assert len(message) < 300
     assert UNKNOWN_ID in messages[0] and "score=1.0" in messages[1]
+
+
+def test_firestore_picks_recover_after_claims_fail_in_an_outage(firestore_store, monkeypatch):
+    """Found by the outage test: a claim that failed (not lost) must not retire the version it tried."""
+    firestore_store.add_reviews(pool_reviews()[:3])
+    real_claim = type(firestore_store)._claim
+
+    def unreachable(self, snapshot, deadline):
+        raise Unavailable("Firestore is unavailable (DeadlineExceeded); retry")
+
+    monkeypatch.setattr(type(firestore_store), "_claim", unreachable)
+    for _ in range(3):  # one failed claim per review
+        with pytest.raises(Unavailable):
+            firestore_store.get_review()
+    monkeypatch.setattr(type(firestore_store), "_claim", real_claim)
+    picked = [firestore_store.get_review() for _ in range(3)]
+    assert sorted(r.selection_count for r in picked) == [1, 1, 1]
 
 
 # -- gRPC: bytes that are not the request message --------------------------------------------------

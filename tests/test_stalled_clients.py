@@ -36,16 +36,31 @@ class Staller(threading.Thread):
         with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
             started = time.monotonic()
             try:
-                for part in self.parts:
-                    sock.sendall(part)
-                    time.sleep(self.pause_s)
-                while chunk := sock.recv(4096):
-                    self.answer += chunk
+                if self._send(sock):
+                    while chunk := sock.recv(4096):
+                        self.answer += chunk
             except (ConnectionResetError, BrokenPipeError):
                 pass
             except socket.timeout:
                 return  # never closed: closed_after stays None
             self.closed_after = time.monotonic() - started
+
+    def _send(self, sock) -> bool:
+        """Send the parts, watching for the server's close during the pauses; False once it closed."""
+        for part in self.parts:
+            sock.sendall(part)
+            if self.pause_s:
+                sock.settimeout(self.pause_s)
+                try:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        return False
+                    self.answer += chunk
+                except socket.timeout:
+                    pass
+                finally:
+                    sock.settimeout(30)
+        return True
 
 
 def _serve_meanwhile(port: int, seconds: float) -> list[float]:
@@ -72,7 +87,8 @@ def server(pool_uri):
 
 def test_stalled_http_clients_are_dropped_while_others_are_served(server):
     port = server.http_port
-    head = b"POST /v1/reviews:generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n"
+    head = (b"POST /v1/reviews:generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 900\r\n\r\n")
     groups = {
         "mid-headers": [Staller(port, [b"GET /review/ HTTP/1.1\r\nHost: x\r\nX-Slow: "]) for _ in range(40)],
         "trickling headers": [Staller(port, [b"GET /review/ HTTP/1.1\r\n"] + [b"X-A: b\r\n"] * 20, 0.25)

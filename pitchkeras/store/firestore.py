@@ -252,7 +252,8 @@ class FirestoreStore(ReviewStore):
         except auth_exc.DefaultCredentialsError as exc:
             raise FailedPrecondition(f"{where}no Google credentials found: {_CREDENTIALS_HELP}") from exc
         except auth_exc.GoogleAuthError as exc:
-            raise FailedPrecondition(f"{where}unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
+            raise FailedPrecondition(
+                f"{where}unusable Google credentials ({type(exc).__name__}); {_CREDENTIALS_HELP}") from exc
 
     def _call_options(self, timeout: Optional[float] = None) -> dict[str, Any]:
         """The client's public `retry=`/`timeout=`: transient errors retried until the deadline."""
@@ -482,14 +483,20 @@ class FirestoreStore(ReviewStore):
                 continue
             if candidate is not None:
                 snapshot, review = candidate
+                answered = False
                 try:
                     new_count = self._claim(snapshot, deadline)
+                    answered = True
                 finally:
                     with self._picks_changed:
                         state.claiming.discard(snapshot.id)
                         if len(state.gone) >= 4096:
                             state.gone.clear()
-                        state.gone[snapshot.id] = snapshot.update_time  # that version is gone either way
+                        if answered:  # claimed or lost: that version is gone either way
+                            state.gone[snapshot.id] = snapshot.update_time
+                        # A claim that failed (the store unreachable) may not have changed the document: its
+                        # version stays a candidate, else an outage could leave every version "gone" here and
+                        # each later pick of the filter would find nothing to claim.
                         self._picks_changed.notify_all()
                 if new_count is not None:
                     review.selection_count = new_count
