@@ -31,6 +31,9 @@ class SamplerConfig:
         no_repeat_ngram_size: int. A token that would complete an n-gram of
             this many tokens already in the prompt or the completion is never
             drawn (transformers' `no_repeat_ngram_size`); 0 turns it off.
+        stop_sequences: tuple of str. A completion ends as soon as its text
+            contains one of these (the stop text itself is dropped); empty
+            for none. Honoured by `DecodeEngine`.
     """
 
     temperature: float = 0.7  # gpt-2-simple's default
@@ -38,6 +41,7 @@ class SamplerConfig:
     top_p: float = 0.95  # nucleus mass; 1.0 = off
     repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the text; 1.0 = off (CTRL used 1.2)
     no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size; 0 = off
+    stop_sequences: tuple = ()  # texts that end a completion; empty = none
 
     def validate(self) -> "SamplerConfig":
         """Return self, or raise InvalidArgument naming the bad value."""
@@ -54,10 +58,15 @@ class SamplerConfig:
         size = self.no_repeat_ngram_size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise InvalidArgument(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {size!r}")
+        stops = self.stop_sequences
+        if not isinstance(stops, tuple) or not all(isinstance(stop, str) and stop for stop in stops):
+            raise InvalidArgument(f"stop_sequences must be a tuple of non-empty texts, got {stops!r}")
         return self
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["stop_sequences"] = list(self.stop_sequences)
+        return data
 
 
 @dataclasses.dataclass
