@@ -8,6 +8,9 @@ from typing import Optional
 from pitchkeras.errors import UsageError
 
 
+BATCHING_MODES = ("continuous", "closed")
+
+
 @dataclasses.dataclass
 class ServerConfig:
     """Everything `create_server` can tune.
@@ -27,6 +30,9 @@ class ServerConfig:
         rate_per_s: float. API key rate limit: sustained Generate calls per second per key.
         burst: int. API key rate limit: calls a key may make at once after being idle.
         quantize: str or None. "int8": load the model with int8 weights (`pitchkeras.quantize`).
+        batching: str. "continuous": Generate and StreamGenerate run on the decode engine (rows join and
+            leave a running batch at each step); "closed": concurrent calls form closed batches that run
+            to their longest row (kept for comparison, see benchmarks/serve_generate_load.py).
     """
 
     max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
@@ -43,6 +49,7 @@ class ServerConfig:
     rate_per_s: float = 1.0
     burst: int = 5
     quantize: Optional[str] = None  # None = the weights as trained
+    batching: str = "continuous"  # no head-of-line blocking, and streaming (BUILD_NOTES: serve_generate_load)
 
     def validate(self) -> "ServerConfig":
         """Return self, or raise UsageError naming the bad setting."""
@@ -57,6 +64,7 @@ class ServerConfig:
             ("rate_per_s", self.rate_per_s > 0, "> 0"),
             ("burst", self.burst >= 1, ">= 1"),
             ("quantize", self.quantize in (None, "int8"), 'None or "int8"'),
+            ("batching", self.batching in BATCHING_MODES, " or ".join(BATCHING_MODES)),
         )
         for name, ok, allowed in checks:
             if not ok:

@@ -371,7 +371,7 @@ def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
         (["--per-pair", "0"], "per_pair must be >= 1"),
         (["--max-attempts", "0"], "max_attempts must be >= 1"),
         (["--top-p", "0"], "top_p"),
-        (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be in (0, 10]"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_2(tmp_path, unigram_model_dir, capsys, extra, message):
