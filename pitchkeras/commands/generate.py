@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_sampler_flags, sampler_config
 from pitchkeras.errors import UsageError
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
@@ -22,12 +22,7 @@ def add_parser(subparsers):
     p.add_argument("--prefix", default="", help="text the samples start with (after the header), e.g. an artist name")
     p.add_argument("--nsamples", type=int, default=1, help="number of samples")
     p.add_argument("--batch-size", type=int, default=1, help="samples generated together")
-    p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (> 0)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
-    add_repetition_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
+    add_sampler_flags(p)
     p.add_argument("--truncate", help="stop string: cut each sample where it first appears")
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="keep --prefix at the start of each sample")
@@ -81,12 +76,10 @@ def run(args) -> int:
 
     from pitchkeras.model import atomic_write_text, load_model
     from pitchkeras.quantize import quantize_model
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+    from pitchkeras.sampling import GenerationRequest, Generator
 
     _check_args(args)
-    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
+    config = sampler_config(args)
     model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
     if not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_sampler_flags, sampler_config
 from pitchkeras.errors import UsageError
 from pitchkeras.store import DEFAULT_STORE_URI
 
@@ -39,13 +39,8 @@ def add_parser(subparsers):
     p.add_argument("--dataset", help="prepared dataset dir or train.csv: reject samples copied from it")
     p.add_argument("--max-copied-fraction", type=float, default=0.5,
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus (top-p) mass")
-    add_repetition_flags(p)
-    p.add_argument("--length", type=int, default=200, help="max new tokens per review")
-    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
-    p.add_argument("--seed", type=int, default=0, help="base seed (with the attempt index, fixes review ids)")
+    add_sampler_flags(p)
+    p.add_argument("--batch-size", type=int, default=8, help="samples decoded together (decode engine slots)")
     p.add_argument("--max-attempts", type=int, default=4, help="candidates generated per wanted review at most; a pair still short after them is reported missing")
     p.add_argument("--shard-index", type=int, default=0, help="this worker's shard")
     p.add_argument("--num-shards", type=int, default=1, help="workers splitting the grid")
@@ -73,11 +68,7 @@ def run(args) -> int:
         genres=genres,
         dataset=args.dataset,
         max_copied_fraction=args.max_copied_fraction,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        sampler=sampler_config(args),
         length=args.length,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -6,7 +6,7 @@ Writes report.json (the figures), report.png (a chart of them) and samples.jsonl
 from __future__ import annotations
 
 from pitchkeras.cli import add_command
-from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_repetition_flags
+from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, add_sampler_flags, sampler_config
 from pitchkeras.errors import UsageError
 
 
@@ -21,13 +21,8 @@ def add_parser(subparsers):
     p.add_argument("--scores", default="2,5,8", help="comma-separated scores to sample")
     p.add_argument("--genres", help="comma-separated genres (default: every genre the model knows)")
     p.add_argument("--prefix", default="", help="prefix for every sample (the only prompt for a model without conditions)")
-    p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
     p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass")
-    add_repetition_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="base seed")
+    add_sampler_flags(p)
     p.add_argument("--out-dir", default="report", help="where report.json, report.png and samples.jsonl go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_compile_cache_flags(p)
@@ -147,13 +142,11 @@ def run(args) -> int:
     from pitchkeras.model import atomic_write_text, load_model
     from pitchkeras.quantize import quantize_model
     from pitchkeras.quality import MemorizationIndex
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+    from pitchkeras.sampling import GenerationRequest, Generator
 
     if args.per_condition < 1:
         raise UsageError(f"--per-condition must be >= 1, got {args.per_condition}")
-    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
+    config = sampler_config(args)
     model_dir = args.model or os.path.join(args.checkpoint_dir, args.run_name, "model")
     if not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist; run `pitchkeras finetune` first or pass --model")

@@ -11,6 +11,7 @@ from pitchkeras.errors import InvalidArgument
 
 MEMORIZED = "memorized"
 PROMPT_BUCKETS = (16, 32, 64, 128, 256)  # prompt lengths (tokens, with the start token) padded up to these
+DEFAULT_LENGTH = 200  # new tokens per sample: gpt-2-simple's `length`, a review-sized text
 MAX_TEMPERATURE = 2.0  # above it GPT-2's text is noise; one bound for the CLI and the servers
 MAX_REPETITION_PENALTY = 10.0  # CTRL used 1.2; 10 already bans every seen token in practice
 

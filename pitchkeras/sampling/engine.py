@@ -40,6 +40,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -429,12 +430,16 @@ class DecodeEngine:
         self.counters.cancelled = 0
 
 
+_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> {(slots, xla): _Program}
+
+
 def _program_for(generator, slots: int) -> "_Program":
-    """The compiled programs for `slots` rows of this generator's model, shared by its engines."""
-    programs = generator.__dict__.setdefault("_engine_programs", {})
-    if slots not in programs:
-        programs[slots] = _Program(generator._backbone, xla=generator.uses_xla(slots))
-    return programs[slots]
+    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it."""
+    xla = generator.uses_xla(slots)
+    programs = _PROGRAMS.setdefault(generator._backbone, {})
+    if (slots, xla) not in programs:
+        programs[slots, xla] = _Program(generator._backbone, xla=xla)
+    return programs[slots, xla]
 
 
 def _safe_end(text: str, stops: Sequence[str]) -> int:
