@@ -172,7 +172,8 @@ class EngineBatcher:
     Args:
         generator: sampling.Generator. The model; the engine uses its post-processing.
         slots: int. Rows decoded together (the engine's batch).
-        metrics: ServerMetrics or None. Receives the queue depth (requests waiting for a slot).
+        metrics: ServerMetrics or None. Receives the queue depth (requests waiting for a slot) and,
+            per Generate call, its rows and duration.
     """
 
     def __init__(self, generator, *, slots: int = 8, metrics=None):
@@ -197,6 +198,7 @@ class EngineBatcher:
         """The Samples of `requests` (one call's samples), in order; cancelling the caller cancels them."""
         loop = asyncio.get_running_loop()
         futures, streams = [], []
+        started = loop.time()
         try:
             for request in requests:
                 future = loop.create_future()
@@ -205,7 +207,11 @@ class EngineBatcher:
                 futures.append(future)
             for future in futures:
                 await future
-            return [stream.result() for stream in streams]
+            samples = [stream.result() for stream in streams]
+            if self.metrics is not None:
+                # The engine's batch changes every step; a call's rows and time are what a caller sees.
+                self.metrics.observe_batch(len(requests), max_new_tokens, loop.time() - started)
+            return samples
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op for finished ones; frees the slots of a caller that went away

@@ -110,3 +110,14 @@ def test_a_cancelled_stream_frees_its_slot(served, stub):
             time.sleep(0.2)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: counters.cancelled == cancelled + 2 and counters.active == 0), counters
+
+
+def test_the_python_client_streams_and_its_last_item_is_the_review(served):
+    from pitchkeras.client import ReviewClient
+
+    with ReviewClient(f"localhost:{served.port}") as client:
+        items = list(client.stream_generate(**REQUEST))
+        unary = client.generate(**REQUEST)[0]
+    deltas, final = items[:-1], items[-1]
+    assert all(isinstance(d, str) for d in deltas) and len(deltas) >= 2
+    assert final.raw == final.review.prompt + "".join(deltas) == unary.raw
