@@ -10,6 +10,8 @@ from pitchkeras.store import DEFAULT_STORE_URI
 
 
 def add_parser(subparsers):
+    from pitchkeras.server.config import BATCHING_MODES, ServerConfig
+
     p = add_command(subparsers, "serve", "Serve reviews over gRPC (pitchkeras.v1.ReviewService).", __name__)
     p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
     p.add_argument("--model", help="model directory: enables Generate (health is NOT_SERVING until it is warm)")
@@ -21,6 +23,9 @@ def add_parser(subparsers):
                    help="server processes sharing the ports (SO_REUSEPORT); each loads its own --model")
     p.add_argument("--max-batch-size", type=int, default=8, help="Generate samples decoded together")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a Generate call waits to share a batch")
+    p.add_argument("--batching", choices=BATCHING_MODES, default=ServerConfig.batching,
+                   help="continuous: Generate runs on the decode engine (rows join and leave every step, streaming); "
+                        "closed: batches that run to their longest row (for comparison)")
     p.add_argument("--length", type=int, default=200, help="default max new tokens per generated review")
     p.add_argument("--max-length-cap", type=int, default=512, help="largest max_length a request may ask for")
     p.add_argument("--num-samples-cap", type=int, default=16, help="most reviews one Generate call may ask for")
@@ -73,6 +78,7 @@ def run(args) -> int:
         rate_per_s=args.rate_limit,
         burst=args.burst,
         quantize=args.quantize,
+        batching=args.batching,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
                 if args.api_key_file else None)
