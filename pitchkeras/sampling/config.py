@@ -89,8 +89,11 @@ class SamplerConfig:
         return cls(**values).validate()
 
     def to_json(self) -> dict:
+        """The settings as a JSON-ready dict; `stop_sequences` only when set (records from before it stay alike)."""
         data = dataclasses.asdict(self)
-        data["stop_sequences"] = list(self.stop_sequences)
+        stops = data.pop("stop_sequences")
+        if stops:
+            data["stop_sequences"] = list(stops)
         return data
 
 
