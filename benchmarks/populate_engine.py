@@ -5,8 +5,9 @@ same tokens and accept the same reviews; only the batching differs:
 
 - closed: `Generator.generate` on `--batch` requests at a time, as populate
   did before the engine: a batch runs until its longest row ends.
-- engine: every request submitted to a `DecodeEngine` with `--batch` slots,
-  as populate does now: a row that ends is refilled at the next step.
+- engine: every request submitted to a `DecodeEngine` with `--batch` slots and
+  populate's `TOKENS_PER_STEP`, as populate does now: a row that ends is
+  refilled at the next call.
 
 Two models:
 
@@ -65,9 +66,10 @@ def closed(generator, requests, lengths, batch: int) -> tuple[float, list]:
 
 def engine_run(generator, requests, lengths, batch: int) -> tuple[float, list, object]:
     """populate now: everything submitted to the engine, rows refilled as they end."""
+    from pitchkeras.populate import TOKENS_PER_STEP
     from pitchkeras.sampling.engine import DecodeEngine
 
-    engine = DecodeEngine(generator, slots=batch)
+    engine = DecodeEngine(generator, slots=batch, tokens_per_step=TOKENS_PER_STEP)
     started = time.perf_counter()
     streams = [engine.submit(r, None, n) for r, n in zip(requests, lengths)]
     engine.run_until_idle()

@@ -74,6 +74,8 @@ def test_texts_are_the_same_alone_mixed_and_joining_mid_flight(generator):
     # Mixed settings and lengths shared the steps: as many steps as the longest request, not the sum.
     assert engine.counters.steps - steps == max(n for _, _, n in MIXED)
     assert run_mixed(engine, join_after_steps=3) == alone
+    # Several tokens per compiled call: the same texts.
+    assert run_mixed(DecodeEngine(generator, slots=4, tokens_per_step=5), join_after_steps=1) == alone
     # The closed batch draws the same tokens (same counter-based random numbers per position).
     request, config, length = MIXED[1]
     assert generator.generate([request], config=config, max_new_tokens=length)[0].raw == alone[1]
@@ -217,8 +219,9 @@ JAX_SCRIPT = textwrap.dedent(
     engine = DecodeEngine(generator, slots=4)
     alone = [engine.generate([r], c, n)[0].raw for r, c, n in MIXED]
     greedy = [s.raw for s in engine.generate([r for r, _, _ in MIXED], SamplerConfig(top_k=1), 10)]
+    chunked = run_mixed(DecodeEngine(generator, slots=4, tokens_per_step=5), 1)
     print(json.dumps({"alone": alone, "mixed": run_mixed(engine), "joined": run_mixed(engine, 3),
-                      "greedy": greedy}))
+                      "chunked": chunked, "greedy": greedy}))
     """
 )
 
@@ -232,7 +235,7 @@ def test_engine_on_jax_gives_the_tensorflow_texts(model_dir, generator):
     on_jax = json.loads(result.stdout.strip().splitlines()[-1])
     engine = DecodeEngine(generator, slots=4)
     on_tf = [engine.generate([r], c, n)[0].raw for r, c, n in MIXED]
-    assert on_jax["alone"] == on_jax["mixed"] == on_jax["joined"] == on_tf
+    assert on_jax["alone"] == on_jax["mixed"] == on_jax["joined"] == on_jax["chunked"] == on_tf
     prompts = [generator._tokenize(REVIEWS.prompt(r.conditions, r.prefix)) for r, _, _ in MIXED]
     expected = [generator.detokenize(keras_hub_greedy(generator.model.causal_lm, p, 10)) for p in prompts]
     assert [raw[len(REVIEWS.prompt(r.conditions, r.prefix)):] for raw, (r, _, _) in zip(on_jax["greedy"], MIXED)] \

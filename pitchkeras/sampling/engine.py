@@ -198,17 +198,24 @@ class DecodeEngine:
         cache_buckets: sequence of int. Cache lengths a step is compiled for
             (each capped at the model's context); the engine grows the cache
             to the smallest that fits its rows and shrinks it back when idle.
+        tokens_per_step: int. Tokens each compiled call decodes for every row
+            (1: rows join, leave and stream at every token, what a server
+            wants; more amortises the per-call cost for batch jobs such as
+            populate, at the price of rows joining only every so many tokens).
+            The text is the same either way.
     """
 
-    def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS):
-        if slots < 1:
-            raise InvalidArgument(f"slots must be >= 1, got {slots}")
+    def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
+                 tokens_per_step: int = 1):
+        if slots < 1 or tokens_per_step < 1:
+            raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
         self.generator = generator
         self.slots = int(slots)
         self._max_length = generator._max_length
         self.cache_buckets = tuple(sorted({min(int(b), self._max_length) for b in cache_buckets} | {self._max_length}))
         self.counters = EngineCounters()
-        self._program = _program_for(generator, self.slots)
+        self.tokens_per_step = int(tokens_per_step)
+        self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
         self._waiting: collections.deque = collections.deque()
         self._condition = threading.Condition()
@@ -306,10 +313,12 @@ class DecodeEngine:
             return joined
         chosen = self._program.step(self._state)
         self.counters.traces = self._program.traces
-        self.counters.steps += 1
-        self.counters.row_steps += len(active)
-        for slot in active:
-            self._advance(slot, int(chosen[slot]))
+        for column in range(self.tokens_per_step):
+            active = [slot for slot in active if self._rows[slot] is not None]
+            self.counters.steps += bool(active)
+            self.counters.row_steps += len(active)
+            for slot in active:
+                self._advance(slot, int(chosen[slot, column]))
         self.counters.active = sum(row is not None for row in self._rows)
         return True
 
@@ -433,13 +442,13 @@ class DecodeEngine:
 _PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> {(slots, xla): _Program}
 
 
-def _program_for(generator, slots: int) -> "_Program":
+def _program_for(generator, slots: int, tokens: int) -> "_Program":
     """The compiled programs for `slots` rows of this generator's model, shared by every engine on it."""
     xla = generator.uses_xla(slots)
     programs = _PROGRAMS.setdefault(generator._backbone, {})
-    if (slots, xla) not in programs:
-        programs[slots, xla] = _Program(generator._backbone, xla=xla)
-    return programs[slots, xla]
+    if (slots, xla, tokens) not in programs:
+        programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
+    return programs[slots, xla, tokens]
 
 
 def _concrete_per_shape(function):
@@ -527,26 +536,44 @@ class _DeviceState:
 class _Program:
     """The engine's compiled programs, one per shape: `step` and `prefill`, on TensorFlow or JAX."""
 
-    def __init__(self, backbone, *, xla: bool):
+    def __init__(self, backbone, *, xla: bool, tokens: int = 1):
         self.backbone = backbone
         self.xla = xla
+        self.tokens = tokens  # decode steps per call
         self.traces = 0  # programs traced (= compiled shapes)
         self._step = self._prefill = None
 
     # The traced bodies, in keras.ops. -------------------------------------------------------
-    def _step_body(self, caches, token_ids, positions, keys, temperature, top_k, top_p, repetition_penalty,
-                   no_repeat_ngram_size):
-        """Feed each row's last token at its own position; the next token per row, and the caches."""
+    def _step_body(self, caches, token_ids, positions, keys, *settings):
+        """`tokens` decode steps: the caches, and each row's next `tokens` tokens (slots, tokens).
+
+        Each step feeds every row's last token at its own position and draws
+        the next; within a call, a row's new token is written to its context
+        for the next step (positions past the cache stay on its last slot: the
+        host drops tokens of rows that have ended).
+        """
         from keras import ops
 
         self.traces += 1  # Python side effect: once per trace
-        positions = ops.cast(positions, "int32")
-        last = ops.take_along_axis(ops.cast(token_ids, "int32"), positions[:, None], axis=1)
-        hidden, caches = forward(self.backbone, last, caches, positions)
-        logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
-        chosen = sample_next(logits, token_ids, keys, positions + 1, temperature, top_k, top_p, repetition_penalty,
-                             no_repeat_ngram_size)
-        return caches, ops.cast(chosen, "int32")
+        token_ids, positions = ops.cast(token_ids, "int32"), ops.cast(positions, "int32")
+        slots, length = token_ids.shape
+
+        def one(i, carry):
+            caches, token_ids, positions, out = carry
+            last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
+            hidden, caches = forward(self.backbone, last, caches, positions)
+            logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
+            chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, *settings), "int32")
+            positions = ops.minimum(positions + 1, length - 1)
+            token_ids = ops.where(ops.arange(length)[None, :] == positions[:, None], chosen[:, None], token_ids)
+            return caches, token_ids, positions, ops.slice_update(out, (0, i), chosen[:, None])
+
+        out = ops.zeros((slots, self.tokens), "int32")
+        if self.tokens == 1:
+            caches, _, _, out = one(0, (caches, token_ids, positions, out))
+        else:
+            caches, _, _, out = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, out))
+        return caches, out
 
     def _prefill_body(self, caches, slot, prompt_ids):
         """Run one prompt (1, bucket) through the model into row `slot` of the caches."""
