@@ -190,9 +190,7 @@ class EngineBatcher:
 
     def warmup(self, max_new_tokens: int) -> None:
         """Compile the step and the prefill for a typical prompt at this length (before `start`)."""
-        generator = self.generator
-        self.engine.warmup([len(generator._tokenize(generator.model.prompt_format.prompt(
-            generator._example_conditions())))], max_new_tokens)
+        self.engine.warmup([len(self.generator._tokenize(self.generator.example_prompt()))], max_new_tokens)
 
     async def submit(self, requests: list, config, max_new_tokens: int) -> list:
         """The Samples of `requests` (one call's samples), in order; cancelling the caller cancels them."""

@@ -212,7 +212,7 @@ class Generator:
             max_new_tokens: int or None. Default: the generator's.
         """
         if prompt_lengths is None:
-            prompt_lengths = [len(self._tokenize(self.model.prompt_format.prompt(self._example_conditions())))]
+            prompt_lengths = [len(self._tokenize(self.example_prompt()))]
         batch_sizes = batch_sizes or sorted({1, self.batch_size})
         new_tokens = max_new_tokens or self.max_new_tokens
         config = SamplerConfig()
@@ -221,6 +221,10 @@ class Generator:
                 for batch in sorted({self._batch_shape(b) for b in batch_sizes}):
                     ids = [[self._start_id or 0] * min(length, self._max_length - 1)] * batch
                     self._complete(ids, list(range(batch)), config, new_tokens, progress=False)
+
+    def example_prompt(self) -> str:
+        """A typical prompt: the model's first known value of each condition (what warm-ups compile for)."""
+        return self.model.prompt_format.prompt(self._example_conditions())
 
     # -- internals ----------------------------------------------------------------
     def _example_conditions(self) -> dict:
