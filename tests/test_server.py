@@ -208,7 +208,7 @@ def test_reflection_lists_and_describes_the_service(server):
     assert "pitchkeras.v1.ReviewService" in database.get_services()
     assert "grpc.health.v1.Health" in database.get_services()
     service = descriptor_pool.DescriptorPool(database).FindServiceByName("pitchkeras.v1.ReviewService")
-    assert [m.name for m in service.methods] == ["GetReview", "GetById", "Generate", "ListConditions"]
+    assert [m.name for m in service.methods] == ["GetReview", "GetById", "Generate", "StreamGenerate", "ListConditions"]
     channel.close()
 
 
