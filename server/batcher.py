@@ -6,9 +6,9 @@ and leaves when it ends, so nobody waits for a batch to drain, and it can
 stream its text as it is decoded.
 
 `GenerateBatcher` (`batching = "closed"`, kept for comparison) batches
-concurrent calls into one `Generator.generate` call. One collector task takes the first waiting call, then gathers more for up to
-`max_wait_s` or until `max_batch_size` rows, and runs them as one batch in a
-worker thread. While a batch runs, new calls queue up and form the next
+concurrent calls into one `Generator.generate` call. One collector task
+takes the first waiting call, then gathers more for up to `max_wait_s` or
+until `max_batch_size` rows, and runs them as one batch in a worker thread. While a batch runs, new calls queue up and form the next
 batch, so a busy server fills its batches without waiting at all. Calls with
 different sampler settings or lengths cannot share a compiled batch
 (`generate` takes one config), so they run as separate groups.
