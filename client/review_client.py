@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import grpc
 
@@ -99,6 +99,21 @@ class GeneratedReview:
         data = dataclasses.asdict(self)
         data["review"] = self.review.to_dict()
         return data
+
+
+def generated_from_proto(item: pb.GeneratedReview) -> GeneratedReview:
+    """The client's `GeneratedReview` of a `pitchkeras.v1.GeneratedReview` message."""
+    return GeneratedReview(review=review_from_proto(item.review), accepted=item.status == pb.SAMPLE_STATUS_ACCEPTED,
+                           rejection_reason=item.rejection_reason, raw=item.raw, stored=item.stored)
+
+
+def _generate_request(*, prompt: str = "", store: bool = False, **fields) -> pb.GenerateRequest:
+    """A GenerateRequest with every field that is not None (unset ones take the server's defaults)."""
+    request = pb.GenerateRequest(prompt=prompt or "", store=bool(store))
+    for name, value in fields.items():
+        if value is not None:
+            setattr(request, name, value)
+    return request
 
 
 class ReviewClient:
@@ -219,25 +234,36 @@ class ReviewClient:
             Unavailable: the model is still warming up. ServiceError: UNAUTHENTICATED,
                 PERMISSION_DENIED or RESOURCE_EXHAUSTED with API keys.
         """
-        request = pb.GenerateRequest(prompt=prompt or "", store=bool(store))
-        for name, value in (("score", score), ("genre", genre), ("max_length", max_length),
-                            ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                            ("seed", seed), ("num_samples", num_samples),
-                            ("repetition_penalty", repetition_penalty), ("no_repeat_ngram_size", no_repeat_ngram_size)):
-            if value is not None:
-                setattr(request, name, value)
-        metadata = ((API_KEY_HEADER, self.api_key),) if self.api_key else None
-        response = self._call(self._stub.Generate, request, timeout or self.generate_timeout, metadata)
-        return [
-            GeneratedReview(
-                review=review_from_proto(item.review),
-                accepted=item.status == pb.SAMPLE_STATUS_ACCEPTED,
-                rejection_reason=item.rejection_reason,
-                raw=item.raw,
-                stored=item.stored,
-            )
-            for item in response.reviews
-        ]
+        request = _generate_request(score=score, genre=genre, prompt=prompt, max_length=max_length,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                    num_samples=num_samples, store=store, repetition_penalty=repetition_penalty,
+                                    no_repeat_ngram_size=no_repeat_ngram_size)
+        response = self._call(self._stub.Generate, request, timeout or self.generate_timeout, self._key_metadata())
+        return [generated_from_proto(item) for item in response.reviews]
+
+    def stream_generate(self, *, timeout: Optional[float] = None, **fields) -> Iterator[Union[str, GeneratedReview]]:
+        """One review as it is written: its text deltas (str), then the `GeneratedReview`.
+
+        Takes `generate`'s keyword arguments but `num_samples`. Closing the
+        iterator early cancels the call, which frees the server's decode slot.
+
+        Args:
+            timeout: float or None. Deadline in seconds for the whole stream (default: generate_timeout).
+            **fields: what `generate` takes (score, genre, prompt, max_length, temperature, ...).
+        """
+        request = _generate_request(**fields)
+        call = self._stub.StreamGenerate(request, timeout=timeout or self.generate_timeout,
+                                         metadata=self._key_metadata())
+        try:
+            for chunk in call:
+                yield chunk.delta if chunk.WhichOneof("chunk") == "delta" else generated_from_proto(chunk.review)
+        except grpc.RpcError as err:
+            raise _translate(err) from None
+        finally:
+            call.cancel()
+
+    def _key_metadata(self):
+        return ((API_KEY_HEADER, self.api_key),) if self.api_key else None
 
     def _call(self, method, request, timeout: float, metadata=None):
         try:

@@ -19,12 +19,16 @@ import collections
 import dataclasses
 import math
 import sys
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.quantize import QUANTIZE_MODES, quantize_model
-from pitchkeras.sampling import SamplerConfig
+from pitchkeras.sampling.config import DEFAULT_LENGTH, GenerationRequest, SamplerConfig
 from pitchkeras.store import DEFAULT_STORE_URI, Review, ReviewStore, open_store, review_id
+
+# Tokens per compiled engine call: nobody streams populate's text, so rows may join every 8 tokens; one call per
+# token cost 4.4 ms against the closed loop's 1.1 ms per token on the demo model (BUILD_NOTES, live generation).
+TOKENS_PER_STEP = 8
 
 # The seed project's eight Pitchfork genres.
 SEED_GENRES = ("Rock", "Electronic", "Rap", "Pop/R&B", "Experimental", "Folk/Country", "Metal", "Jazz")
@@ -53,11 +57,11 @@ class PopulateConfig:
         dataset: str or None. A prepared dataset dir (or train.csv) for the memorization check.
         max_copied_fraction: float. Reject a sample whose word n-grams are found in the
             training data at least this often (only with `dataset`).
-        temperature, top_k, top_p: sampler settings (seed project: 0.7, off, 0.95).
-        repetition_penalty, no_repeat_ngram_size: the sampler's repetition guards
-            (`SamplerConfig`; off by default).
+        sampler: SamplerConfig. How tokens are drawn (the seed project's 0.7, top-k off, top-p 0.95 by
+            default); stored with every review.
         length: int. Maximum new tokens per sample.
-        batch_size: int. Samples generated together (mixed across pairs).
+        batch_size: int. Slots of the decode engine: samples decoded together (mixed across pairs; a
+            finished one is replaced at once).
         seed: int. Base seed; with the attempt index it fixes each review's id.
         max_attempts: int. Candidate generations per wanted review: a pair gets at most
             `per_pair * max_attempts` attempts in a run, then stays short (reported as missing).
@@ -72,12 +76,8 @@ class PopulateConfig:
     genres: Optional[Sequence[str]] = None
     dataset: Optional[str] = None
     max_copied_fraction: float = 0.5  # half of a sample's 8-grams seen in training = a copy
-    temperature: float = 0.7  # the seed project's settings
-    top_k: int = 0
-    top_p: float = 0.95
-    repetition_penalty: float = SamplerConfig.repetition_penalty
-    no_repeat_ngram_size: int = SamplerConfig.no_repeat_ngram_size
-    length: int = 200
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    length: int = DEFAULT_LENGTH
     batch_size: int = 8
     seed: int = 0
     max_attempts: int = 4
@@ -106,6 +106,7 @@ class PopulateConfig:
             raise InvalidArgument("scores is empty; give at least one score or None for the default grid")
         if self.genres is not None and not len(self.genres):
             raise InvalidArgument("genres is empty; give at least one genre or None for the seed's eight")
+        self.sampler.validate()
         return self
 
 
@@ -178,25 +179,6 @@ def build_grid(prompt_format, condition_values: dict, scores, genres) -> list[di
     return sorted(grid, key=lambda c: (c.get("score", 0.0), str(c.get("genre", ""))))
 
 
-def _review_from_sample(sample, conditions: dict, model_version: str, rid: str, seed: int) -> Review:
-    extra = {k: str(v) for k, v in conditions.items() if k not in ("score", "genre")}
-    return Review(
-        id=rid,
-        text=sample.text,
-        score=conditions.get("score"),
-        genre=conditions.get("genre"),
-        extra_conditions=extra,
-        model_version=model_version,
-        temperature=sample.config.temperature,
-        top_k=sample.config.top_k,
-        top_p=sample.config.top_p,
-        seed=seed,
-        prompt=sample.prompt,
-        repetition_penalty=sample.config.repetition_penalty,
-        no_repeat_ngram_size=sample.config.no_repeat_ngram_size,
-    )
-
-
 def attempt_seed(base_seed: int, attempt: int) -> int:
     """The sampler seed of one attempt: distinct per attempt, fixed by (base seed, attempt)."""
     return (int(base_seed) * 1_000_003 + attempt) % (2**31 - 1)
@@ -213,6 +195,10 @@ def populate(
 ) -> PopulateResult:
     """Fill the store with `per_pair` accepted reviews for every pair of this shard's grid.
 
+    Every candidate goes through a `DecodeEngine` with `batch_size` slots:
+    a review that ends frees its slot for the next candidate at once, so no
+    batch waits for its longest review.
+
     Args:
         config: PopulateConfig. What to generate and where to store it.
         model: PitchModel or None. Already loaded model (else loaded from `config.model`).
@@ -220,107 +206,131 @@ def populate(
         store: ReviewStore or None. Already opened store (else `open_store(config.store)`).
         progress: bool. Show a progress bar.
     """
-    from tqdm.auto import tqdm
-
-    from pitchkeras.conditioning import validate_conditions
-    from pitchkeras.sampling import GenerationRequest, Generator
-
     # Everything that can be wrong with the arguments fails here, before the
     # (slow) model load: the config, the grid against pitchkeras.json, the store URI.
     config.validate()
-    sampler = SamplerConfig(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                            repetition_penalty=config.repetition_penalty,
-                            no_repeat_ngram_size=config.no_repeat_ngram_size).validate()
-    if generator is not None:
-        info = generator.model.info
-    elif model is not None:
-        info = model.info
-    else:
-        from pitchkeras.model import ModelInfo
-
-        info = ModelInfo.read(config.model)
-    grid = build_grid(info.prompt_format, info.condition_values, config.scores, config.genres)
-    grid = [validate_conditions(info, cell) if cell else {} for cell in grid]  # scores in the trained range
-    mine = [c for i, c in enumerate(grid) if i % config.num_shards == config.shard_index]
+    info = generator.model.info if generator is not None else _model_info(config, model)
+    pairs, grid_size = _my_pairs(config, info)
     own_store = store is None
     store = store or open_store(config.store)
     try:
-        if generator is None:
-            if model is None:
-                from pitchkeras.model import load_model
+        from pitchkeras.sampling.engine import DecodeEngine
 
-                model = load_model(config.model)
-            model = quantize_model(model, config.quantize)
-            memorization = None
-            if config.dataset:
-                from pitchkeras.quality import MemorizationIndex
-
-                memorization = MemorizationIndex.from_dataset(config.dataset)
-            generator = Generator(
-                model,
-                batch_size=config.batch_size,
-                max_new_tokens=config.length,
-                memorization=memorization,
-                max_copied_fraction=config.max_copied_fraction,
-            )
-        # Each wanted review gets at most max_attempts candidates, so a model
-        # that keeps failing the checks cannot keep a pair generating forever.
-        total_attempts = config.per_pair * config.max_attempts
-        pairs = [PairResult(conditions=c, requested=config.per_pair) for c in mine]
-
-        # What is already there: one existing_ids call per pair over its candidate ids.
-        pending: dict[int, list[int]] = {}  # pair index -> attempts not yet stored, in order
-        for p_index, pair in enumerate(pairs):
-            ids = [review_id(info.model_version, pair.conditions, config.seed, a) for a in range(total_attempts)]
-            existing = store.existing_ids(ids)
-            pair.existing = min(len(existing), config.per_pair)
-            pending[p_index] = [a for a, rid in enumerate(ids) if rid not in existing]
-
+        engine = DecodeEngine(generator or _generator(config, model), slots=config.batch_size,
+                              tokens_per_step=TOKENS_PER_STEP)
+        pending = _pending_attempts(config, info, pairs, store)
         wanted = sum(p.missing for p in pairs)
         shard = ""
         if config.num_shards > 1:
-            shard = f" (shard {config.shard_index} of {config.num_shards}: {len(mine)} of {len(grid)} pairs)"
+            shard = f" (shard {config.shard_index} of {config.num_shards}: {len(pairs)} of {grid_size} pairs)"
         log(f"populate: {len(pairs)} pair(s){shard}, {sum(p.existing for p in pairs)} review(s) already stored, "
             f"{wanted} to generate (at most {config.max_attempts} attempts each)")
+        from tqdm.auto import tqdm
+
         bar = tqdm(total=wanted, desc="populate", unit="review", disable=not progress or wanted == 0, dynamic_ncols=True)
         try:
-            while True:
-                # One round: for every pair still short, its next `missing` attempts.
-                work = []
-                for p_index, pair in enumerate(pairs):
-                    take = pending[p_index][: pair.missing]
-                    del pending[p_index][: len(take)]
-                    work.extend((p_index, a) for a in take)
-                if not work:
-                    break
-                for start in range(0, len(work), config.batch_size):
-                    chunk = work[start : start + config.batch_size]
-                    requests = [
-                        GenerationRequest(conditions=dict(pairs[p].conditions) or None, seed=attempt_seed(config.seed, a))
-                        for p, a in chunk
-                    ]
-                    samples = generator.generate(requests, config=sampler, max_new_tokens=config.length)
-                    accepted = []
-                    for (p_index, attempt), request, sample in zip(chunk, requests, samples):
-                        pair = pairs[p_index]
-                        if sample.rejected:
-                            pair.rejected[sample.rejected] += 1
-                            continue
-                        rid = review_id(info.model_version, pair.conditions, config.seed, attempt)
-                        accepted.append((pair, _review_from_sample(sample, pair.conditions, info.model_version, rid, request.seed)))
-                    # Written per batch: a run killed mid-way keeps everything stored so far.
-                    if accepted:
-                        store.add_reviews([review for _, review in accepted])
-                        for pair, _ in accepted:
-                            pair.stored += 1
-                        bar.update(len(accepted))
-                    bar.set_postfix(rejected=sum(sum(p.rejected.values()) for p in pairs))
+            # Rounds: every pair still short gets its next `missing` attempts, until none is short or left.
+            while work := _next_round(pairs, pending):
+                _run_round(engine, config, info, pairs, work, store, bar)
         finally:
             bar.close()
         return PopulateResult(model_version=info.model_version, store=store.uri or config.store, pairs=pairs)
     finally:
         if own_store:
             store.close()
+
+
+def _model_info(config: PopulateConfig, model):
+    if model is not None:
+        return model.info
+    from pitchkeras.model import ModelInfo
+
+    return ModelInfo.read(config.model)
+
+
+def _my_pairs(config: PopulateConfig, info) -> tuple[list[PairResult], int]:
+    """This shard's pairs of the grid, conditions checked against the model (scores in its trained range),
+    and the size of the whole grid."""
+    from pitchkeras.conditioning import validate_conditions
+
+    grid = build_grid(info.prompt_format, info.condition_values, config.scores, config.genres)
+    grid = [validate_conditions(info, cell) if cell else {} for cell in grid]
+    return [PairResult(conditions=c, requested=config.per_pair)
+            for i, c in enumerate(grid) if i % config.num_shards == config.shard_index], len(grid)
+
+
+def _generator(config: PopulateConfig, model):
+    """Load (unless given), quantize and wrap the model, with the memorization check when a dataset is given."""
+    from pitchkeras.sampling import Generator
+
+    if model is None:
+        from pitchkeras.model import load_model
+
+        model = load_model(config.model)
+    memorization = None
+    if config.dataset:
+        from pitchkeras.quality import MemorizationIndex
+
+        memorization = MemorizationIndex.from_dataset(config.dataset)
+    return Generator(quantize_model(model, config.quantize), batch_size=config.batch_size,
+                     max_new_tokens=config.length, memorization=memorization,
+                     max_copied_fraction=config.max_copied_fraction)
+
+
+def _pending_attempts(config: PopulateConfig, info, pairs: list[PairResult], store) -> dict[int, list[int]]:
+    """Per pair, the attempts not yet stored, in order; fills each pair's `existing` (one store call per pair).
+
+    Each wanted review gets at most max_attempts candidates, so a model that
+    keeps failing the checks cannot keep a pair generating forever.
+    """
+    total_attempts = config.per_pair * config.max_attempts
+    pending = {}
+    for p_index, pair in enumerate(pairs):
+        ids = [review_id(info.model_version, pair.conditions, config.seed, a) for a in range(total_attempts)]
+        existing = store.existing_ids(ids)
+        pair.existing = min(len(existing), config.per_pair)
+        pending[p_index] = [a for a, rid in enumerate(ids) if rid not in existing]
+    return pending
+
+
+def _next_round(pairs: list[PairResult], pending: dict[int, list[int]]) -> list[tuple[int, int]]:
+    """(pair index, attempt) for every pair still short: its next `missing` attempts."""
+    work = []
+    for p_index, pair in enumerate(pairs):
+        take = pending[p_index][: pair.missing]
+        del pending[p_index][: len(take)]
+        work.extend((p_index, a) for a in take)
+    return work
+
+
+def _run_round(engine, config: PopulateConfig, info, pairs: list[PairResult], work: list, store, bar) -> None:
+    """Generate one round's attempts through the engine; store accepted reviews as they finish, a batch at a time."""
+    streams = [
+        (pairs[p], attempt, engine.submit(GenerationRequest(conditions=dict(pairs[p].conditions) or None,
+                                                            seed=attempt_seed(config.seed, attempt)),
+                                          config.sampler, config.length))
+        for p, attempt in work
+    ]
+    accepted: list = []
+    while streams:
+        engine.step()
+        finished = [item for item in streams if item[2].done]
+        streams = [item for item in streams if not item[2].done]
+        for pair, attempt, stream in finished:
+            sample = stream.result()
+            if sample.rejected:
+                pair.rejected[sample.rejected] += 1
+                continue
+            rid = review_id(info.model_version, pair.conditions, config.seed, attempt)
+            accepted.append((pair, Review.from_sample(sample, pair.conditions, rid)))
+        # Written a batch at a time: a run killed mid-way keeps everything stored so far.
+        if accepted and (len(accepted) >= config.batch_size or not streams):
+            store.add_reviews([review for _, review in accepted])
+            for pair, _ in accepted:
+                pair.stored += 1
+            bar.update(len(accepted))
+            accepted = []
+        bar.set_postfix(rejected=sum(sum(p.rejected.values()) for p in pairs), refresh=False)
 
 
 def format_table(result: PopulateResult) -> str:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pitchkeras.errors import UsageError
 from pitchkeras.server.auth import ApiKeys
-from pitchkeras.server.batcher import GenerateBatcher
+from pitchkeras.server.batcher import make_batcher
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.server.handlers import add_review_service
 from pitchkeras.server.interceptor import LoggingInterceptor
@@ -117,6 +117,9 @@ class ReviewServer:
         loop = asyncio.get_running_loop()
         try:
             generator = await loop.run_in_executor(self._model_executor, self._build_generator)
+            batcher = make_batcher(generator, self._model_executor, self.config, metrics=self.metrics)
+            if self.config.warmup:
+                await loop.run_in_executor(self._model_executor, batcher.warmup, self.config.default_max_length)
         except Exception as err:  # the server keeps serving stored reviews; Generate reports why
             log.exception("loading the model failed")
             self.model.error = f"{type(err).__name__}; see the server log"  # its text may name paths
@@ -124,8 +127,6 @@ class ReviewServer:
             await self._set_health(NOT_SERVING)
             self._ready.set()
             return
-        batcher = GenerateBatcher(generator, self._model_executor, max_batch_size=self.config.max_batch_size,
-                                  max_wait_s=self.config.max_wait_ms / 1000.0, metrics=self.metrics)
         batcher.start()
         self.model.generator, self.model.batcher = generator, batcher
         self._set_model_state("ready")
@@ -135,7 +136,7 @@ class ReviewServer:
         log.info("model %s ready", generator.model.info.model_version)
 
     def _build_generator(self):
-        """Load (unless given) and compile the model; runs in the model thread, never on the loop."""
+        """Load the model (unless given); runs in the model thread, never on the loop."""
         generator = self._generator
         if generator is None:
             from pitchkeras.model import load_model
@@ -146,14 +147,6 @@ class ReviewServer:
             model = quantize_model(load_model(self._model_dir), self.config.quantize)
             generator = Generator(model, batch_size=self.config.max_batch_size,
                                   max_new_tokens=self.config.default_max_length)
-        if self.config.warmup:
-            # Every batch shape the batcher can form (powers of two up to the max), at the default length.
-            sizes, size = [], 1
-            while size < self.config.max_batch_size:
-                sizes.append(size)
-                size *= 2
-            sizes.append(self.config.max_batch_size)
-            generator.warmup(batch_sizes=sizes, max_new_tokens=self.config.default_max_length)
         return generator
 
     async def wait_until_ready(self, timeout: Optional[float] = None) -> str:

@@ -1,8 +1,14 @@
-"""Batches concurrent Generate calls into one `Generator.generate` call.
+"""Runs Generate calls on the model: continuously batched through the decode engine, or in closed batches.
 
-One collector task takes the first waiting call, then gathers more for up to
-`max_wait_s` or until `max_batch_size` rows, and runs them as one batch in a
-worker thread. While a batch runs, new calls queue up and form the next
+`EngineBatcher` (the default, `ServerConfig.batching = "continuous"`) hands
+each sample to a `DecodeEngine`: it joins the running batch at the next step
+and leaves when it ends, so nobody waits for a batch to drain, and it can
+stream its text as it is decoded.
+
+`GenerateBatcher` (`batching = "closed"`, kept for comparison) batches
+concurrent calls into one `Generator.generate` call. One collector task
+takes the first waiting call, then gathers more for up to `max_wait_s` or
+until `max_batch_size` rows, and runs them as one batch in a worker thread. While a batch runs, new calls queue up and form the next
 batch, so a busy server fills its batches without waiting at all. Calls with
 different sampler settings or lengths cannot share a compiled batch
 (`generate` takes one config), so they run as separate groups.
@@ -14,7 +20,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 from pitchkeras.errors import InvalidArgument
 
@@ -71,6 +77,22 @@ class GenerateBatcher:
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(list(requests), config, int(max_new_tokens), future))
         return await future
+
+    async def stream(self, request, config, max_new_tokens: int) -> AsyncIterator[Union[str, Any]]:
+        """One sample as a stream: a closed batch has no text before it ends, so one delta, then the Sample."""
+        (sample,) = await self.submit([request], config, max_new_tokens)
+        if len(sample.raw) > len(sample.prompt):
+            yield sample.raw[len(sample.prompt):]
+        yield sample
+
+    def warmup(self, max_new_tokens: int) -> None:
+        """Compile every batch shape the collector can form (powers of two up to the max) at this length."""
+        sizes, size = [], 1
+        while size < self.max_batch_size:
+            sizes.append(size)
+            size *= 2
+        sizes.append(self.max_batch_size)
+        self.generator.warmup(batch_sizes=sizes, max_new_tokens=max_new_tokens)
 
     async def close(self) -> None:
         """Stop collecting; calls still queued fail with CancelledError."""
@@ -142,3 +164,85 @@ def _fail(group: list[_Pending], err: BaseException) -> None:
     for item in group:
         if not item.future.done():
             item.future.set_exception(err)
+
+
+class EngineBatcher:
+    """Generate calls through a `DecodeEngine` running on its own thread.
+
+    Args:
+        generator: sampling.Generator. The model; the engine uses its post-processing.
+        slots: int. Rows decoded together (the engine's batch).
+        metrics: ServerMetrics or None. Receives the queue depth (requests waiting for a slot) and,
+            per Generate call, its rows and duration.
+    """
+
+    def __init__(self, generator, *, slots: int = 8, metrics=None):
+        from pitchkeras.sampling.engine import DecodeEngine
+
+        self.generator = generator
+        self.engine = DecodeEngine(generator, slots=slots)
+        self.metrics = metrics
+
+    def start(self) -> None:
+        self.engine.start()
+        if self.metrics is not None:
+            self.metrics.watch_queue(lambda: self.engine.counters.waiting)
+
+    def warmup(self, max_new_tokens: int) -> None:
+        """Compile the step and the prefill for a typical prompt at this length (before `start`)."""
+        self.engine.warmup([len(self.generator._tokenize(self.generator.example_prompt()))], max_new_tokens)
+
+    async def submit(self, requests: list, config, max_new_tokens: int) -> list:
+        """The Samples of `requests` (one call's samples), in order; cancelling the caller cancels them."""
+        loop = asyncio.get_running_loop()
+        futures, streams = [], []
+        started = loop.time()
+        try:
+            for request in requests:
+                future = loop.create_future()
+                streams.append(self.engine.submit(request, config, max_new_tokens,
+                                                  listener=_on_end(loop, future)))
+                futures.append(future)
+            for future in futures:
+                await future
+            samples = [stream.result() for stream in streams]
+            if self.metrics is not None:
+                # The engine's batch changes every step; a call's rows and time are what a caller sees.
+                self.metrics.observe_batch(len(requests), max_new_tokens, loop.time() - started)
+            return samples
+        finally:
+            for stream in streams:
+                stream.cancel()  # a no-op for finished ones; frees the slots of a caller that went away
+
+    async def stream(self, request, config, max_new_tokens: int) -> AsyncIterator[Union[str, Any]]:
+        """One sample: its text deltas as they are decoded, then its Sample. Leaving early frees its slot."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stream = self.engine.submit(request, config, max_new_tokens,
+                                    listener=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        try:
+            while (delta := await queue.get()) is not None:
+                yield delta
+            yield stream.result()
+        finally:
+            stream.cancel()
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+
+
+def _on_end(loop, future: asyncio.Future):
+    """A stream listener that resolves `future` (on the event loop) when the stream ends."""
+    def listener(item) -> None:
+        if item is None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+
+    return listener
+
+
+def make_batcher(generator, executor: concurrent.futures.Executor, config, metrics=None):
+    """The server's batcher for `config.batching`: `EngineBatcher` ("continuous") or `GenerateBatcher` ("closed")."""
+    if config.batching == "closed":
+        return GenerateBatcher(generator, executor, max_batch_size=config.max_batch_size,
+                               max_wait_s=config.max_wait_ms / 1000.0, metrics=metrics)
+    return EngineBatcher(generator, slots=config.max_batch_size, metrics=metrics)

@@ -8,6 +8,9 @@ from typing import Optional
 from pitchkeras.errors import UsageError
 
 
+BATCHING_MODES = ("continuous", "closed")
+
+
 @dataclasses.dataclass
 class ServerConfig:
     """Everything `create_server` can tune.
@@ -33,6 +36,10 @@ class ServerConfig:
         grpc_keepalive_s: float. gRPC: ping a client after this many seconds without traffic.
         grpc_keepalive_timeout_s: float. gRPC: drop a client whose ping ack takes longer than this.
         grpc_max_idle_s: float. gRPC: close a connection without calls for this long.
+
+        batching: str. "continuous": Generate and StreamGenerate run on the decode engine (rows join and
+            leave a running batch at each step); "closed": concurrent calls form closed batches that run
+            to their longest row (kept for comparison, see benchmarks/serve_generate_load.py).
     """
 
     max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
@@ -56,6 +63,8 @@ class ServerConfig:
     grpc_keepalive_timeout_s: float = 20.0
     grpc_max_idle_s: float = 300.0  # idle channels are cheap to reopen; idle sockets are not free to keep
 
+    batching: str = "continuous"  # no head-of-line blocking, and streaming (BUILD_NOTES: serve_generate_load)
+
     def validate(self) -> "ServerConfig":
         """Return self, or raise UsageError naming the bad setting."""
         checks = (
@@ -72,6 +81,8 @@ class ServerConfig:
             *((name, getattr(self, name) > 0, "> 0") for name in (
                 "header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "grpc_keepalive_s",
                 "grpc_keepalive_timeout_s", "grpc_max_idle_s")),
+
+            ("batching", self.batching in BATCHING_MODES, " or ".join(BATCHING_MODES)),
         )
         for name, ok, allowed in checks:
             if not ok:

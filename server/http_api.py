@@ -239,8 +239,10 @@ class HttpApi:
             self.app.router.add_route("HEAD", path, labelled)
 
     def _routes(self) -> None:
+        methods = pb.DESCRIPTOR.services_by_name["ReviewService"].methods_by_name
         for name, verb, path, body in http_rules():
-            self._add(verb, path, self._rpc_handler(name, body), name)
+            streaming = methods[name].server_streaming
+            self._add(verb, path, (self._sse_handler if streaming else self._rpc_handler)(name, body), name)
         self._add("GET", "/review", self._seed_pick, "GetReview")
         self._add("GET", "/review/", self._seed_pick, "GetReview")
         self._add("GET", "/review/{id}", self._seed_by_id, "GetById")
@@ -292,24 +294,36 @@ class HttpApi:
         return await getattr(self.servicer, name)(message, HttpContext(request))
 
     def _rpc_handler(self, name: str, body: str) -> Callable:
+        parse = self._request_parser(name, body)
+
+        async def handler(request: web.Request) -> web.Response:
+            response = await self._call(name, await parse(request), request)
+            return web.json_response(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
+
+        return handler
+
+    def _request_parser(self, name: str, body: str) -> Callable:
+        """A coroutine turning an HTTP request into the RPC's request message.
+
+        The key is checked first (anonymous callers cannot make us read or parse a body), then the body or
+        the query, then the path fields, which win over the query as in gRPC transcoding.
+        """
         method = pb.DESCRIPTOR.services_by_name["ReviewService"].methods_by_name[name]
         request_class = getattr(pb, method.input_type.name)
 
-        async def handler(request: web.Request) -> web.Response:
+        async def parse(request: web.Request):
             message = request_class()
             if name in KEYED_METHODS:
-                self._admit(request)  # before the body: anonymous callers cannot make us read (or parse) it
+                self._admit(request)
             if body:
                 _parse(parse_json_object(await self._read_body(request), method.input_type.name), message,
                        "request body")
             else:
                 _parse(_query_fields(request), message, "query")
-            # Path fields win over the query, as in gRPC transcoding.
             _parse(dict(request.match_info), message, "path")
-            response = await self._call(name, message, request)
-            return web.json_response(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
+            return message
 
-        return handler
+        return parse
 
     def _admit(self, request: web.Request) -> None:
         """Check the caller's API key (without spending a call of its rate) when the server has keys."""
@@ -336,6 +350,33 @@ class HttpApi:
             raise HttpAbort(C.DEADLINE_EXCEEDED, f"request body did not arrive within {timeout:g} s",
                             http_status=408) from None
         return decode_body(raw, request.headers.get("Content-Encoding", ""), self.server.config.max_receive_bytes)
+
+    def _sse_handler(self, name: str, body: str) -> Callable:
+        """A server-streaming RPC as `text/event-stream`: one `data:` event (proto3 JSON) per message.
+
+        An error before the first message is an ordinary AIP-193 JSON answer
+        with its HTTP status; after it, an `event: error` with the same body.
+        A client that goes away cancels the call (the servicer's slot is freed).
+        """
+        parse = self._request_parser(name, body)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            message = await parse(request)
+            context = SseContext(request)
+            try:
+                await getattr(self.servicer, name)(message, context)
+            except HttpAbort as err:
+                if not context.started:
+                    raise
+                status = err.http_status
+                await context.send({"error": {"code": status, "status": err.code.name, "message": err.message}},
+                                   event="error")
+            except ClientGone:
+                return context.response
+            await context.response.write_eof()
+            return context.response
+
+        return handler
 
     # -- the seed's routes ---------------------------------------------------------------
     async def _seed_pick(self, request: web.Request) -> web.Response:
@@ -406,6 +447,40 @@ class HttpApi:
             meta=html.escape(f"id {review.id} · {review.length} words · model {review.model_version or '-'}"),
         )
         return web.Response(text=page, content_type="text/html")
+
+
+class ClientGone(asyncio.CancelledError):
+    """The HTTP client closed the event stream: the call is cancelled, nothing is left to answer."""
+
+
+class SseContext(HttpContext):
+    """An `HttpContext` whose `write(message)` sends a server-sent event (for server-streaming RPCs)."""
+
+    def __init__(self, request: web.Request):
+        super().__init__(request)
+        self._request = request
+        self.response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache, no-transform",
+            "X-Accel-Buffering": "no",  # nginx (and proxies that follow it) must not buffer the stream
+        })
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def write(self, message) -> None:
+        await self.send(json_format.MessageToDict(message, always_print_fields_with_no_presence=True))
+
+    async def send(self, data: dict, event: str = "") -> None:
+        """One event: `event:` when named, then `data:` with `data` as one line of JSON."""
+        head = f"event: {event}\n" if event else ""
+        try:
+            if not self.response.prepared:
+                await self.response.prepare(self._request)
+            await self.response.write(f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8"))
+        except (ConnectionResetError, ConnectionError) as err:
+            raise ClientGone("the client closed the event stream") from err
 
 
 def _query_fields(request: web.Request) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
 import random
 from typing import Any, Optional
 
@@ -159,13 +158,33 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
             total=sum(c.count for c in counts),
         )
 
-    # -- Generate ------------------------------------------------------------------------
+    # -- Generate / StreamGenerate ------------------------------------------------------
     @_translated
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        call, batcher = self._generate_call(request, context)
+        samples = await batcher.submit(call.requests, call.config, call.max_length)
+        return pb.GenerateResponse(reviews=await self._kept(call, samples, request.store))
+
+    @_translated
+    async def StreamGenerate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Text deltas as the engine decodes them, then the review; leaving early frees the slot."""
+        call, batcher = self._generate_call(request, context)
+        if len(call.requests) != 1:
+            raise InvalidArgument(
+                f"StreamGenerate writes one review; leave num_samples unset or 1 (got {len(call.requests)}), "
+                "or call Generate for several")
+        async for item in batcher.stream(call.requests[0], call.config, call.max_length):
+            if isinstance(item, str):
+                await context.write(pb.GenerateChunk(delta=item))
+            else:
+                (review,) = await self._kept(call, [item], request.store)
+                await context.write(pb.GenerateChunk(review=review))
+
+    def _generate_call(self, request: pb.GenerateRequest, context) -> tuple["GenerateCall", Any]:
+        """Check the caller and the request; what to generate, and the batcher that runs it."""
         if self.api_keys is not None:
             self.api_keys.check(context.invocation_metadata())
         generator, batcher = self.model.require_ready()
-        from pitchkeras.conditioning import validate_conditions
         from pitchkeras.sampling import GenerationRequest, SamplerConfig
 
         limits = self.config
@@ -174,66 +193,31 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         if len(request.prompt) > limits.prompt_chars_cap:
             raise InvalidArgument(
                 f"prompt is {len(request.prompt)} characters; at most {limits.prompt_chars_cap} allowed")
-        defaults = SamplerConfig()
-        temperature = request.temperature if request.HasField("temperature") else defaults.temperature
-        if not (math.isfinite(temperature) and 0 < temperature <= 2):
-            raise InvalidArgument(f"temperature must be in (0, 2], got {temperature!r}")
-        top_p = request.top_p if request.HasField("top_p") else defaults.top_p
-        if not (math.isfinite(top_p) and 0 < top_p <= 1):
-            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p!r}")
-        top_k = request.top_k if request.HasField("top_k") else defaults.top_k
-        if top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {top_k}")
-        penalty = request.repetition_penalty if request.HasField("repetition_penalty") else defaults.repetition_penalty
-        if not (math.isfinite(penalty) and 0 < penalty <= 10):
-            raise InvalidArgument(f"repetition_penalty must be in (0, 10] (1 = off), got {penalty!r}")
-        ngram_size = (request.no_repeat_ngram_size if request.HasField("no_repeat_ngram_size")
-                      else defaults.no_repeat_ngram_size)
-        if ngram_size < 0:
-            raise InvalidArgument(f"no_repeat_ngram_size must be >= 0 (0 = off), got {ngram_size}")
-        config = SamplerConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                               repetition_penalty=float(penalty), no_repeat_ngram_size=int(ngram_size)).validate()
-        if request.HasField("seed"):
-            if not 0 <= request.seed < MAX_SEED:
-                raise InvalidArgument(f"seed must be in [0, 2**62), got {request.seed}")
-            seed = request.seed
-        else:
-            seed = random.randrange(2**31)
-
-        conditions: dict = {}
-        if request.HasField("score"):
-            conditions["score"] = validate_score(request.score)
-        if request.HasField("genre"):
-            conditions["genre"] = _genre(request)
-        info = generator.model.info
+        config = SamplerConfig.from_proto(request)
+        seed = _seed(request)
         # Checked here, not in the batch, so one bad call cannot fail its batch mates;
         # also respells the genre as the model knows it ("rap" -> "Rap").
-        conditions = validate_conditions(info, conditions) if info.prompt_format.conditions else (
-            _no_conditions(conditions))
+        conditions = _conditions(request, generator.model.info)
         requests = [GenerationRequest(conditions=conditions or None, prefix=request.prompt, seed=seed + i)
                     for i in range(num_samples)]
-        samples = await batcher.submit(requests, config, max_length)
+        return GenerateCall(requests, config, max_length, conditions, seed, generator.model.info.model_version,
+                            request.prompt), batcher
 
-        # The id covers everything that fixes the text, so equal ids mean equal reviews.
-        id_key = dict(conditions, prompt=request.prompt, temperature=repr(config.temperature),
-                      top_k=str(config.top_k), top_p=repr(config.top_p), max_length=str(max_length))
-        if (config.repetition_penalty, config.no_repeat_ngram_size) != (defaults.repetition_penalty,
-                                                                        defaults.no_repeat_ngram_size):
-            # Only when set, so ids of reviews stored before these options existed stay the same.
-            id_key.update(repetition_penalty=repr(config.repetition_penalty),
-                          no_repeat_ngram_size=str(config.no_repeat_ngram_size))
-        reviews = [_review(sample, conditions) for sample in samples]
+    async def _kept(self, call: "GenerateCall", samples: list, store: bool) -> list:
+        """The GeneratedReview messages of `samples`; with `store`, accepted ones are stored and get their ids."""
+        reviews = [Review.from_sample(sample, call.conditions) for sample in samples]
         stored_ids: set[str] = set()
-        if request.store:
+        if store:
+            to_store = []
             for index, (review, sample) in enumerate(zip(reviews, samples)):
                 if not sample.rejected:
-                    review.id = review_id(info.model_version, id_key, seed, index)
-            to_store = [r for r, s in zip(reviews, samples) if not s.rejected]
+                    review.id = review_id(call.model_version, call.id_key(), call.seed, index)
+                    to_store.append(review)
             if to_store:
                 reviews_by_id = await self._store(_store_and_read_back, self.store, to_store)
                 stored_ids = set(reviews_by_id)
                 reviews = [reviews_by_id.get(r.id, r) if r.id else r for r in reviews]
-        return pb.GenerateResponse(reviews=[
+        return [
             pb.GeneratedReview(
                 review=review_to_proto(review),
                 status=pb.SAMPLE_STATUS_REJECTED if sample.rejected else pb.SAMPLE_STATUS_ACCEPTED,
@@ -242,7 +226,55 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
                 stored=review.id in stored_ids,
             )
             for review, sample in zip(reviews, samples)
-        ])
+        ]
+
+
+@dataclasses.dataclass
+class GenerateCall:
+    """A checked Generate request: the samples to write and what names them."""
+
+    requests: list  # sampling.GenerationRequest, one per sample, seeds seed, seed + 1, ...
+    config: Any  # sampling.SamplerConfig
+    max_length: int
+    conditions: dict
+    seed: int
+    model_version: str
+    prompt: str
+
+    def id_key(self) -> dict:
+        """What fixes the text, for `review_id`: equal ids mean equal reviews."""
+        config, defaults = self.config, type(self.config)()
+        key = dict(self.conditions, prompt=self.prompt, temperature=repr(config.temperature),
+                   top_k=str(config.top_k), top_p=repr(config.top_p), max_length=str(self.max_length))
+        if (config.repetition_penalty, config.no_repeat_ngram_size) != (defaults.repetition_penalty,
+                                                                        defaults.no_repeat_ngram_size):
+            # Only when set, so ids of reviews stored before these options existed stay the same.
+            key.update(repetition_penalty=repr(config.repetition_penalty),
+                       no_repeat_ngram_size=str(config.no_repeat_ngram_size))
+        if config.stop_sequences:
+            key.update(stop_sequences=repr(config.stop_sequences))
+        return key
+
+
+def _seed(request) -> int:
+    """The request's seed, or a random one when it gives none."""
+    if not request.HasField("seed"):
+        return random.randrange(2**31)
+    if not 0 <= request.seed < MAX_SEED:
+        raise InvalidArgument(f"seed must be in [0, 2**62), got {request.seed}")
+    return int(request.seed)
+
+
+def _conditions(request, info) -> dict:
+    """The request's score and genre, validated against the model (genre respelled as it knows it)."""
+    from pitchkeras.conditioning import validate_conditions
+
+    conditions: dict = {}
+    if request.HasField("score"):
+        conditions["score"] = validate_score(request.score)
+    if request.HasField("genre"):
+        conditions["genre"] = _genre(request)
+    return validate_conditions(info, conditions) if info.prompt_format.conditions else _no_conditions(conditions)
 
 
 def _genre(request) -> str:
@@ -264,29 +296,6 @@ def _no_conditions(conditions: dict) -> dict:
         raise InvalidArgument(
             f"this model was trained without conditions; drop {', '.join(sorted(conditions))} and send a prompt")
     return {}
-
-
-def _review(sample, conditions: dict) -> Review:
-    """The store record for a sample (id empty until it is stored).
-
-    Conditions are the requested ones (validated): an accepted sample's header
-    matches them, and a rejected one's header may be garbage.
-    """
-    return Review(
-        id="",
-        text=sample.text,
-        score=conditions.get("score"),
-        genre=conditions.get("genre"),
-        extra_conditions={k: str(v) for k, v in conditions.items() if k not in ("score", "genre")},
-        model_version=sample.model_version,
-        temperature=sample.config.temperature,
-        top_k=sample.config.top_k,
-        top_p=sample.config.top_p,
-        seed=sample.seed,
-        prompt=sample.prompt,
-        repetition_penalty=sample.config.repetition_penalty,
-        no_repeat_ngram_size=sample.config.no_repeat_ngram_size,
-    )
 
 
 def _store_and_read_back(store: ReviewStore, reviews: list[Review]) -> dict[str, Review]:

@@ -72,7 +72,6 @@ JAX_SCRIPT = textwrap.dedent(
     import jax
     import keras_hub
     from pitchkeras.model import load_model
-    from pitchkeras.sampling import NucleusSampler
     from tests.test_backends import SELECTION_CASES, generate_twice, select_on_grid
     from tests.test_sampling import processor_cases, run_processors
 
@@ -82,11 +81,11 @@ JAX_SCRIPT = textwrap.dedent(
         assert isinstance(chosen, jax.Array), type(chosen)
         selections.append(np.asarray(chosen).tolist())
     model = load_model(sys.argv[1])
-    # keras-hub's own generate with our Sampler subclass: a tiny top_p is greedy.
+    # keras-hub's own generate: a tiny top_p is greedy.
     lm = model.causal_lm
     lm.compile(sampler=keras_hub.samplers.GreedySampler())
     greedy = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
-    lm.compile(sampler=NucleusSampler(temperature=0.7, top_p=1e-6, seed=3))
+    lm.compile(sampler=keras_hub.samplers.TopPSampler(p=1e-6, seed=3))
     nucleus = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
     processors = [[out.tolist() for out in run_processors(case)] for case in processor_cases()]
     print(json.dumps({"selections": selections, "greedy": [greedy, nucleus], "processors": processors,

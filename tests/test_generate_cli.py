@@ -83,7 +83,7 @@ def test_text_output_uses_the_gpt2_simple_delimiter(model_dir, monkeypatch, caps
         (["--score", "8"], "needs --genre (genres: Jazz, Rock)"),
         (["--score", "80", "--genre", "Rock"], "outside this model's range"),
         (["--score", "8", "--genre", "Rock", "--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--score", "8", "--genre", "Rock", "--temperature", "0"], "temperature must be > 0"),
+        (["--score", "8", "--genre", "Rock", "--temperature", "0"], "temperature must be in (0, 2]"),
         (["--score", "8", "--genre", "Rock", "--nsamples", "0"], "--nsamples must be >= 1"),
     ],
 )

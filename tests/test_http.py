@@ -131,6 +131,7 @@ def test_v1_routes_are_read_from_the_proto_options():
         ("GetReview", "GET", "/v1/reviews:pick", ""),
         ("GetById", "GET", "/v1/reviews/{id}", ""),
         ("Generate", "POST", "/v1/reviews:generate", "*"),
+        ("StreamGenerate", "POST", "/v1/reviews:streamGenerate", "*"),
         ("ListConditions", "GET", "/v1/conditions", ""),
     ]
 

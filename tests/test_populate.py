@@ -10,6 +10,7 @@ An untrained model would be rejected almost always, so nothing would be stored.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 from pitchkeras.cli import main
 from pitchkeras.conditioning import REVIEWS, PromptFormat
 from pitchkeras.populate import PopulateConfig, attempt_seed, format_table, populate
+from pitchkeras.sampling import SamplerConfig
 from pitchkeras.store import ConditionCount, review_id
 from pitchkeras.store.sqlite import SQLiteStore
 from tests.store_fixtures import REPO_ROOT, firestore_emulator  # noqa: F401
@@ -84,20 +86,22 @@ def generator(unigram_model_dir):
 
 
 class CountingGenerator:
-    """Wraps a Generator, recording every request it is asked for (a batch per call)."""
+    """Wraps a Generator, recording every request the decode engine is handed (it prepares each once)."""
 
     def __init__(self, generator):
         self.generator = generator
-        self.model = generator.model
-        self.batches: list[list] = []
+        self.requests: list = []
 
-    def generate(self, requests, **kwargs):
-        self.batches.append(list(requests))
-        return self.generator.generate(requests, **kwargs)
+    def prepare(self, request):
+        self.requests.append(request)
+        return self.generator.prepare(request)
+
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
 
     def attempts(self) -> collections.Counter:
         """Requests per pair, keyed by (score, genre)."""
-        return collections.Counter(_key(r.conditions or {}) for batch in self.batches for r in batch)
+        return collections.Counter(_key(r.conditions or {}) for r in self.requests)
 
 
 def _key(conditions: dict) -> tuple:
@@ -107,7 +111,9 @@ def _key(conditions: dict) -> tuple:
 def _config(tmp_path, name="reviews.db", **overrides) -> PopulateConfig:
     settings = dict(model="unused: a generator is passed", store=f"sqlite:///{tmp_path / name}", per_pair=2,
                     scores=SCORES, genres=["rock", "Jazz"], length=LENGTH, batch_size=4, seed=1, max_attempts=4)
-    settings.update(overrides)
+    sampler_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    settings.update({k: v for k, v in overrides.items() if k not in sampler_fields})
+    settings["sampler"] = SamplerConfig(**{k: v for k, v in overrides.items() if k in sampler_fields})
     return PopulateConfig(**settings)
 
 
@@ -142,8 +148,8 @@ def test_fills_grid_with_metadata_and_a_table(tmp_path, generator):
     # The unigram model writes fragments and loops (" good good good good."): both reasons are counted.
     assert set(result.rejected) == {"no_sentence", "repetition"}
     assert result.rejected["no_sentence"] > 0 and result.rejected["repetition"] > 0
-    # Batches mix pairs: the first holds the first two attempts of two pairs.
-    assert len({_key(r.conditions) for r in counting.batches[0]}) == 2
+    # The engine's slots mix pairs: the first four requests are the first two attempts of two pairs.
+    assert len({_key(r.conditions) for r in counting.requests[:4]}) == 2
 
     stored = _stored(config)
     assert stored["counts"] == [ConditionCount(s, g, 2) for g in sorted(GENRES) for s in SCORES]
@@ -182,7 +188,7 @@ def test_rerun_adds_nothing_and_generates_nothing_for_full_pairs(tmp_path, gener
     first, _ = _run(config, generator)
     assert first.stored == 8
     again, counting = _run(config, generator)
-    assert again.stored == 0 and counting.batches == []
+    assert again.stored == 0 and counting.requests == []
     assert [(p.existing, p.missing) for p in again.pairs] == [(2, 0)] * 4
     assert len(_stored(config)["ids"]) == 8
 
@@ -231,7 +237,7 @@ def test_interrupted_run_resumes_and_fills_only_what_is_missing(tmp_path, genera
     assert sum(p.existing for p in resumed.pairs) == len(before)
     assert _stored(config)["ids"] == expected  # the same reviews as a run never interrupted
     stored_before = {(r.score, r.genre, r.seed) for r in _stored(config)["reviews"] if r.id in before}
-    regenerated = {(*_key(r.conditions), r.seed) for batch in counting.batches for r in batch}
+    regenerated = {(*_key(r.conditions), r.seed) for r in counting.requests}
     assert not stored_before & regenerated  # nothing already stored was generated again
 
 
@@ -272,7 +278,7 @@ def test_cli_killed_mid_way_resumes(tmp_path, unigram_model_dir, generator, back
     assert sum(p.existing for p in resumed.pairs) == partial
     assert resumed.stored + partial == 2 * len(resumed.pairs)
     again, counting = _run(config, generator)
-    assert (again.stored, counting.batches) == (0, [])  # a second rerun finds the grid full
+    assert (again.stored, counting.requests) == (0, [])  # a second rerun finds the grid full
     with open_store(uri) as store:
         assert {c.count for c in store.counts()} == {2} and len(store.counts()) == 42
         assert store.count() == 84  # ids are deterministic: a rerun cannot write a second copy
@@ -300,7 +306,7 @@ def test_corpus_without_conditions(tmp_path, generator):
     # A graph, not XLA: this generator serves one small run, so compiling costs more than it saves.
     result, counting = _run(config, Generator(plain, batch_size=4, max_new_tokens=LENGTH, jit_compile=False))
     assert [p.conditions for p in result.pairs] == [{}]
-    assert all(r.conditions is None for batch in counting.batches for r in batch)
+    assert all(r.conditions is None for r in counting.requests)
     assert result.pairs[0].stored == 3
     assert format_table(result).splitlines()[2].split()[:6] == ["-", "-", "3", "0", "3", "0"]
     with SQLiteStore(str(tmp_path / "reviews.db")) as store:
@@ -318,7 +324,7 @@ def test_populate_into_firestore(firestore_emulator, monkeypatch, generator):  #
                             length=LENGTH, batch_size=4, seed=5)
     first, _ = _run(config, generator)
     again, counting = _run(config, generator)
-    assert (first.stored, again.stored, counting.batches) == (4, 0, [])
+    assert (first.stored, again.stored, counting.requests) == (4, 0, [])
     with open_store(uri) as store:
         assert store.counts() == [ConditionCount(8.0, "Jazz", 2), ConditionCount(8.0, "Rock", 2)]
         review = store.get_review(score=8.0, genre="rock")
@@ -371,7 +377,7 @@ def test_help_lists_every_flag_with_its_default(capsys, monkeypatch):
         (["--per-pair", "0"], "per_pair must be >= 1"),
         (["--max-attempts", "0"], "max_attempts must be >= 1"),
         (["--top-p", "0"], "top_p"),
-        (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0"),
+        (["--repetition-penalty", "0"], "repetition_penalty must be in (0, 10]"),
     ],
 )
 def test_bad_arguments_print_one_line_and_exit_2(tmp_path, unigram_model_dir, capsys, extra, message):

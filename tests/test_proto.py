@@ -58,17 +58,26 @@ def _descriptor(tmp_path):
 
 
 def test_aip_style(tmp_path):
-    """package pitchkeras.v1, *Service, lower_snake_case fields, enum zero _UNSPECIFIED, one request/response per RPC."""
+    """package pitchkeras.v1, *Service, lower_snake_case fields, enum zero _UNSPECIFIED, one request/response per
+    unary RPC; a `Stream<Name>` RPC takes its unary sibling's request (the same call, streamed, as TGI's
+    generate_stream) and streams `<Name>Chunk` messages."""
     proto = _descriptor(tmp_path)
     assert proto.package == "pitchkeras.v1"
     (service,) = proto.service
     assert service.name.endswith("Service")
-    inputs = [m.input_type for m in service.method]
-    outputs = [m.output_type for m in service.method]
+    unary = [m for m in service.method if not m.server_streaming]
+    inputs = [m.input_type for m in unary]
+    outputs = [m.output_type for m in unary]
     assert len(set(inputs)) == len(inputs) and len(set(outputs)) == len(outputs)
-    for method in service.method:
+    for method in unary:
         assert method.input_type == f".pitchkeras.v1.{method.name}Request"
         assert method.output_type == f".pitchkeras.v1.{method.name}Response"
+    for method in service.method:
+        if method.server_streaming:
+            sibling = method.name.removeprefix("Stream")
+            assert method.name.startswith("Stream") and sibling in {m.name for m in unary}
+            assert method.input_type == f".pitchkeras.v1.{sibling}Request"
+            assert method.output_type == f".pitchkeras.v1.{sibling}Chunk"
     for message in proto.message_type:
         for field in message.field:
             assert field.name == field.name.lower() and " " not in field.name, f"{message.name}.{field.name}"

@@ -122,7 +122,7 @@ def test_table_printed(dirs, relaxed_generator, tmp_path, capsys):
         (["--genres", "Polka"], "unknown genre 'Polka' for this model; known: Jazz, Rock"),
         (["--scores", "80"], "outside this model's range"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be an integer >= 0"),
+        (["--no-repeat-ngram-size", "-1"], "no_repeat_ngram_size must be >= 0 (0 = off) and an integer"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(dirs, tmp_path, capsys, argv, message):

@@ -278,22 +278,6 @@ def test_prompt_buckets():
 # -- keras-hub Sampler API -------------------------------------------------------------------------
 
 
-def test_nucleus_sampler_matches_keras_hub_greedy(tiny_model):
-    import keras_hub
-
-    from pitchkeras.sampling import NucleusSampler
-
-    lm = tiny_model.causal_lm
-    prompt = "8.0\nRock\n"
-    lm.compile(sampler=keras_hub.samplers.GreedySampler())
-    greedy = lm.generate(prompt, max_length=24)
-    lm.compile(sampler=NucleusSampler(temperature=0.7, top_p=1e-6, seed=3))
-    assert lm.generate(prompt, max_length=24) == greedy
-    assert isinstance(NucleusSampler(), keras_hub.samplers.Sampler)
-    with pytest.raises(InvalidArgument, match="top_p"):
-        NucleusSampler(top_p=2.0)
-
-
 # -- the Generator on a tiny model -------------------------------------------------------------------
 
 

@@ -170,16 +170,17 @@ def test_health_serves_at_once_without_a_model(server):
 
 
 class GatedWarmup:
-    """Wraps a generator so warm-up blocks until the test opens the gate."""
+    """Wraps a generator so warm-up blocks until the test opens the gate (warm-ups start from `example_prompt`)."""
 
     def __init__(self, generator):
-        self.generator, self.model, self.gate = generator, generator.model, threading.Event()
+        self.generator, self.gate = generator, threading.Event()
 
-    def warmup(self, **kwargs):
+    def example_prompt(self):
         assert self.gate.wait(60), "test never opened the warm-up gate"
+        return self.generator.example_prompt()
 
-    def generate(self, *args, **kwargs):
-        return self.generator.generate(*args, **kwargs)
+    def __getattr__(self, name):
+        return getattr(self.generator, name)
 
 
 @pytest.mark.slow
@@ -207,7 +208,7 @@ def test_reflection_lists_and_describes_the_service(server):
     assert "pitchkeras.v1.ReviewService" in database.get_services()
     assert "grpc.health.v1.Health" in database.get_services()
     service = descriptor_pool.DescriptorPool(database).FindServiceByName("pitchkeras.v1.ReviewService")
-    assert [m.name for m in service.methods] == ["GetReview", "GetById", "Generate", "ListConditions"]
+    assert [m.name for m in service.methods] == ["GetReview", "GetById", "Generate", "StreamGenerate", "ListConditions"]
     channel.close()
 
 
@@ -383,18 +384,19 @@ def test_generate_repetition_settings_are_used_and_stored(model_server):
 
 
 @pytest.mark.slow
-def test_concurrent_generate_calls_share_one_batch(model_server):
-    batcher = model_server.server.model.batcher
+def test_concurrent_generate_calls_share_the_engine_steps(model_server):
+    counters = model_server.server.model.batcher.engine.counters
     channel, stub = _stub(model_server.port)
     together = stub.Generate(pb.GenerateRequest(score=3.0, genre="Jazz", seed=40, num_samples=4), timeout=120)
-    before = len(batcher.batch_sizes)
+    steps, row_steps = counters.steps, counters.row_steps
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         singles = list(pool.map(
             lambda i: stub.Generate(pb.GenerateRequest(score=3.0, genre="Jazz", seed=40 + i), timeout=120),
             range(4)))
     channel.close()
-    assert batcher.batch_sizes[before:] == [4]  # four calls, one model call
-    # A row's output does not depend on its batch mates.
+    # Four calls of at most 8 tokens each: rows shared steps (fewer steps than rows decoded).
+    assert counters.row_steps - row_steps > counters.steps - steps
+    # A row's output does not depend on its batch mates or on when it joined.
     assert [s.reviews[0].raw for s in singles] == [g.raw for g in together.reviews]
 
 

@@ -59,7 +59,7 @@ def test_markup_in_a_review_is_shown_as_text(driver, hostile_uri):
             assert driver.title != "owned"
 
 
-def test_write_a_new_one_calls_generate(driver, pool_uri, tiny_generator):
+def test_write_a_new_one_streams_the_review_as_it_is_written(driver, pool_uri, tiny_generator):
     with BackgroundServer(pool_uri, config=SERVER_CONFIG, generator=tiny_generator, http_port=0) as background:
         assert background.wait_until_ready(timeout=300) == "ready"
         driver.get(f"http://127.0.0.1:{background.http_port}/")
@@ -70,6 +70,8 @@ def test_write_a_new_one_calls_generate(driver, pool_uri, tiny_generator):
         wait(driver, lambda d: "A fresh review, now stored." == _by_id(d, "status").text,
              "Generate's review never appeared on the page")
         assert _by_id(driver, "review-genre").text == "Rap" and _by_id(driver, "review-score").text == "Score 3.0"
+        # The text arrived in pieces (StreamGenerate's events), each shown as it came.
+        assert int(_by_id(driver, "review-text").get_attribute("data-deltas")) >= 2
         permalink = _by_id(driver, "permalink").get_attribute("href")
         with open_store(pool_uri) as store:
             stored = store.get_by_id(permalink.rsplit("/", 1)[1])

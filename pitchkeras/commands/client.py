@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pitchkeras.cli import add_command
+from pitchkeras.commands.options import add_sampler_flags, sampler_fields
 
 
 def add_parser(subparsers):
@@ -32,13 +33,7 @@ def add_parser(subparsers):
     generate.add_argument("--score", type=float, help="score condition")
     generate.add_argument("--genre", help="genre condition")
     generate.add_argument("--prefix", default="", help="free text for the model to continue")
-    generate.add_argument("--length", type=int, help="max new tokens per review (server default when unset)")
-    generate.add_argument("--temperature", type=float, help="sampling temperature in (0, 2]")
-    generate.add_argument("--top-k", type=int, help="top-k cut-off (0 = off)")
-    generate.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]")
-    generate.add_argument("--repetition-penalty", type=float, help="repetition penalty in (0, 10] (1 = off)")
-    generate.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram this long (0 = off)")
-    generate.add_argument("--seed", type=int, help="seed of the first review (random when unset)")
+    add_sampler_flags(generate, server_defaults=True)
     generate.add_argument("--nsamples", type=int, help="how many reviews")
     generate.add_argument("--store", action="store_true", help="save accepted reviews and print their ids")
     generate.add_argument("--api-key", help="API key (default: $PITCHKERAS_API_KEY)")
@@ -82,9 +77,7 @@ def run(args) -> int:
         else:
             generated = client.generate(
                 score=args.score, genre=args.genre, prompt=args.prefix, max_length=args.length,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                num_samples=args.nsamples, store=args.store, repetition_penalty=args.repetition_penalty,
-                no_repeat_ngram_size=args.no_repeat_ngram_size,
+                seed=args.seed, num_samples=args.nsamples, store=args.store, **sampler_fields(args),
             )
             for item in generated:
                 if args.json:

@@ -9,8 +9,8 @@ from typing import Optional
 
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import (
-    add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_repetition_flags,
-    field_default, model_directory)
+    add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags, field_default,
+    model_directory, sampler_config)
 from pitchkeras.errors import UsageError
 from pitchkeras.populate import PopulateConfig
 from pitchkeras.sampling.config import GenerationRequest
@@ -56,12 +56,7 @@ def add_parser(subparsers):
                    help="text the samples start with (after the header), e.g. an artist name")
     p.add_argument("--nsamples", type=int, default=default("nsamples"), help="number of samples")
     p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
-    p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (> 0)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1] (1 = off)")
-    add_repetition_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed + i)")
+    add_sampler_flags(p)
     p.add_argument("--truncate", default=default("truncate"),
                    help="stop string: cut each sample where it first appears")
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=default("include_prefix"),
@@ -117,12 +112,10 @@ def run(args) -> int:
 
     from pitchkeras.model import atomic_write_text, load_model
     from pitchkeras.quantize import quantize_model
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+    from pitchkeras.sampling import GenerationRequest, Generator
 
     _check_args(args)
-    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
+    config = sampler_config(args)
     model = quantize_model(load_model(model_directory(args)), args.quantize)
     conditions = _conditions(args, model.info)
 

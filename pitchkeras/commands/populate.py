@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import (
-    add_compile_cache_flags, add_genres_flag, add_model_flags, add_progress_flag, add_quantize_flag,
-    add_repetition_flags, field_default, model_directory, parameter_default, parse_list, parse_scores)
+    add_compile_cache_flags, add_genres_flag, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags,
+    field_default, model_directory, parameter_default, parse_list, parse_scores, sampler_config)
 from pitchkeras.errors import UsageError
 
 
@@ -44,13 +44,9 @@ def add_parser(subparsers):
                    help="prepared dataset dir or train.csv: reject samples copied from it")
     p.add_argument("--max-copied-fraction", type=float, default=default("max_copied_fraction"),
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus (top-p) mass")
-    add_repetition_flags(p)
-    p.add_argument("--length", type=int, default=200, help="max new tokens per review")
-    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
-    p.add_argument("--seed", type=int, default=0, help="base seed (with the attempt index, fixes review ids)")
+    add_sampler_flags(p)
+    p.add_argument("--batch-size", type=int, default=default("batch_size"),
+                   help="samples decoded together (decode engine slots)")
     p.add_argument("--max-attempts", type=int, default=default("max_attempts"),
                    help="candidates generated per wanted review at most; a pair still short after them is reported "
                         "missing")
@@ -76,11 +72,7 @@ def run(args) -> int:
         genres=genres,
         dataset=args.dataset,
         max_copied_fraction=args.max_copied_fraction,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        sampler=sampler_config(args),
         length=args.length,
         batch_size=args.batch_size,
         seed=args.seed,

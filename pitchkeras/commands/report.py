@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import (
-    add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_repetition_flags,
-    field_default, format_scores, model_directory, parse_list, parse_scores)
+    add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags, field_default,
+    format_scores, model_directory, parse_list, parse_scores, sampler_config)
 from pitchkeras.errors import UsageError
 from pitchkeras.sampling.config import GenerationRequest
 
@@ -51,13 +51,8 @@ def add_parser(subparsers):
                    help="comma-separated genres (default: every genre the model knows)%(default).0s")
     p.add_argument("--prefix", default=default("prefix"),
                    help="prefix for every sample (the only prompt for a model without conditions)")
-    p.add_argument("--length", type=int, default=200, help="max new tokens per sample")
     p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=0, help="top-k cut-off (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass")
-    add_repetition_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="base seed")
+    add_sampler_flags(p)
     p.add_argument("--out-dir", default=default("out_dir"), help="where report.json, report.png and samples.jsonl go")
     add_progress_flag(p, quiet_alias=True)
     add_compile_cache_flags(p)
@@ -173,13 +168,11 @@ def run(args) -> int:
     from pitchkeras.model import atomic_write_text, load_model
     from pitchkeras.quantize import quantize_model
     from pitchkeras.quality import MemorizationIndex
-    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+    from pitchkeras.sampling import GenerationRequest, Generator
 
     if args.per_condition < 1:
         raise UsageError(f"--per-condition must be >= 1, got {args.per_condition}")
-    config = SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           repetition_penalty=args.repetition_penalty,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size).validate()
+    config = sampler_config(args)
     model = quantize_model(load_model(model_directory(args)), args.quantize)
     fmt = model.prompt_format
     grid = _grid(args, model.info)

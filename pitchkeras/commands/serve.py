@@ -15,7 +15,7 @@ _DEFAULTS = ServerConfig()  # the timeout flags' defaults are its fields
 
 
 def add_parser(subparsers):
-    from pitchkeras.server.config import ServerConfig
+    from pitchkeras.server.config import BATCHING_MODES, ServerConfig
 
     def default(name):
         return field_default(ServerConfig, name)
@@ -33,6 +33,9 @@ def add_parser(subparsers):
                    help="Generate samples decoded together")
     p.add_argument("--max-wait-ms", type=float, default=default("max_wait_ms"),
                    help="how long a Generate call waits to share a batch")
+    p.add_argument("--batching", choices=BATCHING_MODES, default=default("batching"),
+                   help="continuous: Generate runs on the decode engine (rows join and leave every step, streaming); "
+                        "closed: batches that run to their longest row (for comparison)")
     p.add_argument("--length", type=int, default=200, help="default max new tokens per generated review")
     p.add_argument("--max-length-cap", type=int, default=default("max_length_cap"),
                    help="largest max_length a request may ask for")
@@ -114,6 +117,7 @@ def run(args) -> int:
         grpc_keepalive_s=args.grpc_keepalive,
         grpc_keepalive_timeout_s=args.grpc_keepalive_timeout,
         grpc_max_idle_s=args.grpc_max_idle,
+        batching=args.batching,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
                 if args.api_key_file else None)

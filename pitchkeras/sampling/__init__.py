@@ -4,7 +4,7 @@ One module per role, all public names re-exported here:
 
 - `config`: `SamplerConfig`, `GenerationRequest`, `Sample`.
 - `counter_rng`: counter-based random numbers per (seed, position).
-- `selection`: token selection, the repetition processors, `NucleusSampler`.
+- `selection`: token selection and the repetition processors.
 - `decode`: the cached decode loop (`DecodeLoop`).
 - `generator`: prompt buckets and `Generator`.
 
@@ -30,8 +30,7 @@ into post-processed, quality-checked `Sample`s:
 Nucleus and top-k selection find their probability threshold by bisection on
 the float bit pattern (exact, 31 vectorised passes) instead of sorting the
 50k-token vocabulary at every step, then sample by inverse CDF with one
-uniform number per row. `NucleusSampler` exposes the same selection through
-keras-hub's `Sampler` API for `causal_lm.compile(sampler=...)`.
+uniform number per row.
 
 Example:
 
@@ -60,7 +59,6 @@ __all__ = [
     "DecodeLoop",
     "GenerationRequest",
     "Generator",
-    "NucleusSampler",
     "Sample",
     "SamplerConfig",
     "ban_repeated_ngrams",
@@ -74,11 +72,3 @@ __all__ = [
     "token_mask",
 ]
 
-
-def __getattr__(name: str):
-    # `NucleusSampler` subclasses keras-hub's Sampler: built on first access, so this import stays cheap.
-    if name == "NucleusSampler":
-        from pitchkeras.sampling import selection
-
-        return selection.NucleusSampler
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import numpy as np
@@ -12,6 +11,9 @@ from pitchkeras.errors import InvalidArgument
 
 MEMORIZED = "memorized"
 PROMPT_BUCKETS = (16, 32, 64, 128, 256)  # prompt lengths (tokens, with the start token) padded up to these
+DEFAULT_LENGTH = 200  # new tokens per sample: gpt-2-simple's `length`, a review-sized text
+MAX_TEMPERATURE = 2.0  # above it GPT-2's text is noise; one bound for the CLI and the servers
+MAX_REPETITION_PENALTY = 10.0  # CTRL used 1.2; 10 already bans every seen token in practice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,18 +21,21 @@ class SamplerConfig:
     """How the next token is drawn.
 
     Args:
-        temperature: float. Logits are divided by it before the softmax; > 0.
-            Lower is more conservative.
+        temperature: float. Logits are divided by it before the softmax; in
+            (0, 2]. Lower is more conservative.
         top_k: int. Keep only the `top_k` most likely tokens; 0 turns it off.
         top_p: float. Keep the smallest set of most likely tokens whose mass
             reaches `top_p` (nucleus sampling); in (0, 1], 1 turns it off.
         repetition_penalty: float. CTRL's penalty (Keskar et al. 2019), as
             transformers applies it: the logit of every token already in the
             prompt or the completion is divided by it when positive and
-            multiplied by it when negative; > 0, 1 turns it off.
+            multiplied by it when negative; in (0, 10], 1 turns it off.
         no_repeat_ngram_size: int. A token that would complete an n-gram of
             this many tokens already in the prompt or the completion is never
             drawn (transformers' `no_repeat_ngram_size`); 0 turns it off.
+        stop_sequences: tuple of str. A completion ends as soon as its text
+            contains one of these (the stop text itself is dropped); empty
+            for none. Honoured by `DecodeEngine`.
     """
 
     temperature: float = 0.7  # gpt-2-simple's default
@@ -38,26 +43,58 @@ class SamplerConfig:
     top_p: float = 0.95  # nucleus mass; 1.0 = off
     repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the text; 1.0 = off (CTRL used 1.2)
     no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size; 0 = off
+    stop_sequences: tuple = ()  # texts that end a completion; empty = none
 
     def validate(self) -> "SamplerConfig":
         """Return self, or raise InvalidArgument naming the bad value."""
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise InvalidArgument(f"temperature must be > 0, got {self.temperature!r}")
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 < temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise InvalidArgument(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise InvalidArgument(f"top_k must be >= 0 (0 = off) and an integer, got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p!r}")
         penalty = self.repetition_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) \
-                or penalty <= 0:
-            raise InvalidArgument(f"repetition_penalty must be a number > 0 (1.0 = off), got {penalty!r}")
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) \
+                or not 0 < penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidArgument(
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), got {penalty!r}")
         size = self.no_repeat_ngram_size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-            raise InvalidArgument(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {size!r}")
+            raise InvalidArgument(f"no_repeat_ngram_size must be >= 0 (0 = off) and an integer, got {size!r}")
+        stops = self.stop_sequences
+        if not isinstance(stops, tuple) or not all(isinstance(stop, str) and stop for stop in stops):
+            raise InvalidArgument(f"stop_sequences must be a tuple of non-empty texts, got {stops!r}")
         return self
 
+    @classmethod
+    def from_proto(cls, request) -> "SamplerConfig":
+        """The settings a request message asks for, validated: the one conversion at the RPC edge.
+
+        Every field of this class that the message also has (same name, with
+        presence) is taken when set; unset ones keep the defaults here (as
+        TGI's `NextTokenChooser.from_pb`). A new sampler option needs its
+        field here and in the .proto, nothing in between.
+
+        Args:
+            request: a protobuf message, e.g. `pitchkeras.v1.GenerateRequest`.
+        """
+        fields = request.DESCRIPTOR.fields_by_name
+        values = {}
+        for field in dataclasses.fields(cls):
+            proto = fields.get(field.name)
+            if proto is not None and proto.has_presence and request.HasField(field.name):
+                values[field.name] = type(field.default)(getattr(request, field.name))
+        return cls(**values).validate()
+
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as a JSON-ready dict; `stop_sequences` only when set (records from before it stay alike)."""
+        data = dataclasses.asdict(self)
+        stops = data.pop("stop_sequences")
+        if stops:
+            data["stop_sequences"] = list(stops)
+        return data
 
 
 @dataclasses.dataclass

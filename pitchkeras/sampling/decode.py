@@ -157,37 +157,64 @@ class DecodeLoop:
         )
         return token_ids
 
-    def _sample_step(self, logits, token_ids, keys, index, temperature, top_k, top_p, repetition_penalty,
-                     no_repeat_ngram_size):
-        """The token at `index` per row: logits processors, then temperature, top-k, top-p (transformers' order)."""
-        from keras import ops
-
-        logits = ops.cast(logits, "float32")
-        # Each processor runs only when some row asks for it: off, it costs one `any` per step.
-        logits = ops.cond(ops.any(repetition_penalty != 1.0),
-                          lambda: penalize_repetition(logits, token_ids, index, repetition_penalty), lambda: logits)
-        logits = ops.cond(ops.any(no_repeat_ngram_size > 0),
-                          lambda: ban_repeated_ngrams(logits, token_ids, index, no_repeat_ngram_size), lambda: logits)
-        probabilities = scaled_probabilities(logits, temperature)
-        return select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
+    def _sample_step(self, *args):
+        return sample_next(*args)
 
     def _forward(self, token_ids, caches, index):
-        """GPT-2 hidden states for `token_ids` at positions `index, index + 1, ...`, and the updated caches.
+        return forward(self._backbone, token_ids, caches, index)
 
-        The same computation as `GPT2CausalLM.call_with_cache` (embeddings,
-        then each `TransformerDecoder` block, then the final norm), with the
-        caches as one (keys, values) pair per layer, each (batch, heads,
-        positions, head_dim).
-        """
-        backbone = self._backbone
-        x = backbone.token_embedding(token_ids)
+
+def sample_next(logits, token_ids, keys, index, temperature, top_k, top_p, repetition_penalty,
+                no_repeat_ngram_size):
+    """The token at `index` per row: logits processors, then temperature, top-k, top-p (transformers' order).
+
+    `index` is a scalar (every row samples the same position) or a (batch,)
+    vector; the context of a row is its tokens before `index`, and its random
+    number comes from (row key, `index`), so a row's draw never depends on
+    its neighbours.
+    """
+    from keras import ops
+
+    logits = ops.cast(logits, "float32")
+    # Each processor runs only when some row asks for it: off, it costs one `any` per step.
+    logits = ops.cond(ops.any(repetition_penalty != 1.0),
+                      lambda: penalize_repetition(logits, token_ids, index, repetition_penalty), lambda: logits)
+    logits = ops.cond(ops.any(no_repeat_ngram_size > 0),
+                      lambda: ban_repeated_ngrams(logits, token_ids, index, no_repeat_ngram_size), lambda: logits)
+    probabilities = scaled_probabilities(logits, temperature)
+    return select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
+
+
+def forward(backbone, token_ids, caches, index):
+    """GPT-2 hidden states for `token_ids` at positions `index, index + 1, ...`, and the updated caches.
+
+    The same computation as `GPT2CausalLM.call_with_cache` (embeddings,
+    then each `TransformerDecoder` block, then the final norm), with the
+    caches as one (keys, values) pair per layer, each (batch, heads,
+    positions, head_dim).
+
+    Args:
+        backbone: keras_hub GPT2Backbone.
+        token_ids: int tensor (batch, length).
+        caches: list of (keys, values) per layer.
+        index: int tensor. A scalar: every row's first position (`DecodeLoop`);
+            or a (batch,) vector: each row's own position, with `length` 1
+            (`DecodeEngine`, whose rows are at different positions).
+    """
+    from keras import ops
+
+    index = ops.convert_to_tensor(index, dtype="int32")
+    x = backbone.token_embedding(token_ids)
+    if len(index.shape) == 1:
+        positions = backbone.position_embedding(x, positions=ops.reshape(index, (-1, 1)))
+    else:
         positions = backbone.position_embedding(x, start_index=index)
-        x = backbone.embeddings_add((x, positions))
-        new_caches = []
-        for layer, (keys, values) in zip(backbone.transformer_layers, caches):
-            x, keys, values = decoder_block(layer, x, keys, values, index)
-            new_caches.append((keys, values))
-        return backbone.layer_norm(x), new_caches
+    x = backbone.embeddings_add((x, positions))
+    new_caches = []
+    for layer, (keys, values) in zip(backbone.transformer_layers, caches):
+        x, keys, values = decoder_block(layer, x, keys, values, index)
+        new_caches.append((keys, values))
+    return backbone.layer_norm(x), new_caches
 
 
 def check_gpt2_layers(backbone) -> None:
@@ -224,7 +251,8 @@ def decoder_block(layer, x, keys, values, index):
         layer: keras_hub TransformerDecoder.
         x: tensor (batch, length, hidden). The block's input.
         keys, values: tensors (batch, heads, positions, head_dim). This layer's cache.
-        index: int tensor. The position of `x`'s first row in the cache.
+        index: int tensor. The position of `x`'s first row in the cache; or a
+            (batch,) vector of each row's position when `x` has length 1.
 
     Returns:
         (output (batch, length, hidden), keys, values) with the new positions written.
@@ -235,13 +263,16 @@ def decoder_block(layer, x, keys, values, index):
     residual = x
     h = layer._self_attention_layer_norm(x)
     query = attention._query_dense(h)  # (batch, length, heads, head_dim)
-    keys = ops.slice_update(keys, (0, 0, index, 0), ops.transpose(attention._key_dense(h), (0, 2, 1, 3)))
-    values = ops.slice_update(values, (0, 0, index, 0), ops.transpose(attention._value_dense(h), (0, 2, 1, 3)))
+    keys = _write_cache(keys, attention._key_dense(h), index)
+    values = _write_cache(values, attention._value_dense(h), index)
     length, positions = query.shape[1], keys.shape[2]
     logits = ops.einsum("bhsd,bhtd->bhst", ops.transpose(query, (0, 2, 1, 3)), keys)
     logits = ops.cast(logits, "float32") * ops.cast(attention._inverse_sqrt_key_dim, "float32")
-    visible = ops.arange(positions)[None, :] <= (index + ops.arange(length))[:, None]
-    logits = ops.where(visible[None, None], logits, _LARGE_NEGATIVE)
+    if len(index.shape) == 1:  # one query per row, at its own position
+        visible = (ops.arange(positions)[None, :] <= ops.reshape(index, (-1, 1)))[:, None, None, :]
+    else:
+        visible = (ops.arange(positions)[None, :] <= (index + ops.arange(length))[:, None])[None, None]
+    logits = ops.where(visible, logits, _LARGE_NEGATIVE)
     probabilities = ops.cast(ops.softmax(logits, axis=-1), values.dtype)
     attended = ops.einsum("bhst,bhtd->bshd", probabilities, values)  # (batch, length, heads, head_dim)
     x = attention._output_dense(attended) + residual
@@ -250,3 +281,21 @@ def decoder_block(layer, x, keys, values, index):
     h = layer._feedforward_output_dense(layer._feedforward_intermediate_dense(h))
     return h + residual, keys, values
 
+
+def _write_cache(cache, new, index):
+    """`cache` (batch, heads, positions, head_dim) with `new` (batch, length, heads, head_dim) written at `index`.
+
+    A scalar `index` writes every row's block at the same position; a (batch,)
+    vector writes each row's single new position where that row is (a scatter
+    of batch x heads vectors, so the rest of the cache is not touched).
+    """
+    from keras import ops
+
+    new = ops.transpose(new, (0, 2, 1, 3))  # (batch, heads, length, head_dim)
+    if len(index.shape) == 0:
+        return ops.slice_update(cache, (0, 0, index, 0), new)
+    batch, heads, _, head_dim = cache.shape
+    rows = ops.repeat(ops.arange(batch, dtype="int32"), heads)
+    head = ops.tile(ops.arange(heads, dtype="int32"), [batch])
+    where = ops.stack([rows, head, ops.repeat(ops.cast(index, "int32"), heads)], axis=1)
+    return ops.scatter_update(cache, where, ops.reshape(new, (batch * heads, head_dim)))

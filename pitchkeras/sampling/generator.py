@@ -15,8 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 import threading
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -26,6 +27,15 @@ from pitchkeras.postprocess import PostprocessOptions, cut_at_stop, postprocess
 from pitchkeras.sampling.config import MEMORIZED, PROMPT_BUCKETS, GenerationRequest, Sample, SamplerConfig
 from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import DecodeLoop, check_gpt2_layers
+
+
+class PreparedRequest(NamedTuple):
+    """A request checked and tokenized by `Generator.prepare`: its conditions, prompt text and token ids."""
+
+    request: GenerationRequest
+    conditions: dict
+    prompt: str
+    ids: list
 
 
 def prompt_bucket(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
@@ -105,7 +115,7 @@ class Generator:
         self.postprocess_options = postprocess_options or PostprocessOptions(strip_to_last_start=False)
         self.stop_at_end_token = bool(stop_at_end_token)
         self._lock = threading.Lock()
-        self._on_accelerator = None  # found on first use (DeviceFacts), see jit_compile
+        self._on_accelerator = None  # found on first use (has_accelerator), see jit_compile
 
         backbone = model.causal_lm.backbone
         check_gpt2_layers(backbone)
@@ -133,10 +143,7 @@ class Generator:
     def on_accelerator(self) -> bool:
         """Whether the active Keras backend has a GPU or TPU (then every shape runs on XLA)."""
         if self._on_accelerator is None:
-            from pitchkeras.train.config import DeviceFacts
-
-            facts = DeviceFacts.detect()
-            self._on_accelerator = bool(facts.tpus or facts.gpu_capabilities)
+            self._on_accelerator = has_accelerator()
         return self._on_accelerator
 
     # -- public API ---------------------------------------------------------------
@@ -172,25 +179,26 @@ class Generator:
             raise InvalidArgument(f"max_new_tokens (length) must be >= 1, got {new_tokens}")
         if truncate == "":
             raise InvalidArgument("truncate must be a non-empty stop string or None")
-        fmt = self.model.prompt_format
-        prepared = []
-        for request in requests:
-            conditions = validate_conditions(self.model.info, request.conditions) if fmt.conditions else {}
-            prompt = fmt.prompt(conditions, request.prefix or "")
-            ids = self._tokenize(prompt)
-            if len(ids) >= self._max_length:
-                raise InvalidArgument(
-                    f"prompt is {len(ids)} tokens; this model takes at most {self._max_length - 1}"
-                )
-            prepared.append((request, conditions, prompt, ids))
-
+        prepared = [self.prepare(request) for request in requests]
         with self._lock:
-            completions = self._complete([p[3] for p in prepared], [int(p[0].seed) for p in prepared],
+            completions = self._complete([p.ids for p in prepared], [int(p.request.seed) for p in prepared],
                                          config, new_tokens, progress)
-        return [
-            self._finish(request, conditions, prompt, completion, config, truncate, include_prefix)
-            for (request, conditions, prompt, _), completion in zip(prepared, completions)
-        ]
+        return [self.finish(p, self.detokenize(completion), config, truncate=truncate, include_prefix=include_prefix)
+                for p, completion in zip(prepared, completions)]
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Check a request's conditions, build its prompt and its token ids (start token first).
+
+        Raises InvalidArgument for unknown conditions or a prompt longer than
+        the model's context.
+        """
+        fmt = self.model.prompt_format
+        conditions = validate_conditions(self.model.info, request.conditions) if fmt.conditions else {}
+        prompt = fmt.prompt(conditions, request.prefix or "")
+        ids = self._tokenize(prompt)
+        if len(ids) >= self._max_length:
+            raise InvalidArgument(f"prompt is {len(ids)} tokens; this model takes at most {self._max_length - 1}")
+        return PreparedRequest(request, conditions, prompt, ids)
 
     def warmup(self, *, prompt_lengths: Optional[Sequence[int]] = None, batch_sizes: Optional[Sequence[int]] = None,
                max_new_tokens: Optional[int] = None) -> None:
@@ -205,7 +213,7 @@ class Generator:
             max_new_tokens: int or None. Default: the generator's.
         """
         if prompt_lengths is None:
-            prompt_lengths = [len(self._tokenize(self.model.prompt_format.prompt(self._example_conditions())))]
+            prompt_lengths = [len(self._tokenize(self.example_prompt()))]
         batch_sizes = batch_sizes or sorted({1, self.batch_size})
         new_tokens = max_new_tokens or self.max_new_tokens
         config = SamplerConfig()
@@ -214,6 +222,10 @@ class Generator:
                 for batch in sorted({self._batch_shape(b) for b in batch_sizes}):
                     ids = [[self._start_id or 0] * min(length, self._max_length - 1)] * batch
                     self._complete(ids, list(range(batch)), config, new_tokens, progress=False)
+
+    def example_prompt(self) -> str:
+        """A typical prompt: the model's first known value of each condition (what warm-ups compile for)."""
+        return self.model.prompt_format.prompt(self._example_conditions())
 
     # -- internals ----------------------------------------------------------------
     def _example_conditions(self) -> dict:
@@ -296,9 +308,21 @@ class Generator:
                 bar.close()
         return results
 
-    def _finish(self, request, conditions, prompt, completion, config, truncate, include_prefix) -> Sample:
+    def finish(self, prepared: PreparedRequest, continuation: str, config: SamplerConfig, *,
+               truncate: Optional[str] = None, include_prefix: bool = True) -> Sample:
+        """The post-processed, quality-checked `Sample` of a prepared request and its generated text.
+
+        Args:
+            prepared: PreparedRequest. From `prepare`.
+            continuation: str. The text generated after the prompt.
+            config: SamplerConfig. The settings it was drawn with (kept in the Sample).
+            truncate: str or None. Cut the continuation where this first appears, as at the model's own
+                stop sequences (`PromptFormat.stop_sequences`).
+            include_prefix: bool. Keep the request's prefix at the start of the text.
+        """
+        request, conditions, prompt = prepared.request, prepared.conditions, prepared.prompt
         fmt = self.model.prompt_format
-        continuation = cut_at_stop(self._detokenize(completion), fmt.stop_sequences + ((truncate,) if truncate else ()))
+        continuation = cut_at_stop(continuation, fmt.stop_sequences + ((truncate,) if truncate else ()))
         raw = prompt + continuation
         processed = postprocess(raw, fmt, conditions or None, self.postprocess_options)
         text, rejected = processed.text, processed.rejected
@@ -324,7 +348,8 @@ class Generator:
             quality=quality,
         )
 
-    def _detokenize(self, ids: list[int]) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of token ids (invalid UTF-8 byte sequences become U+FFFD)."""
         if not ids:
             return ""
         text = self._tokenizer.detokenize(np.asarray(ids, dtype=np.int32))
@@ -332,3 +357,17 @@ class Generator:
             text = np.asarray(text).item()
             text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
         return text
+
+
+def has_accelerator() -> bool:
+    """Whether the active Keras backend sees a GPU or TPU."""
+    import keras
+
+    if keras.config.backend() == "jax":
+        import jax
+
+        return any(device.platform in ("gpu", "tpu") for device in jax.devices())
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_logical_devices("TPU")
+                or os.environ.get("TPU_NAME"))

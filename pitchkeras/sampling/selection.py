@@ -4,14 +4,10 @@ Everything here is shape-polymorphic and backend-neutral, traced inside the
 decode loop. Nucleus and top-k selection find their probability threshold by
 bisection on the float bit pattern (exact, 31 vectorised passes) instead of
 sorting the vocabulary at every step, then sample by inverse CDF with one
-uniform number per row. `NucleusSampler` exposes the same selection through
-keras-hub's `Sampler` API for `causal_lm.compile(sampler=...)`; it is built on
-first access, so importing this module does not import keras-hub.
+uniform number per row.
 """
 
 from __future__ import annotations
-
-from pitchkeras.sampling.config import SamplerConfig
 
 _BIT_SEARCH_STEPS = 31  # bisection steps over float32 bit patterns of [0, 1] (< 2**30 + 1 values): exact
 
@@ -137,10 +133,14 @@ def token_mask(token_ids, selected, vocabulary_size: int):
 
 
 def context_tokens(token_ids, length, vocabulary_size: int):
-    """Which tokens occur in each row's context, positions `[0, length)`: bool (batch, vocabulary_size)."""
+    """Which tokens occur in each row's context, positions `[0, length)`: bool (batch, vocabulary_size).
+
+    `length` is a scalar (every row) or a (batch,) vector (each row its own).
+    """
     from keras import ops
 
     total = ops.shape(token_ids)[1]
+    length = ops.reshape(ops.cast(length, "int32"), (-1, 1))  # one length for all rows, or one per row
     return token_mask(token_ids, ops.arange(total, dtype="int32")[None, :] < length, vocabulary_size)
 
 
@@ -154,7 +154,7 @@ def penalize_repetition(logits, token_ids, length, penalty):
     Args:
         logits: float tensor (batch, vocab).
         token_ids: int tensor (batch, total).
-        length: int tensor. Positions `[0, length)` of `token_ids` are the context.
+        length: int tensor, a scalar or (batch,). Positions `[0, length)` of each row are its context.
         penalty: float32 tensor (batch,). 1 leaves a row unchanged.
 
     Returns:
@@ -185,7 +185,7 @@ def ban_repeated_ngrams(logits, token_ids, length, ngram_size):
     Args:
         logits: float tensor (batch, vocab).
         token_ids: int tensor (batch, total).
-        length: int tensor. Positions `[0, length)` of `token_ids` are the context.
+        length: int tensor, a scalar or (batch,). Positions `[0, length)` of each row are its context.
         ngram_size: int32 tensor (batch,). 0 leaves a row unchanged.
 
     Returns:
@@ -198,72 +198,20 @@ def ban_repeated_ngrams(logits, token_ids, length, ngram_size):
     size = ops.convert_to_tensor(ngram_size, dtype="int32")
     batch, total = ops.shape(token_ids)
     vocabulary = ops.shape(logits)[-1]
-    length = ops.cast(length, "int32")
+    length = ops.broadcast_to(ops.cast(length, "int32"), (batch,))
 
     def same_before(k, match):
         # match[b, p]: token p - k equals the context's k-th last token, for every k so far < n.
         earlier = ops.roll(token_ids, k, axis=1)  # earlier[:, p] = token_ids[:, p - k]
-        last = ops.take(token_ids, ops.maximum(length - k, 0), axis=1)
-        same = earlier == last[:, None]
+        last = ops.take_along_axis(token_ids, ops.maximum(length - k, 0)[:, None], axis=1)
+        same = earlier == last
         return ops.logical_and(match, ops.logical_or((k >= size)[:, None], same))
 
     match = ops.fori_loop(1, ops.max(size), same_before, ops.ones((batch, total), "bool"))
     positions = ops.arange(total, dtype="int32")[None, :]
     # p - (n - 1) >= 0 keeps the rolled comparisons from wrapping round; p < length: p is a context token.
-    completes = ops.logical_and(positions >= (size - 1)[:, None], positions < length)
+    completes = ops.logical_and(positions >= (size - 1)[:, None], positions < length[:, None])
     completes = ops.logical_and(ops.logical_and(match, completes), (size > 0)[:, None])
     banned = token_mask(token_ids, completes, vocabulary)
     banned = ops.logical_and(banned, ops.logical_not(ops.all(banned, axis=-1, keepdims=True)))
     return ops.where(banned, float("-inf"), logits)
-
-
-def _nucleus_sampler_class():
-    """Build `NucleusSampler` on first use, so importing this module stays cheap."""
-    import keras
-    import keras_hub
-    from keras import ops
-
-    class NucleusSampler(keras_hub.samplers.Sampler):
-        """A keras-hub `Sampler` with top-k and top-p, for `causal_lm.compile(sampler=...)`.
-
-        The same exact selection as `Generator` (`select_tokens`), drawing its
-        uniform numbers from a keras `SeedGenerator` like keras-hub's samplers.
-
-        Args:
-            temperature: float. Softmax temperature; > 0.
-            top_k: int. Top-k cut-off; 0 = off.
-            top_p: float. Nucleus mass in (0, 1]; 1 = off.
-            seed: int or None. Seed for the sampler's random stream.
-        """
-
-        def __init__(self, temperature=0.7, top_k=0, top_p=0.95, seed=None):
-            config = SamplerConfig(temperature, top_k, top_p).validate()
-            super().__init__(temperature=config.temperature)
-            self.top_k = config.top_k
-            self.top_p = config.top_p
-            self.seed = seed
-            self.seed_generator = keras.random.SeedGenerator(seed)
-
-        def get_next_token(self, probabilities):
-            batch = ops.shape(probabilities)[0]
-            uniform = keras.random.uniform((batch,), seed=self.seed_generator)
-            return select_tokens(
-                probabilities,
-                ops.cast(uniform, "float32"),
-                ops.full((batch,), self.top_k, dtype="int32"),
-                ops.full((batch,), self.top_p, dtype="float32"),
-            )
-
-        def get_config(self):
-            return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
-
-    return NucleusSampler
-
-
-def __getattr__(name: str):
-    # `NucleusSampler` subclasses keras-hub's Sampler: defined on first access.
-    if name == "NucleusSampler":
-        cls = _nucleus_sampler_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

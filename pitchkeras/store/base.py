@@ -130,6 +130,32 @@ class Review:
         data["added"] = self.added.isoformat() if self.added else None
         return data
 
+    @classmethod
+    def from_sample(cls, sample, conditions: Mapping[str, Any], review_id: str = "") -> "Review":
+        """The store record of a generated `sampling.Sample`, with its sampler settings as provenance.
+
+        Args:
+            sample: sampling.Sample. The generated, post-processed sample.
+            conditions: dict. The requested (validated) conditions: an accepted
+                sample's header matches them; a rejected one's may be garbage.
+            review_id: str. Its id; empty until it is stored.
+        """
+        return cls(
+            id=review_id,
+            text=sample.text,
+            score=conditions.get("score"),
+            genre=conditions.get("genre"),
+            extra_conditions={k: str(v) for k, v in conditions.items() if k not in ("score", "genre")},
+            model_version=sample.model_version,
+            seed=sample.seed,
+            prompt=sample.prompt,
+            **{name: getattr(sample.config, name) for name in SAMPLER_FIELDS},
+        )
+
+
+#: The sampler settings a review keeps (`sampling.SamplerConfig` fields with a column of their own).
+SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
 
 @dataclasses.dataclass(frozen=True)
 class ConditionCount:

@@ -137,6 +137,14 @@ class GenerateResponse(_message.Message):
     reviews: _containers.RepeatedCompositeFieldContainer[GeneratedReview]
     def __init__(self, reviews: _Optional[_Iterable[_Union[GeneratedReview, _Mapping]]] = ...) -> None: ...
 
+class GenerateChunk(_message.Message):
+    __slots__ = ("delta", "review")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    delta: str
+    review: GeneratedReview
+    def __init__(self, delta: _Optional[str] = ..., review: _Optional[_Union[GeneratedReview, _Mapping]] = ...) -> None: ...
+
 class ListConditionsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -50,6 +50,11 @@ class ReviewServiceStub:
                 request_serializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.StreamGenerate = channel.unary_stream(
+                '/pitchkeras.v1.ReviewService/StreamGenerate',
+                request_serializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.ListConditions = channel.unary_unary(
                 '/pitchkeras.v1.ReviewService/ListConditions',
                 request_serializer=pitchkeras_dot_v1_dot_review__service__pb2.ListConditionsRequest.SerializeToString,
@@ -79,10 +84,22 @@ class ReviewServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """Generate writes new reviews with the server's model. Unary rather than
-        streaming: the model decodes a whole batch in one compiled loop (and
-        concurrent calls are batched together), so no text exists before the
-        batch finishes and there is nothing to stream token by token.
+        """Generate writes new reviews with the server's model and returns them
+        whole. Concurrent calls share the server's decode engine: each review is
+        a row that joins the running batch at the next step and leaves as soon
+        as it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamGenerate(self, request, context):
+        """StreamGenerate writes one review (num_samples absent or 1) and streams
+        its text as it is decoded: text deltas (whole UTF-8 characters), then one
+        last chunk with the post-processed review. Its raw text is the prompt
+        followed by the deltas, the same as Generate's for the same request and
+        seed. Cancelling the call (or its deadline passing) frees the server's
+        decode slot within one step. Over HTTP it answers `text/event-stream`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +130,11 @@ def add_ReviewServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.FromString,
                     response_serializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'StreamGenerate': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamGenerate,
+                    request_deserializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.FromString,
+                    response_serializer=pitchkeras_dot_v1_dot_review__service__pb2.GenerateChunk.SerializeToString,
             ),
             'ListConditions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListConditions,
@@ -202,6 +224,33 @@ class ReviewService:
             '/pitchkeras.v1.ReviewService/Generate',
             pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.SerializeToString,
             pitchkeras_dot_v1_dot_review__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamGenerate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pitchkeras.v1.ReviewService/StreamGenerate',
+            pitchkeras_dot_v1_dot_review__service__pb2.GenerateRequest.SerializeToString,
+            pitchkeras_dot_v1_dot_review__service__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

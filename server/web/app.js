@@ -1,4 +1,5 @@
-// The page's behaviour: fill the genre menu from /v1/conditions, pick a review, ask for a new one.
+// The page's behaviour: fill the genre menu from /v1/conditions, pick a review, ask for a new one and show
+// it as it is written (StreamGenerate's server-sent events).
 // Text goes into the page with textContent only, so generated text can never become markup.
 "use strict";
 
@@ -9,9 +10,10 @@ function setStatus(message, isError) {
   $("status").classList.toggle("error", Boolean(isError));
 }
 
-// Call the JSON API; resolve with the body, or throw an Error carrying the AIP-193 message and HTTP status.
+// Call the JSON API (a path, or a response already fetched); resolve with the body, or throw an Error
+// carrying the AIP-193 message and HTTP status.
 async function api(path, options) {
-  const response = await fetch(path, options);
+  const response = typeof path === "string" ? await fetch(path, options) : path;
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON: reported below */ }
   if (!response.ok) {
@@ -92,16 +94,62 @@ async function pick(event) {
   }
 }
 
+// Read a text/event-stream answer: call onEvent(name, data) for every event, in order.
+async function readEvents(response, onEvent) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+// Show the text as the model writes it: each delta is appended as text (never markup).
+function showLive(text) {
+  const live = $("review-text");
+  if (!live.dataset.deltas) {
+    live.replaceChildren(document.createElement("p"));
+    $("review-score").textContent = `Score ${Number($("score").value).toFixed(1)}`;
+    $("review-genre").textContent = $("genre").value || "Any genre";
+    $("permalink").hidden = true;
+    $("review-meta").textContent = "writing ...";
+    $("review").hidden = false;
+  }
+  live.dataset.deltas = String(Number(live.dataset.deltas || 0) + 1);
+  live.lastChild.textContent += text;
+}
+
 async function write() {
   $("write").disabled = true;
-  setStatus("Writing a new review (this takes a few seconds) ...");
+  setStatus("Writing a new review ...");
+  delete $("review-text").dataset.deltas;
   try {
-    const data = await api("/v1/reviews:generate", {
+    const response = await fetch("/v1/reviews:streamGenerate", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
       body: JSON.stringify(Object.assign(filters(), { store: true })),
     });
-    const item = data.reviews[0];
+    if (!response.ok) await api(response); // an error before the stream started: a JSON error body
+    let item = null;
+    await readEvents(response, (name, data) => {
+      if (name === "error") throw Object.assign(new Error(data.error.message), { status: data.error.code });
+      if (data.delta !== undefined) showLive(data.delta);
+      if (data.review !== undefined) item = data.review;
+    });
+    if (!item) throw new Error("the stream ended before the review was complete; try again");
     if (item.status === "SAMPLE_STATUS_REJECTED") {
       setStatus(`The model's attempt was rejected (${item.rejectionReason}); try again.`, true);
     } else {

@@ -1,0 +1,654 @@
+"""`DecodeEngine`: continuous batching over a fixed number of slots, one compiled step for every active row.
+
+The closed-batch `Generator` runs a batch as long as its longest row, and a
+call that arrives a moment late waits for the whole batch. The engine keeps
+`slots` rows, each with its own key/value cache positions, and works in
+steps:
+
+1. At a step boundary, rows that were cancelled or passed their deadline
+   leave, and waiting requests take the free slots: each is *prefilled* (its
+   prompt, padded to a prompt bucket, runs through the model into its row of
+   the cache).
+2. One compiled *step* decodes one token for every active row, each at its
+   own position, with its own sampler settings (per-row tensors: any mix of
+   temperatures, top-k, top-p and repetition settings shares a step).
+3. Each row's new text goes to its listener as whole UTF-8 characters; a row
+   that draws `<|endoftext|>`, reaches a stop sequence or its length leaves
+   at once, and its `Sample` is post-processed by the `Generator`.
+
+Randomness is counter-based per (request seed, position), exactly as in the
+closed batch, so a request's text does not depend on when it joined or on
+its neighbours. Everything traced is `keras.ops`: a `tf.function` (XLA) on
+TensorFlow and `jax.jit` on JAX, one program per (slots, cache length) step
+and per (prompt bucket, cache length) prefill; both go through the persistent
+compile cache (`pitchkeras.compile_cache`).
+
+Example:
+
+>>> engine = DecodeEngine(Generator(load_model("checkpoint/run1/model")), slots=8)
+>>> engine.start()
+>>> stream = engine.submit(GenerationRequest({"score": 8.0, "genre": "Rock"}, seed=1))
+>>> for delta in stream.deltas(): print(delta, end="")
+>>> stream.result().text
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import weakref
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from pitchkeras.errors import FailedPrecondition, InvalidArgument, Unavailable
+from pitchkeras.sampling.config import GenerationRequest, Sample, SamplerConfig
+from pitchkeras.sampling.counter_rng import row_keys
+from pitchkeras.sampling.decode import forward, sample_next
+from pitchkeras.sampling.generator import PreparedRequest, prompt_bucket
+
+log = logging.getLogger(__name__)
+
+END_TOKEN, LENGTH, STOP_SEQUENCE, CANCELLED, DEADLINE = "end_token", "length", "stop_sequence", "cancelled", "deadline"
+CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is compiled for
+_REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to: held back until complete
+
+
+class Cancelled(Exception):
+    """A stream ended by `cancel()` or by its deadline before it finished."""
+
+
+@dataclasses.dataclass
+class EngineCounters:
+    """What the engine has done, for tests, logs and metrics.
+
+    Args:
+        steps: int. Compiled steps run.
+        prefills: int. Requests prefilled into a slot.
+        tokens: int. Tokens decoded (over all rows).
+        row_steps: int. Active rows summed over steps (`row_steps / steps` is the mean batch).
+        finished: int. Requests that ended with a Sample.
+        cancelled: int. Requests ended by cancel or deadline.
+        active: int. Slots busy now.
+        waiting: int. Requests queued for a slot now.
+        traces: int. Programs traced (= compiled shapes).
+    """
+
+    steps: int = 0
+    prefills: int = 0
+    tokens: int = 0
+    row_steps: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    active: int = 0
+    waiting: int = 0
+    traces: int = 0
+
+
+class Stream:
+    """One request in the engine: its text deltas as they are decoded, then its `Sample`.
+
+    Made by `DecodeEngine.submit`. Without a listener, `deltas()` iterates the
+    text as it comes and `result()` waits for the Sample; with one, the engine
+    thread calls `listener(delta)` for every delta and `listener(None)` at the end.
+
+    Args:
+        prepared: PreparedRequest. The checked, tokenized request.
+        config: SamplerConfig. Its sampler settings.
+        max_new_tokens: int. Its length cap.
+        include_prefix: bool. Keep the prefix at the start of the post-processed text.
+        deadline: float or None. `time.monotonic()` after which it is ended.
+        listener: callable or None. Called from the engine thread.
+    """
+
+    def __init__(self, prepared, config: SamplerConfig, max_new_tokens: int, *, include_prefix: bool = True,
+                 deadline: Optional[float] = None, listener: Optional[Callable[[Optional[str]], None]] = None):
+        self.prepared = prepared
+        self.config = config
+        self.max_new_tokens = int(max_new_tokens)
+        self.include_prefix = include_prefix
+        self.deadline = deadline
+        self.sample: Optional[Sample] = None
+        self.error: Optional[BaseException] = None
+        self.finish_reason: Optional[str] = None
+        self.text = ""  # the deltas so far, concatenated
+        self.tokens = 0  # tokens decoded so far
+        self._listener = listener
+        self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
+        self._cancelled = False
+        self._done = threading.Event()
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.prepared.request
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """End the request at the next step boundary; its slot is free for the step after."""
+        self._cancelled = True
+
+    def expired(self, now: float) -> Optional[str]:
+        """CANCELLED or DEADLINE when the request must leave now, else None."""
+        if self._cancelled:
+            return CANCELLED
+        if self.deadline is not None and now >= self.deadline:
+            return DEADLINE
+        return None
+
+    def result(self, timeout: Optional[float] = None) -> Sample:
+        """Wait for the Sample; raises `Cancelled` or the engine's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the stream did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.sample
+
+    def deltas(self, timeout: Optional[float] = None):
+        """Iterate the text deltas until the request ends (only for a stream without a listener)."""
+        while True:
+            delta = self._events.get(timeout=timeout)
+            if delta is None:
+                return
+            yield delta
+
+    def _emit(self, delta: str) -> None:
+        if delta:
+            self.text += delta
+            self._deliver(delta)
+
+    def _end(self, reason: str, sample: Optional[Sample] = None, error: Optional[BaseException] = None) -> None:
+        self.finish_reason, self.sample, self.error = reason, sample, error
+        self._done.set()
+        self._deliver(None)
+
+    def _deliver(self, item: Optional[str]) -> None:
+        if self._listener is not None:
+            self._listener(item)
+        else:
+            self._events.put(item)
+
+
+@dataclasses.dataclass
+class _Row:
+    """A busy slot: its stream and where its text stands."""
+
+    stream: Stream
+    position: int  # the position of the row's last token (fed at the next step)
+    limit: int  # positions this row may fill: prompt + new tokens, at most the model's context
+    completion: list = dataclasses.field(default_factory=list)  # new token ids
+    pending: list = dataclasses.field(default_factory=list)  # ids whose text is not yet whole characters
+    text: str = ""  # the completion's text, whole characters only
+    sent: int = 0  # characters of `text` already handed out
+
+
+class DecodeEngine:
+    """Continuously batched decoding over `slots` rows for a `Generator`'s model.
+
+    Args:
+        generator: sampling.Generator. Its model, tokenizer, prompt buckets,
+            post-processing and memorization check are used.
+        slots: int. Rows decoded together in one step.
+        cache_buckets: sequence of int. Cache lengths a step is compiled for
+            (each capped at the model's context); the engine grows the cache
+            to the smallest that fits its rows and shrinks it back when idle.
+        tokens_per_step: int. Tokens each compiled call decodes for every row
+            (1: rows join, leave and stream at every token, what a server
+            wants; more amortises the per-call cost for batch jobs such as
+            populate, at the price of rows joining only every so many tokens).
+            The text is the same either way.
+    """
+
+    def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
+                 tokens_per_step: int = 1):
+        if slots < 1 or tokens_per_step < 1:
+            raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
+        self.generator = generator
+        self.slots = int(slots)
+        self._max_length = generator._max_length
+        self.cache_buckets = tuple(sorted({min(int(b), self._max_length) for b in cache_buckets} | {self._max_length}))
+        self.counters = EngineCounters()
+        # The model's own stop texts (an imported gpt-2-simple run's `<|endoftext|>` as text) end every row.
+        self._model_stops = tuple(generator.model.prompt_format.stop_sequences)
+        self.tokens_per_step = int(tokens_per_step)
+        self._program = _program_for(generator, self.slots, self.tokens_per_step)
+        self._rows: list[Optional[_Row]] = [None] * self.slots
+        self._waiting: collections.deque = collections.deque()
+        self._condition = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._state = _DeviceState(self.slots, generator._pad_id)
+
+    # -- submitting ------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, config: Optional[SamplerConfig] = None,
+               max_new_tokens: Optional[int] = None, *, include_prefix: bool = True,
+               timeout: Optional[float] = None, listener=None) -> Stream:
+        """Queue one request; it joins at the next step boundary with a free slot.
+
+        Args:
+            request: GenerationRequest. Conditions, prefix and seed.
+            config: SamplerConfig or None. Its sampler settings (default: SamplerConfig()).
+            max_new_tokens: int or None. Its length cap (default: the generator's).
+            include_prefix: bool. Keep the prefix at the start of the text.
+            timeout: float or None. Seconds from now after which it is ended (DEADLINE).
+            listener: callable or None. See `Stream`.
+
+        Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued.
+        """
+        config = (config or SamplerConfig()).validate()
+        new_tokens = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens (length) must be >= 1, got {new_tokens}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stream = Stream(self.generator.prepare(request), config, new_tokens, include_prefix=include_prefix,
+                        deadline=deadline, listener=listener)
+        with self._condition:
+            if self._stopping:
+                raise Unavailable("the decode engine is stopping; retry on another server")
+            self._waiting.append(stream)
+            self.counters.waiting = len(self._waiting)
+            self._condition.notify()
+        return stream
+
+    def generate(self, requests: Sequence[GenerationRequest], config: Optional[SamplerConfig] = None,
+                 max_new_tokens: Optional[int] = None, *, include_prefix: bool = True) -> list[Sample]:
+        """Samples for `requests`, in order (the caller's thread steps the engine when none runs it)."""
+        streams = [self.submit(r, config, max_new_tokens, include_prefix=include_prefix) for r in requests]
+        if self._thread is None:
+            self.run_until_idle()
+        return [stream.result() for stream in streams]
+
+    # -- running ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps on a background thread whenever there is work."""
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued or running end with Unavailable."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_all(Unavailable("the decode engine stopped before this request finished"))
+
+    def run_until_idle(self) -> None:
+        """Step until no request is running or waiting (for callers that run no thread)."""
+        while self.step():
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and not self._waiting and not any(self._rows):
+                    self._condition.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # a bug or a device failure: every caller hears of it, the thread lives on
+                log.exception("decode engine step failed")
+                self._fail_all(err)
+
+    def step(self) -> bool:
+        """One step boundary and one step: leave, join (prefill), decode a token per active row.
+
+        Returns whether any request was running or waiting.
+        """
+        now = time.monotonic()
+        for slot, row in enumerate(self._rows):
+            reason = row.stream.expired(now) if row else None
+            if reason:
+                self._leave(slot, reason)
+        joined = self._join(now)
+        active = [slot for slot, row in enumerate(self._rows) if row is not None]
+        self.counters.active = len(active)
+        if not active:
+            self._state.release()
+            return joined
+        chosen = self._program.step(self._state)
+        self.counters.traces = self._program.traces
+        for column in range(self.tokens_per_step):
+            active = [slot for slot in active if self._rows[slot] is not None]
+            self.counters.steps += bool(active)
+            self.counters.row_steps += len(active)
+            for slot in active:
+                self._advance(slot, int(chosen[slot, column]))
+        self.counters.active = sum(row is not None for row in self._rows)
+        return True
+
+    # -- joining and leaving ---------------------------------------------------------------
+    def _join(self, now: float) -> bool:
+        """Prefill waiting requests into free slots; whether any request was waiting."""
+        had_waiting = bool(self._waiting)
+        while None in self._rows:
+            with self._condition:
+                if not self._waiting:
+                    break
+                stream = self._waiting.popleft()
+                self.counters.waiting = len(self._waiting)
+            reason = stream.expired(now)
+            if reason:
+                self.counters.cancelled += 1
+                stream._end(reason, error=Cancelled(f"request {reason} before it started"))
+                continue
+            self._prefill(self._rows.index(None), stream)
+        return had_waiting
+
+    def _prefill(self, slot: int, stream: Stream) -> None:
+        ids = stream.prepared.ids
+        limit = min(len(ids) + stream.max_new_tokens, self._max_length)
+        bucket = min(prompt_bucket(len(ids), self.generator.prompt_buckets), self._max_length)
+        self._fit_cache(max(limit, bucket))
+        prompt = np.full((1, bucket), self.generator._pad_id, np.int32)
+        prompt[0, : len(ids)] = ids
+        self._state.reset_row(slot, ids, stream.request.seed, stream.config)
+        self._program.prefill(self._state, slot, prompt)
+        self.counters.prefills += 1
+        self._rows[slot] = _Row(stream, position=len(ids) - 1, limit=limit)
+        self._state.positions[slot] = len(ids) - 1
+
+    def _fit_cache(self, needed: int) -> None:
+        """Grow the cache to the smallest bucket holding `needed` positions (and every busy row)."""
+        needed = max([needed] + [row.limit for row in self._rows if row is not None])
+        length = next(b for b in self.cache_buckets if b >= needed)
+        if length != self._state.length:
+            self._state.resize(length, self._program)
+
+    def _advance(self, slot: int, token: int) -> None:
+        row = self._rows[slot]
+        if token == self.generator._end_id and self.generator.stop_at_end_token:
+            return self._leave(slot, END_TOKEN)
+        row.completion.append(token)
+        row.stream.tokens += 1
+        row.position += 1
+        self._state.token_ids[slot, row.position] = token
+        self._state.positions[slot] = row.position
+        self.counters.tokens += 1
+        self._extend_text(row)
+        stops = row.stream.config.stop_sequences + self._model_stops
+        cut = min((i for i in (row.text.find(stop) for stop in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            row.text = row.text[:cut]
+            row.pending = []
+            return self._leave(slot, STOP_SEQUENCE)
+        row.stream._emit(row.text[row.sent: _safe_end(row.text, stops)])
+        row.sent = len(row.stream.text)
+        if len(row.completion) >= row.stream.max_new_tokens or row.position + 1 >= row.limit:
+            self._leave(slot, LENGTH)
+
+    def _extend_text(self, row: _Row) -> None:
+        """Add the row's newest token to its text once its bytes form whole characters."""
+        row.pending.append(row.completion[-1])
+        piece = self.generator.detokenize(row.pending)
+        if not piece.endswith(_REPLACEMENT):
+            row.text += piece
+            row.pending = []
+
+    def _leave(self, slot: int, reason: str) -> None:
+        """Free the slot now; the stream gets its Sample (or `Cancelled`)."""
+        row = self._rows[slot]
+        self._rows[slot] = None
+        self._state.clear_row(slot)
+        stream = row.stream
+        if reason in (CANCELLED, DEADLINE):
+            self.counters.cancelled += 1
+            stream._end(reason, error=Cancelled(f"request {reason}"))
+            return
+        text = row.text + (self.generator.detokenize(row.pending) if row.pending else "")
+        stream._emit(text[row.sent:])
+        try:
+            sample = self.generator.finish(stream.prepared, text, stream.config, include_prefix=stream.include_prefix)
+        except Exception as err:  # post-processing failed for this request only
+            stream._end(reason, error=err)
+            return
+        self.counters.finished += 1
+        stream._end(reason, sample=sample)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._condition:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for slot, row in enumerate(self._rows):
+            if row is not None:
+                self._rows[slot] = None
+                row.stream._end("error", error=err)
+        for stream in waiting:
+            stream._end("error", error=err)
+        self._state.release()
+
+    # -- warm-up ---------------------------------------------------------------------------
+    def warmup(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+        """Compile the prefills for these prompt lengths and the step their cache needs, before serving.
+
+        Each warm-up request runs one step and is then cancelled, so this
+        costs compiles, not generation.
+        """
+        for length in sorted(set(prompt_lengths)):
+            ids = [self.generator._pad_id] * max(1, min(length, self._max_length - 1))
+            stream = Stream(PreparedRequest(GenerationRequest(), {}, "", ids), SamplerConfig(), max_new_tokens)
+            with self._condition:
+                self._waiting.append(stream)
+            self.step()
+            stream.cancel()
+            self.run_until_idle()
+        self.counters.cancelled = 0
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> {(slots, xla): _Program}
+
+
+def _program_for(generator, slots: int, tokens: int) -> "_Program":
+    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it."""
+    xla = generator.uses_xla(slots)
+    programs = _PROGRAMS.setdefault(generator._backbone, {})
+    if (slots, xla, tokens) not in programs:
+        programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
+    return programs[slots, xla, tokens]
+
+
+def _concrete_per_shape(function):
+    """Call a `tf.function` through its concrete function for the arguments' shapes, found once per shape.
+
+    A step is a few milliseconds on a small model; the `tf.function` call
+    itself matched the argument structure against its traces every time
+    (about 2 ms of Python per call, profiled on the demo model).
+    """
+    import tensorflow as tf
+
+    concrete: dict = {}
+
+    def call(caches, *args):
+        tensors = [tf.constant(a) for a in args]
+        key = (tuple(caches[0][0].shape),) + tuple(tuple(t.shape) for t in tensors)
+        if key not in concrete:
+            concrete[key] = function.get_concrete_function(caches, *tensors)
+        return concrete[key](caches, *tensors)
+
+    return call
+
+
+def _safe_end(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` may be sent: all of it but a tail that could be the start of a stop sequence."""
+    held = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:size]):
+                held = size
+                break
+    return len(text) - held
+
+
+class _DeviceState:
+    """The engine's arrays: the caches (device tensors) and the per-row inputs of a step (numpy)."""
+
+    def __init__(self, slots: int, pad_id: int):
+        self.slots, self.pad_id = slots, pad_id
+        self.length = 0  # cache positions; 0 = no cache allocated
+        self.caches = None
+        self.token_ids = np.zeros((slots, 0), np.int32)
+        self.positions = np.zeros((slots,), np.int32)
+        self.keys = np.zeros((slots, 2), np.uint32)
+        self.temperature = np.ones((slots,), np.float32)
+        self.top_k = np.zeros((slots,), np.int32)
+        self.top_p = np.ones((slots,), np.float32)
+        self.repetition_penalty = np.ones((slots,), np.float32)
+        self.no_repeat_ngram_size = np.zeros((slots,), np.int32)
+
+    def reset_row(self, slot: int, ids: list, seed: int, config: SamplerConfig) -> None:
+        self.token_ids[slot] = self.pad_id
+        self.token_ids[slot, : len(ids)] = ids
+        self.keys[slot] = row_keys([seed])[0]
+        self.temperature[slot] = config.temperature
+        self.top_k[slot] = config.top_k
+        self.top_p[slot] = config.top_p
+        self.repetition_penalty[slot] = config.repetition_penalty
+        self.no_repeat_ngram_size[slot] = config.no_repeat_ngram_size
+
+    def clear_row(self, slot: int) -> None:
+        """Neutral settings, so a free row never switches a processor on for the others."""
+        self.positions[slot] = 0
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = 1.0, 0, 1.0
+        self.repetition_penalty[slot], self.no_repeat_ngram_size[slot] = 1.0, 0
+
+    def resize(self, length: int, program: "_Program") -> None:
+        old = self.length
+        self.caches = program.resize_caches(self.caches, self.slots, length)
+        ids = np.full((self.slots, length), self.pad_id, np.int32)
+        keep = min(old, length)
+        ids[:, :keep] = self.token_ids[:, :keep]
+        self.token_ids, self.length = ids, length
+
+    def release(self) -> None:
+        """Drop the cache while idle: the next request allocates the length it needs."""
+        self.caches, self.length = None, 0
+        self.token_ids = np.zeros((self.slots, 0), np.int32)
+
+    def step_inputs(self) -> tuple:
+        return (self.token_ids, self.positions, self.keys, self.temperature, self.top_k, self.top_p,
+                self.repetition_penalty, self.no_repeat_ngram_size)
+
+
+class _Program:
+    """The engine's compiled programs, one per shape: `step` and `prefill`, on TensorFlow or JAX."""
+
+    def __init__(self, backbone, *, xla: bool, tokens: int = 1):
+        self.backbone = backbone
+        self.xla = xla
+        self.tokens = tokens  # decode steps per call
+        self.traces = 0  # programs traced (= compiled shapes)
+        self._step = self._prefill = None
+
+    # The traced bodies, in keras.ops. -------------------------------------------------------
+    def _step_body(self, caches, token_ids, positions, keys, *settings):
+        """`tokens` decode steps: the caches, and each row's next `tokens` tokens (slots, tokens).
+
+        Each step feeds every row's last token at its own position and draws
+        the next; within a call, a row's new token is written to its context
+        for the next step (positions past the cache stay on its last slot: the
+        host drops tokens of rows that have ended).
+        """
+        from keras import ops
+
+        self.traces += 1  # Python side effect: once per trace
+        token_ids, positions = ops.cast(token_ids, "int32"), ops.cast(positions, "int32")
+        slots, length = token_ids.shape
+
+        def one(i, carry):
+            caches, token_ids, positions, out = carry
+            last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
+            hidden, caches = forward(self.backbone, last, caches, positions)
+            logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
+            chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, *settings), "int32")
+            positions = ops.minimum(positions + 1, length - 1)
+            token_ids = ops.where(ops.arange(length)[None, :] == positions[:, None], chosen[:, None], token_ids)
+            return caches, token_ids, positions, ops.slice_update(out, (0, i), chosen[:, None])
+
+        out = ops.zeros((slots, self.tokens), "int32")
+        if self.tokens == 1:
+            caches, _, _, out = one(0, (caches, token_ids, positions, out))
+        else:
+            caches, _, _, out = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, out))
+        return caches, out
+
+    def _prefill_body(self, caches, slot, prompt_ids):
+        """Run one prompt (1, bucket) through the model into row `slot` of the caches."""
+        from keras import ops
+
+        self.traces += 1
+        backbone = self.backbone
+        fresh = [tuple(ops.zeros((1,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
+        _, fresh = forward(backbone, prompt_ids, fresh, 0)
+        start = (slot, 0, 0, 0)
+        return [(ops.slice_update(k, start, fk), ops.slice_update(v, start, fv))
+                for (k, v), (fk, fv) in zip(caches, fresh)]
+
+    # Compiled, per backend. --------------------------------------------------------------------
+    def step(self, state: _DeviceState) -> np.ndarray:
+        self._compile()
+        state.caches, chosen = self._step(state.caches, *state.step_inputs())
+        return np.asarray(chosen)
+
+    def prefill(self, state: _DeviceState, slot: int, prompt: np.ndarray) -> None:
+        self._compile()
+        state.caches = self._prefill(state.caches, np.int32(slot), prompt)
+
+    def resize_caches(self, caches, slots: int, length: int):
+        """New zero caches of `length` positions, or the old ones padded or cut to it."""
+        from keras import ops
+
+        backbone = self.backbone
+        heads = backbone.num_heads
+        shape = (slots, heads, length, backbone.hidden_dim // heads)
+        if caches is None:
+            return [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
+        old = caches[0][0].shape[2]
+        if length > old:
+            pad = [[0, 0], [0, 0], [0, length - old], [0, 0]]
+            return [(ops.pad(k, pad), ops.pad(v, pad)) for k, v in caches]
+        return [(k[:, :, :length], v[:, :, :length]) for k, v in caches]
+
+    def _compile(self) -> None:
+        if self._step is not None:
+            return
+        import keras
+
+        backend = keras.config.backend()
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            self._step = _concrete_per_shape(tf.function(self._step_body, jit_compile=self.xla))
+            self._prefill = _concrete_per_shape(tf.function(self._prefill_body, jit_compile=self.xla))
+        elif backend == "jax":
+            self._step, self._prefill = self._jax_functions()
+        else:
+            raise FailedPrecondition(
+                f"DecodeEngine runs on the tensorflow and jax Keras backends, not {backend!r}; "
+                "set KERAS_BACKEND=tensorflow or jax")
+
+    def _jax_functions(self):
+        """`jax.jit` over stateless calls with the weights as arguments; the caches are donated (updated in place)."""
+        import jax
+        import keras
+
+        from pitchkeras import compile_cache
+
+        compile_cache.apply_to_jax()
+        variables = list(self.backbone.variables)
+
+        def stateless(body):
+            def run(values, caches, *args):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    return body(caches, *args)
+
+            return jax.jit(run, donate_argnums=(1,))
+
+        step, prefill = stateless(self._step_body), stateless(self._prefill_body)
+        return ((lambda caches, *args: step([v.value for v in variables], caches, *args)),
+                (lambda caches, *args: prefill([v.value for v in variables], caches, *args)))
