@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pitchkeras.errors import UsageError
 
@@ -75,6 +75,8 @@ class PlanRequest:
         grad_accum: int. Micro-batches per optimizer step (Keras keeps one accumulator per weight).
         tiny: dict. `TinyConfig` fields, for `tiny`.
         search_budget: int. When > 0: plan the largest of `batch_sizes` whose total fits these bytes.
+        search_fraction: float. When > 0 (and no `search_budget`): the budget is this fraction of the
+            planning device's memory (a CPU has none: then every size is planned).
     """
 
     model: str
@@ -87,6 +89,7 @@ class PlanRequest:
     grad_accum: int = 1
     tiny: dict = dataclasses.field(default_factory=dict)
     search_budget: int = 0
+    search_fraction: float = 0.0
 
 
 @dataclasses.dataclass
@@ -176,13 +179,14 @@ def _plan_here(request: PlanRequest) -> PlanResult:
     device = jax.devices()[0]
     memory = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
     sizes = sorted(set(int(b) for b in request.batch_sizes))
-    if not request.search_budget:
+    budget = request.search_budget or int((memory or 0) * request.search_fraction)
+    if not budget:
         return PlanResult([_compile_plan(request, b) for b in sizes], memory)
     plans, low, high = [], 0, len(sizes) - 1  # memory grows with the batch: bisect for the largest that fits
     while low <= high:
         middle = (low + high) // 2
         plans.append(_compile_plan(request, sizes[middle]))
-        low, high = (middle + 1, high) if plans[-1].total <= request.search_budget else (low, middle - 1)
+        low, high = (middle + 1, high) if plans[-1].total <= budget else (low, middle - 1)
     return PlanResult(plans, memory)
 
 
@@ -249,9 +253,58 @@ def _compile_plan(request: PlanRequest, batch_size: int) -> MemoryPlan:
         compile_seconds=time.perf_counter() - started)
 
 
+def resolve_batch(config, state: dict, replicas: int, say: Callable[[str], None]):
+    """`config` with the micro-batch and accumulation `auto_batch` chose (unchanged without `auto_batch`).
+
+    The effective batch `batch_size * grad_accum` is kept: the micro-batch is
+    the largest divisor of it (a multiple of `replicas`) whose planned step fits
+    `memory` (or the local accelerator's memory) less `memory_margin`, and
+    `grad_accum` makes up the rest. A resumed run repeats the choice recorded
+    in its checkpoint (`state`). With neither a budget nor an accelerator
+    (a CPU), the batch stays as given.
+
+    Raises:
+        UsageError: not even the smallest micro-batch fits the budget.
+    """
+    if not config.auto_batch:
+        return config
+    if "batch_size" in state and "grad_accum" in state:
+        say(f"auto batch: micro-batch {state['batch_size']} x {state['grad_accum']} accumulated, as the checkpoint ran")
+        return dataclasses.replace(config, batch_size=int(state["batch_size"]), grad_accum=int(state["grad_accum"]))
+    from pitchkeras.train.config import DeviceFacts
+
+    target = config.batch_size * config.grad_accum
+    budget = int(parse_memory(config.memory) * (1 - config.memory_margin)) if config.memory else 0
+    facts = DeviceFacts.detect()
+    if not budget and not (facts.tpus or facts.gpu_capabilities):
+        say(f"auto batch: no accelerator and no --memory: micro-batch {config.batch_size} x {config.grad_accum} "
+            "accumulated, as given")
+        return config
+    sizes = [d for d in range(replicas, target + 1, replicas) if target % d == 0]
+    request = PlanRequest(model=config.preset, sequence_length=config.sequence_length,
+                          batch_sizes=[d // replicas for d in sizes], mixed_precision=config.mixed_precision,
+                          optimizer=config.optimizer, remat=config.remat, lora_rank=config.lora_rank,
+                          grad_accum=2 if target > 1 else 1,  # accumulators counted whenever they may be used
+                          tiny=dataclasses.asdict(config.tiny), search_budget=budget,
+                          search_fraction=0.0 if budget else 1 - config.memory_margin)
+    result = plan_memory(request)
+    budget = budget or int((result.device_memory or 0) * (1 - config.memory_margin))
+    fitting = [p for p in result.plans if p.total <= budget]
+    if not fitting:
+        smallest = min(result.plans, key=lambda p: p.batch_size)
+        raise UsageError(f"auto batch: even micro-batch {smallest.batch_size * replicas} needs "
+                         f"{gigabytes(smallest.total)} of {gigabytes(budget)}; try --remat, --optimizer adafactor "
+                         "or lion, --lora-rank, --mixed-precision or a shorter --sequence-length")
+    chosen = max(fitting, key=lambda p: p.batch_size)
+    micro = chosen.batch_size * replicas
+    say(f"auto batch: micro-batch {micro} x {target // micro} accumulated = {target} per step "
+        f"(planned {gigabytes(chosen.total)} of {gigabytes(budget)} after a {config.memory_margin:.0%} margin)")
+    return dataclasses.replace(config, batch_size=micro, grad_accum=target // micro)
+
+
 def gigabytes(count: int) -> str:
-    """`count` bytes as GB (10^9), two decimals."""
-    return f"{count / 1e9:.2f} GB"
+    """`count` bytes as GB (10^9) with two decimals, or as MB below 0.1 GB."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.2f} MB"
 
 
 def describe(request: PlanRequest, plan: MemoryPlan, budget: Optional[int]) -> list[str]:
