@@ -52,6 +52,12 @@ _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
 
+def _train_default(name: str):
+    from pitchkeras.train.config import TrainConfig
+
+    return TrainConfig.default(name)
+
+
 def parse_memory(text: str) -> int:
     """Bytes of a memory size like `16GB`, `15.5GiB` or `800MB` (GB = 10^9 bytes, GiB = 2^30)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
@@ -73,6 +79,7 @@ class PlanRequest:
         remat: bool. Rematerialized transformer blocks.
         lora_rank: int. keras-hub LoRA rank (0 = full fine-tuning).
         grad_accum: int. Micro-batches per optimizer step (Keras keeps one accumulator per weight).
+        clipnorm: float. Global gradient-norm clip (0 = off).
         tiny: dict. `TinyConfig` fields, for `tiny`.
         search_budget: int. When > 0: plan the largest of `batch_sizes` whose total fits these bytes.
         search_fraction: float. When > 0 (and no `search_budget`): the budget is this fraction of the
@@ -87,6 +94,7 @@ class PlanRequest:
     remat: bool = False
     lora_rank: int = 0
     grad_accum: int = 1
+    clipnorm: float = dataclasses.field(default_factory=lambda: _train_default("clipnorm"))
     tiny: dict = dataclasses.field(default_factory=dict)
     search_budget: int = 0
     search_fraction: float = 0.0
@@ -210,7 +218,7 @@ def _abstract_causal_lm(request: PlanRequest, policy: str):
         remat_transformer_blocks(backbone)
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     config = TrainConfig(dataset="-", optimizer=request.optimizer, grad_accum=request.grad_accum,
-                         sequence_length=request.sequence_length)
+                         clipnorm=request.clipnorm, sequence_length=request.sequence_length)
     compile_for_training(causal_lm, config, jit_compile=True)
     # Some optimizer variables have constant initializers, which a StatelessScope refuses: trace instead.
     jax.eval_shape(lambda: causal_lm.optimizer.build(causal_lm.trainable_variables))
@@ -284,7 +292,7 @@ def resolve_batch(config, state: dict, replicas: int, say: Callable[[str], None]
     request = PlanRequest(model=config.preset, sequence_length=config.sequence_length,
                           batch_sizes=[d // replicas for d in sizes], mixed_precision=config.mixed_precision,
                           optimizer=config.optimizer, remat=config.remat, lora_rank=config.lora_rank,
-                          grad_accum=2 if target > 1 else 1,  # accumulators counted whenever they may be used
+                          clipnorm=config.clipnorm, grad_accum=2 if target > 1 else 1,  # accumulators counted whenever they may be used
                           tiny=dataclasses.asdict(config.tiny), search_budget=budget,
                           search_fraction=0.0 if budget else 1 - config.memory_margin)
     result = plan_memory(request)

@@ -68,8 +68,8 @@ def _rematerialized(layer, call):
         variables, values = state
         outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], lambda: run(flat)),
                                        len(tensors))(*tensors, *values)
-        for variable, after in zip([v for v in variables if not v.trainable], updated):
-            variable.assign(after)  # e.g. a dropout's seed, advanced
+        for variable, after in zip([v for v in variables if _is_seed(v)], updated):
+            variable.assign(after)  # a dropout's seed, advanced
         return outputs
 
     return call_with_remat
@@ -92,12 +92,22 @@ def _traced_state(layer):
 
 
 def _stateless(variables, values, fn):
-    """Run `fn` with `variables` read from `values`; return its outputs and the non-trainable ones' values after."""
+    """Run `fn` with `variables` read from `values`; return its outputs and the seeds' values after it."""
     import keras
 
     with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
         outputs = fn()
-    return outputs, [scope.get_current_value(variable) for variable in variables if not variable.trainable]
+    return outputs, [scope.get_current_value(variable) for variable in variables if _is_seed(variable)]
+
+
+def _is_seed(variable) -> bool:
+    """Whether `variable` is state a GPT-2 block changes when called: a dropout's (integer) seed.
+
+    The block's float variables (weights, LoRA-frozen kernels included) are only read.
+    """
+    import numpy as np
+
+    return not variable.trainable and not np.issubdtype(np.dtype(variable.dtype), np.floating)
 
 
 def _late_remat(fn, gated: int):
