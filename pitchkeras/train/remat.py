@@ -66,9 +66,10 @@ def _rematerialized(layer, call):
         if state is None:  # TensorFlow: real variables, which tf.recompute_grad tracks itself
             return keras.remat(lambda *flat: run(flat))(*tensors)
         variables, values = state
-        outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], lambda: run(flat)),
-                                       len(tensors))(*tensors, *values)
-        for variable, after in zip([v for v in variables if _is_seed(v)], updated):
+        seeds = [variable for variable in variables if _is_seed(variable)]  # chosen once: every trace alike
+        outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], seeds,
+                                                                lambda: run(flat)), len(tensors))(*tensors, *values)
+        for variable, after in zip(seeds, updated):
             variable.assign(after)  # a dropout's seed, advanced
         return outputs
 
@@ -91,23 +92,24 @@ def _traced_state(layer):
     return variables, values
 
 
-def _stateless(variables, values, fn):
-    """Run `fn` with `variables` read from `values`; return its outputs and the seeds' values after it."""
+def _stateless(variables, values, seeds, fn):
+    """Run `fn` with `variables` read from `values`; return its outputs and the values of `seeds` after it."""
     import keras
 
     with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
         outputs = fn()
-    return outputs, [scope.get_current_value(variable) for variable in variables if _is_seed(variable)]
+    return outputs, [scope.get_current_value(variable) for variable in seeds]
 
 
 def _is_seed(variable) -> bool:
     """Whether `variable` is state a GPT-2 block changes when called: a dropout's (integer) seed.
 
-    The block's float variables (weights, LoRA-frozen kernels included) are only read.
+    The block's float variables (weights, LoRA-frozen kernels included) are only read. (Under a mixed
+    policy `variable.dtype` reads as the compute dtype inside the block: hence the test for integers.)
     """
-    import numpy as np
+    import keras
 
-    return not variable.trainable and not np.issubdtype(np.dtype(variable.dtype), np.floating)
+    return not variable.trainable and keras.backend.is_int_dtype(variable.dtype)
 
 
 def _late_remat(fn, gated: int):
