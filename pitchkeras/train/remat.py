@@ -67,8 +67,12 @@ def _rematerialized(layer, call):
             return keras.remat(lambda *flat: run(flat))(*tensors)
         variables, values = state
         seeds = [variable for variable in variables if _is_seed(variable)]  # chosen once: every trace alike
+        # The activations and the dropout seeds wait for the gradient (a mask drawn from a seed alone would
+        # be merged with the forward pass's and kept alive, heads x T x T per block).
+        seed_ids = {id(seed) for seed in seeds}
+        waiting = set(range(len(tensors))) | {len(tensors) + i for i, v in enumerate(variables) if id(v) in seed_ids}
         outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], seeds,
-                                                                lambda: run(flat)), len(tensors))(*tensors, *values)
+                                                                lambda: run(flat)), waiting)(*tensors, *values)
         for variable, after in zip(seeds, updated):
             variable.assign(after)  # a dropout's seed, advanced
         return outputs
@@ -112,12 +116,12 @@ def _is_seed(variable) -> bool:
     return not variable.trainable and keras.backend.is_int_dtype(variable.dtype)
 
 
-def _late_remat(fn, gated: int):
+def _late_remat(fn, gated: set):
     """`fn` whose backward recomputes it from its inputs once the output's gradient exists (JAX).
 
     Args:
         fn: callable. A pure function of arrays.
-        gated: int. How many leading inputs (the activations, not the weights) wait for the gradient.
+        gated: set of int. Positions of the inputs (activations, seeds; not the weights) that wait for the gradient.
     """
     import jax
     import jax.numpy as jnp
@@ -132,7 +136,7 @@ def _late_remat(fn, gated: int):
     def backward(inputs, cotangent):
         first = next(leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.floating))
         waiting = jnp.isnan(first.reshape(-1)[0])  # unknown until the gradient exists; NaN poisons it anyway
-        inputs = [jnp.where(waiting, jnp.zeros_like(x), x) if i < gated else x for i, x in enumerate(inputs)]
+        inputs = [jnp.where(waiting, jnp.zeros_like(x), x) if i in gated else x for i, x in enumerate(inputs)]
         _, pullback = jax.vjp(fn, *inputs)
         return pullback(cotangent)
 
