@@ -70,9 +70,10 @@ def _rematerialized(layer, call):
         # The activations and the dropout seeds wait for the gradient (a mask drawn from a seed alone would
         # be merged with the forward pass's and kept alive, heads x T x T per block).
         seed_ids = {id(seed) for seed in seeds}
-        waiting = set(range(len(tensors))) | {len(tensors) + i for i, v in enumerate(variables) if id(v) in seed_ids}
+        seed_positions = {len(tensors) + i for i, v in enumerate(variables) if id(v) in seed_ids}
         outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], seeds,
-                                                                lambda: run(flat)), waiting)(*tensors, *values)
+                                                                lambda: run(flat)),
+                                       set(range(len(tensors))) | seed_positions, seed_positions)(*tensors, *values)
         for variable, after in zip(seeds, updated):
             variable.assign(after)  # a dropout's seed, advanced
         return outputs
@@ -116,29 +117,48 @@ def _is_seed(variable) -> bool:
     return not variable.trainable and keras.backend.is_int_dtype(variable.dtype)
 
 
-def _late_remat(fn, gated: set):
+def _late_remat(fn, gated: set, seeds: set):
     """`fn` whose backward recomputes it from its inputs once the output's gradient exists (JAX).
+
+    A dropout's bits depend on its seed only, which is known long before the block runs, so a scheduler may
+    draw every block's masks at the start of the pass and keep them all: the seeds also wait for the block's
+    input in the forward pass.
 
     Args:
         fn: callable. A pure function of arrays.
         gated: set of int. Positions of the inputs (activations, seeds; not the weights) that wait for the gradient.
+        seeds: set of int. Positions of the dropout seeds.
     """
     import jax
-    import jax.numpy as jnp
+
+    def forward_order(inputs):
+        return _wait_for(next(x for x in inputs if _is_float(x)), inputs, seeds)
 
     @jax.custom_vjp
     def rematerialized(*inputs):
-        return fn(*inputs)
+        return fn(*forward_order(inputs))
 
     def forward(*inputs):
-        return fn(*inputs), inputs  # only the inputs are kept
+        return fn(*forward_order(inputs)), inputs  # only the inputs are kept
 
     def backward(inputs, cotangent):
-        first = next(leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.floating))
-        waiting = jnp.isnan(first.reshape(-1)[0])  # unknown until the gradient exists; NaN poisons it anyway
-        inputs = [jnp.where(waiting, jnp.zeros_like(x), x) if i in gated else x for i, x in enumerate(inputs)]
-        _, pullback = jax.vjp(fn, *inputs)
+        first = next(leaf for leaf in jax.tree.leaves(cotangent) if _is_float(leaf))
+        _, pullback = jax.vjp(fn, *_wait_for(first, inputs, gated))
         return pullback(cotangent)
 
     rematerialized.defvjp(forward, backward)
     return rematerialized
+
+
+def _is_float(x) -> bool:
+    import jax.numpy as jnp
+
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _wait_for(anchor, inputs, positions: set) -> list:
+    """`inputs`, those at `positions` made to depend on `anchor` (a select on whether its first element is NaN)."""
+    import jax.numpy as jnp
+
+    waiting = jnp.isnan(anchor.reshape(-1)[0])  # unknown until `anchor` exists; a NaN poisons the step anyway
+    return [jnp.where(waiting, jnp.zeros_like(x), x) if i in positions else x for i, x in enumerate(inputs)]
