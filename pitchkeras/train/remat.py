@@ -72,8 +72,7 @@ def _rematerialized(layer, call):
         seed_ids = {id(seed) for seed in seeds}
         seed_positions = {len(tensors) + i for i, v in enumerate(variables) if id(v) in seed_ids}
         outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], seeds,
-                                                                lambda: run(flat)),
-                                       set(range(len(tensors))) | seed_positions, seed_positions)(*tensors, *values)
+                                                                lambda: run(flat)), seed_positions)(*tensors, *values)
         for variable, after in zip(seeds, updated):
             variable.assign(after)  # a dropout's seed, advanced
         return outputs
@@ -117,17 +116,18 @@ def _is_seed(variable) -> bool:
     return not variable.trainable and keras.backend.is_int_dtype(variable.dtype)
 
 
-def _late_remat(fn, gated: set, seeds: set):
+def _late_remat(fn, seeds: set):
     """`fn` whose backward recomputes it from its inputs once the output's gradient exists (JAX).
 
-    A dropout's bits depend on its seed only, which is known long before the block runs, so a scheduler may
-    draw every block's masks at the start of the pass and keep them all: the seeds also wait for the block's
-    input in the forward pass.
+    Every input waits for the gradient in the backward pass, the weights too: otherwise what depends on weights
+    alone (their bfloat16 casts under a mixed policy) is merged with the forward pass's and kept alive from one
+    to the other. A dropout's bits depend on its seed only, which is known long before the block runs, so a
+    scheduler may draw every block's masks at the start of the pass and keep them all: the seeds also wait for
+    the block's input in the forward pass.
 
     Args:
         fn: callable. A pure function of arrays.
-        gated: set of int. Positions of the inputs (activations, seeds; not the weights) that wait for the gradient.
-        seeds: set of int. Positions of the dropout seeds.
+        seeds: set of int. Positions of the dropout seeds among the inputs.
     """
     import jax
 
@@ -143,7 +143,7 @@ def _late_remat(fn, gated: set, seeds: set):
 
     def backward(inputs, cotangent):
         first = next(leaf for leaf in jax.tree.leaves(cotangent) if _is_float(leaf))
-        _, pullback = jax.vjp(fn, *_wait_for(first, inputs, gated))
+        _, pullback = jax.vjp(fn, *_wait_for(first, inputs, set(range(len(inputs)))))
         return pullback(cotangent)
 
     rematerialized.defvjp(forward, backward)
