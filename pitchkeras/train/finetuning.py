@@ -1,7 +1,7 @@
 """`finetune(TrainConfig(...))`: the run behind `pitchkeras finetune`, on Keras's own `CausalLM.fit`.
 
 The orchestration only: find the dataset, choose precision and placement,
-load the starting model, compile it with `keras.optimizers.AdamW` and the
+load the starting model (LoRA, remat), compile it with the optimizer `--optimizer` names and the
 per-token loss, restore the latest checkpoint, and call `fit` with the
 callbacks of `pitchkeras.train.callbacks` plus Keras's TensorBoard. One
 Keras epoch is one optimizer step, so `fit(initial_epoch=step)` resumes.
