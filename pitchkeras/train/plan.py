@@ -169,7 +169,10 @@ def plan_memory(request: PlanRequest, *, timeout: float = 1800) -> PlanResult:
         UsageError: a model that cannot be planned, or a child that failed (its last error line).
     """
     model_shape(request.model, request.tiny)  # a bad model is the caller's error, said before any compile
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    # The child only compiles: it must not take the device memory the training process may already hold
+    # (JAX preallocates 75% by default) nor autotune kernels in it.
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip())
     child = subprocess.run([sys.executable, "-m", "pitchkeras.train.plan", json.dumps(dataclasses.asdict(request))],
                            env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in child.stdout.splitlines() if line.startswith("PLAN ")]
