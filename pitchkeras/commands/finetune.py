@@ -5,8 +5,10 @@ Every default comes from `pitchkeras.train.TrainConfig` (importing it does not l
 
 from __future__ import annotations
 
+import argparse
+
 from pitchkeras.cli import add_command
-from pitchkeras.train.config import PRECISIONS, STRATEGIES, TrainConfig
+from pitchkeras.train.config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig
 
 # (flag, TrainConfig field, type, help): the flags that map one-to-one onto a setting.
 FLAGS = (
@@ -15,7 +17,6 @@ FLAGS = (
     ("--preset", "preset", str, "keras-hub preset (gpt2_base_en, gpt2_medium_en, gpt2_large_en, gpt2_extra_large_en), "
                                 "a local preset directory, or `tiny` (offline)"),
     ("--steps", "steps", int, "total optimizer steps (a resumed run trains up to this)"),
-    ("--batch-size", "batch_size", int, "global batch per micro-step (split across replicas)"),
     ("--sequence-length", "sequence_length", int, "tokens per row"),
     ("--learning-rate", "learning_rate", float, "peak learning rate (linear warmup, cosine decay)"),
     ("--warmup-steps", "warmup_steps", int, "warmup steps (-1: 10%% of --steps, at most 200)"),
@@ -32,7 +33,23 @@ FLAGS = (
     ("--val-batches", "val_batches", int, "batches per validation pass (0 = all)"),
     ("--lora-rank", "lora_rank", int, "keras-hub LoRA rank (0 = full fine-tuning)"),
     ("--cache-dir", "cache_dir", str, "tokenized-data cache (default CHECKPOINT_DIR/.token-cache; `none` = off)"),
+    ("--memory", "memory", str, "device memory for --batch-size auto, e.g. 16GB (default: the local "
+                                "accelerator's; none on a CPU, where the batch stays as given)"),
+    ("--memory-margin", "memory_margin", float, "fraction of --memory --batch-size auto leaves free"),
 )
+
+
+def _batch_size(text: str):
+    """An int, or `auto` / `auto:N`: (True, N or None)."""
+    if text == "auto" or text.startswith("auto:"):
+        rows = text[len("auto:"):] if ":" in text else ""
+        if rows and not rows.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: auto:N takes a whole number of rows")
+        return True, int(rows) if rows else None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, auto or auto:N") from None
 
 
 def add_parser(subparsers):
@@ -40,6 +57,14 @@ def add_parser(subparsers):
     p.add_argument("--dataset", required=True, help="`pitchkeras prepare` output directory, or one CSV")
     for flag, name, kind, help in FLAGS:
         p.add_argument(flag, dest=name, type=kind, default=TrainConfig.default(name), help=help)
+    p.add_argument("--batch-size", type=_batch_size, default=TrainConfig.default("batch_size"),
+                   help="global rows per micro-step (split across replicas); `auto`: the largest micro-batch whose "
+                        "planned step fits --memory, accumulated up to batch size x --grad-accum rows per step "
+                        "(`auto:N`: that batch size is N)")
+    p.add_argument("--optimizer", default=TrainConfig.default("optimizer"), choices=OPTIMIZERS,
+                   help="adamw; adafactor (factored second moments); lion (one moment, wants a lower learning rate)")
+    p.add_argument("--remat", action="store_true", default=TrainConfig.default("remat"),
+                   help="rematerialize the transformer blocks: less memory, one more forward pass per step")
     p.add_argument("--mixed-precision", default=TrainConfig.default("mixed_precision"), choices=PRECISIONS,
                    help="auto: bf16 on GPUs >= 8.0 and TPUs, fp16 + loss scaling on older GPUs, fp32 on CPU")
     p.add_argument("--strategy", default=TrainConfig.default("strategy"), choices=STRATEGIES,
@@ -55,8 +80,13 @@ def add_parser(subparsers):
 def run(args) -> int:
     from pitchkeras.train import finetune
 
+    auto = isinstance(args.batch_size, tuple)
     config = TrainConfig(
         dataset=args.dataset,
+        batch_size=(args.batch_size[1] or TrainConfig.default("batch_size")) if auto else args.batch_size,
+        auto_batch=auto,
+        optimizer=args.optimizer,
+        remat=args.remat,
         mixed_precision=args.mixed_precision,
         strategy=args.strategy,
         packing=not args.no_packing,

@@ -1,7 +1,9 @@
 """Fine-tuning a keras-hub GPT-2 on Keras's own `CausalLM.fit`.
 
 - `config.py`: `TrainConfig` (every setting and its one default), the
-  precision choice, the AdamW optimizer with warmup + cosine decay;
+  precision choice, the optimizer (AdamW, Adafactor or Lion) with warmup + cosine decay;
+- `plan.py`: the compiler's memory plan of one training step (`pitchkeras plan`, `--batch-size auto`);
+- `remat.py`: rematerialized transformer blocks (`--remat`);
 - `checkpoints.py`: atomic step checkpoints restored by variable path;
 - `callbacks.py`: Keras callbacks (also `pitchkeras.callbacks`) for any script;
 - `distribution.py`: tf.distribute on TensorFlow, keras.distribution on JAX;

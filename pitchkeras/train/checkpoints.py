@@ -40,12 +40,16 @@ def training_variables(model) -> dict:
     Model variables are keyed by their Keras path. Optimizer variables are
     keyed by their path with the optimizer's own name (Keras numbers unnamed
     optimizers per process: `adam_w`, `adam_w_1`) replaced by its role,
-    `optimizer/` (the AdamW) or `loss_scale_optimizer/`.
+    `optimizer/` (the AdamW) or `loss_scale_optimizer/`. Keras's Adafactor
+    names its two factored moments after the weight, alike, and its
+    placeholders for vectors without the optimizer's prefix: a repeated
+    optimizer key gets `#2`, `#3`... in the optimizer's own (build) order.
     """
     keyed = {}
     for variable in model.variables:
         keyed.setdefault(variable.path, []).append(variable)
     optimizer = getattr(model, "optimizer", None)
+    seen_optimizer_keys: dict = {}
     if optimizer is not None:
         inner = getattr(optimizer, "inner_optimizer", None)
         owners = [(inner, "optimizer"), (optimizer, "loss_scale_optimizer")] if inner is not None else [
@@ -56,7 +60,9 @@ def training_variables(model) -> dict:
                 if key.startswith(owner.name + "/"):
                     key = role + key[len(owner.name):]
                     break
-            keyed.setdefault(key, []).append(variable)
+            seen = seen_optimizer_keys.get(key, 0) + 1
+            seen_optimizer_keys[key] = seen
+            keyed.setdefault(key if seen == 1 else f"{key}#{seen}", []).append(variable)
     dupes = sorted(k for k, v in keyed.items() if len(v) > 1)
     if dupes:
         raise UsageError(f"variables with the same path cannot be checkpointed by path: {dupes[:5]}")

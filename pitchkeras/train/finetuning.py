@@ -1,7 +1,7 @@
 """`finetune(TrainConfig(...))`: the run behind `pitchkeras finetune`, on Keras's own `CausalLM.fit`.
 
 The orchestration only: find the dataset, choose precision and placement,
-load the starting model, compile it with `keras.optimizers.AdamW` and the
+load the starting model (LoRA, remat), compile it with the optimizer `--optimizer` names and the
 per-token loss, restore the latest checkpoint, and call `fit` with the
 callbacks of `pitchkeras.train.callbacks` plus Keras's TensorBoard. One
 Keras epoch is one optimizer step, so `fit(initial_epoch=step)` resumes.
@@ -181,157 +181,263 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
             keras.distribution.set_distribution(previous_distribution)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one `finetune` call share (settled by `_start`, the model by `_build_model`)."""
+
+    config: TrainConfig
+    say: Callable[[str], None]
+    distribution: object
+    policy: str
+    backend: str
+    jit: bool
+    run_dir: Path
+    checkpoint: Optional[Path]
+    state: dict
+    files: DatasetFiles
+    texts: list
+    prompt_format: PromptFormat
+    condition_values: dict
+    causal_lm: object = None
+
+    @property
+    def chief(self) -> bool:
+        return self.distribution.chief
+
+
 def _finetune(config: TrainConfig, log: Optional[Callable[[str], None]]) -> TrainResult:
     started = time.perf_counter()
+    run = _start(config, log)
+    run.causal_lm = _build_model(run)
+    run_id = new_run_id(run.config.run_name)
+    checkpointer = _checkpointer(run, run_id)
+    start_step = 0
+    if run.checkpoint is not None:
+        start_step = checkpointer.restore(run.causal_lm, run.checkpoint)
+        run_id = checkpointer.restored_state.get("model_version", run_id)
+        run.say(f"restored {run.checkpoint} at step {start_step}")
+    elif run.config.restore_from == "latest":
+        run.say(f"no checkpoint in {run.run_dir / ckpt_files.CHECKPOINTS}: starting fresh from {run.config.preset}")
+    info = ModelInfo(prompt_format=run.prompt_format, condition_values=run.condition_values or {},
+                     model_version=run_id, base_preset=run.config.preset,
+                     sequence_length=run.config.sequence_length)
+    train_ds, val_ds, val_steps = _datasets(run, checkpointer.data_position)
+    _write_run_config(run, run_id)
+    result = TrainResult(run_dir=run.run_dir, model_dir=None, model_version=run_id, start_step=start_step,
+                         step=start_step, policy=run.policy, replicas=run.distribution.replicas, backend=run.backend)
+    resume = start_step if run.checkpoint is not None else None
+    loop = _callbacks(run, info, result, checkpointer, resume)
+    _fit(run, loop, train_ds, val_ds, val_steps, start_step)
+    _finish(run, loop, info, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _start(config: TrainConfig, log: Optional[Callable[[str], None]]) -> _Run:
+    """Placement, precision, seed, the checkpoint to resume, the batch, and the dataset's conditions."""
+    from pitchkeras.data.pipeline import read_examples
+    from pitchkeras.train.distribution import make_distribution
+    from pitchkeras.train.plan import resolve_batch
+
     say = log or (print if config.progress else (lambda _msg: None))
     files = resolve_dataset(config.dataset)
-
-    from pitchkeras.data.pipeline import make_dataset, read_examples
-    from pitchkeras.model import load_causal_lm, save_model_dir, tokenized_inputs
-    from pitchkeras.train import callbacks as cb
-    from pitchkeras.train.config import compile_for_training
-    from pitchkeras.train.distribution import make_distribution
-
     backend = keras.config.backend()
     distribution = make_distribution(config.strategy)  # first: multi-worker needs it before other TF work
-    chief = distribution.chief
-    if not chief:
+    if not distribution.chief:
         say = lambda _msg: None  # noqa: E731 - one voice per cluster
     policy = choose_policy(config.mixed_precision)
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(config.seed)
+    run_dir = Path(config.checkpoint_dir) / config.run_name
+    checkpoint, state = _resumed_checkpoint(config, run_dir, distribution.chief)
+    config = resolve_batch(config, state, distribution.replicas, say)
     replicas = distribution.replicas
     if config.batch_size % replicas:
         raise UsageError(f"--batch-size {config.batch_size} must be a multiple of the {replicas} replicas")
     jit = {"true": True, "false": False}.get(str(config.jit_compile).lower(),
                                              replicas == 1 or backend == "jax")  # auto: XLA on one TF device
     say(f"precision policy: {policy} ({'requested' if config.mixed_precision != 'auto' else 'auto'}); "
-        f"backend: {backend}; distribution: {distribution.description}; XLA: {'on' if jit else 'off'}")
+        f"backend: {backend}; distribution: {distribution.description}; XLA: {'on' if jit else 'off'}; "
+        f"optimizer: {config.optimizer}{'; remat' if config.remat else ''}")
+    texts = read_examples(files.train)
+    prompt_format, condition_values = files.prompt_format, files.condition_values
+    if prompt_format is None:
+        prompt_format, condition_values = infer_conditions(texts)
+    elif condition_values is None:
+        _, condition_values = infer_conditions(texts)
+    return _Run(config, say, distribution, policy, backend, jit, run_dir, checkpoint, state, files, texts,
+                prompt_format, condition_values)
 
-    run_dir = Path(config.checkpoint_dir) / config.run_name
+
+def _resumed_checkpoint(config: TrainConfig, run_dir: Path, chief: bool) -> tuple[Optional[Path], dict]:
+    """The checkpoint `config.restore_from` names and its state; refuses one from another preset or optimizer."""
     checkpoints_dir = run_dir / ckpt_files.CHECKPOINTS
     checkpoint = ckpt_files.find_checkpoint(run_dir, config.restore_from)
     if config.restore_from == "fresh" and chief and checkpoints_dir.exists():
         shutil.rmtree(checkpoints_dir)
-    state: dict = {}
-    if checkpoint is not None:
-        state = ckpt_files.read_state(checkpoint)
-        if state.get("base_preset") not in (None, config.preset):
-            raise UsageError(
-                f"checkpoint {checkpoint} was trained from preset {state['base_preset']!r}, not {config.preset!r}; "
-                "pass the same --preset or --restore-from fresh")
+    if checkpoint is None:
+        return None, {}
+    state = ckpt_files.read_state(checkpoint)
+    for key, flag, value in (("base_preset", "--preset", config.preset), ("optimizer", "--optimizer", config.optimizer)):
+        if state.get(key) not in (None, value):
+            raise UsageError(f"checkpoint {checkpoint} was trained with {flag} {state[key]}, not {value}; "
+                             f"pass {flag} {state[key]} or --restore-from fresh")
+    return checkpoint, state
 
-    texts = read_examples(files.train)
-    if files.prompt_format is not None:
-        prompt_format = files.prompt_format
-        condition_values = files.condition_values
-        if condition_values is None:
-            _, condition_values = infer_conditions(texts)
-    else:
-        prompt_format, condition_values = infer_conditions(texts)
 
-    with distribution.scope():
-        base_dir = run_dir / BASE
-        if config.preset == TINY and checkpoint is not None and base_dir.is_dir():
+def _build_model(run: _Run):
+    """The starting CausalLM (reusing a resumed `tiny`'s tokenizer), LoRA, remat, compiled, optimizer built."""
+    from pitchkeras.model import load_causal_lm, save_model_dir
+    from pitchkeras.train import callbacks as cb
+    from pitchkeras.train.config import compile_for_training
+    from pitchkeras.train.remat import remat_transformer_blocks
+
+    config = run.config
+    with run.distribution.scope():
+        base_dir = run.run_dir / BASE
+        if config.preset == TINY and run.checkpoint is not None and base_dir.is_dir():
             # The tokenizer was learnt at the first start: reuse it, do not relearn it.
-            causal_lm = load_causal_lm(str(base_dir), dtype=policy)
+            causal_lm = load_causal_lm(str(base_dir), dtype=run.policy)
         else:
-            causal_lm = load_causal_lm(config.preset, texts=texts, tiny=config.tiny,
-                                       sequence_length=config.sequence_length, seed=config.seed, dtype=policy)
-            if config.preset == TINY and chief:
-                save_model_dir(causal_lm, ModelInfo(prompt_format=prompt_format, base_preset=TINY), base_dir)
+            causal_lm = load_causal_lm(config.preset, texts=run.texts, tiny=config.tiny,
+                                       sequence_length=config.sequence_length, seed=config.seed, dtype=run.policy)
+            if config.preset == TINY and run.chief:
+                save_model_dir(causal_lm, ModelInfo(prompt_format=run.prompt_format, base_preset=TINY), base_dir)
         if config.lora_rank:
             causal_lm.backbone.enable_lora(config.lora_rank)
+        if config.remat:
+            remat_transformer_blocks(causal_lm.backbone)
         causal_lm.preprocessor.sequence_length = config.sequence_length
-        compile_for_training(causal_lm, config, jit_compile=jit)
+        compile_for_training(causal_lm, config, jit_compile=run.jit)
         cb.build_optimizer(causal_lm)
+    return causal_lm
 
-    run_id = new_run_id(config.run_name)
-    checkpointer = cb.StepCheckpoint(
-        checkpoints_dir, config.save_every, config.max_checkpoints, chief=chief,
-        state=lambda: {"model_version": run_id, "base_preset": config.preset, "lora_rank": config.lora_rank,
-                       "policy": policy, "backend": backend})
-    start_step = 0
-    if checkpoint is not None:
-        start_step = checkpointer.restore(causal_lm, checkpoint)
-        run_id = checkpointer.restored_state.get("model_version", run_id)
-        say(f"restored {checkpoint} at step {start_step}")
-    elif config.restore_from == "latest":
-        say(f"no checkpoint in {checkpoints_dir}: starting fresh from {config.preset}")
 
-    info = ModelInfo(prompt_format=prompt_format, condition_values=condition_values or {}, model_version=run_id,
-                     base_preset=config.preset, sequence_length=config.sequence_length)
-    tokenizer = causal_lm.preprocessor.tokenizer
-    cache_dir = None if config.cache_dir == "none" else (config.cache_dir or str(Path(config.checkpoint_dir) / ".token-cache"))
-    if not chief:
+def _checkpointer(run: _Run, run_id: str):
+    """The `StepCheckpoint` of the run; its state records what a resume must repeat."""
+    from pitchkeras.train import callbacks as cb
+
+    config = run.config
+
+    def state():
+        return {"model_version": run_id, "base_preset": config.preset, "lora_rank": config.lora_rank,
+                "policy": run.policy, "backend": run.backend, "optimizer": config.optimizer, "remat": config.remat,
+                "batch_size": config.batch_size, "grad_accum": config.grad_accum}
+
+    return cb.StepCheckpoint(run.run_dir / ckpt_files.CHECKPOINTS, config.save_every, config.max_checkpoints,
+                             chief=run.chief, state=state)
+
+
+def _datasets(run: _Run, data_position: int):
+    """The training dataset (continuing at `data_position` batches) and the validation one with its steps."""
+    from pitchkeras.data.pipeline import make_dataset
+
+    config, replicas = run.config, run.distribution.replicas
+    tokenizer = run.causal_lm.preprocessor.tokenizer
+    cache_dir = None if config.cache_dir == "none" else (
+        config.cache_dir or str(Path(config.checkpoint_dir) / ".token-cache"))
+    if not run.chief:
         cache_dir = None  # one writer per cluster: other workers tokenize in memory (it is fast)
-    train_ds = make_dataset(files.train, tokenizer, sequence_length=config.sequence_length,
+    train_ds = make_dataset(run.files.train, tokenizer, sequence_length=config.sequence_length,
                             batch_size=config.batch_size, packing=config.packing, seed=config.seed,
-                            cache_dir=cache_dir, skip_batches=checkpointer.data_position)
-    if distribution.name == "multiworker":
-        distribution.adapt_keras_model(causal_lm, next(iter(train_ds)))
-    val_ds, val_steps = None, []
-    if files.val is not None:  # validated every --val-every steps and at the last one
-        val_ds = make_dataset(files.val, tokenizer, sequence_length=config.sequence_length,
-                              batch_size=config.batch_size, packing=config.packing, shuffle=False, repeat=False,
-                              cache_dir=cache_dir, drop_remainder=replicas > 1)
-        if config.val_batches:
-            val_ds = val_ds.take(config.val_batches)  # the same batches at every pass
-        every = config.val_every or config.steps
-        val_steps = sorted({s for s in range(every, config.steps + 1, every)} | {config.steps})
+                            cache_dir=cache_dir, skip_batches=data_position)
+    if run.distribution.name == "multiworker":
+        run.distribution.adapt_keras_model(run.causal_lm, next(iter(train_ds)))
+    if run.files.val is None:
+        return train_ds, None, []
+    # Validated every --val-every steps and at the last one.
+    val_ds = make_dataset(run.files.val, tokenizer, sequence_length=config.sequence_length,
+                          batch_size=config.batch_size, packing=config.packing, shuffle=False, repeat=False,
+                          cache_dir=cache_dir, drop_remainder=replicas > 1)
+    if config.val_batches:
+        val_ds = val_ds.take(config.val_batches)  # the same batches at every pass
+    every = config.val_every or config.steps
+    return train_ds, val_ds, sorted({s for s in range(every, config.steps + 1, every)} | {config.steps})
 
-    if chief:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(
-            dict(dataclasses.asdict(config), model_version=run_id, backend=backend), indent=2, default=str))
 
+def _write_run_config(run: _Run, run_id: str) -> None:
+    """`config.json`: every setting as run (the batch `auto` chose included), the run id and backend."""
+    if not run.chief:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "samples").mkdir(exist_ok=True)
+    atomic_write_text(run.run_dir / "config.json", json.dumps(
+        dict(dataclasses.asdict(run.config), model_version=run_id, backend=run.backend), indent=2, default=str))
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The callbacks of `fit` and the ones read afterwards."""
+
+    callbacks: list
+    record: _Record
+    stopper: object
+    progress: object
+    conditions: object
+
+
+def _callbacks(run: _Run, info: ModelInfo, result: TrainResult, checkpointer, resume: Optional[int]) -> _Loop:
+    """Metrics, record, progress, signals, TensorBoard, samples, per-condition validation, checkpoints, plot."""
+    from pitchkeras.data.pipeline import read_examples
+    from pitchkeras.train import callbacks as cb
+
+    config, chief, replicas = run.config, run.chief, run.distribution.replicas
     tokens_per_step = config.batch_size * config.sequence_length * config.grad_accum
-    result = TrainResult(run_dir=run_dir, model_dir=None, model_version=run_id, start_step=start_step,
-                         step=start_step, policy=policy, replicas=replicas, backend=backend)
-    resume = start_step if checkpoint is not None else None
-    stopper = cb.StopOnSignal(distribution.any_worker if distribution.workers > 1 else None)
-    progress = cb.Progress(config.steps, start_step, config.print_every, say, bar=config.progress and chief)
+    stopper = cb.StopOnSignal(run.distribution.any_worker if run.distribution.workers > 1 else None)
+    progress = cb.Progress(config.steps, result.start_step, config.print_every, run.say, bar=config.progress and chief)
     record = _Record(result, tokens_per_step)
-    callbacks = [
-        cb.MetricsCSV(run_dir / "metrics.csv", resume_step=resume, tokens_per_step=tokens_per_step, chief=chief),
-        record, progress, stopper,
-    ]
+    callbacks = [cb.MetricsCSV(run.run_dir / "metrics.csv", resume_step=resume, tokens_per_step=tokens_per_step,
+                               chief=chief), record, progress, stopper]
     if chief:
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False, update_freq="epoch"))
+        callbacks.append(keras.callbacks.TensorBoard(str(run.run_dir / "logs"), write_graph=False,
+                                                     update_freq="epoch"))
     if config.sample_every:
-        callbacks.append(cb.SampleWriter(info, run_dir / "samples", config.sample_every,
-                                         preprocessor=causal_lm.preprocessor, seed=config.seed, final=False,
-                                         chief=chief, replicas=replicas if backend == "jax" else 1))
+        callbacks.append(cb.SampleWriter(info, run.run_dir / "samples", config.sample_every,
+                                         preprocessor=run.causal_lm.preprocessor, seed=config.seed, final=False,
+                                         chief=chief, replicas=replicas if run.backend == "jax" else 1))
     conditions = None
-    if files.val is not None and prompt_format.conditions:
+    if run.files.val is not None and run.prompt_format.conditions:
         conditions = cb.ConditionValidation(
-            read_examples(files.val), prompt_format, tokenizer, run_dir, sequence_length=config.sequence_length,
-            batch_size=config.batch_size, every=config.val_every, resume_step=resume, chief=chief, replicas=replicas,
+            read_examples(run.files.val), run.prompt_format, run.causal_lm.preprocessor.tokenizer, run.run_dir,
+            sequence_length=config.sequence_length, batch_size=config.batch_size, every=config.val_every,
+            resume_step=resume, chief=chief, replicas=replicas,
             max_examples=max(config.val_batches, 1) * config.batch_size if config.val_batches else 0)
         callbacks.append(conditions)
-    callbacks += [checkpointer, cb.LossPlot(run_dir / "metrics.csv", run_dir / "loss.png", config.save_every, chief)]
-
+    callbacks += [checkpointer, cb.LossPlot(run.run_dir / "metrics.csv", run.run_dir / "loss.png",
+                                            config.save_every, chief)]
     checkpointer.on_save = lambda path: progress.say(f"saved {path}")  # above the bar, not through it
-    if start_step < config.steps:
-        with tokenized_inputs(causal_lm):
-            causal_lm.fit(train_ds, epochs=config.steps, steps_per_epoch=config.grad_accum, initial_epoch=start_step,
-                          validation_data=val_ds, validation_freq=val_steps or 1, callbacks=callbacks, shuffle=False,
-                          verbose=0)
-    else:
-        say(f"already at step {start_step} of {config.steps}: nothing to train")
-    if stopper.stopped_at is not None:
-        result.interrupted = True
-        say(f"stopped by signal at step {result.step}; resume with --restore-from latest")
-    if conditions is not None:
-        result.val_by_condition = dict(conditions.last)
+    return _Loop(callbacks, record, stopper, progress, conditions)
 
-    if not result.interrupted and chief:
-        result.model_dir = save_model_dir(causal_lm, info, run_dir / "model")
-        if config.sample_every:
-            cb.write_samples(causal_lm, info, run_dir / "samples" / "final.txt", seed=config.seed,
-                             count=-(-3 // replicas) * replicas if backend == "jax" else 3)
-        say(f"model {run_id} exported to {result.model_dir}")
-    result.tokens_per_sec = record.tokens / record.seconds if record.seconds else 0.0
-    result.seconds = time.perf_counter() - started
-    return result
+
+def _fit(run: _Run, loop: _Loop, train_ds, val_ds, val_steps: list, start_step: int) -> None:
+    """`CausalLM.fit` from `start_step` to `config.steps`, one optimizer step per epoch."""
+    from pitchkeras.model import tokenized_inputs
+
+    config = run.config
+    if start_step >= config.steps:
+        run.say(f"already at step {start_step} of {config.steps}: nothing to train")
+        return
+    with tokenized_inputs(run.causal_lm):
+        run.causal_lm.fit(train_ds, epochs=config.steps, steps_per_epoch=config.grad_accum, initial_epoch=start_step,
+                          validation_data=val_ds, validation_freq=val_steps or 1, callbacks=loop.callbacks,
+                          shuffle=False, verbose=0)
+
+
+def _finish(run: _Run, loop: _Loop, info: ModelInfo, result: TrainResult) -> None:
+    """Interrupted or not, per-condition losses, the exported model and final samples, the throughput."""
+    from pitchkeras.model import save_model_dir
+    from pitchkeras.train import callbacks as cb
+
+    replicas = run.distribution.replicas
+    if loop.stopper.stopped_at is not None:
+        result.interrupted = True
+        run.say(f"stopped by signal at step {result.step}; resume with --restore-from latest")
+    if loop.conditions is not None:
+        result.val_by_condition = dict(loop.conditions.last)
+    if not result.interrupted and run.chief:
+        result.model_dir = save_model_dir(run.causal_lm, info, run.run_dir / "model")
+        if run.config.sample_every:
+            cb.write_samples(run.causal_lm, info, run.run_dir / "samples" / "final.txt", seed=run.config.seed,
+                             count=-(-3 // replicas) * replicas if run.backend == "jax" else 3)
+        run.say(f"model {result.model_version} exported to {result.model_dir}")
+    result.tokens_per_sec = loop.record.tokens / loop.record.seconds if loop.record.seconds else 0.0

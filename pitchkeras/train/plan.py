@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pitchkeras.errors import UsageError
 
@@ -50,6 +50,12 @@ GPT2_POSITIONS = 1024
 GPT2_DROPOUT = 0.1
 _UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def _train_default(name: str):
+    from pitchkeras.train.config import TrainConfig
+
+    return TrainConfig.default(name)
 
 
 def parse_memory(text: str) -> int:
@@ -73,8 +79,11 @@ class PlanRequest:
         remat: bool. Rematerialized transformer blocks.
         lora_rank: int. keras-hub LoRA rank (0 = full fine-tuning).
         grad_accum: int. Micro-batches per optimizer step (Keras keeps one accumulator per weight).
+        clipnorm: float. Global gradient-norm clip (0 = off).
         tiny: dict. `TinyConfig` fields, for `tiny`.
         search_budget: int. When > 0: plan the largest of `batch_sizes` whose total fits these bytes.
+        search_fraction: float. When > 0 (and no `search_budget`): the budget is this fraction of the
+            planning device's memory (a CPU has none: then every size is planned).
     """
 
     model: str
@@ -85,8 +94,10 @@ class PlanRequest:
     remat: bool = False
     lora_rank: int = 0
     grad_accum: int = 1
+    clipnorm: float = dataclasses.field(default_factory=lambda: _train_default("clipnorm"))
     tiny: dict = dataclasses.field(default_factory=dict)
     search_budget: int = 0
+    search_fraction: float = 0.0
 
 
 @dataclasses.dataclass
@@ -158,7 +169,10 @@ def plan_memory(request: PlanRequest, *, timeout: float = 1800) -> PlanResult:
         UsageError: a model that cannot be planned, or a child that failed (its last error line).
     """
     model_shape(request.model, request.tiny)  # a bad model is the caller's error, said before any compile
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    # The child only compiles: it must not take the device memory the training process may already hold
+    # (JAX preallocates 75% by default) nor autotune kernels in it.
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip())
     child = subprocess.run([sys.executable, "-m", "pitchkeras.train.plan", json.dumps(dataclasses.asdict(request))],
                            env=env, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in child.stdout.splitlines() if line.startswith("PLAN ")]
@@ -176,13 +190,14 @@ def _plan_here(request: PlanRequest) -> PlanResult:
     device = jax.devices()[0]
     memory = (device.memory_stats() or {}).get("bytes_limit") if device.platform != "cpu" else None
     sizes = sorted(set(int(b) for b in request.batch_sizes))
-    if not request.search_budget:
+    budget = request.search_budget or int((memory or 0) * request.search_fraction)
+    if not budget:
         return PlanResult([_compile_plan(request, b) for b in sizes], memory)
     plans, low, high = [], 0, len(sizes) - 1  # memory grows with the batch: bisect for the largest that fits
     while low <= high:
         middle = (low + high) // 2
         plans.append(_compile_plan(request, sizes[middle]))
-        low, high = (middle + 1, high) if plans[-1].total <= request.search_budget else (low, middle - 1)
+        low, high = (middle + 1, high) if plans[-1].total <= budget else (low, middle - 1)
     return PlanResult(plans, memory)
 
 
@@ -206,7 +221,7 @@ def _abstract_causal_lm(request: PlanRequest, policy: str):
         remat_transformer_blocks(backbone)
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     config = TrainConfig(dataset="-", optimizer=request.optimizer, grad_accum=request.grad_accum,
-                         sequence_length=request.sequence_length)
+                         clipnorm=request.clipnorm, sequence_length=request.sequence_length)
     compile_for_training(causal_lm, config, jit_compile=True)
     # Some optimizer variables have constant initializers, which a StatelessScope refuses: trace instead.
     jax.eval_shape(lambda: causal_lm.optimizer.build(causal_lm.trainable_variables))
@@ -249,9 +264,58 @@ def _compile_plan(request: PlanRequest, batch_size: int) -> MemoryPlan:
         compile_seconds=time.perf_counter() - started)
 
 
+def resolve_batch(config, state: dict, replicas: int, say: Callable[[str], None]):
+    """`config` with the micro-batch and accumulation `auto_batch` chose (unchanged without `auto_batch`).
+
+    The effective batch `batch_size * grad_accum` is kept: the micro-batch is
+    the largest divisor of it (a multiple of `replicas`) whose planned step fits
+    `memory` (or the local accelerator's memory) less `memory_margin`, and
+    `grad_accum` makes up the rest. A resumed run repeats the choice recorded
+    in its checkpoint (`state`). With neither a budget nor an accelerator
+    (a CPU), the batch stays as given.
+
+    Raises:
+        UsageError: not even the smallest micro-batch fits the budget.
+    """
+    if not config.auto_batch:
+        return config
+    if "batch_size" in state and "grad_accum" in state:
+        say(f"auto batch: micro-batch {state['batch_size']} x {state['grad_accum']} accumulated, as the checkpoint ran")
+        return dataclasses.replace(config, batch_size=int(state["batch_size"]), grad_accum=int(state["grad_accum"]))
+    from pitchkeras.train.config import DeviceFacts
+
+    target = config.batch_size * config.grad_accum
+    budget = int(parse_memory(config.memory) * (1 - config.memory_margin)) if config.memory else 0
+    facts = DeviceFacts.detect()
+    if not budget and not (facts.tpus or facts.gpu_capabilities):
+        say(f"auto batch: no accelerator and no --memory: micro-batch {config.batch_size} x {config.grad_accum} "
+            "accumulated, as given")
+        return config
+    sizes = [d for d in range(replicas, target + 1, replicas) if target % d == 0]
+    request = PlanRequest(model=config.preset, sequence_length=config.sequence_length,
+                          batch_sizes=[d // replicas for d in sizes], mixed_precision=config.mixed_precision,
+                          optimizer=config.optimizer, remat=config.remat, lora_rank=config.lora_rank,
+                          clipnorm=config.clipnorm, grad_accum=2 if target > 1 else 1,  # accumulators counted whenever they may be used
+                          tiny=dataclasses.asdict(config.tiny), search_budget=budget,
+                          search_fraction=0.0 if budget else 1 - config.memory_margin)
+    result = plan_memory(request)
+    budget = budget or int((result.device_memory or 0) * (1 - config.memory_margin))
+    fitting = [p for p in result.plans if p.total <= budget]
+    if not fitting:
+        smallest = min(result.plans, key=lambda p: p.batch_size)
+        raise UsageError(f"auto batch: even micro-batch {smallest.batch_size * replicas} needs "
+                         f"{gigabytes(smallest.total)} of {gigabytes(budget)}; try --remat, --optimizer adafactor "
+                         "or lion, --lora-rank, --mixed-precision or a shorter --sequence-length")
+    chosen = max(fitting, key=lambda p: p.batch_size)
+    micro = chosen.batch_size * replicas
+    say(f"auto batch: micro-batch {micro} x {target // micro} accumulated = {target} per step "
+        f"(planned {gigabytes(chosen.total)} of {gigabytes(budget)} after a {config.memory_margin:.0%} margin)")
+    return dataclasses.replace(config, batch_size=micro, grad_accum=target // micro)
+
+
 def gigabytes(count: int) -> str:
-    """`count` bytes as GB (10^9), two decimals."""
-    return f"{count / 1e9:.2f} GB"
+    """`count` bytes as GB (10^9) with two decimals, or as MB below 0.1 GB."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e8 else f"{count / 1e6:.2f} MB"
 
 
 def describe(request: PlanRequest, plan: MemoryPlan, budget: Optional[int]) -> list[str]:

@@ -66,10 +66,15 @@ def _rematerialized(layer, call):
         if state is None:  # TensorFlow: real variables, which tf.recompute_grad tracks itself
             return keras.remat(lambda *flat: run(flat))(*tensors)
         variables, values = state
-        outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], lambda: run(flat)),
-                                       len(tensors))(*tensors, *values)
-        for variable, after in zip([v for v in variables if not v.trainable], updated):
-            variable.assign(after)  # e.g. a dropout's seed, advanced
+        seeds = [variable for variable in variables if _is_seed(variable)]  # chosen once: every trace alike
+        # The activations and the dropout seeds wait for the gradient (a mask drawn from a seed alone would
+        # be merged with the forward pass's and kept alive, heads x T x T per block).
+        seed_ids = {id(seed) for seed in seeds}
+        seed_positions = {len(tensors) + i for i, v in enumerate(variables) if id(v) in seed_ids}
+        outputs, updated = _late_remat(lambda *flat: _stateless(variables, flat[len(tensors):], seeds,
+                                                                lambda: run(flat)), seed_positions)(*tensors, *values)
+        for variable, after in zip(seeds, updated):
+            variable.assign(after)  # a dropout's seed, advanced
         return outputs
 
     return call_with_remat
@@ -91,38 +96,69 @@ def _traced_state(layer):
     return variables, values
 
 
-def _stateless(variables, values, fn):
-    """Run `fn` with `variables` read from `values`; return its outputs and the non-trainable ones' values after."""
+def _stateless(variables, values, seeds, fn):
+    """Run `fn` with `variables` read from `values`; return its outputs and the values of `seeds` after it."""
     import keras
 
     with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
         outputs = fn()
-    return outputs, [scope.get_current_value(variable) for variable in variables if not variable.trainable]
+    return outputs, [scope.get_current_value(variable) for variable in seeds]
 
 
-def _late_remat(fn, gated: int):
+def _is_seed(variable) -> bool:
+    """Whether `variable` is state a GPT-2 block changes when called: a dropout's (integer) seed.
+
+    The block's float variables (weights, LoRA-frozen kernels included) are only read. (Under a mixed
+    policy `variable.dtype` reads as the compute dtype inside the block: hence the test for integers.)
+    """
+    import keras
+
+    return not variable.trainable and keras.backend.is_int_dtype(variable.dtype)
+
+
+def _late_remat(fn, seeds: set):
     """`fn` whose backward recomputes it from its inputs once the output's gradient exists (JAX).
+
+    Every input waits for the gradient in the backward pass, the weights too: otherwise what depends on weights
+    alone (their bfloat16 casts under a mixed policy) is merged with the forward pass's and kept alive from one
+    to the other. A dropout's bits depend on its seed only, which is known long before the block runs, so a
+    scheduler may draw every block's masks at the start of the pass and keep them all: the seeds also wait for
+    the block's input in the forward pass.
 
     Args:
         fn: callable. A pure function of arrays.
-        gated: int. How many leading inputs (the activations, not the weights) wait for the gradient.
+        seeds: set of int. Positions of the dropout seeds among the inputs.
     """
     import jax
-    import jax.numpy as jnp
+
+    def forward_order(inputs):
+        return _wait_for(next(x for x in inputs if _is_float(x)), inputs, seeds)
 
     @jax.custom_vjp
     def rematerialized(*inputs):
-        return fn(*inputs)
+        return fn(*forward_order(inputs))
 
     def forward(*inputs):
-        return fn(*inputs), inputs  # only the inputs are kept
+        return fn(*forward_order(inputs)), inputs  # only the inputs are kept
 
     def backward(inputs, cotangent):
-        first = next(leaf for leaf in jax.tree.leaves(cotangent) if jnp.issubdtype(leaf.dtype, jnp.floating))
-        waiting = jnp.isnan(first.reshape(-1)[0])  # unknown until the gradient exists; NaN poisons it anyway
-        inputs = [jnp.where(waiting, jnp.zeros_like(x), x) if i < gated else x for i, x in enumerate(inputs)]
-        _, pullback = jax.vjp(fn, *inputs)
+        first = next(leaf for leaf in jax.tree.leaves(cotangent) if _is_float(leaf))
+        _, pullback = jax.vjp(fn, *_wait_for(first, inputs, set(range(len(inputs)))))
         return pullback(cotangent)
 
     rematerialized.defvjp(forward, backward)
     return rematerialized
+
+
+def _is_float(x) -> bool:
+    import jax.numpy as jnp
+
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _wait_for(anchor, inputs, positions: set) -> list:
+    """`inputs`, those at `positions` made to depend on `anchor` (a select on whether its first element is NaN)."""
+    import jax.numpy as jnp
+
+    waiting = jnp.isnan(anchor.reshape(-1)[0])  # unknown until `anchor` exists; a NaN poisons the step anyway
+    return [jnp.where(waiting, jnp.zeros_like(x), x) if i in positions else x for i, x in enumerate(inputs)]
