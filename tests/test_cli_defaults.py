@@ -53,9 +53,6 @@ CONVERTERS = {("report", "scores"): parse_scores, ("demo", "scores"): parse_scor
               ("populate", "genres"): parse_list, ("demo", "genres"): parse_list}
 # Fields whose None stands for a named default the flag spells out.
 NONE_MEANS = {("populate", "genres"): list(SEED_GENRES), ("demo", "genres"): list(SEED_GENRES)}
-# Owned by the live-generation issue (20), which moves them into commands/options.py.
-SAMPLER_FLAGS = {"temperature", "top_k", "top_p", "length", "seed", "repetition_penalty", "no_repeat_ngram_size"}
-SAMPLER_COMMANDS = {"generate", "populate", "report", "serve", "demo"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict:
@@ -95,10 +92,7 @@ def _cases():
             match = _field(COMMAND_CONFIGS.get(command, ()), action.dest)
             if match is None:
                 continue
-            marks = ()
-            if action.dest in SAMPLER_FLAGS and command in SAMPLER_COMMANDS:
-                marks = (pytest.mark.xfail(strict=False, reason="sampler flags move in issue 20"),)
-            cases.append(pytest.param(label, action, *match, id=f"{label}:{action.option_strings[0]}", marks=marks))
+            cases.append(pytest.param(label, action, *match, id=f"{label}:{action.option_strings[0]}"))
     return cases
 
 

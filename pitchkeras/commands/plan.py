@@ -27,7 +27,7 @@ def add_parser(subparsers):
     p.add_argument("--preset", default=TrainConfig.default("preset"),
                    help="gpt2_base_en, gpt2_medium_en, gpt2_large_en, gpt2_extra_large_en, a model directory, or tiny")
     p.add_argument("--sequence-length", type=int, default=TrainConfig.default("sequence_length"), help="tokens per row")
-    p.add_argument("--batch-size", default=str(TrainConfig.default("batch_size")),
+    p.add_argument("--batch-size", default=TrainConfig.default("batch_size"),
                    help="micro-batch(es) to plan, comma-separated")
     p.add_argument("--mixed-precision", default=TrainConfig.default("mixed_precision"), choices=PRECISIONS,
                    help="dtype policy (auto: as finetune would choose on this machine)")
