@@ -31,8 +31,8 @@ def add_parser(subparsers):
     p.add_argument("--scores", default=format_scores(default("scores")), help="comma-separated scores to populate")
     add_genres_flag(p, "comma-separated genres to populate")
     p.add_argument("--per-pair", type=int, default=default("per_pair"), help="reviews stored per (score, genre) pair")
-    p.add_argument("--length", type=int, default=120, help="max new tokens per generated review")
-    p.add_argument("--seed", type=int, default=0, help="seed for every stage")
+    p.add_argument("--length", type=int, default=default("length"), help="max new tokens per generated review")
+    p.add_argument("--seed", type=int, default=default("seed"), help="seed for every stage")
     p.add_argument("--port", type=int, default=default("port"), help="gRPC port (0 picks a free one)")
     p.add_argument("--http-port", type=int, default=default("http_port"),
                    help="HTTP/JSON and web page port (0 picks a free one)")

@@ -36,7 +36,9 @@ def add_parser(subparsers):
     p.add_argument("--batching", choices=BATCHING_MODES, default=default("batching"),
                    help="continuous: Generate runs on the decode engine (rows join and leave every step, streaming); "
                         "closed: batches that run to their longest row (for comparison)")
-    p.add_argument("--length", type=int, default=200, help="default max new tokens per generated review")
+    p.add_argument("--length", dest="default_max_length", metavar="N", type=int,
+                   default=default("default_max_length"),
+                   help="default max new tokens per generated review")
     p.add_argument("--max-length-cap", type=int, default=default("max_length_cap"),
                    help="largest max_length a request may ask for")
     p.add_argument("--num-samples-cap", type=int, default=default("num_samples_cap"),
@@ -103,7 +105,7 @@ def run(args) -> int:
     config = ServerConfig(
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
-        default_max_length=args.length,
+        default_max_length=args.default_max_length,
         max_length_cap=args.max_length_cap,
         num_samples_cap=args.num_samples_cap,
         grace_s=args.grace_s,
