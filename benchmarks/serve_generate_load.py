@@ -41,7 +41,6 @@ import json
 import os
 import queue
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,7 +227,8 @@ def run_rate(call, rate: float, seconds: float, drain: float, lengths, seed: int
 
 def warm(call, lengths, slots: int) -> None:
     """Compile what the load will meet before it is timed: each length alone and in batches of 2, 4 and `slots`
-    (the closed batcher compiles a program per batch shape and length; the engine per cache length)."""
+    (the closed batcher compiles a program per batch shape and length; the engine per row bucket and cache
+    length)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=slots) as pool:
         for length in lengths:
             for batch in sorted({1, 2, 4, slots}):

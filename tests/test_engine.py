@@ -91,6 +91,30 @@ def test_rows_that_finish_are_refilled_at_once(generator):
     assert engine.counters.prefills == 4 and engine.counters.active == 0
 
 
+def test_a_lone_request_runs_on_the_smallest_row_bucket_with_the_same_text(generator):
+    engine = DecodeEngine(generator, slots=8)
+    smallest = engine.row_buckets[0]
+    assert engine.row_buckets[-1] == 8 and smallest in (1, 2)
+    request, config, length = MIXED[3]
+    alone = engine.submit(request, config, length)
+    engine.run_until_idle()
+    assert engine.counters.computed_rows == smallest * engine.counters.steps == smallest * length
+    others = [(GenerationRequest(ROCK, "", seed=10 + i), None, length) for i in range(5)]
+    # Beside 5 others, in slot 5: every step runs all 8 rows.
+    streams = [engine.submit(*other) for other in others] + [engine.submit(request, config, length)]
+    steps, computed = engine.counters.steps, engine.counters.computed_rows
+    engine.run_until_idle()
+    assert engine.counters.computed_rows - computed == 8 * (engine.counters.steps - steps)
+    # In slot 0 beside 5 shorter ones: 8 rows, then the smallest bucket once they leave.
+    first = engine.submit(request, config, length)
+    shorter = [engine.submit(r, c, 3) for r, c, _ in others]
+    engine.step()
+    assert engine.counters.rows == 8
+    engine.run_until_idle()
+    assert engine.counters.rows == smallest and all(s.result() for s in shorter)
+    assert streams[-1].result().raw == first.result().raw == alone.result().raw
+
+
 def test_greedy_equals_keras_hub_generate_alone_and_mixed(generator):
     greedy = SamplerConfig(top_k=1)
     prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in PROOF_PREFIXES]

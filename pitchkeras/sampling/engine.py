@@ -11,16 +11,20 @@ steps:
    the cache).
 2. One compiled *step* decodes one token for every active row, each at its
    own position, with its own sampler settings (per-row tensors: any mix of
-   temperatures, top-k, top-p and repetition settings shares a step).
+   temperatures, top-k, top-p and repetition settings shares a step). The
+   step runs only the first rows, a power-of-two *row bucket* holding the
+   highest busy slot (new requests take the lowest free slot), so a lone
+   request does not pay for every slot.
 3. Each row's new text goes to its listener as whole UTF-8 characters; a row
    that draws `<|endoftext|>`, reaches a stop sequence or its length leaves
    at once, and its `Sample` is post-processed by the `Generator`.
 
 Randomness is counter-based per (request seed, position), exactly as in the
 closed batch, so a request's text does not depend on when it joined or on
-its neighbours. Everything traced is `keras.ops`: a `tf.function` (XLA) on
-TensorFlow and `jax.jit` on JAX, one program per (slots, cache length) step
-and per (prompt bucket, cache length) prefill; both go through the persistent
+its neighbours, nor on the slot or row bucket it ran in. Everything traced is
+`keras.ops`: a `tf.function` (XLA) on TensorFlow and `jax.jit` on JAX, one
+program per (row bucket, cache length) step and per (row bucket, prompt
+bucket, cache length) prefill; both go through the persistent
 compile cache (`pitchkeras.compile_cache`).
 
 Example:
@@ -71,6 +75,8 @@ class EngineCounters:
         prefills: int. Requests prefilled into a slot.
         tokens: int. Tokens decoded (over all rows).
         row_steps: int. Active rows summed over steps (`row_steps / steps` is the mean batch).
+        computed_rows: int. Rows computed summed over steps (the row bucket each step ran; >= row_steps).
+        rows: int. Rows the last step computed (its row bucket).
         finished: int. Requests that ended with a Sample.
         cancelled: int. Requests ended by cancel or deadline.
         active: int. Slots busy now.
@@ -82,6 +88,8 @@ class EngineCounters:
     prefills: int = 0
     tokens: int = 0
     row_steps: int = 0
+    computed_rows: int = 0
+    rows: int = 0
     finished: int = 0
     cancelled: int = 0
     active: int = 0
@@ -194,7 +202,10 @@ class DecodeEngine:
     Args:
         generator: sampling.Generator. Its model, tokenizer, prompt buckets,
             post-processing and memorization check are used.
-        slots: int. Rows decoded together in one step.
+        slots: int. Rows decoded together in one step, at most. A step runs
+            the smallest row bucket (1, 2, 4, ... slots) holding the highest
+            busy slot; on a CPU under XLA in float32 the smallest is 2, as in
+            `Generator._batch_shape` (a lone row runs faster as 2).
         cache_buckets: sequence of int. Cache lengths a step is compiled for
             (each capped at the model's context); the engine grows the cache
             to the smallest that fits its rows and shrinks it back when idle.
@@ -217,6 +228,7 @@ class DecodeEngine:
         # The model's own stop texts (an imported gpt-2-simple run's `<|endoftext|>` as text) end every row.
         self._model_stops = tuple(generator.model.prompt_format.stop_sequences)
         self.tokens_per_step = int(tokens_per_step)
+        self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
         self._waiting: collections.deque = collections.deque()
@@ -313,12 +325,15 @@ class DecodeEngine:
         if not active:
             self._state.release()
             return joined
+        self._fit_cache(self._state.length)  # rows above the highest busy slot may have left
         chosen = self._program.step(self._state)
         self.counters.traces = self._program.traces
+        self.counters.rows = self._state.rows
         for column in range(self.tokens_per_step):
             active = [slot for slot in active if self._rows[slot] is not None]
             self.counters.steps += bool(active)
             self.counters.row_steps += len(active)
+            self.counters.computed_rows += self._state.rows * bool(active)
             for slot in active:
                 self._advance(slot, int(chosen[slot, column]))
         self.counters.active = sum(row is not None for row in self._rows)
@@ -346,7 +361,7 @@ class DecodeEngine:
         ids = stream.prepared.ids
         limit = min(len(ids) + stream.max_new_tokens, self._max_length)
         bucket = min(prompt_bucket(len(ids), self.generator.prompt_buckets), self._max_length)
-        self._fit_cache(max(limit, bucket))
+        self._fit_cache(max(limit, bucket), slot)
         prompt = np.full((1, bucket), self.generator._pad_id, np.int32)
         prompt[0, : len(ids)] = ids
         self._state.reset_row(slot, ids, stream.request.seed, stream.config)
@@ -355,12 +370,15 @@ class DecodeEngine:
         self._rows[slot] = _Row(stream, position=len(ids) - 1, limit=limit)
         self._state.positions[slot] = len(ids) - 1
 
-    def _fit_cache(self, needed: int) -> None:
-        """Grow the cache to the smallest bucket holding `needed` positions (and every busy row)."""
-        needed = max([needed] + [row.limit for row in self._rows if row is not None])
+    def _fit_cache(self, needed: int, slot: int = 0) -> None:
+        """Size the cache: the smallest row bucket holding every busy slot and `slot`, and the smallest
+        cache bucket holding `needed` positions and every busy row's."""
+        busy = [s for s, row in enumerate(self._rows) if row is not None]
+        rows = next(b for b in self.row_buckets if b > max(busy + [slot]))
+        needed = max([needed] + [self._rows[s].limit for s in busy])
         length = next(b for b in self.cache_buckets if b >= needed)
-        if length != self._state.length:
-            self._state.resize(length, self._program)
+        if (rows, length) != (self._state.rows, self._state.length):
+            self._state.resize(rows, length, self._program)
 
     def _advance(self, slot: int, token: int) -> None:
         row = self._rows[slot]
@@ -427,16 +445,21 @@ class DecodeEngine:
     def warmup(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
         """Compile the prefills for these prompt lengths and the step their cache needs, before serving.
 
-        Each warm-up request runs one step and is then cancelled, so this
-        costs compiles, not generation.
+        For each length, warm-up requests join one per step until every slot
+        is busy (so every row bucket's prefill and step compile), then they are
+        cancelled: this costs compiles and `slots` steps, not generation.
         """
         for length in sorted(set(prompt_lengths)):
             ids = [self.generator._pad_id] * max(1, min(length, self._max_length - 1))
-            stream = Stream(PreparedRequest(GenerationRequest(), {}, "", ids), SamplerConfig(), max_new_tokens)
-            with self._condition:
-                self._waiting.append(stream)
-            self.step()
-            stream.cancel()
+            streams = []
+            for _ in range(self.slots):
+                streams.append(Stream(PreparedRequest(GenerationRequest(), {}, "", ids), SamplerConfig(),
+                                      max_new_tokens))
+                with self._condition:
+                    self._waiting.append(streams[-1])
+                self.step()
+            for stream in streams:
+                stream.cancel()
             self.run_until_idle()
         self.counters.cancelled = 0
 
@@ -451,6 +474,15 @@ def _program_for(generator, slots: int, tokens: int) -> "_Program":
     if (slots, xla, tokens) not in programs:
         programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
     return programs[slots, xla, tokens]
+
+
+def _row_buckets(smallest: int, slots: int) -> tuple:
+    """The rows a step may run: `smallest`, the powers of two above it below `slots`, and `slots`."""
+    buckets, rows = [], smallest
+    while rows < slots:
+        buckets.append(rows)
+        rows *= 2
+    return tuple(buckets) + (slots,)
 
 
 def _concrete_per_shape(function):
@@ -486,10 +518,12 @@ def _safe_end(text: str, stops: Sequence[str]) -> int:
 
 
 class _DeviceState:
-    """The engine's arrays: the caches (device tensors) and the per-row inputs of a step (numpy)."""
+    """The engine's arrays: the caches (device tensors, the first `rows` slots) and the per-row inputs of a
+    step (numpy, every slot; a step gets the first `rows`)."""
 
     def __init__(self, slots: int, pad_id: int):
         self.slots, self.pad_id = slots, pad_id
+        self.rows = 0  # slots the caches hold (the row bucket)
         self.length = 0  # cache positions; 0 = no cache allocated
         self.caches = None
         self.token_ids = np.zeros((slots, 0), np.int32)
@@ -517,22 +551,26 @@ class _DeviceState:
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = 1.0, 0, 1.0
         self.repetition_penalty[slot], self.no_repeat_ngram_size[slot] = 1.0, 0
 
-    def resize(self, length: int, program: "_Program") -> None:
+    def resize(self, rows: int, length: int, program: "_Program") -> None:
+        """Pad or cut the caches to `rows` slots (those cut are free) and `length` positions."""
         old = self.length
-        self.caches = program.resize_caches(self.caches, self.slots, length)
-        ids = np.full((self.slots, length), self.pad_id, np.int32)
-        keep = min(old, length)
-        ids[:, :keep] = self.token_ids[:, :keep]
-        self.token_ids, self.length = ids, length
+        self.caches = program.resize_caches(self.caches, rows, length)
+        if length != old:
+            ids = np.full((self.slots, length), self.pad_id, np.int32)
+            keep = min(old, length)
+            ids[:, :keep] = self.token_ids[:, :keep]
+            self.token_ids = ids
+        self.rows, self.length = rows, length
 
     def release(self) -> None:
-        """Drop the cache while idle: the next request allocates the length it needs."""
-        self.caches, self.length = None, 0
+        """Drop the cache while idle: the next request allocates the rows and length it needs."""
+        self.caches, self.rows, self.length = None, 0, 0
         self.token_ids = np.zeros((self.slots, 0), np.int32)
 
     def step_inputs(self) -> tuple:
-        return (self.token_ids, self.positions, self.keys, self.temperature, self.top_k, self.top_p,
-                self.repetition_penalty, self.no_repeat_ngram_size)
+        return tuple(a[: self.rows] for a in (self.token_ids, self.positions, self.keys, self.temperature,
+                                              self.top_k, self.top_p, self.repetition_penalty,
+                                              self.no_repeat_ngram_size))
 
 
 class _Program:
@@ -600,7 +638,7 @@ class _Program:
         state.caches = self._prefill(state.caches, np.int32(slot), prompt)
 
     def resize_caches(self, caches, slots: int, length: int):
-        """New zero caches of `length` positions, or the old ones padded or cut to it."""
+        """New zero caches of `slots` rows and `length` positions, or the old ones padded or cut to them."""
         from keras import ops
 
         backbone = self.backbone
@@ -608,11 +646,9 @@ class _Program:
         shape = (slots, heads, length, backbone.hidden_dim // heads)
         if caches is None:
             return [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
-        old = caches[0][0].shape[2]
-        if length > old:
-            pad = [[0, 0], [0, 0], [0, length - old], [0, 0]]
-            return [(ops.pad(k, pad), ops.pad(v, pad)) for k, v in caches]
-        return [(k[:, :, :length], v[:, :, :length]) for k, v in caches]
+        old_slots, _, old, _ = caches[0][0].shape
+        pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
+        return [tuple(ops.pad(c[:slots, :, :length], pad) for c in kv) for kv in caches]
 
     def _compile(self) -> None:
         if self._step is not None:
