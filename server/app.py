@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from pitchkeras.errors import UsageError
 from pitchkeras.server.auth import ApiKeys
 from pitchkeras.server.batcher import make_batcher
-from pitchkeras.server.config import ServerConfig
+from pitchkeras.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 from pitchkeras.server.handlers import add_review_service
 from pitchkeras.server.interceptor import LoggingInterceptor
 from pitchkeras.server.metrics import ServerMetrics
@@ -184,7 +184,7 @@ class ReviewServer:
 async def create_server(
     store: Union[str, ReviewStore],
     *,
-    host: str = "127.0.0.1",
+    host: str = DEFAULT_HOST,
     port: int = 0,
     model_dir: Optional[str] = None,
     generator=None,
@@ -324,7 +324,7 @@ def _ssl_context(cert: bytes, key: bytes):
     return context
 
 
-async def serve(store: Union[str, ReviewStore], *, host: str = "127.0.0.1", port: int = 50051,
+async def serve(store: Union[str, ReviewStore], *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                 announce=print, **kwargs) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully.
 

@@ -9,6 +9,10 @@ from pitchkeras.errors import UsageError
 
 
 BATCHING_MODES = ("continuous", "closed")
+DEFAULT_HOST = "127.0.0.1"  # loopback: serving to the network is a decision (--host 0.0.0.0)
+DEFAULT_PORT = 50051  # gRPC's customary port
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 @dataclasses.dataclass

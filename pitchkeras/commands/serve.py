@@ -8,23 +8,20 @@ import argparse
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, field_default
 from pitchkeras.errors import UsageError
-from pitchkeras.server.config import ServerConfig
+from pitchkeras.server.config import (
+    BATCHING_MODES, DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerConfig)
 from pitchkeras.store import DEFAULT_STORE_URI
-
-_DEFAULTS = ServerConfig()  # the timeout flags' defaults are its fields
 
 
 def add_parser(subparsers):
-    from pitchkeras.server.config import BATCHING_MODES, ServerConfig
-
     def default(name):
         return field_default(ServerConfig, name)
 
     p = add_command(subparsers, "serve", "Serve reviews over gRPC (pitchkeras.v1.ReviewService).", __name__)
     p.add_argument("--store", default=DEFAULT_STORE_URI, help="sqlite:///path.db or firestore://PROJECT/COLLECTION")
     p.add_argument("--model", help="model directory: enables Generate (health is NOT_SERVING until it is warm)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 or :: for all)")
-    p.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one and prints it")
+    p.add_argument("--host", default=DEFAULT_HOST, help="interface to bind (0.0.0.0 or :: for all)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one and prints it")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve HTTP/JSON, the web page and /metrics on this port (0 picks one); off when not given")
     p.add_argument("--workers", type=int, default=1,
@@ -54,7 +51,7 @@ def add_parser(subparsers):
                    help="with keys: Generate calls a key may make at once")
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=LOG_LEVELS,
                    help="one access-log line per call at INFO")
     _add_timeout_flags(p)
     add_compile_cache_flags(p)
@@ -64,17 +61,20 @@ def add_parser(subparsers):
 
 def _add_timeout_flags(p) -> None:
     """Slow or silent clients: how long each edge waits before dropping them."""
-    p.add_argument("--header-timeout", type=float, default=_DEFAULTS.header_timeout_s,
+    def default(name):
+        return field_default(ServerConfig, name)
+
+    p.add_argument("--header-timeout", type=float, default=default("header_timeout_s"),
                    help="HTTP: seconds from a request head's first byte to its end")
-    p.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout_s,
+    p.add_argument("--body-timeout", type=float, default=default("body_timeout_s"),
                    help="HTTP: seconds to receive a whole request body")
-    p.add_argument("--keepalive-timeout", type=float, default=_DEFAULTS.keepalive_timeout_s,
+    p.add_argument("--keepalive-timeout", type=float, default=default("keepalive_timeout_s"),
                    help="HTTP: seconds an idle connection is kept open")
-    p.add_argument("--grpc-keepalive", type=float, default=_DEFAULTS.grpc_keepalive_s,
+    p.add_argument("--grpc-keepalive", type=float, default=default("grpc_keepalive_s"),
                    help="gRPC: ping a client after this many seconds without traffic")
-    p.add_argument("--grpc-keepalive-timeout", type=float, default=_DEFAULTS.grpc_keepalive_timeout_s,
+    p.add_argument("--grpc-keepalive-timeout", type=float, default=default("grpc_keepalive_timeout_s"),
                    help="gRPC: drop a client whose ping is not acknowledged within this many seconds")
-    p.add_argument("--grpc-max-idle", type=float, default=_DEFAULTS.grpc_max_idle_s,
+    p.add_argument("--grpc-max-idle", type=float, default=default("grpc_max_idle_s"),
                    help="gRPC: close a connection without calls for this many seconds")
 
 
