@@ -13,7 +13,8 @@ def add_parser(subparsers):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", default=None,
                         help="server host:port (default: $PITCHKERAS_TARGET or 127.0.0.1:50051)")
-    common.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    common.add_argument("--timeout", type=float,
+                        help="deadline in seconds (default: ReviewClient's, longer for generate)%(default).0s")
     common.add_argument("--ca-cert", help="PEM root certificate: connect with TLS")
     common.add_argument("--json", action="store_true", help="print JSON (one object per line) for machines")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
@@ -32,12 +33,11 @@ def add_parser(subparsers):
                                   help="write new reviews with the server's model")
     generate.add_argument("--score", type=float, help="score condition")
     generate.add_argument("--genre", help="genre condition")
-    generate.add_argument("--prefix", default="", help="free text for the model to continue")
+    generate.add_argument("--prefix", help="free text for the model to continue (default: none)%(default).0s")
     add_sampler_flags(generate, server_defaults=True)
     generate.add_argument("--nsamples", type=int, help="how many reviews")
     generate.add_argument("--store", action="store_true", help="save accepted reviews and print their ids")
     generate.add_argument("--api-key", help="API key (default: $PITCHKERAS_API_KEY)")
-    generate.set_defaults(timeout=120.0)
     return p
 
 
@@ -68,8 +68,9 @@ def run(args) -> int:
             credentials = grpc.ssl_channel_credentials(f.read())
     target = args.target or DEFAULT_TARGET
     api_key = getattr(args, "api_key", None) or os.environ.get("PITCHKERAS_API_KEY")
-    with ReviewClient(target, timeout=args.timeout, generate_timeout=args.timeout, credentials=credentials,
-                      api_key=api_key) as client:
+    # An unset --timeout keeps ReviewClient's own deadlines (one for reads, a longer one for Generate).
+    deadlines = {} if args.timeout is None else {"timeout": args.timeout, "generate_timeout": args.timeout}
+    with ReviewClient(target, credentials=credentials, api_key=api_key, **deadlines) as client:
         if args.action == "get-review":
             reviews = [client.get_review(score=args.score, genre=args.genre)]
         elif args.action == "get":
