@@ -96,9 +96,17 @@ def wait_for(predicate, timeout=30.0):
     return predicate()
 
 
-def test_a_cancelled_stream_frees_its_slot(served, stub):
-    counters = served.server.model.batcher.engine.counters
-    cancelled = counters.cancelled
+def test_a_cancelled_stream_frees_its_slot(served, stub, monkeypatch):
+    engine = served.server.model.batcher.engine
+    counters = engine.counters
+    step = engine.step
+
+    def slow_step():  # 48 tokens take seconds, so a cancel or a deadline lands mid-stream on any machine
+        time.sleep(0.1)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    cancelled, finished = counters.cancelled, counters.finished
     call = stub.StreamGenerate(pb.GenerateRequest(**dict(REQUEST, max_length=48, seed=70)), timeout=60)
     first = next(call)
     assert first.WhichOneof("chunk") == "delta"
@@ -106,10 +114,11 @@ def test_a_cancelled_stream_frees_its_slot(served, stub):
     assert wait_for(lambda: counters.cancelled == cancelled + 1 and counters.active == 0), counters
     # A deadline that passes mid-stream ends it the same way.
     with pytest.raises(grpc.RpcError) as caught:
-        for _ in stub.StreamGenerate(pb.GenerateRequest(**dict(REQUEST, max_length=48, seed=71)), timeout=0.05):
-            time.sleep(0.2)
+        for _ in stub.StreamGenerate(pb.GenerateRequest(**dict(REQUEST, max_length=48, seed=71)), timeout=1.0):
+            pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_for(lambda: counters.cancelled == cancelled + 2 and counters.active == 0), counters
+    assert counters.finished == finished
 
 
 def test_the_python_client_streams_and_its_last_item_is_the_review(served):
