@@ -222,7 +222,7 @@ def _abstract_causal_lm(request: PlanRequest, policy: str):
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     config = TrainConfig(dataset="-", optimizer=request.optimizer, grad_accum=request.grad_accum,
                          clipnorm=request.clipnorm, sequence_length=request.sequence_length)
-    compile_for_training(causal_lm, config, jit_compile=True)
+    compile_for_training(causal_lm, config, jit_compile=True, gradient_gates=False)  # a GPU's program
     # Some optimizer variables have constant initializers, which a StatelessScope refuses: trace instead.
     jax.eval_shape(lambda: causal_lm.optimizer.build(causal_lm.trainable_variables))
     return causal_lm
