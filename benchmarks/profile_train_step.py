@@ -18,6 +18,10 @@ SIMD level; the last line is `fit_overhead=<fit / train_step>`.
 
     KERAS_BACKEND=jax python benchmarks/profile_train_step.py
     KERAS_BACKEND=tensorflow python benchmarks/profile_train_step.py
+
+`--gates-ab ROUNDS` (JAX) times instead Keras's train step with and without
+`compile_for_training`'s gradient gates, interleaved; its last line is
+`gates_speedup=<plain / gated>`.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def timed(function, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def build(args):
+def build(args, gradient_gates: bool = True):
     """The compiled GPT2CausalLM of `train_vs_transformers.py` and one batch (x, y, sample_weight)."""
     import keras
     import keras_hub
@@ -58,7 +62,7 @@ def build(args):
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     config = TrainConfig(dataset="-", steps=1000, learning_rate=1e-4, batch_size=args.batch_size,
                          sequence_length=args.sequence_length)
-    compile_for_training(causal_lm, config, jit_compile=True)
+    compile_for_training(causal_lm, config, jit_compile=True, gradient_gates=gradient_gates)
     causal_lm.optimizer.build(causal_lm.trainable_variables)
     ids = np.random.default_rng(args.seed).integers(0, GPT2_124M["vocabulary_size"],
                                                     size=(args.batch_size, args.sequence_length + 1)).astype(np.int32)
@@ -83,21 +87,49 @@ def fit_seconds(causal_lm, x, y, sw, args) -> float:
     return statistics.median(b - a for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:]))
 
 
-def jax_phases(causal_lm, x, y, sw, args) -> dict:
+def jax_train_step(causal_lm, data):
+    """Keras's JAX train step, compiled with its state donated, as a function running one step."""
     import jax
 
     causal_lm.make_train_function()
+    state = [jax.tree.map(lambda a: a.copy(), (  # donated: copies, so the model's own arrays stay valid
+        [v.value for v in causal_lm.trainable_variables], [v.value for v in causal_lm.non_trainable_variables],
+        [v.value for v in causal_lm.optimizer.variables], [v.value for v in causal_lm.metrics_variables]))]
+    step = jax.jit(causal_lm.train_step, donate_argnums=0)
+
+    def run():
+        logs, state[0] = step(state[0], data)
+        jax.block_until_ready(logs)
+
+    return run
+
+
+def gates_ab(args) -> dict:
+    """Median train_step seconds with and without the gradient gates, interleaved (JAX on a CPU)."""
+    import jax
+
+    runs = {}
+    for gates in (True, False):
+        causal_lm, x, y, sw = build(args, gradient_gates=gates)
+        runs["gated" if gates else "plain"] = jax_train_step(causal_lm, jax.device_put((x, y, sw)))
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run()
+    for _ in range(args.gates_ab):
+        for name, run in runs.items():
+            times[name].append(timed(run, 1, 0))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def jax_phases(causal_lm, x, y, sw, args) -> dict:
+    import jax
+
+    train_step = jax_train_step(causal_lm, jax.device_put((x, y, sw)))
     trainable = [v.value for v in causal_lm.trainable_variables]
     non_trainable = [v.value for v in causal_lm.non_trainable_variables]
     optimizer_vars = [v.value for v in causal_lm.optimizer.variables]
     metrics_vars = [v.value for v in causal_lm.metrics_variables]
-    data = jax.device_put((x, y, sw))
-    state = [jax.tree.map(lambda a: a.copy(), (trainable, non_trainable, optimizer_vars, metrics_vars))]  # donated
-    step = jax.jit(causal_lm.train_step, donate_argnums=0)
-
-    def train_step():
-        logs, state[0] = step(state[0], data)
-        jax.block_until_ready(logs)
 
     def loss_of(tv, ntv):
         loss, _ = causal_lm.compute_loss_and_updates(tv, ntv, metrics_vars, x, y, sw, training=True,
@@ -159,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each phase (the median is printed)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first compiles)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gates-ab", type=int, default=0, metavar="ROUNDS",
+                        help="JAX: instead, train_step with and without the gradient gates, interleaved ROUNDS times")
     args = parser.parse_args(argv)
 
     import keras
@@ -167,6 +201,12 @@ def main(argv=None) -> int:
     print(f"GPT-2 124M, random weights, batch {args.batch_size} x {args.sequence_length}, float32, dropout "
           f"{args.dropout}, backend {backend}, median of {args.repeats} after {args.warmup} warm-up, "
           f"{os.cpu_count()} CPU(s), SIMD {simd_level()}", flush=True)
+    if args.gates_ab:
+        medians = gates_ab(args)
+        for name, seconds in medians.items():
+            print(f"train_step {name:5s}: {seconds * 1000:8.1f} ms (median of {args.gates_ab} interleaved)")
+        print(f"gates_speedup={medians['plain'] / medians['gated']:.3f}")
+        return 0
     causal_lm, x, y, sw = build(args)
     fit = fit_seconds(causal_lm, x, y, sw, args)
     phases = (jax_phases if backend == "jax" else tf_phases)(causal_lm, x, y, sw, args)
