@@ -21,7 +21,9 @@ SIMD level; the last line is `fit_overhead=<fit / train_step>`.
 
 `--gates-ab ROUNDS` (JAX) times instead Keras's train step with and without
 `compile_for_training`'s gradient gates, interleaved; its last line is
-`gates_speedup=<plain / gated>`.
+`gates_speedup=<plain / gated>`. `--accum-ab ROUNDS` (JAX) times a micro-batch
+of `--grad-accum 2` with pitchkeras' accumulation and with Keras's own, and
+one without accumulation; its last line is `accum_speedup=<Keras's / ours>`.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def timed(function, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def build(args, gradient_gates: bool = True):
-    """The compiled GPT2CausalLM of `train_vs_transformers.py` and one batch (x, y, sample_weight)."""
+def build(args, gradient_gates: bool = True, grad_accum: int = 1, keras_accumulation: bool = False):
+    """The compiled GPT2CausalLM of `train_vs_transformers.py` and one batch (x, y, sample_weight).
+
+    `keras_accumulation`: with `grad_accum` > 1 on JAX, Keras's own accumulation instead of pitchkeras'.
+    """
     import keras
     import keras_hub
     import numpy as np
@@ -61,8 +66,10 @@ def build(args, gradient_gates: bool = True):
     backbone = keras_hub.models.GPT2Backbone(dropout=args.dropout, **GPT2_124M)
     causal_lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     config = TrainConfig(dataset="-", steps=1000, learning_rate=1e-4, batch_size=args.batch_size,
-                         sequence_length=args.sequence_length)
+                         sequence_length=args.sequence_length, grad_accum=grad_accum)
     compile_for_training(causal_lm, config, jit_compile=True, gradient_gates=gradient_gates)
+    if keras_accumulation and "_backend_apply_gradients" in vars(causal_lm.optimizer):
+        del causal_lm.optimizer._backend_apply_gradients  # Keras's JaxOptimizer method again
     causal_lm.optimizer.build(causal_lm.trainable_variables)
     ids = np.random.default_rng(args.seed).integers(0, GPT2_124M["vocabulary_size"],
                                                     size=(args.batch_size, args.sequence_length + 1)).astype(np.int32)
@@ -104,21 +111,25 @@ def jax_train_step(causal_lm, data):
     return run
 
 
-def gates_ab(args) -> dict:
-    """Median train_step seconds with and without the gradient gates, interleaved (JAX on a CPU)."""
+def interleaved(args, variants: dict, rounds: int) -> dict:
+    """Median seconds per micro-batch of each variant (name -> `build` keywords), interleaved (JAX).
+
+    A variant with `grad_accum` N is timed N calls at a time (one optimizer update), divided by N.
+    """
     import jax
 
-    runs = {}
-    for gates in (True, False):
-        causal_lm, x, y, sw = build(args, gradient_gates=gates)
-        runs["gated" if gates else "plain"] = jax_train_step(causal_lm, jax.device_put((x, y, sw)))
+    runs, calls = {}, {}
+    for name, options in variants.items():
+        causal_lm, x, y, sw = build(args, **options)
+        runs[name] = jax_train_step(causal_lm, jax.device_put((x, y, sw)))
+        calls[name] = options.get("grad_accum", 1)  # one optimizer step: the micro-batches of one update
     times = {name: [] for name in runs}
-    for run in runs.values():
-        for _ in range(args.warmup):
+    for name, run in runs.items():
+        for _ in range(args.warmup * calls[name]):
             run()
-    for _ in range(args.gates_ab):
+    for _ in range(rounds):
         for name, run in runs.items():
-            times[name].append(timed(run, 1, 0))
+            times[name].append(timed(lambda: [run() for _ in range(calls[name])], 1, 0) / calls[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -193,6 +204,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gates-ab", type=int, default=0, metavar="ROUNDS",
                         help="JAX: instead, train_step with and without the gradient gates, interleaved ROUNDS times")
+    parser.add_argument("--accum-ab", type=int, default=0, metavar="ROUNDS",
+                        help="JAX: instead, a micro-batch of --grad-accum 2 with pitchkeras' and Keras's "
+                             "accumulation, and without accumulation, interleaved ROUNDS times")
     args = parser.parse_args(argv)
 
     import keras
@@ -201,11 +215,18 @@ def main(argv=None) -> int:
     print(f"GPT-2 124M, random weights, batch {args.batch_size} x {args.sequence_length}, float32, dropout "
           f"{args.dropout}, backend {backend}, median of {args.repeats} after {args.warmup} warm-up, "
           f"{os.cpu_count()} CPU(s), SIMD {simd_level()}", flush=True)
-    if args.gates_ab:
-        medians = gates_ab(args)
+    if args.gates_ab or args.accum_ab:
+        rounds = args.gates_ab or args.accum_ab
+        variants = ({"gated": {}, "plain": {"gradient_gates": False}} if args.gates_ab else
+                    {"no accumulation": {}, "accumulating (ours)": {"grad_accum": 2},
+                     "accumulating (keras)": {"grad_accum": 2, "keras_accumulation": True}})
+        medians = interleaved(args, variants, rounds)
         for name, seconds in medians.items():
-            print(f"train_step {name:5s}: {seconds * 1000:8.1f} ms (median of {args.gates_ab} interleaved)")
-        print(f"gates_speedup={medians['plain'] / medians['gated']:.3f}")
+            print(f"train_step {name:20s}: {seconds * 1000:8.1f} ms (median of {rounds} interleaved)")
+        if args.gates_ab:
+            print(f"gates_speedup={medians['plain'] / medians['gated']:.3f}")
+        else:
+            print(f"accum_speedup={medians['accumulating (keras)'] / medians['accumulating (ours)']:.3f}")
         return 0
     causal_lm, x, y, sw = build(args)
     fit = fit_seconds(causal_lm, x, y, sw, args)

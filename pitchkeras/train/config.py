@@ -244,6 +244,8 @@ def make_optimizer(config: TrainConfig):
     """
     import keras
 
+    from pitchkeras.train.accumulation import update_only_when_due
+
     common = dict(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay,
                   global_clipnorm=config.clipnorm or None, name=config.optimizer,
                   gradient_accumulation_steps=config.grad_accum if config.grad_accum > 1 else None)
@@ -255,6 +257,7 @@ def make_optimizer(config: TrainConfig):
         optimizer = keras.optimizers.AdamW(beta_1=0.9, beta_2=0.999, epsilon=1e-6, **common)
     # Decay only matrices: biases and layer-norm scales/offsets keep their values (as in GPT-2's recipe).
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    update_only_when_due(optimizer)  # JAX + --grad-accum: one update per step, not one per micro-batch
     return optimizer
 
 
