@@ -6,13 +6,9 @@ a branch that updates only at the last micro-batch. Trained side by side with
 Keras's own, the losses, weights and optimizer state must be equal.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.jax_child import run_on_jax
 
 JAX_SCRIPT = r"""
 import json
@@ -47,12 +43,8 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_one_update_per_step_same_numbers_as_keras(tmp_path):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
+def test_one_update_per_step_same_numbers_as_keras():
+    out = run_on_jax(JAX_SCRIPT)
     for optimizer in ("adamw", "adafactor"):
         ours, keras_own = out[f"{optimizer}-True"], out[f"{optimizer}-False"]
         assert ours["patched"] and keras_own["patched"]

@@ -6,13 +6,9 @@ residual stream's gradient chain into every block's weight-gradient fusion.
 It must change the program, never the numbers.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.jax_child import run_on_jax
 
 JAX_SCRIPT = r"""
 import json
@@ -54,12 +50,8 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
-def test_gates_change_the_program_not_the_numbers(tmp_path):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
+def test_gates_change_the_program_not_the_numbers():
+    out = run_on_jax(JAX_SCRIPT)
     gated, plain = out["True"], out["False"]
     assert gated["gated"] == [True] * 4 and plain["gated"] == [False] * 4
     assert gated["conditionals"] == plain["conditionals"] + 4  # one per block, in the backward pass
