@@ -39,7 +39,7 @@ SETTINGS = {
 }
 
 
-def build(name: str, options: dict, args):
+def build(options: dict, args):
     """A compiled GPT2CausalLM with `options` applied as `finetune` applies them, and a `step()` running fit once."""
     import keras
     import keras_hub
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
           f"{args.batch_size} x {args.sequence_length}, dropout 0.1, backend {keras.config.backend()}, fit one step "
           f"per epoch, {args.rounds} interleaved rounds x {args.steps} steps, {os.cpu_count()} CPU(s), "
           f"SIMD {simd_level()}", flush=True)
-    runs = {name: build(name, SETTINGS[name], args) for name in names}
+    runs = {name: build(SETTINGS[name], args) for name in names}
     for run in runs.values():
         run(2)  # compile and warm up
     times = {name: [] for name in names}

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import keras, keras_hub, jax
 from pitchkeras.train.config import TrainConfig, compile_for_training
-from pitchkeras.train.remat import GATED
+from pitchkeras.train.remat import GATED, _gradient_gate
 
 def model(gates):
     keras.utils.set_random_seed(3)
@@ -40,7 +40,7 @@ for gates in (True, False):
                        "weights": [float(np.abs(np.asarray(v.value)).sum()) for v in lm.trainable_variables],
                        "gated": [bool(getattr(b, GATED, False)) for b in lm.backbone.transformer_layers],
                        "conditionals": program.count("stablehlo.case")}
-gate_grad = jax.grad(lambda v, w: (__import__("pitchkeras.train.remat", fromlist=["x"])._gradient_gate(v) * w).sum())
+gate_grad = jax.grad(lambda v, w: (_gradient_gate(v) * w).sum())
 w = np.arange(6, dtype=np.float32).reshape(2, 3)
 out["gradient"] = np.asarray(gate_grad(np.ones((2, 3), np.float32), w)).tolist()
 poisoned = w.copy(); poisoned[0, 0] = np.nan
@@ -70,7 +70,11 @@ def test_gates_only_on_jax_on_a_cpu():
     from pitchkeras.train.config import TrainConfig, compile_for_training
     from pitchkeras.train.remat import GATED
 
-    expected = keras.config.backend() == "jax" and __import__("jax").default_backend() == "cpu"
+    expected = keras.config.backend() == "jax"
+    if expected:
+        import jax
+
+        expected = jax.default_backend() == "cpu"
     backbone = keras_hub.models.GPT2Backbone(vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=8,
                                              intermediate_dim=16, max_sequence_length=16)
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)

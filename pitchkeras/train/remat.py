@@ -28,6 +28,8 @@ with dropout.
 
 from __future__ import annotations
 
+import functools
+
 from pitchkeras.errors import UsageError
 
 GATED = "_pitchkeras_gradient_gate"  # set on a block whose input gradient is gated (so it is gated once)
@@ -78,6 +80,12 @@ def _gated(call):
 
 def _gradient_gate(x):
     """The identity, whose gradient goes through a `lax.cond` (a fusion boundary on XLA's CPU backend)."""
+    return _gate_function()(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _gate_function():
+    """The one `jax.custom_vjp` behind `_gradient_gate` (built once, not at every block of every trace)."""
     import jax
     import jax.numpy as jnp
 
@@ -90,7 +98,7 @@ def _gradient_gate(x):
         return (jax.lax.cond(poisoned, lambda g: jnp.full_like(g, jnp.nan), lambda g: g, cotangent),)
 
     gate.defvjp(lambda value: (value, None), backward)
-    return gate(x)
+    return gate
 
 
 def remat_transformer_blocks(backbone) -> None:
