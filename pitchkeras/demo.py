@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument
-from pitchkeras.model import atomic_write_text
+from pitchkeras.io import atomic_write_json, atomic_write_text
 
 STAGES = ("prepare", "finetune", "populate", "serve")
 GENERATE_SEED_OFFSET = 500_000
@@ -98,7 +98,7 @@ class _Stages:
         info["seconds"] = round(time.perf_counter() - start, 1)
         self.out(f"[{index}/{self.total}] {name}: done in {info['seconds']:.1f} s ({info.get('summary', '')})")
         if reusable:
-            atomic_write_text(marker, json.dumps(info, indent=2))
+            atomic_write_json(marker, info)
         return info
 
 

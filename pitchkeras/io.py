@@ -63,6 +63,25 @@ def _create_directory(path: Path) -> Path:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (`os.umask` alone must set it to read it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_open_mode(path: str | os.PathLike) -> None:
+    """Give a file another library created privately (safetensors writes `0600`) the mode `open()` would have."""
+    os.chmod(path, FILE_MODE & ~process_umask())
+
+
 def fsync_directory(path: str | os.PathLike) -> None:
     """Make a rename or a new entry in `path` durable (a no-op where directories cannot be opened)."""
     try:

@@ -27,6 +27,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from pitchkeras.conditioning import END_OF_TEXT, PromptFormat
 from pitchkeras.errors import InvalidArgument, UsageError
+from pitchkeras.io import atomic_directory, atomic_write_json
+# Re-exported for pitchkeras.data.prepare until it imports pitchkeras.io itself (the pandas helper's change).
+from pitchkeras.io import atomic_write_text  # noqa: F401
 
 MODEL_INFO_FILE = "pitchkeras.json"
 FORMAT_VERSION = 1
@@ -97,7 +100,7 @@ class ModelInfo:
 
     def write(self, model_dir: str | os.PathLike) -> Path:
         """Write `pitchkeras.json` into `model_dir` atomically."""
-        return atomic_write_text(Path(model_dir) / MODEL_INFO_FILE, json.dumps(self.to_json(), indent=2))
+        return atomic_write_json(Path(model_dir) / MODEL_INFO_FILE, self.to_json())
 
     @classmethod
     def read(cls, model_dir: str | os.PathLike) -> "ModelInfo":
@@ -127,24 +130,6 @@ class PitchModel:
     @property
     def prompt_format(self) -> PromptFormat:
         return self.info.prompt_format
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` via a temp file + rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocabulary_size: int = 2048):
@@ -204,26 +189,10 @@ def save_model_dir(causal_lm, info: ModelInfo, model_dir: str | os.PathLike) -> 
     Written into a sibling temp directory and renamed into place, so a crash
     never leaves a half-written model directory.
     """
-    import shutil
-
-    model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
-    try:
+    with atomic_directory(model_dir, replace=True) as tmp:
         causal_lm.save_to_preset(str(tmp))
         info.write(tmp)
-        if model_dir.exists():
-            old = model_dir.with_name(f".{model_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(model_dir, old)
-            os.replace(tmp, model_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return model_dir
+    return Path(model_dir)
 
 
 def load_model(model_dir: str | os.PathLike) -> PitchModel:

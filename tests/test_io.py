@@ -83,3 +83,12 @@ def test_several_files_commit_together(tmp_path):
         f.commit()
     assert (tmp_path / "val.csv").read_text() == "row\n"
     assert _leftovers(tmp_path) == []
+
+
+def test_give_open_mode_and_the_umask_read_without_changing_it(tmp_path, umask_027):
+    assert io.process_umask() == 0o027 and io.process_umask() == 0o027
+    path = tmp_path / "private"
+    path.write_bytes(b"")
+    os.chmod(path, 0o600)
+    io.give_open_mode(path)
+    assert _mode(path) == 0o640

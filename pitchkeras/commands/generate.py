@@ -12,6 +12,7 @@ from pitchkeras.commands.options import (
     add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags, field_default,
     model_directory, sampler_config)
 from pitchkeras.errors import UsageError
+from pitchkeras.io import atomic_write_text
 from pitchkeras.populate import PopulateConfig
 from pitchkeras.sampling.config import GenerationRequest
 
@@ -110,7 +111,7 @@ def run(args) -> int:
     import collections
     import json
 
-    from pitchkeras.model import atomic_write_text, load_model
+    from pitchkeras.model import load_model
     from pitchkeras.quantize import quantize_model
     from pitchkeras.sampling import GenerationRequest, Generator
 

@@ -13,6 +13,7 @@ from pitchkeras.commands.options import (
     add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags, field_default,
     format_scores, model_directory, parse_list, parse_scores, sampler_config)
 from pitchkeras.errors import UsageError
+from pitchkeras.io import atomic_path, atomic_write_json, atomic_write_text
 from pitchkeras.sampling.config import GenerationRequest
 
 
@@ -161,11 +162,10 @@ def plot_report(report: dict, path) -> None:
 
 def run(args) -> int:
     import json
-    import os
     from pathlib import Path
 
     from pitchkeras.data.pipeline import read_examples
-    from pitchkeras.model import atomic_write_text, load_model
+    from pitchkeras.model import load_model
     from pitchkeras.quantize import quantize_model
     from pitchkeras.quality import MemorizationIndex
     from pitchkeras.sampling import GenerationRequest, Generator
@@ -200,13 +200,12 @@ def run(args) -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write_json(out_dir / "report.json", report)
     # The samples behind the figures, so a reader can check them and see what was rejected.
     atomic_write_text(out_dir / "samples.jsonl",
                       "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in samples))
-    tmp_png = out_dir / ".report.png.tmp.png"
-    plot_report(report, tmp_png)
-    os.replace(tmp_png, out_dir / "report.png")
+    with atomic_path(out_dir / "report.png") as tmp_png:
+        plot_report(report, tmp_png)
     print(format_report(report))
     print(f"model {model.info.model_version}: wrote {out_dir / 'report.json'}, {out_dir / 'report.png'} "
           f"and {out_dir / 'samples.jsonl'}")

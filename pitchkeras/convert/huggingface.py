@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from pitchkeras.errors import UsageError
+from pitchkeras.io import give_open_mode
 
 END_TOKEN = "<|endoftext|>"
 MERGES_VERSION_LINE = "#version: 0.2"
@@ -96,6 +97,7 @@ def write_transformers_dir(model, out: Path) -> None:
     """Write `model` (a PitchModel) as a transformers GPT-2 directory into `out` (which must not exist yet)."""
     causal_lm = model.causal_lm
     causal_lm.export_to_transformers(str(out))  # keras-hub's exporter: config, safetensors, vocab, merges
+    give_open_mode(out / "model.safetensors")  # safetensors creates its file 0600 whatever the umask
     tokenizer = causal_lm.preprocessor.tokenizer
     merges_path = out / "merges.txt"
     lines = [line for line in merges_path.read_text(encoding="utf-8").split("\n") if line]

@@ -13,13 +13,13 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from pitchkeras.conditioning import END_OF_TEXT, NUMERIC_CONDITIONS, START_OF_TEXT, PromptFormat
 from pitchkeras.convert import layout as layouts
 from pitchkeras.errors import UsageError
+from pitchkeras.io import atomic_directory
 
 EXPORT_FORMATS = ("transformers",)
 
@@ -208,13 +208,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike,
         raise UsageError(f"unknown export format {config.format!r}; use {', '.join(EXPORT_FORMATS)}")
     out = _fresh_out(out)
     model = load_model(model_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_directory(out) as tmp:
         huggingface.write_transformers_dir(model, tmp)
         shutil.copyfile(Path(model_dir) / MODEL_INFO_FILE, tmp / MODEL_INFO_FILE)  # the prompt format travels too
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

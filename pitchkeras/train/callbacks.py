@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 import keras
 
-from pitchkeras.model import atomic_write_text
+from pitchkeras.io import atomic_path, atomic_write_text
 from pitchkeras.train import checkpoints as ckpt_files
 
 METRICS_COLUMNS = ("step", "loss", "learning_rate", "tokens_per_sec", "val_loss", "val_perplexity",
@@ -268,16 +268,16 @@ class MetricsCSV(keras.callbacks.Callback):
 
 
 def _save_png(fig, out) -> Path:
-    """Write `fig` to `out` atomically (a temporary file, then a rename) and close it."""
+    """Write `fig` to `out` atomically and close it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(out)
 
 def plot_loss(metrics_csv, out) -> Path:
     """Draw loss (and validation loss) against step from `metrics_csv` into the PNG `out`, atomically."""

@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Optional
 
 from pitchkeras.errors import UsageError
-from pitchkeras.model import atomic_write_text
+from pitchkeras.io import atomic_directory, atomic_write_json, atomic_write_text
 
 CHECKPOINTS = "checkpoints"  # inside the run dir: ckpt-00000040/ ... and the `latest` pointer
 LATEST = "latest"
@@ -81,19 +80,6 @@ def _keyed(variables) -> dict:
     return keyed
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(checkpoints_dir: str | os.PathLike, variables, state: dict, keep: int) -> Path:
     """Write `variables` plus `state` as `ckpt-<state["step"]>/`, atomically, point `latest` at it, prune.
 
@@ -111,28 +97,18 @@ def save_checkpoint(checkpoints_dir: str | os.PathLike, variables, state: dict, 
     checkpoints_dir = Path(checkpoints_dir)
     step = int(state["step"])
     keyed = _keyed(variables)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"ckpt-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=checkpoints_dir, prefix=f".ckpt-{step:08d}."))
-    try:
+    # replace: the same step saved again (e.g. interrupted right after a save)
+    with atomic_directory(final, replace=True) as tmp:
         described = []
-        with open(tmp / ARRAYS, "wb") as f:
+        with open(tmp / ARRAYS, "wb") as f:  # synced with the directory before it is renamed into place
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
                 for i, (key, variable) in enumerate(keyed.items()):
                     array = np.asarray(variable.numpy())  # one variable on the host at a time
                     with archive.open(f"v{i:05d}.npy", "w", force_zip64=True) as entry:
                         np.lib.format.write_array(entry, array, allow_pickle=False)
                     described.append([key, list(array.shape), str(array.dtype)])
-            f.flush()
-            os.fsync(f.fileno())
-        atomic_write_text(tmp / STATE, json.dumps(dict(state, variables=described), indent=2))
-        if final.exists():  # the same step saved again (e.g. interrupted right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / STATE, dict(state, variables=described))
     atomic_write_text(checkpoints_dir / LATEST, final.name + "\n")
     for old in sorted(checkpoints_dir.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,8 @@ import keras
 
 from pitchkeras.conditioning import PLAIN, REVIEWS, PromptFormat
 from pitchkeras.errors import UsageError
-from pitchkeras.model import TINY, ModelInfo, atomic_write_text
+from pitchkeras.io import atomic_write_text
+from pitchkeras.model import TINY, ModelInfo
 from pitchkeras.train import checkpoints as ckpt_files
 from pitchkeras.train.config import TrainConfig, choose_policy
 
