@@ -45,7 +45,8 @@ def build(options: dict, args):
     import keras_hub
     import numpy as np
 
-    from pitchkeras.train.config import TrainConfig, compile_for_training
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.optimizer import compile_for_training
     from pitchkeras.train.remat import remat_transformer_blocks
 
     config = TrainConfig(dataset="-", steps=1000, batch_size=args.batch_size, sequence_length=args.sequence_length,

@@ -60,7 +60,8 @@ def build(args, gradient_gates: bool = True, grad_accum: int = 1, keras_accumula
     import keras_hub
     import numpy as np
 
-    from pitchkeras.train.config import TrainConfig, compile_for_training
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.optimizer import compile_for_training
 
     keras.utils.set_random_seed(args.seed)
     backbone = keras_hub.models.GPT2Backbone(dropout=args.dropout, **GPT2_124M)

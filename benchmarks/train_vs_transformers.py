@@ -6,7 +6,7 @@ download), on the same random token batches, with AdamW, in the same
 precision (float32), one optimizer step per batch:
 
 - ours: `keras_hub.models.GPT2CausalLM` compiled by
-  `pitchkeras.train.config.compile_for_training` (keras.optimizers.AdamW with
+  `pitchkeras.train.optimizer.compile_for_training` (keras.optimizers.AdamW with
   the warmup/cosine schedule and global clipping, the per-token loss) and
   trained with `fit`, one step per epoch, exactly as `pitchkeras finetune`
   runs it, once with KERAS_BACKEND=tensorflow and once with KERAS_BACKEND=jax;
@@ -68,7 +68,9 @@ def run_ours(args) -> dict:
     import keras_hub
     import numpy as np
 
-    from pitchkeras.train.config import TrainConfig, choose_policy, compile_for_training
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.devices import choose_policy
+    from pitchkeras.train.optimizer import compile_for_training
 
     policy = choose_policy(args.precision)
     keras.config.set_dtype_policy(policy)

@@ -14,7 +14,8 @@ JAX_SCRIPT = r"""
 import json
 import numpy as np
 import keras, keras_hub
-from pitchkeras.train.config import TrainConfig, compile_for_training
+from pitchkeras.train.config import TrainConfig
+from pitchkeras.train.optimizer import compile_for_training
 
 ids = np.random.default_rng(0).integers(0, 97, size=(24, 17)).astype(np.int32)
 x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from pitchkeras.cli import main
-from pitchkeras.conditioning import REVIEWS
 
 pytest.importorskip("tensorflow")
 

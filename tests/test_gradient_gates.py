@@ -14,7 +14,8 @@ JAX_SCRIPT = r"""
 import json
 import numpy as np
 import keras, keras_hub, jax
-from pitchkeras.train.config import TrainConfig, compile_for_training
+from pitchkeras.train.config import TrainConfig
+from pitchkeras.train.optimizer import compile_for_training
 from pitchkeras.train.remat import GATED, _gradient_gate
 
 def model(gates):
@@ -67,7 +68,8 @@ def test_gates_only_on_jax_on_a_cpu():
     import keras
     import keras_hub
 
-    from pitchkeras.train.config import TrainConfig, compile_for_training
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.optimizer import compile_for_training
     from pitchkeras.train.remat import GATED
 
     expected = keras.config.backend() == "jax"

@@ -117,7 +117,7 @@ def test_jax_remat_with_dropout_matches_and_optimizers_train(shared, tmp_path):
 
 
 def test_auto_batch_without_budget_on_a_cpu_keeps_the_batch(shared):
-    from pitchkeras.train.plan import resolve_batch
+    from pitchkeras.train.auto_batch import resolve_batch
 
     lines = []
     config = small_config(shared, shared["root"] / "auto-cpu", auto_batch=True, batch_size=8, grad_accum=2)
@@ -136,8 +136,7 @@ def test_auto_batch_under_a_small_budget_accumulates(shared):
 
     config = small_config(shared, shared["root"] / "auto", auto_batch=True, batch_size=8, steps=2, save_every=2,
                           val_every=0)
-    plans = plan_memory(PlanRequest(model="tiny", sequence_length=32, batch_sizes=[4, 8], grad_accum=2,
-                                    mixed_precision=config.mixed_precision, tiny=dataclasses.asdict(config.tiny)))
+    plans = plan_memory(PlanRequest(dataclasses.replace(config, grad_accum=2), batch_sizes=[4, 8]))
     four, eight = sorted(plans.plans, key=lambda p: p.batch_size)
     assert four.total < eight.total
     budget = (four.total + eight.total) / 2 / (1 - config.memory_margin)

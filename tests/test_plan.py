@@ -36,11 +36,13 @@ def test_gpt2_shapes_match_keras_hub_parameter_counts():
 
 PLAN_SCRIPT = r"""
 import json, sys
+from pitchkeras.model import TinyConfig
+from pitchkeras.train.config import TrainConfig
 from pitchkeras.train.plan import PlanRequest, _compile_plan
 tiny = json.loads(sys.argv[1])
 out = {}
 for key, options in json.loads(sys.argv[2]).items():
-    request = PlanRequest(model="tiny", batch_sizes=[2], tiny=tiny, **options)
+    request = PlanRequest(TrainConfig(preset="tiny", tiny=TinyConfig(**tiny), **options), batch_sizes=[2])
     out[key] = _compile_plan(request, 2).__dict__
 print("RESULT " + json.dumps(out))
 """
@@ -123,10 +125,13 @@ def test_plan_command_errors_are_one_line(capsys, tmp_path):
 
 
 def test_parse_memory_units():
-    from pitchkeras.errors import UsageError
-    from pitchkeras.train.plan import parse_memory
+    from pitchkeras.errors import InvalidArgument
+    from pitchkeras.train.config import TrainConfig, parse_memory
 
     assert parse_memory("16GB") == 16 * 10**9 and parse_memory("1.5GiB") == int(1.5 * 2**30)
     assert parse_memory("800mb") == 800 * 10**6 and parse_memory("123") == 123
-    with pytest.raises(UsageError):
+    with pytest.raises(InvalidArgument, match="-1GB"):
         parse_memory("-1GB")
+    # TrainConfig.validate promises InvalidArgument for every bad value, the memory budget included.
+    with pytest.raises(InvalidArgument, match="16XB"):
+        TrainConfig(dataset="data", memory="16XB").validate()

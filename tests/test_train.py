@@ -119,7 +119,8 @@ def test_config_rejects_unknown_and_bad_values():
 
 def test_learning_rate_schedule_warms_up_then_decays():
     """Keras's CosineDecay with warmup, counted in micro-batches: the same curve with any --grad-accum."""
-    from pitchkeras.train.config import TrainConfig, learning_rate_schedule
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.optimizer import learning_rate_schedule
 
     for accum in (1, 4):
         schedule = learning_rate_schedule(TrainConfig(dataset="d", steps=100, warmup_steps=10, learning_rate=1.0,
@@ -132,7 +133,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
 def test_optimizer_is_keras_adamw_with_accumulation_and_clipping():
     import keras
 
-    from pitchkeras.train.config import TrainConfig, make_optimizer
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.optimizer import make_optimizer
 
     optimizer = make_optimizer(TrainConfig(dataset="d", grad_accum=3, clipnorm=0.5))
     assert type(optimizer) is keras.optimizers.AdamW
@@ -357,7 +359,8 @@ def test_grad_accum_matches_a_larger_batch(shared):
 
     from pitchkeras.data.pipeline import make_dataset, read_examples
     from pitchkeras.model import TinyConfig, build_tiny_causal_lm, tokenized_inputs
-    from pitchkeras.train.config import TrainConfig, compile_for_training
+    from pitchkeras.train.config import TrainConfig
+    from pitchkeras.train.optimizer import compile_for_training
 
     texts = read_examples(shared["data"] / "train.csv")
     runs = []

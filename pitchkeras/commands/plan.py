@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pitchkeras.cli import add_command
 from pitchkeras.errors import UsageError
-from pitchkeras.train.config import OPTIMIZERS, PRECISIONS, TrainConfig
+from pitchkeras.train.config import OPTIMIZERS, PRECISIONS, TrainConfig, parse_memory
+from pitchkeras.train.plan import PlanRequest, describe, plan_memory
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -43,8 +44,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.train.plan import PlanRequest, describe, parse_memory, plan_memory
-
     sizes = _batch_sizes(args.batch_size)
     for name in ("sequence_length", "grad_accum"):
         if getattr(args, name) < 1:
@@ -52,9 +51,9 @@ def run(args) -> int:
     if args.lora_rank < 0:
         raise UsageError(f"--lora-rank must be 0 or more, got {args.lora_rank}")
     budget = parse_memory(args.memory) if args.memory else None
-    request = PlanRequest(model=args.preset, sequence_length=args.sequence_length, batch_sizes=sizes,
-                          mixed_precision=args.mixed_precision, optimizer=args.optimizer, remat=args.remat,
-                          lora_rank=args.lora_rank, grad_accum=args.grad_accum)
+    config = TrainConfig(preset=args.preset, sequence_length=args.sequence_length, mixed_precision=args.mixed_precision,
+                         optimizer=args.optimizer, remat=args.remat, lora_rank=args.lora_rank, grad_accum=args.grad_accum)
+    request = PlanRequest(config, batch_sizes=sizes)
     result = plan_memory(request)
     budget = budget or result.device_memory
     for plan in result.plans:

@@ -11,7 +11,8 @@ resumes a run exactly and every callback here reads "epoch" as "step".
 - `MetricsCSV`: `metrics.csv` (loss, learning rate, tokens/s, validation
   loss and perplexity, loss scale and skipped updates under float16), continued
   across resumes; the values are also added to `logs` for TensorBoard.
-- `LossPlot`: `loss.png`. `SampleWriter`: sample texts during training.
+- `LossPlot`: `loss.png` (drawn by `pitchkeras.train.plots`).
+- `SampleWriter`: sample texts during training (written by `pitchkeras.train.samples`).
 - `ConditionValidation`: validation loss per genre and per score bucket into
   `val_by_condition.csv` and `val_by_condition.png`.
 - `Progress`: a tqdm bar and `step N/M: ...` lines.
@@ -29,9 +30,7 @@ Example (the README's "From your own Keras script" runs this shape):
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 import signal
 import threading
 import time
@@ -40,8 +39,13 @@ from typing import Callable, Optional, Sequence
 
 import keras
 
-from pitchkeras.io import atomic_path, atomic_write_text
+from pitchkeras.data.pipeline import make_dataset
+from pitchkeras.io import atomic_write_text
+from pitchkeras.model import attached_preprocessor
 from pitchkeras.train import checkpoints as ckpt_files
+from pitchkeras.train.optimizer import build_optimizer, current_learning_rate, inner_optimizer
+from pitchkeras.train.plots import plot_condition_losses, plot_loss
+from pitchkeras.train.samples import write_samples
 
 METRICS_COLUMNS = ("step", "loss", "learning_rate", "tokens_per_sec", "val_loss", "val_perplexity",
                    "loss_scale", "skipped_steps")
@@ -65,15 +69,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
-
-
-def _inner_optimizer(optimizer):
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def current_learning_rate(optimizer) -> float:
-    """The learning rate the optimizer's schedule gives at its current micro-step."""
-    return float(keras.ops.convert_to_numpy(_inner_optimizer(optimizer).learning_rate))
 
 
 def _truncate_csv(path: Path, columns: Sequence[str], keep_through: Optional[int]) -> None:
@@ -253,7 +248,7 @@ class MetricsCSV(keras.callbacks.Callback):
             logs["val_perplexity"] = _perplexity(float(logs["val_loss"]))
         if hasattr(optimizer, "dynamic_scale"):
             logs["loss_scale"] = float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
-            applied = int(keras.ops.convert_to_numpy(_inner_optimizer(optimizer)._iterations))
+            applied = int(keras.ops.convert_to_numpy(inner_optimizer(optimizer)._iterations))
             logs["skipped_steps"] = (epoch + 1) * _steps_per_epoch(self) - applied
         if self._writer is not None:
             row = dict(logs, step=epoch + 1)
@@ -265,45 +260,6 @@ class MetricsCSV(keras.callbacks.Callback):
         if self._file is not None:
             self._file.close()
             self._file = self._writer = None
-
-
-def _save_png(fig, out) -> Path:
-    """Write `fig` to `out` atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return Path(out)
-
-def plot_loss(metrics_csv, out) -> Path:
-    """Draw loss (and validation loss) against step from `metrics_csv` into the PNG `out`, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, losses, vsteps, vlosses = [], [], [], []
-    with open(metrics_csv, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if row.get("loss"):
-                steps.append(int(row["step"]))
-                losses.append(float(row["loss"]))
-            if row.get("val_loss"):
-                vsteps.append(int(row["step"]))
-                vlosses.append(float(row["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, label="train loss", linewidth=1)
-    if vsteps:
-        ax.plot(vsteps, vlosses, "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save_png(fig, out)
 
 
 class LossPlot(keras.callbacks.Callback):
@@ -331,35 +287,6 @@ class LossPlot(keras.callbacks.Callback):
             plot_loss(self.metrics_csv, self.out)
 
 
-def sample_prompts(prompt_format, condition_values: dict, count: int = 3) -> list[dict]:
-    """A few condition dicts spread over the values seen in training (`[{}]` for a plain corpus)."""
-    if not prompt_format.conditions:
-        return [{}]
-    pairs = []
-    for i in range(count):
-        values = {}
-        for name in prompt_format.conditions:
-            seen = condition_values.get(name) or [5.0 if name in prompt_format.numeric else "Rock"]
-            values[name] = (seen[(i * (len(seen) - 1)) // max(count - 1, 1)] if name in prompt_format.numeric
-                            else seen[i % len(seen)])
-        pairs.append(values)
-    return pairs
-
-
-def write_samples(causal_lm, info, out, *, max_new_tokens: int = 80, seed: int = 0, count: int = 3) -> Path:
-    """Generate `count` samples with the run's own prompt format (`ModelInfo`) into the text file `out`."""
-    from pitchkeras.model import PitchModel
-    from pitchkeras.sampling import GenerationRequest, Generator
-
-    conditions = sample_prompts(info.prompt_format, info.condition_values, count)
-    generator = Generator(PitchModel(causal_lm=causal_lm, info=info), batch_size=len(conditions),
-                          max_new_tokens=max_new_tokens)
-    samples = generator.generate([GenerationRequest(conditions=c or None, seed=seed + i)
-                                  for i, c in enumerate(conditions)])
-    blocks = [f"=== {json.dumps(c)}\n{s.raw}\n" for c, s in zip(conditions, samples)]
-    return atomic_write_text(out, "\n".join(blocks))
-
-
 class SampleWriter(keras.callbacks.Callback):
     """Sample texts every `every` steps into `directory/step-<step>.txt`, and `final.txt` at the end.
 
@@ -383,8 +310,6 @@ class SampleWriter(keras.callbacks.Callback):
         self.count = -(-3 // replicas) * replicas  # three samples, or the next multiple of the replicas
 
     def _write(self, name: str):
-        from pitchkeras.model import attached_preprocessor
-
         with attached_preprocessor(self.model, self.preprocessor):
             write_samples(self.model, self.info, self.directory / name, seed=self.seed, count=self.count)
 
@@ -422,34 +347,6 @@ def condition_groups(examples: Sequence[str], prompt_format) -> dict[tuple[str, 
     order = {name: i for i, name in enumerate(prompt_format.conditions)}
     buckets = {b: i for i, (b, _, _) in enumerate(SCORE_BUCKETS)}
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), buckets.get(kv[0][1], 99), kv[0][1])))
-
-
-def plot_condition_losses(csv_path, out) -> Path:
-    """`val_by_condition.png`: per condition, the latest validation loss of each value (bars), the first as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader(open(csv_path, newline="", encoding="utf-8")))
-    names = list(dict.fromkeys(r["condition"] for r in rows))
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        mine = [r for r in rows if r["condition"] == name]
-        last, first = max(int(r["step"]) for r in mine), min(int(r["step"]) for r in mine)
-        values = list(dict.fromkeys(r["value"] for r in mine))
-        latest = {r["value"]: float(r["val_loss"]) for r in mine if int(r["step"]) == last}
-        earliest = {r["value"]: float(r["val_loss"]) for r in mine if int(r["step"]) == first}
-        ax.bar(range(len(values)), [latest.get(v, float("nan")) for v in values], label=f"step {last}")
-        if first != last:
-            ax.plot(range(len(values)), [earliest.get(v, float("nan")) for v in values], "o", color="black",
-                    label=f"step {first}")
-        ax.set_xticks(range(len(values)), values, rotation=45, ha="right")
-        ax.set_title(f"validation loss by {name}")
-        ax.set_ylabel("cross-entropy (nats/token)")
-        ax.legend()
-        ax.grid(alpha=0.3, axis="y")
-    return _save_png(fig, out)
 
 
 class ConditionValidation(keras.callbacks.Callback):
@@ -500,8 +397,6 @@ class ConditionValidation(keras.callbacks.Callback):
 
     def evaluate(self, step: int) -> dict:
         """Run one pass now; returns {(condition, value): loss}."""
-        from pitchkeras.data.pipeline import make_dataset
-
         if self._datasets is None:
             self._datasets = {key: make_dataset(self._whole_batches(rows), self.tokenizer, sequence_length=self.sequence_length,
                                                 batch_size=self.batch_size, packing=False, shuffle=False,
@@ -583,10 +478,3 @@ class Progress(keras.callbacks.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def build_optimizer(model) -> None:
-    """Create the optimizer's variables (slots, loss scale) now, so a checkpoint can be restored into them."""
-    optimizer = model.optimizer
-    if optimizer is not None and not optimizer.built:
-        optimizer.build(model.trainable_variables)

@@ -3,8 +3,8 @@
 A checkpoint is a directory `ckpt-<step:08d>/` holding
 
 - `variables.npz`: one array per variable, written one variable at a time
-  (host memory holds one array, not the whole model: ~4 GB for
-  gpt2_medium_en's weights and Adam slots otherwise), and
+  (host memory holds one array, not the whole model with its optimizer
+  slots), and
 - `state.json`: the step, the data position, the run id, and the path,
   shape and dtype of every variable, in the order of the arrays.
 

@@ -1,4 +1,4 @@
-"""Every setting of a fine-tuning run, the precision choice, and the Keras optimizer they describe.
+"""Every setting of a fine-tuning run (`TrainConfig`) and the parsing of its values (`parse_memory`).
 
 `TrainConfig` is the one place each default lives: `pitchkeras finetune`'s
 flags read their defaults from it.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+import re
 
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.model import TinyConfig
@@ -16,6 +16,8 @@ from pitchkeras.model import TinyConfig
 PRECISIONS = ("auto", "mixed_float16", "mixed_bfloat16", "float32")
 STRATEGIES = ("auto", "one", "mirrored", "multiworker", "tpu")
 OPTIMIZERS = ("adamw", "adafactor", "lion")
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
 
 
 @dataclasses.dataclass
@@ -39,7 +41,7 @@ class TrainConfig:
         memory_margin: float. Fraction of `memory` kept free by `auto_batch` (allocator slack, fragmentation).
         sequence_length: int. Tokens per row.
         learning_rate: float. Peak learning rate.
-        warmup_steps: int. Linear warmup steps; -1 means 10% of `steps` (at most 200).
+        warmup_steps: int. Linear warmup steps; -1 means a tenth of `steps` (at most 200).
         min_learning_rate_ratio: float. Cosine decay ends at this fraction of the peak.
         weight_decay: float. AdamW decoupled weight decay (not applied to biases and norms).
         clipnorm: float. Global gradient-norm clip (0 = off).
@@ -75,10 +77,10 @@ class TrainConfig:
     auto_batch: bool = False
     memory: str = ""
     memory_margin: float = 0.1  # XLA's plan excludes allocator slack; a tenth of the device is left for it
-    sequence_length: int = 256  # reviews median ~700 tokens; 256 keeps 355M on one 16 GB GPU
+    sequence_length: int = 256  # shorter than most reviews, so gpt2_medium_en fits one GPU (BUILD_NOTES.md)
     learning_rate: float = 1e-4  # fine-tuning a pretrained model; a fresh `tiny` wants ~2e-3
-    warmup_steps: int = -1  # -1: 10% of steps, at most 200
-    min_learning_rate_ratio: float = 0.1  # cosine decays to 10% of the peak
+    warmup_steps: int = -1  # -1: a tenth of the steps, at most 200
+    min_learning_rate_ratio: float = 0.1  # cosine decays to a tenth of the peak
     weight_decay: float = 0.01
     clipnorm: float = 1.0  # GPT-2/nanoGPT recipe: clip the global gradient norm at 1
     optimizer: str = "adamw"
@@ -135,8 +137,6 @@ class TrainConfig:
         if not 0 <= self.memory_margin < 1:
             raise InvalidArgument(f"memory_margin must be in [0, 1), got {self.memory_margin}")
         if self.memory:
-            from pitchkeras.train.plan import parse_memory
-
             parse_memory(self.memory)
         if self.mixed_precision not in PRECISIONS:
             raise InvalidArgument(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
@@ -154,134 +154,9 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps >= 0 else min(200, self.steps // 10)
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceFacts:
-    """What `choose_policy` looks at: accelerators attached to this process.
-
-    Args:
-        tpus: int. TPU cores.
-        gpu_capabilities: tuple of (major, minor). CUDA compute capability of each GPU.
-    """
-
-    tpus: int = 0
-    gpu_capabilities: tuple = ()
-
-    @classmethod
-    def detect(cls) -> "DeviceFacts":
-        """The facts of this machine, from the active Keras backend."""
-        import keras
-
-        if keras.config.backend() == "jax":
-            import jax
-
-            devices = jax.devices()
-            gpus = [d for d in devices if d.platform == "gpu"]
-            capabilities = tuple(tuple(int(x) for x in str(getattr(d, "compute_capability", "0.0")).split(".")[:2])
-                                 for d in gpus)
-            return cls(tpus=sum(d.platform == "tpu" for d in devices), gpu_capabilities=capabilities)
-        import tensorflow as tf
-
-        tpus = len(tf.config.list_logical_devices("TPU")) or (1 if os.environ.get("TPU_NAME") else 0)
-        capabilities = tuple(
-            tuple(tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)))
-            for g in tf.config.list_physical_devices("GPU"))
-        return cls(tpus=tpus, gpu_capabilities=capabilities)
-
-
-def choose_policy(requested: str, devices: Optional[DeviceFacts] = None) -> str:
-    """The Keras dtype policy for `requested` on this machine (or on `devices`).
-
-    `auto`: `mixed_bfloat16` on TPUs and on GPUs of compute capability 8.0 or
-    more (Ampere, Hopper), `mixed_float16` (with Keras's loss scaling) on
-    older GPUs, `float32` on CPU (bfloat16 training measured slower than
-    float32 on this 2-core CPU).
-
-    Args:
-        requested: str. One of `PRECISIONS`.
-        devices: DeviceFacts or None. Injected facts (tests); None detects them.
-    """
-    if requested != "auto":
-        return requested
-    devices = devices or DeviceFacts.detect()
-    if devices.tpus:
-        return "mixed_bfloat16"
-    if not devices.gpu_capabilities:
-        return "float32"
-    return "mixed_bfloat16" if min(devices.gpu_capabilities) >= (8, 0) else "mixed_float16"
-
-
-def learning_rate_schedule(config: TrainConfig):
-    """Linear warmup to the peak, then cosine decay to `min_learning_rate_ratio` of it at `steps`.
-
-    A `keras.optimizers.schedules.CosineDecay` counted in micro-batches (the
-    optimizer's own counter, which checkpoints restore, runs once per
-    micro-batch under gradient accumulation), so a step means the same with
-    any `grad_accum` (an update uses the rate of its last micro-batch: under
-    accumulation at most one step later on the curve).
-    """
-    import keras
-
-    accum = config.grad_accum
-    warmup = config.warmup
-    decay = max(config.steps - warmup, 1) * accum
-    if not warmup:
-        return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay, alpha=config.min_learning_rate_ratio)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0, decay, alpha=config.min_learning_rate_ratio, warmup_target=config.learning_rate,
-        warmup_steps=warmup * accum)
-
-
-def make_optimizer(config: TrainConfig):
-    """The Keras optimizer `config.optimizer` names, with the schedule, weight decay, clipping and accumulation.
-
-    `adamw` is `keras.optimizers.AdamW`; `adafactor` is
-    `keras.optimizers.Adafactor` with the run's schedule (its own
-    `relative_step` 1/sqrt(step) cap off); `lion` is `keras.optimizers.Lion`.
-    Each decays weights decoupled and clips the global gradient norm the same
-    way. Keras adds loss scaling itself when the model's policy is
-    `mixed_float16` (`compile(auto_scale_loss=True)` wraps this in a
-    `LossScaleOptimizer`).
-    """
-    import keras
-
-    from pitchkeras.train.accumulation import update_only_when_due
-
-    common = dict(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay,
-                  global_clipnorm=config.clipnorm or None, name=config.optimizer,
-                  gradient_accumulation_steps=config.grad_accum if config.grad_accum > 1 else None)
-    if config.optimizer == "adafactor":
-        optimizer = keras.optimizers.Adafactor(relative_step=False, **common)
-    elif config.optimizer == "lion":
-        optimizer = keras.optimizers.Lion(beta_1=0.9, beta_2=0.99, **common)
-    else:
-        optimizer = keras.optimizers.AdamW(beta_1=0.9, beta_2=0.999, epsilon=1e-6, **common)
-    # Decay only matrices: biases and layer-norm scales/offsets keep their values (as in GPT-2's recipe).
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    update_only_when_due(optimizer)  # JAX + --grad-accum: one update per step, not one per micro-batch
-    return optimizer
-
-
-def token_loss():
-    """Mean cross-entropy per target token: padding (sample weight 0) neither counts nor dilutes."""
-    import keras
-
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
-
-
-def compile_for_training(causal_lm, config: TrainConfig, *, jit_compile: bool | str = "auto",
-                         gradient_gates: bool = True) -> None:
-    """`causal_lm.compile` with pitchkeras' optimizer and the per-token loss (no extra metrics).
-
-    Args:
-        causal_lm: keras_hub.models.CausalLM.
-        config: TrainConfig.
-        jit_compile: bool or `auto`. Passed to Keras.
-        gradient_gates: bool. On JAX on a CPU, gate each block's input gradient
-            (`pitchkeras.train.remat.gate_block_gradients`: 15-18% off a GPT-2 step there).
-    """
-    if gradient_gates and hasattr(causal_lm, "backbone") and hasattr(causal_lm.backbone, "transformer_layers"):
-        from pitchkeras.train.remat import gate_block_gradients
-
-        gate_block_gradients(causal_lm.backbone)
-    causal_lm.compile(optimizer=make_optimizer(config), loss=token_loss(), weighted_metrics=[],
-                      jit_compile=jit_compile)
+def parse_memory(text: str) -> int:
+    """Bytes of a memory size like `16GB`, `15.5GiB` or `800MB` (GB = 10^9 bytes, GiB = 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise InvalidArgument(f"memory {text!r} is not a size like 16GB, 15.5GiB or 800MB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])

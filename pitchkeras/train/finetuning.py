@@ -28,10 +28,18 @@ import keras
 
 from pitchkeras.conditioning import PLAIN, REVIEWS, PromptFormat
 from pitchkeras.errors import UsageError
+from pitchkeras.data.pipeline import make_dataset, read_examples
 from pitchkeras.io import atomic_write_text
-from pitchkeras.model import TINY, ModelInfo
+from pitchkeras.model import TINY, ModelInfo, load_causal_lm, save_model_dir, tokenized_inputs
+from pitchkeras.train import callbacks as cb
 from pitchkeras.train import checkpoints as ckpt_files
-from pitchkeras.train.config import TrainConfig, choose_policy
+from pitchkeras.train.auto_batch import resolve_batch
+from pitchkeras.train.config import TrainConfig
+from pitchkeras.train.devices import choose_policy
+from pitchkeras.train.distribution import make_distribution
+from pitchkeras.train.optimizer import build_optimizer, compile_for_training
+from pitchkeras.train.remat import remat_transformer_blocks
+from pitchkeras.train.samples import write_samples
 
 BASE = "base"  # inside the run dir: the starting `tiny` preset (its tokenizer is learnt, so it is kept)
 
@@ -76,7 +84,6 @@ class TrainResult:
 @dataclasses.dataclass
 class DatasetFiles:
     """The files of a training dataset: a prepare output directory or a single CSV."""
-
     train: Path
     val: Optional[Path]
     prompt_format: Optional[PromptFormat]
@@ -185,7 +192,6 @@ def finetune(config: TrainConfig, *, log: Optional[Callable[[str], None]] = None
 @dataclasses.dataclass
 class _Run:
     """What the steps of one `finetune` call share (settled by `_start`, the model by `_build_model`)."""
-
     config: TrainConfig
     say: Callable[[str], None]
     distribution: object
@@ -236,10 +242,6 @@ def _finetune(config: TrainConfig, log: Optional[Callable[[str], None]]) -> Trai
 
 def _start(config: TrainConfig, log: Optional[Callable[[str], None]]) -> _Run:
     """Placement, precision, seed, the checkpoint to resume, the batch, and the dataset's conditions."""
-    from pitchkeras.data.pipeline import read_examples
-    from pitchkeras.train.distribution import make_distribution
-    from pitchkeras.train.plan import resolve_batch
-
     say = log or (print if config.progress else (lambda _msg: None))
     files = resolve_dataset(config.dataset)
     backend = keras.config.backend()
@@ -288,11 +290,6 @@ def _resumed_checkpoint(config: TrainConfig, run_dir: Path, chief: bool) -> tupl
 
 def _build_model(run: _Run):
     """The starting CausalLM (reusing a resumed `tiny`'s tokenizer), LoRA, remat, compiled, optimizer built."""
-    from pitchkeras.model import load_causal_lm, save_model_dir
-    from pitchkeras.train import callbacks as cb
-    from pitchkeras.train.config import compile_for_training
-    from pitchkeras.train.remat import remat_transformer_blocks
-
     config = run.config
     with run.distribution.scope():
         base_dir = run.run_dir / BASE
@@ -310,14 +307,12 @@ def _build_model(run: _Run):
             remat_transformer_blocks(causal_lm.backbone)
         causal_lm.preprocessor.sequence_length = config.sequence_length
         compile_for_training(causal_lm, config, jit_compile=run.jit)
-        cb.build_optimizer(causal_lm)
+        build_optimizer(causal_lm)
     return causal_lm
 
 
 def _checkpointer(run: _Run, run_id: str):
     """The `StepCheckpoint` of the run; its state records what a resume must repeat."""
-    from pitchkeras.train import callbacks as cb
-
     config = run.config
 
     def state():
@@ -331,8 +326,6 @@ def _checkpointer(run: _Run, run_id: str):
 
 def _datasets(run: _Run, data_position: int):
     """The training dataset (continuing at `data_position` batches) and the validation one with its steps."""
-    from pitchkeras.data.pipeline import make_dataset
-
     config, replicas = run.config, run.distribution.replicas
     tokenizer = run.causal_lm.preprocessor.tokenizer
     cache_dir = None if config.cache_dir == "none" else (
@@ -369,7 +362,6 @@ def _write_run_config(run: _Run, run_id: str) -> None:
 @dataclasses.dataclass
 class _Loop:
     """The callbacks of `fit` and the ones read afterwards."""
-
     callbacks: list
     record: _Record
     stopper: object
@@ -379,9 +371,6 @@ class _Loop:
 
 def _callbacks(run: _Run, info: ModelInfo, result: TrainResult, checkpointer, resume: Optional[int]) -> _Loop:
     """Metrics, record, progress, signals, TensorBoard, samples, per-condition validation, checkpoints, plot."""
-    from pitchkeras.data.pipeline import read_examples
-    from pitchkeras.train import callbacks as cb
-
     config, chief, replicas = run.config, run.chief, run.distribution.replicas
     tokens_per_step = config.batch_size * config.sequence_length * config.grad_accum
     stopper = cb.StopOnSignal(run.distribution.any_worker if run.distribution.workers > 1 else None)
@@ -412,8 +401,6 @@ def _callbacks(run: _Run, info: ModelInfo, result: TrainResult, checkpointer, re
 
 def _fit(run: _Run, loop: _Loop, train_ds, val_ds, val_steps: list, start_step: int) -> None:
     """`CausalLM.fit` from `start_step` to `config.steps`, one optimizer step per epoch."""
-    from pitchkeras.model import tokenized_inputs
-
     config = run.config
     if start_step >= config.steps:
         run.say(f"already at step {start_step} of {config.steps}: nothing to train")
@@ -426,9 +413,6 @@ def _fit(run: _Run, loop: _Loop, train_ds, val_ds, val_steps: list, start_step: 
 
 def _finish(run: _Run, loop: _Loop, info: ModelInfo, result: TrainResult) -> None:
     """Interrupted or not, per-condition losses, the exported model and final samples, the throughput."""
-    from pitchkeras.model import save_model_dir
-    from pitchkeras.train import callbacks as cb
-
     replicas = run.distribution.replicas
     if loop.stopper.stopped_at is not None:
         result.interrupted = True
@@ -438,7 +422,7 @@ def _finish(run: _Run, loop: _Loop, info: ModelInfo, result: TrainResult) -> Non
     if not result.interrupted and run.chief:
         result.model_dir = save_model_dir(run.causal_lm, info, run.run_dir / "model")
         if run.config.sample_every:
-            cb.write_samples(run.causal_lm, info, run.run_dir / "samples" / "final.txt", seed=run.config.seed,
-                             count=-(-3 // replicas) * replicas if run.backend == "jax" else 3)
+            write_samples(run.causal_lm, info, run.run_dir / "samples" / "final.txt", seed=run.config.seed,
+                          count=-(-3 // replicas) * replicas if run.backend == "jax" else 3)
         run.say(f"model {result.model_version} exported to {result.model_dir}")
     result.tokens_per_sec = loop.record.tokens / loop.record.seconds if loop.record.seconds else 0.0

@@ -41,8 +41,8 @@ def gate_block_gradients(backbone) -> bool:
     The residual stream's gradient is a chain of elementwise adds through the
     blocks, and XLA's CPU fusion copies cheap elementwise producers into each
     consumer: the fusion that feeds block k's weight gradients recomputed the
-    chain from the top (GPT-2 124M: fusions of 317 up to 655 instructions,
-    26 more per block, about 0.7 s of a 3.5 s step). `jax.lax.optimization_barrier`
+    chain from the top (fusions growing by one chain link per block; the cost
+    is measured in BUILD_NOTES.md). `jax.lax.optimization_barrier`
     does not stop it (the CPU pipeline removes barriers before fusing); a
     conditional does: the gradient leaves each block through a `lax.cond` on
     whether its first element is NaN (then every element is NaN, as the step's
