@@ -4,6 +4,8 @@ Importing this package never imports TensorFlow or Keras (only grpcio,
 protobuf and the store's record type), so a client script starts in well
 under a second.
 
+Modules: `review_client` (`ReviewClient`, `GeneratedReview`), `convert` (store record <-> `v1.Review`).
+
 Example:
 
     from pitchkeras.client import ReviewClient

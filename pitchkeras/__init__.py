@@ -2,6 +2,20 @@
 
 Public names are re-exported lazily, so `import pitchkeras` (and the gRPC
 client, `pitchkeras.client`) never pays for importing TensorFlow.
+
+Modules, in the order data flows (ARCHITECTURE.md draws it):
+
+- `conditioning`: THE prompt format; `errors`: the library's errors; `io`: atomic file and directory writes;
+- `data/`: prepare (sources, cleaning, stats) and the tf.data pipeline;
+- `model`: presets, `tiny`, the model directory; `convert/`: import and export of other formats;
+  `quantize`: int8 weights for generation;
+- `train/`: fine-tuning on `CausalLM.fit` (`callbacks` re-exports its public callbacks);
+- `sampling/`: sampler settings and the generation engine; `compile_cache`: its persistent compile cache;
+  `postprocess`: raw text -> review or reject reason; `quality`: memorization, diversity, pronouns;
+- `populate`: the grid job into a store; `store/`: the ReviewStore contract and its backends;
+- `server` (`server/`), `client` (`client/`), `v1/`: the gRPC/HTTP service, its client and the generated code;
+- `cli` and `commands/`: the `pitchkeras` command, one module per subcommand; `demo`: `pitchkeras demo`;
+  `sample_data/`: the bundled sample dump.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class DemoConfig:
     workdir: str = "pitchkeras-demo"
     fresh: bool = False
     preset: str = "tiny"
-    steps: int = 1000  # ~1 min on 2 idle cores; val loss ~2.4 on the sample dump (300 steps: 4.8, mostly fragments)
+    steps: int = 1000  # enough for whole sentences on the sample dump (time and loss: BUILD_NOTES.md)
     batch_size: int = 8
     sequence_length: int = 128
     learning_rate: float = 3e-3  # a randomly initialised tiny model wants a high rate

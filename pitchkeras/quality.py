@@ -1,9 +1,9 @@
 """Quality checks: memorization against the training set, diversity, pronoun counts.
 
 `MemorizationIndex` holds 64-bit hashes of every word n-gram (default 8) of
-the training examples in one sorted numpy array: 8 bytes per n-gram, so a
-100 MB corpus (about 17 M words) costs about 140 MB, and lookups are a
-vectorised `searchsorted`. For a sample it reports the longest run of words
+the training examples in one sorted numpy array (one 64-bit hash per n-gram,
+so memory grows with the corpus's word count; figures in BUILD_NOTES.md), and
+lookups are a vectorised `searchsorted`. For a sample it reports the longest run of words
 copied from training and the share of its n-grams found there; `Generator`
 rejects samples over a threshold as `memorized`.
 
@@ -29,7 +29,7 @@ from pitchkeras.conditioning import PromptFormat
 from pitchkeras.errors import InvalidArgument
 
 NGRAM = 8  # words per n-gram: long enough that stock phrases rarely match, short enough to catch copying
-MAX_NGRAMS = 400_000_000  # 3.2 GB of hashes; a larger corpus keeps a consistent hash-sampled subset
+MAX_NGRAMS = 400_000_000  # 8 bytes each; a larger corpus keeps a consistent hash-sampled subset
 
 _WORD = re.compile(r"[\w']+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # rolling-hash multiplier (odd: a bijection mod 2**64)

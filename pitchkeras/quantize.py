@@ -8,8 +8,8 @@ The layers keep their objects, so `Generator`'s cached decode loop, which
 calls those same layers, runs on the quantized ones without any change.
 Layer norms, position embeddings and biases stay in float.
 
-At batch 1 a CPU spends its time streaming weights from memory (GPT-2 124M is
-0.5 GB in float32 per token); int8 weights are a quarter of that.
+At batch 1 a CPU spends its time streaming every weight from memory for each
+token; int8 weights are a quarter of float32's bytes (figures in BUILD_NOTES.md).
 
 Example:
 

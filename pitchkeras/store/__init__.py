@@ -5,7 +5,9 @@
     firestore://PROJECT[/COLLECTION]   Cloud Firestore (collection default `reviews`);
                                        FIRESTORE_EMULATOR_HOST is honoured when set
 
-Backends import lazily, so `pitchkeras.store` is cheap to import.
+Modules: `base` (the `ReviewStore` contract, `Review`, ids), `sqlite` (`SQLiteStore`), `firestore`
+(`FirestoreStore`). Backends import lazily (start-up time: Firestore's client libraries), so
+`pitchkeras.store` is cheap to import.
 """
 
 from __future__ import annotations

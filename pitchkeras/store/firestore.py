@@ -379,7 +379,7 @@ class FirestoreStore(ReviewStore):
     def add_reviews(self, reviews: Iterable[Review]) -> int:
         """Create each review unless its id exists (per document, not all-or-nothing).
 
-        Sent as BatchWrite requests of at most 500 writes and ~8 MB. A create
+        Sent as BatchWrite requests of at most 500 writes and `_MAX_BATCH_BYTES`. A create
         whose document already exists fails alone with ALREADY_EXISTS and is
         not counted. Writes that fail transiently (ABORTED, UNAVAILABLE, ...) are
         sent again until the deadline; a permanent failure (INVALID_ARGUMENT,
