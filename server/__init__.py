@@ -3,7 +3,14 @@
 `create_server(store, ...) -> (server, port)` builds a grpc.aio server with
 the ReviewService, grpc.health.v1 health, server reflection and a logging
 interceptor; `serve(...)` runs one until SIGTERM/SIGINT (what `pitchkeras
-serve` does); `BackgroundServer` runs one in a thread for tests and scripts.
+serve` does); `BackgroundServer` runs one in a thread (`pitchkeras demo`, tests, scripts).
+
+Modules: `app` (create_server, serve, BackgroundServer), `config` (`ServerConfig`), `servicer` (the gRPC
+methods), `handlers` (its method handlers, with deserializers that answer bad bytes properly), `batcher`
+(Generate calls into the engine), `auth` (API keys and rate limits), `interceptor` (logging, counting, key
+checks), `metrics` (the /metrics counters), `http_api` (the HTTP/JSON routes and web
+page), `http_edge` (the HTTP server's edge: limits, timeouts), `workers` (several serving processes), `web/`
+(the page's static files).
 
 Example:
 

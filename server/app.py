@@ -363,7 +363,10 @@ def _url(host: str, port: int, https: bool = False) -> str:
 
 
 class BackgroundServer:
-    """A server on its own event loop in a daemon thread: for tests, benchmarks and notebooks.
+    """A server on its own event loop in a daemon thread, beside the caller's code.
+
+    Not only a test helper: `pitchkeras demo` serves from one while its own client calls it, which is why it
+    lives here, public, rather than under tests/. Tests, benchmarks and notebooks use it the same way.
 
     Args:
         store: str or ReviewStore. As for `create_server`.
