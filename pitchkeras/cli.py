@@ -14,6 +14,7 @@ import sys
 from typing import Optional, Sequence
 
 from pitchkeras import __version__
+from pitchkeras import compile_cache
 from pitchkeras.errors import PitchkerasError
 
 # Order shown in --help: the data flow.
@@ -100,8 +101,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "compile_cache", None) and not getattr(args, "no_compile_cache", False):
-            from pitchkeras import compile_cache
-
             # Before TensorFlow is imported: XLA reads its flags then. XLA's CPU loader logs a
             # spurious ERROR on every cache hit (see compile_cache), so C++ logs default to level 3.
             if compile_cache.enable(args.compile_cache):

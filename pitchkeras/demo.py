@@ -23,10 +23,19 @@ from typing import Callable, Optional, Sequence
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument
 from pitchkeras.io import atomic_write_json, atomic_write_text
+from pitchkeras.model import load_model
+from pitchkeras.populate import PopulateConfig, format_table, populate
+from pitchkeras.quality import MemorizationIndex
+from pitchkeras.sample_data import SAMPLE_DUMP
+from pitchkeras.sampling import Generator
+from pitchkeras.server.config import ServerConfig
+from pitchkeras.store import open_store
+
+# Imported where used, for start-up time (`pitchkeras --help` imports this module): pandas (data.prepare),
+# Keras (train) and grpc (client, server.app).
 
 STAGES = ("prepare", "finetune", "populate", "serve")
 GENERATE_SEED_OFFSET = 500_000
-
 
 
 @dataclasses.dataclass
@@ -199,7 +208,6 @@ def _open_workdir(config: DemoConfig, out) -> Path:
 
 def _prepare_stage(config: DemoConfig, paths: _DemoPaths) -> dict:
     from pitchkeras.data.prepare import PrepareOptions, prepare
-    from pitchkeras.sample_data import SAMPLE_DUMP
 
     result = prepare(SAMPLE_DUMP, paths.data_dir, options=PrepareOptions(seed=config.seed, val_fraction=0.1,
                                                                            progress=config.progress))
@@ -230,18 +238,12 @@ def _finetune_stage(config: DemoConfig, paths: _DemoPaths, out) -> dict:
 
 def _load_generator(config: DemoConfig, paths: _DemoPaths):
     """The fine-tuned model's generator, rejecting copies of the prepared data."""
-    from pitchkeras.model import load_model
-    from pitchkeras.quality import MemorizationIndex
-    from pitchkeras.sampling import Generator
-
     model = load_model(paths.model_dir)
     memorization = MemorizationIndex.from_examples(paths.data_dir, prompt_format=model.prompt_format)
     return Generator(model, batch_size=8, max_new_tokens=config.length, memorization=memorization)
 
 
 def _populate_stage(config: DemoConfig, paths: _DemoPaths, generator, out) -> dict:
-    from pitchkeras.populate import PopulateConfig, format_table, populate
-
     populate_config = PopulateConfig(
         model=str(paths.model_dir), store=paths.store_uri, per_pair=config.per_pair, scores=list(config.scores),
         genres=list(config.genres) if config.genres else None, dataset=str(paths.data_dir), length=config.length,
@@ -274,8 +276,6 @@ def _serve_and_call(config: DemoConfig, store_uri: str, generator, served: dict,
     """Start the gRPC server on a local port, call every method through the Python client, stop it."""
     from pitchkeras.client import ReviewClient
     from pitchkeras.server.app import BackgroundServer
-    from pitchkeras.server.config import ServerConfig
-    from pitchkeras.store import open_store
 
     with open_store(store_uri) as store:
         counts = [c for c in store.counts() if c.count > 0]

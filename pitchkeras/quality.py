@@ -26,6 +26,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from pitchkeras.conditioning import PromptFormat
+from pitchkeras.data.pipeline import read_examples
 from pitchkeras.errors import InvalidArgument
 
 NGRAM = 8  # words per n-gram: long enough that stock phrases rarely match, short enough to catch copying
@@ -89,7 +90,6 @@ def _load_texts(source: Union[str, os.PathLike, Iterable[str]]) -> Iterable[str]
         path = Path(source)
         if path.is_dir():
             path = path / "train.csv"
-        from pitchkeras.data.pipeline import read_examples
 
         return read_examples(path)
     return source

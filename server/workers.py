@@ -23,6 +23,9 @@ from typing import Callable, Iterator, Optional
 
 from pitchkeras.errors import PitchkerasError, UsageError
 
+# `pitchkeras.server.app` (and with it grpc's core) is imported inside the functions: the parent must fork
+# the workers before any gRPC object exists (see above), and `pitchkeras serve` imports this module at start-up.
+
 log = logging.getLogger("pitchkeras.server.workers")
 
 

@@ -58,7 +58,7 @@ def run(args) -> int:
     import json
     import os
 
-    from pitchkeras.client import DEFAULT_TARGET, ReviewClient
+    from pitchkeras.client import DEFAULT_TARGET, ReviewClient  # here, not at the top: grpc is slow to import
 
     credentials = None
     if args.ca_cert:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import (
     add_genres_flag, add_progress_flag, field_default, format_scores, parse_list, parse_scores)
+from pitchkeras.demo import DemoConfig, run_demo
 
 
 def add_parser(subparsers):
-    from pitchkeras.demo import DemoConfig
-
     def default(name):
         return field_default(DemoConfig, name)
 
@@ -41,8 +40,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.demo import DemoConfig, run_demo
-
     scores = parse_scores(args.scores)
     genres = parse_list(args.genres) or None  # none given: the seed's eight
     config = DemoConfig(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 from pitchkeras.cli import add_command
+from pitchkeras.convert.importing import EXPORT_FORMATS, ExportConfig, export_model
 
 
 def add_parser(subparsers):
-    from pitchkeras.convert.importing import EXPORT_FORMATS, ExportConfig
-
     p = add_command(subparsers, "export",
                     "Export a model directory for other tools: --format transformers writes a directory "
                     "transformers.GPT2LMHeadModel and AutoTokenizer load (and CTranslate2 converts).", __name__)
@@ -21,8 +20,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.convert import ExportConfig, export_model
-
     out = export_model(args.model, args.out, ExportConfig(format=args.format))
     print(f"exported {args.model} as {args.format} into {out}", file=sys.stderr)
     return 0

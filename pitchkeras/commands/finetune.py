@@ -78,7 +78,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.train import finetune
+    from pitchkeras.train import finetune  # here, not at the top: it imports Keras (start-up time)
 
     auto = isinstance(args.batch_size, tuple)
     config = TrainConfig(

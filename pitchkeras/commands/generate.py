@@ -11,9 +11,14 @@ from pitchkeras.cli import add_command
 from pitchkeras.commands.options import (
     add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags, field_default,
     model_directory, sampler_config)
+from pitchkeras.conditioning import validate_conditions
 from pitchkeras.errors import UsageError
 from pitchkeras.io import atomic_write_text
+from pitchkeras.model import load_model
 from pitchkeras.populate import PopulateConfig
+from pitchkeras.quality import MemorizationIndex
+from pitchkeras.quantize import quantize_model
+from pitchkeras.sampling import Generator
 from pitchkeras.sampling.config import GenerationRequest
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
@@ -87,8 +92,6 @@ def _check_args(args) -> None:
 
 def _conditions(args, info) -> dict | None:
     """The requested conditions from --score/--genre, checked against the model."""
-    from pitchkeras.conditioning import validate_conditions
-
     names = info.prompt_format.conditions
     given = {"score": args.score, "genre": args.genre}
     if not names:
@@ -111,10 +114,6 @@ def run(args) -> int:
     import collections
     import json
 
-    from pitchkeras.model import load_model
-    from pitchkeras.quantize import quantize_model
-    from pitchkeras.sampling import GenerationRequest, Generator
-
     _check_args(args)
     config = sampler_config(args)
     model = quantize_model(load_model(model_directory(args)), args.quantize)
@@ -122,8 +121,6 @@ def run(args) -> int:
 
     memorization = None
     if args.dataset:
-        from pitchkeras.quality import MemorizationIndex
-
         memorization = MemorizationIndex.from_examples(args.dataset, prompt_format=model.prompt_format,
                                                        progress=not args.no_progress)
     generator = Generator(model, batch_size=args.batch_size, max_new_tokens=args.length,

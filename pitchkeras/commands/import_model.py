@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from pitchkeras.cli import add_command
+from pitchkeras.convert.importing import ImportConfig, import_model
 from pitchkeras.errors import UsageError
 
 
@@ -17,8 +18,6 @@ def _stated(text: str) -> str:
 
 
 def add_parser(subparsers):
-    from pitchkeras.convert.importing import ImportConfig
-
     p = add_command(subparsers, "import",
                     "Import a GPT-2 you already have (a gpt-2-simple run such as checkpoint/run1, an OpenAI model "
                     "directory such as models/355M, or a transformers GPT-2 directory) as a pitchkeras model "
@@ -49,8 +48,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.convert import ImportConfig, import_model
-
     conditions = None
     if args.conditions is not None:
         conditions = tuple(name.strip() for name in args.conditions.split(",") if name.strip())

@@ -6,7 +6,12 @@ import argparse
 import dataclasses
 import os
 
+from pitchkeras.compile_cache import ENV_VAR, default_directory
 from pitchkeras.errors import UsageError
+from pitchkeras.populate import SEED_GENRES
+from pitchkeras.quantize import QUANTIZE_MODES
+from pitchkeras.sampling.config import DEFAULT_LENGTH, SamplerConfig
+from pitchkeras.train.config import TrainConfig
 
 
 #: Each sampler flag: (flag, SamplerConfig field, type, help). Defaults come from the field; a new sampler
@@ -29,9 +34,6 @@ def add_sampler_flags(p, *, server_defaults: bool = False) -> None:
         server_defaults: bool. For a client: every flag defaults to unset
             (None), so the server applies its own defaults.
     """
-    from pitchkeras.sampling import SamplerConfig
-    from pitchkeras.sampling.config import DEFAULT_LENGTH
-
     defaults = SamplerConfig()
     for flag, field, kind, help_text in SAMPLER_FLAGS:
         p.add_argument(flag, type=kind, default=None if server_defaults else getattr(defaults, field), help=help_text)
@@ -44,8 +46,6 @@ def add_sampler_flags(p, *, server_defaults: bool = False) -> None:
 
 def sampler_config(args):
     """The `SamplerConfig` of parsed sampler flags (validated): the one conversion at the CLI edge."""
-    from pitchkeras.sampling import SamplerConfig
-
     return SamplerConfig(**{field: getattr(args, field) for _, field, _, _ in SAMPLER_FLAGS}).validate()
 
 
@@ -59,8 +59,6 @@ def add_compile_cache_flags(p) -> None:
 
     `cli.main` reads them before TensorFlow is imported (XLA reads its flags then).
     """
-    from pitchkeras.compile_cache import ENV_VAR, default_directory
-
     p.add_argument("--compile-cache", metavar="DIR", default=default_directory(),
                    help=f"keep compiled decode loops here for the next process (${ENV_VAR}=off: none by default)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile in this process only, cache nothing")
@@ -68,8 +66,6 @@ def add_compile_cache_flags(p) -> None:
 
 def add_quantize_flag(p) -> None:
     """`--quantize int8`: generate with int8 weights (`pitchkeras.quantize`)."""
-    from pitchkeras.quantize import QUANTIZE_MODES
-
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="quantize the model's weights for generation (Keras's model.quantize); default: off")
 
@@ -95,8 +91,6 @@ def parameter_default(function, name: str):
 
 def add_model_flags(p) -> None:
     """`--model DIR`, else `--checkpoint-dir`/`--run-name`: where `pitchkeras finetune` put its model."""
-    from pitchkeras.train.config import TrainConfig
-
     p.add_argument("--model", help="model directory (default: CHECKPOINT_DIR/RUN_NAME/model)")
     p.add_argument("--run-name", default=TrainConfig.default("run_name"),
                    help="run whose model/ to use when --model is not given")
@@ -132,8 +126,6 @@ def add_progress_flag(p, help: str = "no progress bar", quiet_alias: bool = Fals
 
 def add_genres_flag(p, help: str) -> None:
     """`--genres a,b,...`, by default the seed project's eight (`pitchkeras.populate.SEED_GENRES`)."""
-    from pitchkeras.populate import SEED_GENRES
-
     p.add_argument("--genres", default=",".join(SEED_GENRES), help=help)
 
 

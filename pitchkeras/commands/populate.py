@@ -7,11 +7,10 @@ from pitchkeras.commands.options import (
     add_compile_cache_flags, add_genres_flag, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags,
     field_default, model_directory, parameter_default, parse_list, parse_scores, sampler_config)
 from pitchkeras.errors import UsageError
+from pitchkeras.populate import PopulateConfig, format_table, populate, score_grid
 
 
 def _score_range(text: str) -> list[float]:
-    from pitchkeras.populate import score_grid
-
     try:
         start, stop, step = (float(x) for x in text.split(":"))
     except ValueError:
@@ -21,14 +20,10 @@ def _score_range(text: str) -> list[float]:
 
 def _default_score_range() -> str:
     """`score_grid`'s own defaults as START:STOP:STEP."""
-    from pitchkeras.populate import score_grid
-
     return ":".join(f"{parameter_default(score_grid, name):g}" for name in ("start", "stop", "step"))
 
 
 def add_parser(subparsers):
-    from pitchkeras.populate import PopulateConfig
-
     def default(name):
         return field_default(PopulateConfig, name)
 
@@ -59,8 +54,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.populate import PopulateConfig, format_table, populate
-
     model = model_directory(args)
     scores = parse_scores(args.scores) if args.scores else _score_range(args.score_range)
     genres = parse_list(args.genres)

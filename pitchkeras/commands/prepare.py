@@ -6,6 +6,7 @@ import sys
 
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import add_progress_flag, field_default
+from pitchkeras.data.options import MULTI_GENRE, PrepareOptions, parse_condition_columns
 
 
 def _stated(text: str) -> str:
@@ -18,8 +19,6 @@ def _stated(text: str) -> str:
 
 
 def add_parser(subparsers):
-    from pitchkeras.data.options import MULTI_GENRE, PrepareOptions
-
     def default(name):
         return field_default(PrepareOptions, name)
 
@@ -60,8 +59,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.data.options import PrepareOptions, parse_condition_columns
-    from pitchkeras.data.prepare import prepare
+    from pitchkeras.data.prepare import prepare  # here, not at the top: it imports pandas (start-up time)
 
     options = PrepareOptions(
         query=args.query,

@@ -12,8 +12,14 @@ from pitchkeras.cli import add_command
 from pitchkeras.commands.options import (
     add_compile_cache_flags, add_model_flags, add_progress_flag, add_quantize_flag, add_sampler_flags, field_default,
     format_scores, model_directory, parse_list, parse_scores, sampler_config)
+from pitchkeras.conditioning import validate_conditions
+from pitchkeras.data.pipeline import read_examples
 from pitchkeras.errors import UsageError
 from pitchkeras.io import atomic_path, atomic_write_json, atomic_write_text
+from pitchkeras.model import load_model
+from pitchkeras.quality import MemorizationIndex, summarize
+from pitchkeras.quantize import quantize_model
+from pitchkeras.sampling import Generator
 from pitchkeras.sampling.config import GenerationRequest
 
 
@@ -62,8 +68,6 @@ def add_parser(subparsers):
 
 
 def _grid(args, info) -> list[dict]:
-    from pitchkeras.conditioning import validate_conditions
-
     names = info.prompt_format.conditions
     if not names:
         return [{}]
@@ -85,8 +89,6 @@ def _label(conditions: dict) -> str:
 def build_report(samples_by_condition: dict, index, training_texts) -> dict:
     """The report dict from samples grouped by condition label."""
     import collections
-
-    from pitchkeras.quality import summarize
 
     rows = []
     for label, (conditions, samples) in samples_by_condition.items():
@@ -163,12 +165,6 @@ def plot_report(report: dict, path) -> None:
 def run(args) -> int:
     import json
     from pathlib import Path
-
-    from pitchkeras.data.pipeline import read_examples
-    from pitchkeras.model import load_model
-    from pitchkeras.quantize import quantize_model
-    from pitchkeras.quality import MemorizationIndex
-    from pitchkeras.sampling import GenerationRequest, Generator
 
     if args.per_condition < 1:
         raise UsageError(f"--per-condition must be >= 1, got {args.per_condition}")

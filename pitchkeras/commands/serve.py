@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from pitchkeras.cli import add_command
+from pitchkeras.cli import add_command, import_tensorflow_quietly
 from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, field_default
 from pitchkeras.errors import UsageError
 from pitchkeras.server.config import (
     BATCHING_MODES, DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerConfig)
+from pitchkeras.server.workers import run_workers
 from pitchkeras.store import DEFAULT_STORE_URI
 
 
@@ -91,7 +92,7 @@ def run(args) -> int:
     import logging
     import os
 
-    from pitchkeras.server import ApiKeys, ServerConfig, serve
+    from pitchkeras.server import ApiKeys, ServerConfig, serve  # here, not at the top: grpc (start-up time)
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 <= args.port <= 65535:
@@ -134,9 +135,6 @@ def run(args) -> int:
     if args.workers == 1:
         asyncio.run(serve(**kwargs))
     else:
-        from pitchkeras.cli import import_tensorflow_quietly
-        from pitchkeras.server.workers import run_workers
-
         # TensorFlow loads in each worker, after the fork (see `_uses_tensorflow` in cli.py).
         run_workers(args.workers, worker_init=import_tensorflow_quietly if args.model else None, **kwargs)
     return 0

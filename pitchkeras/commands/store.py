@@ -6,7 +6,8 @@ import argparse
 
 from pitchkeras.cli import add_command
 from pitchkeras.commands.options import add_progress_flag, parameter_default
-from pitchkeras.store import DEFAULT_STORE_URI, ReviewStore
+from pitchkeras.errors import UsageError
+from pitchkeras.store import DEFAULT_STORE_URI, ReviewStore, open_store
 
 
 def _add_store_flag(p) -> None:
@@ -35,9 +36,6 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from pitchkeras.errors import UsageError
-    from pitchkeras.store import open_store
-
     if args.action == "migrate" and not args.model_version.strip():
         raise UsageError("--model-version must not be empty")
     with open_store(args.store) as store:

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Optional
 
 from pitchkeras.conditioning import END_OF_TEXT, NUMERIC_CONDITIONS, START_OF_TEXT, PromptFormat
+from pitchkeras.convert import gpt2_simple, huggingface
 from pitchkeras.convert import layout as layouts
+from pitchkeras.data.pipeline import read_examples
 from pitchkeras.errors import UsageError
 from pitchkeras.io import atomic_directory
+from pitchkeras.model import MODEL_INFO_FILE, ModelInfo, PitchModel, load_model, save_model_dir
 
 EXPORT_FORMATS = ("transformers",)
 
@@ -67,8 +70,6 @@ class ExportConfig:
 
 def saved_info(source):
     """The `pitchkeras.json` `pitchkeras export` left in a transformers directory, or None."""
-    from pitchkeras.model import MODEL_INFO_FILE, ModelInfo
-
     if source.layout != layouts.TRANSFORMERS or not (source.path / MODEL_INFO_FILE).is_file():
         return None
     return ModelInfo.read(source.path)
@@ -101,8 +102,6 @@ def prompt_format_for(source, config: ImportConfig, saved=None) -> PromptFormat:
 
 def _dataset_documents(dataset: str) -> list[str]:
     """The training documents of `dataset`: a `prepare` directory, a CSV, or gpt-2-simple's delimited text."""
-    from pitchkeras.data.pipeline import read_examples
-
     path = Path(dataset)
     if path.is_dir():
         return read_examples(path / "train.csv")
@@ -135,12 +134,8 @@ def learn_condition_values(dataset: str, fmt: PromptFormat) -> dict:
 
 def _load(source, fmt: PromptFormat):
     if source.layout == layouts.TRANSFORMERS:
-        from pitchkeras.convert import huggingface
-
         # A model that came from gpt-2-simple (and went out through `export`) keeps its delimiters as plain text.
         return huggingface.load_causal_lm(source, special_end_token=fmt.start_token)
-    from pitchkeras.convert import gpt2_simple
-
     return gpt2_simple.load_causal_lm(source)
 
 
@@ -169,8 +164,6 @@ def import_model(path: str | os.PathLike, out: str | os.PathLike, config: Option
         UsageError: an unknown layout, a missing or corrupt file, or a shape
             that disagrees with the hyperparameters; one line naming the file.
     """
-    from pitchkeras.model import ModelInfo, PitchModel, save_model_dir
-
     config = config or ImportConfig()
     out = _fresh_out(out)
     source = layouts.detect(path, step=config.step)
@@ -200,9 +193,6 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike,
         out: str. The directory to create (must not exist).
         config: ExportConfig or None. The format.
     """
-    from pitchkeras.convert import huggingface
-    from pitchkeras.model import MODEL_INFO_FILE, load_model
-
     config = config or ExportConfig()
     if config.format not in EXPORT_FORMATS:
         raise UsageError(f"unknown export format {config.format!r}; use {', '.join(EXPORT_FORMATS)}")
