@@ -2,15 +2,16 @@
 
 `open_source(path)` looks at the file's first bytes (and its extension) and
 returns a `Source` whose `frames(columns)` yields DataFrames of the requested
-columns, `CHUNK_ROWS` rows at a time:
+columns, `CHUNK_ROWS` rows at a time, each with the reader pandas has for it:
 
 - the public Kaggle Pitchfork SQLite dump: `pd.read_sql_query` over `reviews`
   joined with `content` on `reviewid` (text column `content`), with every
   `genres` row of a review gathered into a list under `genre`;
 - the seed tutorial's single-table SQLite `reviews(genre, score, review)`, or
   any SQLite database with one table (or `--query` for anything else);
-- CSV/TSV with a header row (`pd.read_csv`), JSON Lines (`pd.read_json`), and
-  Parquet (pyarrow record batches turned into frames);
+- CSV/TSV with a header row (`pd.read_csv`, C parser), JSON Lines
+  (`pd.read_json(lines=True, chunksize=)`), and Parquet (pyarrow record
+  batches turned into frames);
 - gpt-2-simple's plain-text corpora: a `.txt` file, or a directory of them,
   whose documents are delimited by `<|startoftext|>`/`<|endoftext|>` (or
   `<|endoftext|>` alone), else one document per blank-line block.
@@ -18,11 +19,11 @@ columns, `CHUNK_ROWS` rows at a time:
 Memory stays bounded: every reader is chunked; only the Kaggle genre table (a
 few short strings per review) is held in memory.
 
-Text that is not valid UTF-8 never raises: the value comes back as the
-`UNDECODABLE` marker, so the caller can count and skip the row. A row that
-cannot be parsed at all (a JSON Lines line that is not a JSON object, a CSV
-line with more fields than the header) comes back with its `MALFORMED` column
-True and its other columns empty.
+Text columns come back as pandas' `str` dtype. Text that is not valid UTF-8
+never raises: its cell comes back missing and the row's `UNDECODABLE` column
+True, so the caller can count and skip the row. A row that cannot be parsed
+at all (a JSON Lines line that is not a JSON object, a CSV line with more
+fields than the header) comes back with its `MALFORMED` column True.
 
 Example:
 
@@ -30,17 +31,17 @@ Example:
 >>> source.kind, source.default_text_column
 ('kaggle', 'content')
 >>> next(source.frames(["score", "genre", "content"])).iloc[0].to_dict()
-{'score': 8.4, 'genre': ['rock'], 'content': 'The band ...', '__malformed__': False}
+{'score': 8.4, 'genre': ['rock'], 'content': 'The band ...', '__malformed__': False, '__undecodable__': False}
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import re
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,8 @@ from pitchkeras.conditioning import END_OF_TEXT, START_OF_TEXT
 from pitchkeras.errors import InvalidArgument
 
 CHUNK_ROWS = 1000  # rows per frame: amortises pandas' per-call overhead, bounds memory
-MALFORMED = "__malformed__"  # the boolean column every frame carries: the row could not be parsed
+MALFORMED = "__malformed__"  # boolean column of every frame: the row could not be parsed
+UNDECODABLE = "__undecodable__"  # boolean column of every frame: a value's bytes were not UTF-8
 TEXT_COLUMNS = ("text", "review", "content", "body", "bio", "biography", "description")  # detection order
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PARQUET_MAGIC = b"PAR1"
@@ -58,65 +60,60 @@ CSV_SUFFIXES = (".csv", ".tsv")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TEXT_SUFFIXES = (".txt",)
 KAGGLE_TABLES = ("reviews", "content")  # `genres` is joined in when present
-CSV_FIELD_LIMIT = 2**31 - 1  # reviews longer than csv's default 128 KiB field limit must just work
+CSV_FIELD_LIMIT = 2**31 - 1  # the python parser reads through the csv module, whose default is 128 KiB a field
 
 # Lone surrogates are what undecodable bytes become under errors="surrogateescape"
 # (and what a JSON "\udc80" escape decodes to); neither can be written as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class _Undecodable:
-    """Marker for a value whose bytes are not valid UTF-8."""
-
-    def __repr__(self):
-        return "UNDECODABLE"
-
-
-UNDECODABLE = _Undecodable()
+_BAD = object()  # a value that failed to decode, inside this module only
 _BAD_LINE = object()  # what the CSV bad-line handler puts in each field of a line it rejects
+_decode = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 
-def decode_value(value: Any) -> Any:
-    """A raw value with its text decoded: `UNDECODABLE` when the bytes are not UTF-8.
-
-    Lists (and the arrays pyarrow gives for list columns) come back as lists
-    of decoded values; anything else as it was.
-    """
+def _decode_value(value):
+    """bytes -> str, lists element-wise; `_BAD` for what is not UTF-8."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            return UNDECODABLE
+            return _BAD
     if isinstance(value, str):
-        return UNDECODABLE if _SURROGATE.search(value) else value
+        return _BAD if _SURROGATE.search(value) else value
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [decode_value(v) for v in value]
+        return [_decode_value(v) for v in value]
     return value
 
 
-def objects(values: Iterable, index=None) -> pd.Series:
-    """A Series of Python objects, never inferred as pandas' pyarrow-backed `str` dtype.
+def _decoded(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """`column` with text as pandas `str` where it is all text, and which rows held undecodable text."""
+    clean = np.zeros(len(column), dtype=bool)
+    if column.dtype != object:
+        return column, clean
+    kind = pd.api.types.infer_dtype(column, skipna=True)
+    if kind in ("floating", "integer", "mixed-integer-float"):
+        return column.infer_objects(), clean
+    if kind in ("string", "empty"):
+        try:
+            return column.astype("str"), clean  # pyarrow refuses lone surrogates: the fast check
+        except UnicodeEncodeError:
+            bad = column.str.contains(_SURROGATE, na=False).to_numpy(dtype=bool)
+            return column.mask(bad).astype("str"), bad
+    values = column.map(_decode_value)  # lists, bytes, numbers: value by value
+    bad = values.map(lambda v: v is _BAD or (isinstance(v, list) and any(x is _BAD for x in v)))
+    return values.mask(bad), bad.to_numpy(dtype=bool)
 
-    Text stays as Python strings from reader to writer: pyarrow strings
-    refuse the lone surrogates undecodable bytes become, and every
-    per-value step would convert the whole column back and forth (copies
-    that, on review-length texts, multiplied a chunk's memory).
-    """
-    return pd.Series(list(values), index=index, dtype=object)
 
-
-def _object_frame(records: dict[str, list]) -> pd.DataFrame:
-    return pd.DataFrame({name: objects(values) for name, values in records.items()})
-
-
-def _decoded(frame: pd.DataFrame, columns: Sequence[str], malformed=False) -> pd.DataFrame:
-    """`columns` of `frame`, decoded, with the `MALFORMED` column (missing columns read as empty)."""
-    out = pd.DataFrame(index=frame.index)
+def _frame(data: pd.DataFrame, columns: Sequence[str], malformed=False) -> pd.DataFrame:
+    """`columns` of `data` decoded (missing columns read as empty), with `MALFORMED` and `UNDECODABLE`."""
+    out, undecodable = {}, np.zeros(len(data), dtype=bool)
     for name in columns:
-        values = frame[name] if name in frame.columns else [None] * len(frame)
-        out[name] = objects(map(decode_value, values), index=frame.index)
-    out[MALFORMED] = malformed
-    return out
+        values = data[name] if name in data.columns else pd.Series(None, index=data.index, dtype=object)
+        out[name], bad = _decoded(values)
+        undecodable |= bad
+    frame = pd.DataFrame(out, index=data.index)
+    frame[MALFORMED] = malformed
+    frame[UNDECODABLE] = undecodable
+    return frame
 
 
 def _quote(name: str) -> str:
@@ -137,6 +134,7 @@ class Source:
         unit: str. `rows` or `B`.
         position: int. Progress units read so far.
         warnings: list of str. Things the reader noticed that the user should hear about.
+        fallbacks: int. Times a fast reader gave way to a slower one the input needed (CSV's python parser).
     """
 
     kind = "?"
@@ -150,9 +148,10 @@ class Source:
         self.total = total
         self.position = 0
         self.warnings: list[str] = []
+        self.fallbacks = 0
 
     def frames(self, columns: Sequence[str]) -> Iterator[pd.DataFrame]:
-        """Yield DataFrames of `columns` (decoded) plus `MALFORMED`, in source order."""
+        """Yield DataFrames of `columns` plus `MALFORMED` and `UNDECODABLE`, in source order."""
         raise NotImplementedError
 
     def close(self):
@@ -174,9 +173,9 @@ class SqliteSource(Source):
         try:
             for chunk in pd.read_sql_query(self._select(columns), self.conn, chunksize=CHUNK_ROWS):
                 if self._genres is not None and "genre" in columns:
-                    chunk["genre"] = [self._genres.get(r, []) for r in chunk["reviewid"]]
+                    chunk["genre"] = chunk["reviewid"].map(lambda r: self._genres.get(r, []))
                 self.position += len(chunk)
-                yield _decoded(chunk, columns)
+                yield _frame(chunk, columns)
         except (sqlite3.Error, pd.errors.DatabaseError) as err:
             raise InvalidArgument(f"{self.path}: SQLite error while reading: {err}") from None
 
@@ -185,16 +184,23 @@ class SqliteSource(Source):
 
 
 def _table_columns(conn, table: str) -> list[str]:
-    return [row[1].decode() if isinstance(row[1], bytes) else row[1]
-            for row in conn.execute(f"PRAGMA table_info({_quote(table)})")]
+    return [row[1] for row in conn.execute(f"PRAGMA table_info({_quote(table)})")]
+
+
+def _sqlite_text(raw: bytes):
+    """TEXT as str; bytes that are not UTF-8 stay bytes (a column pandas keeps as objects, flagged by `_decoded`)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 def _connect(path: Path) -> tuple[sqlite3.Connection, list[str]]:
-    """A read-only connection that hands text back as bytes (invalid UTF-8 is counted, not raised), and its tables."""
+    """A read-only connection (invalid UTF-8 is counted, not raised), and its tables."""
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        conn.text_factory = bytes
-        tables = [name.decode() for (name,) in conn.execute(
+        conn.text_factory = _sqlite_text
+        tables = [name for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' "
             "ORDER BY name")]
     except sqlite3.Error as err:
@@ -287,41 +293,15 @@ def _open_sqlite(path: Path, query: Optional[str]) -> SqliteSource:
 
 
 # -- CSV -----------------------------------------------------------------------------------------------------------
-class _CountingReader(io.RawIOBase):
-    """A raw byte stream that counts what was read (progress in bytes for text readers)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.count = 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        n = self.raw.readinto(buffer)
-        self.count += n or 0
-        return n
-
-    def close(self):
-        self.raw.close()
-        super().close()
-
-
-def _open_counted(path: Path) -> tuple[io.TextIOWrapper, _CountingReader]:
-    """`path` as text (invalid UTF-8 kept as lone surrogates, newlines as written), and its byte counter."""
-    counter = _CountingReader(open(path, "rb", buffering=0))
-    text = io.TextIOWrapper(io.BufferedReader(counter, 1 << 20), encoding="utf-8",
-                            errors="surrogateescape", newline="")
-    return text, counter
-
-
 class CsvSource(Source):
     """A CSV/TSV file with a header row, read with `pd.read_csv` in chunks.
 
-    The python engine keeps the csv module's quoting rules, and is the one
-    that takes a bad-line handler: a line with more fields than the header
-    comes back as a `MALFORMED` row (counted by the caller), not as a row
-    whose text is some other column's.
+    pandas' C parser reads it. Only a file with a line of more fields than
+    the header (an unquoted delimiter in the text) needs the python parser,
+    the one that takes a bad-line handler: such a line comes back as a
+    `MALFORMED` row (counted by the caller), not as a row whose text is some
+    other column's. The C parser stops at that line; the python one reads
+    the file again from the first row not yet yielded (`fallbacks` counts it).
     """
 
     kind = "csv"
@@ -330,14 +310,12 @@ class CsvSource(Source):
     def __init__(self, path, delimiter):
         self.path = path
         self.delimiter = delimiter
-        _raise_csv_limit()
-        with _open_counted(path)[0] as f:
-            try:
-                header = list(self._read(f, nrows=0).columns)
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
-                if isinstance(err, pd.errors.EmptyDataError):
-                    raise InvalidArgument(f"{path}: empty CSV (no header row)") from None
-                raise InvalidArgument(f"{path}: malformed CSV header ({err})") from None
+        try:
+            header = list(self._read(path, "c", nrows=0).columns)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+            if isinstance(err, pd.errors.EmptyDataError):
+                raise InvalidArgument(f"{path}: empty CSV (no header row)") from None
+            raise InvalidArgument(f"{path}: malformed CSV header ({err})") from None
         header = [h.strip() for h in header]
         if not any(header):
             raise InvalidArgument(f"{path}: empty CSV (no header row)")
@@ -345,36 +323,66 @@ class CsvSource(Source):
             header[0] = header[0][1:]
         super().__init__(path, header, total=path.stat().st_size)
 
-    def _read(self, f, **kwargs):
-        width = getattr(self, "columns", None)
-        return pd.read_csv(
-            f, sep=self.delimiter, engine="python", dtype=object, keep_default_na=False, na_filter=False,
-            on_bad_lines=lambda line: [_BAD_LINE] * len(width or line), **kwargs)
+    def _read(self, f, engine, **kwargs):
+        if engine == "python":
+            import csv
+
+            csv.field_size_limit(CSV_FIELD_LIMIT)
+            kwargs["on_bad_lines"] = lambda line: [_BAD_LINE] * len(self.columns)
+        return pd.read_csv(f, sep=self.delimiter, engine=engine, dtype=object, keep_default_na=False,
+                           na_filter=False, encoding="utf-8", encoding_errors="surrogateescape", **kwargs)
 
     def frames(self, columns):
         index = [self.columns.index(c) for c in columns]
-        text, counter = _open_counted(self.path)
-        with text:
-            try:
-                for chunk in self._read(text, chunksize=CHUNK_ROWS):
-                    bad = chunk.iloc[:, 0].map(lambda v: v is _BAD_LINE).to_numpy(dtype=bool)
-                    picked = chunk.iloc[:, index].set_axis(list(columns), axis=1)
-                    picked.loc[bad] = None
-                    self.position = counter.count
-                    yield _decoded(picked, columns, malformed=bad)
-            except (pd.errors.ParserError, ValueError) as err:
-                raise InvalidArgument(f"{self.path}: malformed CSV: {err}") from None
-
-
-def _raise_csv_limit():
-    import csv
-
-    csv.field_size_limit(CSV_FIELD_LIMIT)  # pandas' python engine reads through the csv module
+        done = 0  # rows yielded: the python parser skips them
+        for engine in ("c", "python"):
+            with open(self.path, "rb") as f:
+                try:
+                    for chunk in self._read(f, engine, chunksize=CHUNK_ROWS):
+                        chunk = chunk.iloc[max(0, done - int(chunk.index[0])):]
+                        if chunk.empty:
+                            continue
+                        bad = chunk.iloc[:, 0].map(lambda v: v is _BAD_LINE).to_numpy(dtype=bool)
+                        picked = chunk.iloc[:, index].set_axis(list(columns), axis=1)
+                        picked.loc[bad] = None
+                        self.position = f.tell()
+                        done += len(chunk)
+                        yield _frame(picked, columns, malformed=bad)
+                    return
+                except (pd.errors.ParserError, ValueError) as err:
+                    if engine == "python" or "Expected" not in str(err):
+                        raise InvalidArgument(f"{self.path}: malformed CSV: {err}") from None
+            self.fallbacks += 1
 
 
 # -- JSON Lines ----------------------------------------------------------------------------------------------------
+class _Lines:
+    """A JSON Lines file's lines as text for `pd.read_json`, keeping the batch read since the last `batch()`."""
+
+    def __init__(self, f):
+        self.f = f
+        self.lines: list[str] = []
+        self.bytes = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.f)
+        self.bytes += len(line)
+        self.lines.append(_decode(line))
+        return self.lines[-1]
+
+    def read(self, size: int = -1) -> str:  # makes it file-like to pandas; never called with chunksize
+        return "".join(self)
+
+    def batch(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return [line for line in lines if line.strip()]
+
+
 class JsonlSource(Source):
-    """A JSON Lines file: `pd.read_json(lines=True)` on each chunk of `CHUNK_ROWS` lines.
+    """A JSON Lines file: `pd.read_json(lines=True, chunksize=CHUNK_ROWS)`.
 
     A chunk that pandas refuses (a line that is not a JSON object, or text
     that is not UTF-8) is read again line by line, so only the bad lines are
@@ -391,7 +399,7 @@ class JsonlSource(Source):
                 if not line.strip():
                     continue
                 try:
-                    first = json.loads(line.decode("utf-8", errors="surrogateescape"))
+                    first = json.loads(_decode(line))
                 except ValueError as err:
                     raise InvalidArgument(f"{path}: not JSON Lines (line {number}: {err})") from None
                 if not isinstance(first, dict):
@@ -406,23 +414,25 @@ class JsonlSource(Source):
 
     def frames(self, columns):
         with open(self.path, "rb", buffering=1 << 20) as f:
-            for lines in _batches(f, CHUNK_ROWS):
-                self.position += sum(len(line) for line in lines)
-                texts = [line.decode("utf-8", errors="surrogateescape") for line in lines if line.strip()]
-                if texts:
-                    yield _json_frame(texts, columns)
+            lines = _Lines(f)
+            reader = pd.read_json(lines, lines=True, chunksize=CHUNK_ROWS, dtype=False, precise_float=True)
+            while True:
+                try:
+                    frame = next(reader)
+                except StopIteration:
+                    return
+                except (ValueError, UnicodeError):  # a line that is not JSON, or text that is not UTF-8
+                    frame = None
+                batch = lines.batch()
+                self.position = lines.bytes
+                if frame is not None and len(frame) == len(batch) and all(t.lstrip().startswith("{") for t in batch):
+                    yield _frame(frame.reset_index(drop=True), columns)
+                elif batch:
+                    yield _records_frame(batch, columns)
 
 
-def _json_frame(lines: list[str], columns: Sequence[str]) -> pd.DataFrame:
-    """One frame of JSON Lines: pandas' parser, else line by line (a bad line becomes a `MALFORMED` row)."""
-    if all(line.lstrip().startswith("{") for line in lines):
-        try:
-            frame = pd.read_json(io.StringIO("".join(lines)), lines=True, dtype=False, precise_float=True)
-        except (ValueError, UnicodeError):
-            pass  # a line that is not JSON, or text that is not UTF-8: read line by line below
-        else:
-            if len(frame) == len(lines):
-                return _decoded(frame, columns)
+def _records_frame(lines: list[str], columns: Sequence[str]) -> pd.DataFrame:
+    """A frame of JSON Lines parsed one by one: a line that is not a JSON object becomes a `MALFORMED` row."""
     records = []
     for line in lines:
         try:
@@ -431,8 +441,9 @@ def _json_frame(lines: list[str], columns: Sequence[str]) -> pd.DataFrame:
             record = None
         records.append(record if isinstance(record, dict) else None)
     bad = np.array([r is None for r in records])
-    frame = _object_frame({c: [None if r is None else r.get(c) for r in records] for c in columns})
-    return _decoded(frame, columns, malformed=bad)
+    data = pd.DataFrame({c: pd.Series([None if r is None else r.get(c) for r in records], dtype=object)
+                         for c in columns})
+    return _frame(data, columns, malformed=bad)
 
 
 # -- Parquet -------------------------------------------------------------------------------------------------------
@@ -459,20 +470,21 @@ class ParquetSource(Source):
 
         try:
             for batch in self.file.iter_batches(batch_size=CHUNK_ROWS, columns=list(columns)):
-                # Strings go through bytes so invalid UTF-8 is counted like everywhere else.
-                arrays = [_as_binary(pa, batch.column(batch.schema.get_field_index(c))) for c in columns]
+                arrays = [_checked_text(pa, batch.column(batch.schema.get_field_index(c))) for c in columns]
                 frame = pa.RecordBatch.from_arrays(arrays, names=list(columns)).to_pandas()
                 self.position += batch.num_rows
-                yield _decoded(frame, columns)
+                yield _frame(frame, columns)
         except pa.ArrowException as err:
             raise InvalidArgument(f"{self.path}: Parquet error while reading: {err}") from None
 
 
-def _as_binary(pa, array):
-    if pa.types.is_string(array.type):
-        return array.cast(pa.binary())
-    if pa.types.is_large_string(array.type):
-        return array.cast(pa.large_binary())
+def _checked_text(pa, array):
+    """A string column as it is when it is valid UTF-8, else as bytes (decoded value by value, bad ones flagged)."""
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        try:
+            array.validate(full=True)
+        except pa.ArrowInvalid:
+            return array.cast(pa.large_binary())
     return array
 
 
@@ -520,7 +532,7 @@ class TextSource(Source):
 
     def frames(self, columns):
         for documents in _batches(self._all_documents(), CHUNK_ROWS):
-            yield _decoded(_object_frame({"text": documents}), columns)
+            yield _frame(pd.DataFrame({"text": pd.Series(documents, dtype=object)}), columns)
 
     def _all_documents(self) -> Iterator[str]:
         whole = []  # files read as one document: no delimiter, no blank line

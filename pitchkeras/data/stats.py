@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from pitchkeras.conditioning import PromptFormat
+from pitchkeras.io import atomic_path
 
 HISTOGRAM_STEP = 0.5  # score bin width: Pitchfork scores have one decimal on 0.0-10.0
 PERCENTILES = (0, 5, 25, 50, 75, 95, 99, 100)
@@ -81,7 +82,7 @@ class DatasetStats:
             table = pd.DataFrame({"group": groups.to_numpy(), "value": rounded.to_numpy()})
             for (group, value), n in table.groupby(["group", "value"], sort=False).size().items():
                 per_group[group][float(value)] += int(n)
-        self.lengths.extend(texts.map(len).tolist())
+        self.lengths.extend(texts.str.len().tolist())
 
     def condition_values(self) -> dict[str, list]:
         """Every condition's sorted distinct values (pitchkeras.json's known values)."""
@@ -158,14 +159,11 @@ class DatasetStats:
             ax.set_title(f"text length of {len(self.lengths)} examples")
         if name is None:
             fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
         try:
-            fig.savefig(tmp, dpi=80)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=80)
         finally:
             plt.close(fig)
-            if tmp.exists():
-                tmp.unlink()
         return path
 
     def _plot_histograms(self, plt, name, hist):

@@ -1,0 +1,38 @@
+"""`pitchkeras.data.outputs`: CSV rows exactly as `csv.writer` writes them, and the split repair on tiny datasets."""
+
+import csv
+import io
+import random
+
+import pandas as pd
+
+from pitchkeras.data.outputs import Outputs, SplitEdges, csv_rows
+from pitchkeras.data.pipeline import read_examples
+
+
+def test_csv_rows_are_what_csv_writer_writes():
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", ",", '"', "\n", "é", "東", "<|endoftext|>", "'", ";", "\t", "\u2028"]
+    examples = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(2000)]
+    expected = io.StringIO()
+    csv.writer(expected, lineterminator="\n").writerows([e] for e in examples)
+    assert csv_rows(pd.Series(examples, dtype="str")) == expected.getvalue()
+    assert csv_rows(pd.Series([], dtype="str")) == ""
+
+
+def test_split_repair_moves_the_nearest_review_and_keeps_the_files_readable(tmp_path):
+    outputs = Outputs(tmp_path)
+    examples = pd.Series(["one,\nfirst", 'two "second"', "three"], dtype="str")
+    coins = pd.Series([0.5, 0.2, 0.9])
+    outputs.write("train.csv", examples)
+    edges = SplitEdges()
+    edges.track(coins, examples)
+
+    class Counts:
+        kept, train, val = 3, 3, 0
+
+    edges.ensure_both_splits(outputs, Counts, val_fraction=0.05)
+    outputs.commit()
+    assert read_examples(tmp_path / "val.csv") == ['two "second"']  # the lowest hash moved to val
+    assert read_examples(tmp_path / "train.csv") == ["one,\nfirst", "three"]
+    assert (Counts.train, Counts.val) == (2, 1)
