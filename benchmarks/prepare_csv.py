@@ -52,8 +52,8 @@ def write_csv(path: str | os.PathLike, megabytes: int = 100, mean_chars: int = 5
     return path
 
 
-def run_prepare(tree: Path, csv_path: Path, out: Path) -> tuple[float, int]:
-    """(wall seconds, peak RSS KiB) of one `pitchkeras prepare` in a fresh process importing from `tree`."""
+def run_prepare(tree: Path, csv_path: Path, out: Path) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak RSS KiB) of one `pitchkeras prepare` in a fresh process importing `tree`."""
     env = dict(os.environ, PYTHONPATH=str(tree))
     proc = subprocess.run(
         ["/usr/bin/time", "-v", sys.executable, "-m", "pitchkeras.cli", "prepare", str(csv_path), "--out", str(out),
@@ -63,7 +63,8 @@ def run_prepare(tree: Path, csv_path: Path, out: Path) -> tuple[float, int]:
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
-    return seconds, int(rss.group(1))
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for kind in ("User", "System"))
+    return seconds, cpu, int(rss.group(1))
 
 
 def main(argv=None):
@@ -80,9 +81,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for name, tree in trees.items():
-                seconds, rss = run_prepare(tree, args.csv, Path(tmp) / name)
+                seconds, cpu, rss = run_prepare(tree, args.csv, Path(tmp) / name)
                 results[name].append(seconds)
-                print(f"round {round_ + 1} {name:8s}: {seconds:6.2f} s wall, {rss / 1024:6.0f} MiB peak RSS "
+                print(f"round {round_ + 1} {name:8s}: {seconds:6.2f} s wall, {cpu:6.2f} s CPU, {rss / 1024:6.0f} MiB peak RSS "
                       f"(load {os.getloadavg()[0]:.1f})")
         if args.baseline:
             for file in ("examples.csv", "train.csv", "val.csv"):

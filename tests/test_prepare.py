@@ -537,27 +537,27 @@ def test_bundled_sample_dump_prepares_cleanly(tmp_path):
 
 # -- atomic output -------------------------------------------------------------------------------------------------
 def fail_after(monkeypatch, calls: int, error: BaseException):
-    """Make normalize_text raise `error` on its `calls`-th call: a crash or Ctrl-C mid-stream."""
-    real = prepare_module.normalize_text
+    """Make the split hash raise `error` on its `calls`-th call (one per kept row): a crash or Ctrl-C mid-stream."""
+    real = prepare_module._split_hash
     seen = []
 
-    def flaky(text):
+    def flaky(text, seed):
         seen.append(text)
         if len(seen) == calls:
             raise error
-        return real(text)
+        return real(text, seed)
 
-    monkeypatch.setattr(prepare_module, "normalize_text", flaky)
+    monkeypatch.setattr(prepare_module, "_split_hash", flaky)
 
 
 def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     path = dumps.write_csv(tmp_path / "d.csv")
-    fail_after(monkeypatch, 8, KeyboardInterrupt())
+    fail_after(monkeypatch, 6, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         prepare(path, tmp_path / "out", options=options())
     assert not (tmp_path / "out").exists()  # no outputs, no temp files, not even the directory it made
     (tmp_path / "kept").mkdir()
-    fail_after(monkeypatch, 8, KeyboardInterrupt())
+    fail_after(monkeypatch, 6, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         prepare(path, tmp_path / "kept", options=options())
     assert list((tmp_path / "kept").iterdir()) == []  # a directory the user made stays, empty

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pandas as pd
 
 from pitchkeras.data.pipeline import read_examples
@@ -23,16 +24,12 @@ from pitchkeras.io import AtomicFile
 NEEDS_QUOTES = r'[,"\r\n]'  # what makes csv.writer quote a field (QUOTE_MINIMAL, one field per row)
 
 
-def csv_rows(examples: pd.Series) -> str:
-    """`examples` as CSV text: one field per row, quoted (quotes doubled) where `csv.writer` would quote it."""
-    if examples.empty:
-        return ""
-    examples = examples.astype("str")
-    quoted = examples.str.contains(NEEDS_QUOTES, regex=True).to_numpy(dtype=bool)
-    if quoted.any():
-        examples = examples.copy()
-        examples[quoted] = '"' + examples[quoted].str.replace('"', '""', regex=False) + '"'
-    return "\n".join(examples.tolist()) + "\n"
+def csv_rows(examples: pd.Series) -> np.ndarray:
+    """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, `\n`-ended."""
+    quoted = examples.astype("str").str.contains(NEEDS_QUOTES, regex=True).to_numpy(dtype=bool)
+    rows = ['"' + example.replace('"', '""') + '"\n' if quote else example + "\n"
+            for example, quote in zip(examples.tolist(), quoted)]
+    return np.array(rows, dtype=object)
 
 
 class Outputs:
@@ -50,13 +47,14 @@ class Outputs:
             self.discard()
             raise
 
-    def write(self, name: str, examples: pd.Series) -> None:
-        self.files[name].file.write(csv_rows(examples))
+    def write(self, name: str, rows: np.ndarray) -> None:
+        """Append rows made by `csv_rows`."""
+        self.files[name].file.write("".join(rows))
 
     def rewrite(self, name: str, examples: list[str], mode: str = "w") -> None:
         """Replace (`w`) or extend (`a`) a file's rows, after `close()`."""
         with open(self.files[name].tmp, mode, encoding="utf-8", newline="") as f:
-            f.write(csv_rows(pd.Series(examples, dtype="str")))
+            f.write("".join(csv_rows(pd.Series(examples, dtype="str"))))
 
     def read(self, name: str) -> list[str]:
         """A file's rows so far, after `close()`."""

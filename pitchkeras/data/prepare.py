@@ -56,7 +56,7 @@ import pandas as pd
 from pitchkeras.conditioning import NUMERIC_CONDITIONS, PromptFormat
 from pitchkeras.data.language import LanguageIdentifier, language_identifier
 from pitchkeras.data.options import TEXT_KINDS, PrepareOptions, parse_condition_columns  # noqa: F401 - public names
-from pitchkeras.data.outputs import Outputs, SplitEdges
+from pitchkeras.data.outputs import Outputs, SplitEdges, csv_rows
 from pitchkeras.data.sources import MALFORMED, UNDECODABLE, Source, detect_text_column, find_column, open_source
 from pitchkeras.data.stats import DatasetStats
 from pitchkeras.errors import InvalidArgument
@@ -74,6 +74,9 @@ _SPACES = re.compile(r"[\t\x0b\x0c][ \t\x0b\x0c]*| [ \t\x0b\x0c]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters that never belong in prose
 _LINE_EDGES = re.compile(r" \n ?|\n ")
 _BLANK_LINES = re.compile(r"\n{3,}")
+# A text with none of the above, no CR and no space or newline at an end is already normal.
+_UNCLEAN = r"[\r\t\x0b\x0c\x00-\x08\x0e-\x1f\x7f]|  | \n|\n |\n\n\n"
+_EDGES = (" ", "\n")
 
 
 @dataclasses.dataclass
@@ -221,10 +224,16 @@ def _categories(column: pd.Series, multi: bool) -> pd.Series:
 
 
 def _texts(column: pd.Series) -> pd.Series:
-    """The text column as strings, normalised ("" when missing)."""
+    """The text column as strings, normalised ("" when missing); only texts with something to clean are visited."""
     if not isinstance(column.dtype, pd.StringDtype):
         column = column.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-    return column.fillna("").map(normalize_text).astype("str")
+    column = column.fillna("").astype("str")
+    dirty = (column.str.contains(_UNCLEAN, regex=True) | column.str.startswith(_EDGES)
+             | column.str.endswith(_EDGES)).to_numpy(dtype=bool)
+    if dirty.any():
+        cleaned = column[dirty].map(normalize_text).astype("str")
+        column = pd.concat([column[~dirty], cleaned]).reindex(column.index)
+    return column
 
 
 # -- the run: one pass over the source, a chunk (DataFrame) at a time --------------------------------------------
@@ -338,8 +347,7 @@ def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.Da
 
     reject(frame[MALFORMED], "malformed_row")
     reject(frame[UNDECODABLE], "undecodable")
-    text = pd.Series("", index=frame.index, dtype="str")
-    text[keep] = _texts(frame[plan.text_column][keep])
+    text = _texts(frame[plan.text_column][keep]).reindex(frame.index, fill_value="")
     reject(text == "", "empty_text")
     rows, exploded = {TEXT: text}, None
     for name, column in plan.conditions.items():
@@ -407,9 +415,10 @@ def _write_examples(rows: pd.DataFrame, plan: _Plan, outputs: Outputs, counts: R
     if rows.empty:
         return
     examples, to_val = rows[EXAMPLE], (rows[COIN] < plan.options.val_fraction).to_numpy()
-    outputs.write("examples.csv", examples.map(plan.fmt.gpt2_simple) if plan.options.delimiters else examples)
-    outputs.write("val.csv", examples[to_val])
-    outputs.write("train.csv", examples[~to_val])
+    lines = csv_rows(examples)
+    outputs.write("examples.csv", csv_rows(examples.map(plan.fmt.gpt2_simple)) if plan.options.delimiters else lines)
+    outputs.write("val.csv", lines[to_val])
+    outputs.write("train.csv", lines[~to_val])
     counts.kept += len(rows)
     counts.val += int(to_val.sum())
     counts.train += int((~to_val).sum())
