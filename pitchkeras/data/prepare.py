@@ -1,35 +1,25 @@
 """Turn a review dump into conditioned training examples.
 
-`prepare(source, out_dir)` reads any dump `open_source` knows as pandas
-DataFrames, a chunk of rows at a time; each chunk goes through the filters
-(one boolean mask each over the chunk, `_filter_rows`), becomes examples
-formatted by `PromptFormat` (the one prompt format), is deduplicated against
+`prepare(source, out_dir)` reads any dump `open_source` knows as pandas DataFrames, a chunk of rows at a time;
+each chunk goes through the filters (one boolean mask each over the chunk, `_filter_rows`; cleaning in
+`cleaning.py`), becomes examples formatted by `PromptFormat` (the one prompt format), is deduplicated against
 every example kept so far, split, and written to `out_dir` (`outputs.py`):
 
-- `examples.csv`: every kept example, one per row, single column, no header,
-  csv-quoted so multi-line examples survive (with `delimiters=True` each is
-  wrapped in gpt-2-simple's `<|startoftext|>`/`<|endoftext|>`);
-- `train.csv` / `val.csv`: the same examples (never wrapped: the tf.data
-  pipeline adds the model's own `<|endoftext|>` tokens), split by a seeded
-  hash of the review text, so adding rows to the dump moves no existing
-  example across the split and every genre variant of a review lands on the
-  same side;
+- `examples.csv`: every kept example, one per row, single column, no header, csv-quoted so multi-line examples
+  survive (with `delimiters=True` each is wrapped in gpt-2-simple's `<|startoftext|>`/`<|endoftext|>`);
+- `train.csv` / `val.csv`: the same examples (never wrapped: the tf.data pipeline adds the model's own
+  `<|endoftext|>` tokens), split by a seeded hash of the review text, so adding rows to the dump moves no
+  existing example across the split and every genre variant of a review lands on the same side;
 - `stats.json` and `stats.png` (see `pitchkeras.data.stats`).
 
-Rows are dropped, and counted per reason, for: `malformed_row` (a JSON
-Lines line that is not an object, a CSV line with more fields than the
-header), `undecodable` (bytes that are not UTF-8), `empty_text`, `missing_<condition>`,
-`unparseable_<condition>` (a numeric condition such as a score that is not a
-number), `multiline`, `too_short`, `too_long`, `language` and `duplicate`
-(an exact repeat of an example already kept).
+Rows are dropped, and counted per reason, for: `malformed_row` (a JSON Lines line that is not an object, a CSV
+line with more fields than the header), `undecodable` (bytes that are not UTF-8), `empty_text`,
+`missing_<condition>`, `unparseable_<condition>` (a numeric condition such as a score that is not a number),
+`multiline`, `too_short`, `too_long`, `language` and `duplicate` (an exact repeat of an example already kept).
 
-Every output is written to a temp file and renamed (`pitchkeras.io`), so a
-crash or Ctrl-C never leaves a half-written dataset; rerunning simply rewrites it. A
-previous run's `stats.json` is removed before the new files land and the new
-one is written last, so `stats.json` present means all five files belong to
-one complete run.
-
-Example:
+Every output is written to a temp file and renamed (`pitchkeras.io`), so a crash or Ctrl-C never leaves a
+half-written dataset; rerunning simply rewrites it. A previous run's `stats.json` is removed before the new files
+land and the new one is written last, so `stats.json` present means all five files belong to one complete run.
 
 >>> result = prepare("database.sqlite", "data", options=PrepareOptions(val_fraction=0.05))
 >>> result.kept, result.dropped
@@ -42,18 +32,17 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from pitchkeras.conditioning import NUMERIC_CONDITIONS, PromptFormat
+from pitchkeras.data.cleaning import categories, normalize_text, numbers, parse_number, texts  # noqa: F401 - public
 from pitchkeras.data.language import LanguageIdentifier, language_identifier
 from pitchkeras.data.options import TEXT_KINDS, PrepareOptions, parse_condition_columns  # noqa: F401 - public names
 from pitchkeras.data.outputs import Outputs, SplitEdges, csv_rows
@@ -64,19 +53,8 @@ from pitchkeras.io import atomic_write_json
 
 MULTI_VALUE_CONDITION = "genre"  # the one condition a row may hold several values of
 LANGUAGE_SAMPLE_CHARS = 2000  # langid reads this much of each text: enough to decide, bounded cost
-PROGRESS_MIN_ROWS = 5000  # smaller inputs finish before a bar is worth drawing
-PROGRESS_MIN_BYTES = 5 << 20
+PROGRESS_MIN_ROWS, PROGRESS_MIN_BYTES = 5000, 5 << 20  # smaller inputs finish before a bar is worth drawing
 TEXT, COIN, EXAMPLE = "__text__", "__coin__", "__example__"  # the working columns a chunk gains
-
-# ASCII horizontal whitespace only (NBSP and friends are kept as written). Patterns match only what
-# changes (not every single space), and each runs only when a plain `in` finds work for it.
-_SPACES = re.compile(r"[\t\x0b\x0c][ \t\x0b\x0c]*| [ \t\x0b\x0c]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters that never belong in prose
-_LINE_EDGES = re.compile(r" \n ?|\n ")
-_BLANK_LINES = re.compile(r"\n{3,}")
-# A text with none of the above, no CR and no space or newline at an end is already normal.
-_UNCLEAN = r"[\r\t\x0b\x0c\x00-\x08\x0e-\x1f\x7f]|  | \n|\n |\n\n\n"
-_EDGES = (" ", "\n")
 
 
 @dataclasses.dataclass
@@ -84,16 +62,10 @@ class PrepareResult:
     """What `prepare` wrote and counted.
 
     Args:
-        out_dir: Path. The output directory.
-        examples_path: Path. `examples.csv`.
-        train_path: Path. `train.csv`.
-        val_path: Path. `val.csv`.
-        stats_path: Path. `stats.json`.
-        plot_path: Path. `stats.png`.
+        out_dir, examples_path, train_path, val_path, stats_path, plot_path: Path. The directory and its files.
         read: int. Rows read from the source.
-        kept: int. Examples written (one per row, or per genre with `multi_genre="all"`).
-        train: int. Examples in `train.csv`.
-        val: int. Examples in `val.csv`.
+        kept, train, val: int. Examples written (one per row, or per genre with `multi_genre="all"`), in all
+            and in `train.csv` and `val.csv`.
         dropped: dict. Reason -> rows (examples, for `duplicate`) dropped.
         stats: dict. The content of `stats.json`.
         kind: str. The source's kind (`kaggle`, `seed`, `csv`, ...).
@@ -120,50 +92,6 @@ class PrepareResult:
     reader_fallbacks: int = 0
 
 
-def normalize_text(text: str) -> str:
-    """Clean whitespace and line endings, keeping every other character as written.
-
-    CRLF and CR become LF; control characters go; runs of spaces and tabs
-    become one space; spaces around a newline go; three or more newlines become
-    one blank line; the ends are trimmed. Non-ASCII characters (including
-    no-break spaces) are left byte for byte.
-    """
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)  # first, so "a \x00 b" becomes "a b", not "a  b"
-    if "  " in text or "\t" in text or "\x0b" in text or "\x0c" in text:
-        text = _SPACES.sub(" ", text)
-    if " \n" in text or "\n " in text:
-        text = _LINE_EDGES.sub("\n", text)
-    if "\n\n\n" in text:
-        text = _BLANK_LINES.sub("\n\n", text)
-    return text.strip(" \n")
-
-
-def parse_number(value: Any) -> Optional[float]:
-    """A numeric condition value as a finite float; None when missing.
-
-    Raises:
-        ValueError: the value is present but not a finite number (`"n/a"`, `"inf"`).
-    """
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"not a number: {value!r}")
-    if isinstance(value, (int, float)):
-        number = float(value)
-        if math.isnan(number):
-            return None  # pandas/Parquet spell a missing number NaN
-    else:
-        text = str(value).strip()
-        if not text:
-            return None
-        number = float(text)  # ValueError for "n/a", "8,4", ...
-    if not math.isfinite(number):
-        raise ValueError(f"not a finite number: {value!r}")
-    return number
-
-
 def _split_hash(text: str, seed: int) -> float:
     """A stable uniform number in [0, 1) for a review text: the split's coin."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=seed.to_bytes(8, "little", signed=True))
@@ -174,83 +102,11 @@ def _example_key(example: str) -> bytes:
     return hashlib.blake2b(example.encode("utf-8"), digest_size=16).digest()
 
 
-# -- per distinct value: conditions repeat a handful of values over many rows --------------------------------------
-def _per_value(column: pd.Series, function) -> np.ndarray:
-    """`function` of each value of `column` (NA passed as None), computed once per distinct value."""
-    try:
-        codes, uniques = pd.factorize(column, use_na_sentinel=True)
-    except TypeError:  # unhashable values (a JSON list inside a list): value by value
-        codes, uniques = np.arange(len(column)), column.to_numpy(dtype=object)
-    results = np.empty(len(uniques) + 1, dtype=object)
-    results[:-1] = [function(value) for value in uniques]
-    results[-1] = function(None)
-    return results[codes]  # code -1 (NA) picks the last
-
-
-def _number(value) -> float:
-    """A numeric condition: the number, NaN when missing, +inf when present but not a finite number."""
-    try:
-        number = parse_number(value)
-    except ValueError:
-        return math.inf
-    return math.nan if number is None else number
-
-
-def _category(value) -> str:
-    """A categorical condition value with its whitespace collapsed ("" when missing)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return " ".join(str(value).split())
-
-
-def _as_values(value, multi: bool):
-    """A cell as its list of condition values: lists as they are; text split at commas for `genre`."""
-    if isinstance(value, list) or value is None or (isinstance(value, float) and math.isnan(value)):
-        return value
-    return str(value).split(",") if multi else value
-
-
-def _categories(column: pd.Series, multi: bool) -> pd.Series:
-    """Every row's cleaned values, one per line (index = row position), in order, without blanks or repeats."""
-    if isinstance(column.dtype, pd.StringDtype):
-        values = column.str.split(",") if multi else column
-    else:
-        values = column.map(functools.partial(_as_values, multi=multi))
-    values = values.explode()
-    values = pd.Series(_per_value(values, _category), index=values.index, dtype="str")
-    values = values[(values != "").to_numpy()]
-    repeated = pd.DataFrame({"row": values.index, "value": values.to_numpy()}).duplicated().to_numpy()
-    return values[~repeated]
-
-
-def _texts(column: pd.Series) -> pd.Series:
-    """The text column as strings, normalised ("" when missing); only texts with something to clean are visited."""
-    if not isinstance(column.dtype, pd.StringDtype):
-        column = column.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-    column = column.fillna("").astype("str")
-    dirty = (column.str.contains(_UNCLEAN, regex=True) | column.str.startswith(_EDGES)
-             | column.str.endswith(_EDGES)).to_numpy(dtype=bool)
-    if dirty.any():
-        cleaned = column[dirty].map(normalize_text).astype("str")
-        column = pd.concat([column[~dirty], cleaned]).reindex(column.index)
-    return column
-
-
-# -- the run: one pass over the source, a chunk (DataFrame) at a time --------------------------------------------
 @dataclasses.dataclass
 class RunCounts:
-    """What one pass over a source counted and kept track of.
-
-    Args:
-        stats: DatasetStats. The kept examples' statistics.
-        read: int. Rows read.
-        kept: int. Examples written.
-        train: int. Examples in `train.csv`.
-        val: int. Examples in `val.csv`.
-        multi_genre_extra: int. Examples beyond one per row (`multi_genre="all"`).
-        dropped: collections.Counter. Reason -> count, in the order each reason first occurred.
-        edges: SplitEdges. The examples at the lowest and highest split hash.
-    """
+    """What one pass over a source counted (`read`, `kept`, `train`, `val`, `multi_genre_extra`: examples beyond
+    one per row; `dropped`: reason -> count, in the order each first occurred) and kept track of (`stats`, the
+    kept examples' statistics; `edges`, the examples at the lowest and highest split hash)."""
 
     stats: DatasetStats
     read: int = 0
@@ -264,17 +120,13 @@ class RunCounts:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What a run needs to know besides the rows: columns, format, filters."""
+    """What a run needs to know besides the rows: columns (condition name -> source column), format, filters."""
 
     text_column: str
-    conditions: dict  # condition name -> source column
+    conditions: dict
     fmt: PromptFormat
     identifier: Optional[LanguageIdentifier]
     options: PrepareOptions
-
-    @property
-    def wanted(self) -> list[str]:
-        return list(dict.fromkeys([self.text_column, *self.conditions.values()]))
 
     @property
     def exploded(self) -> Optional[str]:
@@ -293,10 +145,8 @@ class _Drops:
         """`keep` without the rows `mask` selects among them, those counted under `reason`."""
         hit = keep & np.asarray(mask, dtype=bool)
         if hit.any():
-            count, first = int(hit.sum()), int(positions[hit.argmax()])
-            known = self.found.setdefault(reason, [0, first])
-            known[0] += count
-            known[1] = min(known[1], first)
+            known = self.found.setdefault(reason, [0, int(positions[hit.argmax()])])
+            known[0] += int(hit.sum())
         return keep & ~hit
 
     def merge_into(self, dropped: collections.Counter) -> None:
@@ -305,38 +155,33 @@ class _Drops:
             dropped[reason] += count
 
 
+# -- the run: one pass over the source, a chunk (DataFrame) at a time --------------------------------------------
 def _run(src: Source, plan: _Plan, outputs: Outputs) -> RunCounts:
     """The streaming loop: read a chunk, clean it, turn it into examples, dedupe, split, write, count."""
+    from tqdm import tqdm  # lazy: start-up time of the CLI
+
     counts = RunCounts(DatasetStats(plan.fmt))
     seen: set[bytes] = set()  # 16-byte hashes of kept examples, not the texts: bounded memory
-    with _progress_bar(src, plan.options) as bar:
-        for frame in src.frames(plan.wanted):
+    large = src.total is None or src.total >= (PROGRESS_MIN_BYTES if src.unit == "B" else PROGRESS_MIN_ROWS)
+    with tqdm(total=src.total, unit=src.unit, unit_scale=src.unit == "B", desc=f"prepare {src.path.name}",
+              disable=not (plan.options.progress and large), mininterval=0.5, file=sys.stderr) as bar:
+        for frame in src.frames(list(dict.fromkeys([plan.text_column, *plan.conditions.values()]))):
             # Row positions in the whole dump: they order the drop reasons as they were met.
             frame.index = pd.RangeIndex(counts.read, counts.read + len(frame))
             counts.read += len(frame)
             drops = _Drops()
             rows, exploded = _filter_rows(frame, plan, drops)
-            examples = _dedupe(_examples(rows, exploded, plan, counts), seen, drops)
-            _write_examples(examples, plan, outputs, counts)
+            _write_examples(_dedupe(_examples(rows, exploded, plan, counts), seen, drops), plan, outputs, counts)
             drops.merge_into(counts.dropped)
             bar.update(max(0, src.position - bar.n))
     return counts
 
 
-def _progress_bar(src: Source, options: PrepareOptions):
-    """A tqdm bar in the source's units, shown only for large inputs."""
-    from tqdm import tqdm  # lazy: start-up time of the CLI
-
-    large = src.total is None or src.total >= (PROGRESS_MIN_BYTES if src.unit == "B" else PROGRESS_MIN_ROWS)
-    return tqdm(total=src.total, unit=src.unit, unit_scale=src.unit == "B", desc=f"prepare {src.path.name}",
-                disable=not (options.progress and large), mininterval=0.5, file=sys.stderr)
-
-
 def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.DataFrame, Optional[pd.Series]]:
     """Each filter a mask over the chunk, a row counted under the first that drops it.
 
-    Returns the kept rows (text cleaned, one value per condition) and, with
-    `multi_genre="all"`, every value of the exploded condition per kept row.
+    Returns the kept rows (text cleaned, one value per condition) and, with `multi_genre="all"`, every value of
+    the exploded condition per kept row.
     """
     options, positions = plan.options, frame.index.to_numpy()
     keep = np.ones(len(frame), dtype=bool)
@@ -347,17 +192,16 @@ def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.Da
 
     reject(frame[MALFORMED], "malformed_row")
     reject(frame[UNDECODABLE], "undecodable")
-    text = _texts(frame[plan.text_column][keep]).reindex(frame.index, fill_value="")
+    text = texts(frame[plan.text_column][keep]).reindex(frame.index, fill_value="")
     reject(text == "", "empty_text")
     rows, exploded = {TEXT: text}, None
     for name, column in plan.conditions.items():
         if name in plan.fmt.numeric:
-            numbers = _per_value(frame[column], _number).astype(float)
-            reject(np.isinf(numbers), f"unparseable_{name}")
-            reject(np.isnan(numbers), f"missing_{name}")
-            rows[name] = numbers
+            rows[name] = numbers(frame[column])
+            reject(np.isinf(rows[name]), f"unparseable_{name}")
+            reject(np.isnan(rows[name]), f"missing_{name}")
         else:
-            values = _categories(frame[column], multi=name == MULTI_VALUE_CONDITION)
+            values = categories(frame[column], multi=name == MULTI_VALUE_CONDITION)
             reject(~frame.index.isin(values.index), f"missing_{name}")
             rows[name] = values[~values.index.duplicated()].reindex(frame.index)
             exploded = values if name == plan.exploded else exploded
@@ -367,17 +211,11 @@ def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.Da
     reject(length < options.min_chars, "too_short")
     reject(length > options.max_chars, "too_long")
     if plan.identifier is not None:
-        sample = text[keep].str.slice(0, LANGUAGE_SAMPLE_CHARS)
-        reject(_scatter(keep, sample.map(plan.identifier.classify) != options.language), "language")
+        other = np.zeros(len(frame), dtype=bool)
+        other[keep] = text[keep].str.slice(0, LANGUAGE_SAMPLE_CHARS).map(plan.identifier.classify) != options.language
+        reject(other, "language")
     rows = pd.DataFrame(rows, index=frame.index)[keep]
     return rows, None if exploded is None else exploded[exploded.index.isin(rows.index)]
-
-
-def _scatter(keep: np.ndarray, values: pd.Series) -> np.ndarray:
-    """A mask over the chunk that is `values` on the rows `keep` selects and False elsewhere."""
-    mask = np.zeros(len(keep), dtype=bool)
-    mask[keep] = values.to_numpy(dtype=bool)
-    return mask
 
 
 def _examples(rows: pd.DataFrame, exploded: Optional[pd.Series], plan: _Plan, counts: RunCounts) -> pd.DataFrame:
@@ -394,7 +232,7 @@ def _examples(rows: pd.DataFrame, exploded: Optional[pd.Series], plan: _Plan, co
 def _prompts(values: pd.DataFrame, fmt: PromptFormat) -> pd.Series:
     """Each row's prompt (start text and header lines), formatted once per distinct combination of values."""
     if values.empty or not len(values.columns):
-        return pd.Series(fmt.prompt({}) if not len(values.columns) else None, index=values.index, dtype="str")
+        return pd.Series(None if len(values.columns) else fmt.prompt({}), index=values.index, dtype="str")
     distinct = values.drop_duplicates()
     distinct = distinct.assign(**{EXAMPLE: [fmt.prompt(v) for v in distinct.to_dict("records")]})
     prompts = values.merge(distinct, how="left", on=list(values.columns))[EXAMPLE]
@@ -406,8 +244,7 @@ def _dedupe(rows: pd.DataFrame, seen: set, drops: _Drops) -> pd.DataFrame:
     keys = rows[EXAMPLE].map(_example_key)
     repeated = keys.duplicated().to_numpy() | keys.map(seen.__contains__).to_numpy(dtype=bool)
     seen.update(keys[~repeated])
-    keep = drops.mark(rows.index.to_numpy(), np.ones(len(rows), dtype=bool), repeated, "duplicate")
-    return rows[keep]
+    return rows[drops.mark(rows.index.to_numpy(), np.ones(len(rows), dtype=bool), repeated, "duplicate")]
 
 
 def _write_examples(rows: pd.DataFrame, plan: _Plan, outputs: Outputs, counts: RunCounts) -> None:

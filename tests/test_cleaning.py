@@ -4,7 +4,8 @@ import random
 
 import pandas as pd
 
-from pitchkeras.data.prepare import _texts, normalize_text
+from pitchkeras.data import cleaning
+from pitchkeras.data.cleaning import normalize_text
 
 
 def test_column_cleaning_equals_normalize_text_on_each_value():
@@ -14,5 +15,5 @@ def test_column_cleaning_equals_normalize_text_on_each_value():
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
     texts += ["clean text", "two\n\nparagraphs", " edge", "edge\n"]
     column = pd.Series(texts + [None], dtype=object)
-    assert _texts(column).tolist() == [normalize_text(t) for t in texts] + [""]
-    assert _texts(pd.Series([12, 3.5, None], dtype=object)).tolist() == ["12", "3.5", ""]  # JSON numbers as text
+    assert cleaning.texts(column).tolist() == [normalize_text(t) for t in texts] + [""]
+    assert cleaning.texts(pd.Series([12, 3.5, None], dtype=object)).tolist() == ["12", "3.5", ""]  # JSON numbers as text
