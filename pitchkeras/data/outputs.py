@@ -21,15 +21,10 @@ import pandas as pd
 from pitchkeras.data.pipeline import read_examples
 from pitchkeras.io import AtomicFile
 
-NEEDS_QUOTES = r'[,"\r\n]'  # what makes csv.writer quote a field (QUOTE_MINIMAL, one field per row)
-
-
 def csv_rows(examples: pd.Series) -> np.ndarray:
     """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, `\n`-ended."""
-    quoted = examples.astype("str").str.contains(NEEDS_QUOTES, regex=True).to_numpy(dtype=bool)
-    rows = ['"' + example.replace('"', '""') + '"\n' if quote else example + "\n"
-            for example, quote in zip(examples.tolist(), quoted)]
-    return np.array(rows, dtype=object)
+    return np.array(['"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
+                     else e + "\n" for e in examples.tolist()], dtype=object)
 
 
 class Outputs:

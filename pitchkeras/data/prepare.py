@@ -225,18 +225,19 @@ def _examples(rows: pd.DataFrame, exploded: Optional[pd.Series], plan: _Plan, co
         counts.multi_genre_extra += len(exploded) - len(rows)
         rows = rows.loc[exploded.index]
         rows[plan.exploded] = exploded.to_numpy()
-    rows[EXAMPLE] = _prompts(rows[list(plan.fmt.conditions)], plan.fmt) + rows[TEXT] + plan.fmt.end_text
+    prompts, end = _prompts(rows[list(plan.fmt.conditions)], plan.fmt), plan.fmt.end_text
+    rows[EXAMPLE] = pd.Series([p + t + end for p, t in zip(prompts, rows[TEXT].tolist())], index=rows.index,
+                              dtype=object)  # Python strings: hashed and written as they are
     return rows
 
 
-def _prompts(values: pd.DataFrame, fmt: PromptFormat) -> pd.Series:
+def _prompts(values: pd.DataFrame, fmt: PromptFormat) -> list[str]:
     """Each row's prompt (start text and header lines), formatted once per distinct combination of values."""
-    if values.empty or not len(values.columns):
-        return pd.Series(None if len(values.columns) else fmt.prompt({}), index=values.index, dtype="str")
+    if values.empty:
+        return [fmt.prompt({})] * len(values) if len(values) else []
     distinct = values.drop_duplicates()
     distinct = distinct.assign(**{EXAMPLE: [fmt.prompt(v) for v in distinct.to_dict("records")]})
-    prompts = values.merge(distinct, how="left", on=list(values.columns))[EXAMPLE]
-    return pd.Series(prompts.to_numpy(), index=values.index, dtype="str")
+    return values.merge(distinct, how="left", on=list(values.columns))[EXAMPLE].tolist()
 
 
 def _dedupe(rows: pd.DataFrame, seen: set, drops: _Drops) -> pd.DataFrame:
