@@ -1,8 +1,8 @@
 """prepare's cleaning, over a chunk's columns: texts normalised, numeric conditions parsed, categories cleaned.
 
-`normalize_text` and `parse_number` define the cleaning of one value; the column functions apply them where they
-can change something: `texts` visits only the texts a one-pass pyarrow mask finds something to clean in, and
-conditions (a handful of values repeated over many rows) are parsed once per distinct value (`per_value`).
+`normalize_text` and `parse_number` define the cleaning of one value; the column functions apply them where they can
+change something: `texts` visits only the texts a one-pass pyarrow mask finds something to clean in, and conditions
+(a handful of values repeated over many rows) are parsed once per distinct value (`per_value`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ _EDGES = (" ", "\n")
 def normalize_text(text: str) -> str:
     """Clean whitespace and line endings, keeping every other character as written.
 
-    CRLF and CR become LF; control characters go; runs of spaces and tabs become one space; spaces around a
-    newline go; three or more newlines become one blank line; the ends are trimmed. Non-ASCII characters
-    (including no-break spaces) are left byte for byte.
+    CRLF and CR become LF; control characters go; runs of spaces and tabs become one space; spaces around a newline
+    go; three or more newlines become one blank line; the ends are trimmed. Non-ASCII characters (including no-break
+    spaces) are left byte for byte.
     """
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")

@@ -1,11 +1,9 @@
 """`LanguageIdentifier`: langid.py's naive Bayes language classifier, with its feature counting vectorised.
 
-`language_identifier(code)` loads langid's model once per process and checks
-that it knows `code`; `classify(text)` gives the same answers as
-`langid.classify` (tested). langid's own `instance2fv` adds every feature
-count into a numpy array one scalar at a time; here the byte-level automaton
-still runs in a Python loop (it is sequential), and the per-state feature
-lists become one gather and one `bincount` (timings: BUILD_NOTES.md).
+`language_identifier(code)` loads langid's model once per process and checks that it knows `code`; `classify(text)`
+gives the same answers as `langid.classify` (tested). langid's own `instance2fv` adds every feature count into a
+numpy array one scalar at a time; here the byte-level automaton still runs in a Python loop (it is sequential), and
+the per-state feature lists become one gather and one `bincount` (timings: BUILD_NOTES.md).
 """
 
 from __future__ import annotations

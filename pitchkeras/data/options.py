@@ -1,7 +1,7 @@
 """`PrepareOptions`: how `prepare` reads, cleans, formats and splits a dump.
 
-Apart from `prepare` (which loads pandas) so the command line can build its
-flags from these defaults without importing it.
+Apart from `prepare` (which loads pandas) so the command line can build its flags from these defaults without
+importing it.
 """
 
 from __future__ import annotations
@@ -21,25 +21,19 @@ class PrepareOptions:
     """How `prepare` reads, cleans, formats and splits a dump.
 
     Args:
-        query: str or None. SQLite only: the SELECT to read instead of the
-            detected schema.
-        text_column: str or None. The column holding the text (default:
-            detected: `content` for the Kaggle dump, else the first of
-            text/review/content/body/bio/biography/description).
-        condition_columns: tuple of str or None. The conditions, in prompt
-            order; `name=column` reads condition `name` from another column.
-            `()` for a plain corpus. None (default): `score`, `genre` for
-            tables, none for a `.txt` corpus (it holds text only).
-        multi_genre: str. `first` keeps a review's first genre; `all` emits
-            one example per genre.
+        query: str or None. SQLite only: the SELECT to read instead of the detected schema.
+        text_column: str or None. The column holding the text (default: detected: `content` for the Kaggle dump,
+            else the first of text/review/content/body/bio/biography/description).
+        condition_columns: tuple of str or None. The conditions, in prompt order; `name=column` reads condition
+            `name` from another column. `()` for a plain corpus. None (default): `score`, `genre` for tables, none
+            for a `.txt` corpus (it holds text only).
+        multi_genre: str. `first` keeps a review's first genre; `all` emits one example per genre.
         min_chars: int. Texts shorter than this (after cleaning) are dropped.
         max_chars: int. Texts longer than this are dropped.
-        drop_multiline: bool. Drop texts that contain a newline (the seed
-            tutorial's filter); by default inner newlines are kept.
-        language: str or None. Keep only texts `langid` classifies as this
-            ISO 639-1 code (e.g. `en`).
-        delimiters: bool. Wrap each `examples.csv` row in
-            `<|startoftext|>`/`<|endoftext|>` for gpt-2-simple.
+        drop_multiline: bool. Drop texts that contain a newline (the seed tutorial's filter); by default inner
+            newlines are kept.
+        language: str or None. Keep only texts `langid` classifies as this ISO 639-1 code (e.g. `en`).
+        delimiters: bool. Wrap each `examples.csv` row in `<|startoftext|>`/`<|endoftext|>` for gpt-2-simple.
         val_fraction: float. Share of examples in `val.csv`, in [0, 1).
         seed: int. Seeds the split hash; another seed gives another split.
         progress: bool. Show a tqdm bar on large inputs.

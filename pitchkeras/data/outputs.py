@@ -1,14 +1,12 @@
 """What `prepare` writes: the three CSVs, and the repair that keeps both splits non-empty on tiny datasets.
 
-`Outputs` holds `examples.csv`, `train.csv` and `val.csv` open as temporary
-files (`pitchkeras.io.AtomicFile`) and renames them into place together on
-`commit()`; `discard()` leaves the directory as it was. Rows are written the
-way `csv.writer` writes one field (quoted when it holds a comma, quote or line
-end; `\\n` line ends; no header), so multi-line examples survive.
+`Outputs` holds `examples.csv`, `train.csv` and `val.csv` open as temporary files (`pitchkeras.io.AtomicFile`) and
+renames them into place together on `commit()`; `discard()` leaves the directory as it was. Rows are written the way
+`csv.writer` writes one field (quoted when it holds a comma, quote or line end; `\\n` line ends; no header), so
+multi-line examples survive.
 
-`SplitEdges` remembers the examples at the lowest and highest split hash, so
-that when the hash leaves a split empty (a dataset of a few examples) the
-nearest review's examples can move over (`ensure_both_splits`).
+`SplitEdges` remembers the examples at the lowest and highest split hash, so that when the hash leaves a split empty
+(a dataset of a few examples) the nearest review's examples can move over (`ensure_both_splits`).
 """
 
 from __future__ import annotations
@@ -21,8 +19,9 @@ import pandas as pd
 from pitchkeras.data.pipeline import read_examples
 from pitchkeras.io import AtomicFile
 
+
 def csv_rows(examples: pd.Series) -> np.ndarray:
-    """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, `\n`-ended."""
+    """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, newline-ended."""
     return np.array(['"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
                      else e + "\n" for e in examples.tolist()], dtype=object)
 
@@ -94,8 +93,8 @@ class SplitEdges:
     def ensure_both_splits(self, outputs: Outputs, counts, val_fraction: float) -> None:
         """On tiny datasets the hash may leave a split empty: move the nearest review's examples over.
 
-        Training reads `val.csv` for evaluation, so an empty one would fail
-        later and less clearly. `counts` has `kept`, `train` and `val`.
+        Training reads `val.csv` for evaluation, so an empty one would fail later and less clearly. `counts` has
+        `kept`, `train` and `val`.
         """
         if counts.kept < 2 or val_fraction == 0:
             return

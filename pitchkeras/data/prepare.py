@@ -1,15 +1,15 @@
 """Turn a review dump into conditioned training examples.
 
-`prepare(source, out_dir)` reads any dump `open_source` knows as pandas DataFrames, a chunk of rows at a time;
-each chunk goes through the filters (one boolean mask each over the chunk, `_filter_rows`; cleaning in
-`cleaning.py`), becomes examples formatted by `PromptFormat` (the one prompt format), is deduplicated against
-every example kept so far, split, and written to `out_dir` (`outputs.py`):
+`prepare(source, out_dir)` reads any dump `open_source` knows as pandas DataFrames, a chunk of rows at a time; each
+chunk goes through the filters (one boolean mask each over the chunk, `_filter_rows`; cleaning in `cleaning.py`),
+becomes examples formatted by `PromptFormat` (the one prompt format), is deduplicated against every example kept so
+far, split, and written to `out_dir` (`outputs.py`):
 
 - `examples.csv`: every kept example, one per row, single column, no header, csv-quoted so multi-line examples
   survive (with `delimiters=True` each is wrapped in gpt-2-simple's `<|startoftext|>`/`<|endoftext|>`);
 - `train.csv` / `val.csv`: the same examples (never wrapped: the tf.data pipeline adds the model's own
-  `<|endoftext|>` tokens), split by a seeded hash of the review text, so adding rows to the dump moves no
-  existing example across the split and every genre variant of a review lands on the same side;
+  `<|endoftext|>` tokens), split by a seeded hash of the review text, so adding rows to the dump moves no existing
+  example across the split and every genre variant of a review lands on the same side;
 - `stats.json` and `stats.png` (see `pitchkeras.data.stats`).
 
 Rows are dropped, and counted per reason, for: `malformed_row` (a JSON Lines line that is not an object, a CSV
@@ -64,8 +64,8 @@ class PrepareResult:
     Args:
         out_dir, examples_path, train_path, val_path, stats_path, plot_path: Path. The directory and its files.
         read: int. Rows read from the source.
-        kept, train, val: int. Examples written (one per row, or per genre with `multi_genre="all"`), in all
-            and in `train.csv` and `val.csv`.
+        kept, train, val: int. Examples written (one per row, or per genre with `multi_genre="all"`), in all and in
+            `train.csv` and `val.csv`.
         dropped: dict. Reason -> rows (examples, for `duplicate`) dropped.
         stats: dict. The content of `stats.json`.
         kind: str. The source's kind (`kaggle`, `seed`, `csv`, ...).
@@ -180,8 +180,8 @@ def _run(src: Source, plan: _Plan, outputs: Outputs) -> RunCounts:
 def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.DataFrame, Optional[pd.Series]]:
     """Each filter a mask over the chunk, a row counted under the first that drops it.
 
-    Returns the kept rows (text cleaned, one value per condition) and, with `multi_genre="all"`, every value of
-    the exploded condition per kept row.
+    Returns the kept rows (text cleaned, one value per condition) and, with `multi_genre="all"`, every value of the
+    exploded condition per kept row.
     """
     options, positions = plan.options, frame.index.to_numpy()
     keep = np.ones(len(frame), dtype=bool)
@@ -295,25 +295,23 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
             options: Optional[PrepareOptions] = None) -> PrepareResult:
     """Read a dump, clean it, and write conditioned examples, a split and statistics.
 
-    Rows stream from the source as DataFrames of `CHUNK_ROWS` rows; only one
-    16-byte hash per kept example, one length per kept example and small
-    counters outlive a chunk, so memory stays bounded on large dumps.
+    Rows stream from the source as DataFrames of `CHUNK_ROWS` rows; only one 16-byte hash per kept example, one
+    length per kept example and small counters outlive a chunk, so memory stays bounded on large dumps.
 
     Args:
-        source: str. The dump: Kaggle or seed SQLite, CSV/TSV, JSONL, Parquet,
-            or a gpt-2-simple `.txt` corpus (a file or a directory of them).
-        out_dir: str. Where `examples.csv`, `train.csv`, `val.csv`,
-            `stats.json` and `stats.png` go (created if missing).
+        source: str. The dump: Kaggle or seed SQLite, CSV/TSV, JSONL, Parquet, or a gpt-2-simple `.txt` corpus (a
+            file or a directory of them).
+        out_dir: str. Where `examples.csv`, `train.csv`, `val.csv`, `stats.json` and `stats.png` go (created if
+            missing).
         options: PrepareOptions or None. Defaults to `PrepareOptions()`.
 
     Returns:
         A `PrepareResult` with the paths and counts.
 
     Raises:
-        InvalidArgument: the source is missing or unreadable, a column is
-            unknown (the columns found are listed), an option is out of
-            range, or no example is left after filtering (the message says
-            which filter removed how many).
+        InvalidArgument: the source is missing or unreadable, a column is unknown (the columns found are listed), an
+            option is out of range, or no example is left after filtering (the message says which filter removed how
+            many).
     """
     options = options or PrepareOptions()
     started = time.perf_counter()

@@ -1,18 +1,18 @@
 """Review dumps as pandas DataFrames: detect the format, then read it in chunks.
 
 `open_source(path)` looks at the file's first bytes (and its extension) and returns a `Source` whose
-`frames(columns)` yields DataFrames of the requested columns, `CHUNK_ROWS` rows at a time, each read with the
-reader pandas has for it: `pd.read_sql_query` for SQLite (the Kaggle dump's `reviews` LEFT JOIN `content`, with
-every `genres` row of a review gathered into a list under `genre`; the seed's one table `reviews(genre, score,
-review)`, any one table, or `--query`), `pd.read_csv` (C parser) for CSV/TSV with a header row,
-`pd.read_json(lines=True, chunksize=)` for JSON Lines, pyarrow record batches for Parquet, and gpt-2-simple's
-`.txt` corpora (a file or a directory; documents between `<|startoftext|>`/`<|endoftext|>`, or `<|endoftext|>`
-alone, else one per blank-line block). Every reader is chunked, so memory stays bounded; only the Kaggle genre
-table (a few short strings per review) is held whole.
+`frames(columns)` yields DataFrames of the requested columns, `CHUNK_ROWS` rows at a time, each read with the reader
+pandas has for it: `pd.read_sql_query` for SQLite (the Kaggle dump's `reviews` LEFT JOIN `content`, with every
+`genres` row of a review gathered into a list under `genre`; the seed's one table `reviews(genre, score, review)`,
+any one table, or `--query`), `pd.read_csv` (C parser) for CSV/TSV with a header row, `pd.read_json(lines=True,
+chunksize=)` for JSON Lines, pyarrow record batches for Parquet, and gpt-2-simple's `.txt` corpora (a file or a
+directory; documents between `<|startoftext|>`/`<|endoftext|>`, or `<|endoftext|>` alone, else one per blank-line
+block). Every reader is chunked, so memory stays bounded; only the Kaggle genre table (a few short strings per
+review) is held whole.
 
-Text comes back as pandas' `str` dtype. Text that is not valid UTF-8 never raises: its cell comes back missing
-and the row's `UNDECODABLE` column True, so the caller can count and skip the row. A row that cannot be parsed at
-all (a JSON Lines line that is not an object, a CSV line with more fields than the header) has `MALFORMED` True.
+Text comes back as pandas' `str` dtype. Text that is not valid UTF-8 never raises: its cell comes back missing and
+the row's `UNDECODABLE` column True, so the caller can count and skip the row. A row that cannot be parsed at all (a
+JSON Lines line that is not an object, a CSV line with more fields than the header) has `MALFORMED` True.
 
 >>> source = open_source("database.sqlite")
 >>> source.kind, source.default_text_column
@@ -100,8 +100,9 @@ class Source:
     """A readable dump: its columns, a default text column, and a chunked frame reader.
 
     Attributes:
-        path: Path. The file. kind: str. `kaggle`, `seed`, `sqlite-table`, `sqlite-query`, `csv`, `jsonl`,
-            `parquet`, `txt` or `txt-dir`. columns: tuple of str. What frames can be asked for.
+        path: Path. The file.
+        kind: str. `kaggle`, `seed`, `sqlite-table`, `sqlite-query`, `csv`, `jsonl`, `parquet`, `txt`, `txt-dir`.
+        columns: tuple of str. What frames can be asked for.
         default_text_column: str or None. The text column this kind implies.
         total, unit, position: int or None, str, int. Progress: units (`rows` or `B`) in all and read so far.
         warnings: list of str. What the reader noticed that the user should hear about.
@@ -242,10 +243,10 @@ def _table_source(path: Path, conn, tables: list[str], found: str) -> SqliteSour
 class CsvSource(Source):
     """A CSV/TSV file with a header row, read with `pd.read_csv` in chunks.
 
-    pandas' C parser reads it. Only a file with a line of more fields than the header (an unquoted delimiter in
-    the text) needs the python parser, the one that takes a bad-line handler: such a line comes back as a
-    `MALFORMED` row, not as a row whose text is some other column's. The C parser stops at that line; the python
-    one reads the file again, from the first row not yet yielded (`fallbacks` counts it).
+    pandas' C parser reads it. Only a file with a line of more fields than the header (an unquoted delimiter in the
+    text) needs the python parser, the one that takes a bad-line handler: such a line comes back as a `MALFORMED`
+    row, not as a row whose text is some other column's. The C parser stops at that line; the python one reads the
+    file again, from the first row not yet yielded (`fallbacks` counts it).
     """
 
     kind, unit = "csv", "B"
@@ -318,8 +319,8 @@ class _Lines:
 class JsonlSource(Source):
     """A JSON Lines file: `pd.read_json(lines=True, chunksize=CHUNK_ROWS)`.
 
-    A chunk that pandas refuses (a line that is not a JSON object, or text that is not UTF-8) is read again
-    line by line, so only the bad lines are lost, each counted as `MALFORMED`.
+    A chunk that pandas refuses (a line that is not a JSON object, or text that is not UTF-8) is read again line by
+    line, so only the bad lines are lost, each counted as `MALFORMED`.
     """
 
     kind, unit = "jsonl", "B"
@@ -371,8 +372,8 @@ def _json_object(line: str) -> Optional[dict]:
 class ParquetSource(Source):
     """A Parquet file read as record batches of `CHUNK_ROWS` rows, each turned into a frame.
 
-    Not `pd.read_parquet`: it reads whole files (or whole row groups, a million rows each by pyarrow's default),
-    and memory must stay bounded.
+    Not `pd.read_parquet`: it reads whole files (or whole row groups, a million rows each by pyarrow's default), and
+    memory must stay bounded.
     """
 
     kind = "parquet"
@@ -410,10 +411,10 @@ class ParquetSource(Source):
 class TextSource(Source):
     """gpt-2-simple's `.txt` corpora: one file or a directory of them, one row (column `text`) per document.
 
-    A file that holds `<|startoftext|>` or `<|endoftext|>` is cut at every delimiter and each non-blank piece is
-    a document (so both `<|startoftext|>...<|endoftext|>` pairs and `<|endoftext|>` alone work). A file without
-    any delimiter is split into blank-line blocks; one without blank lines either is a single document, which
-    is named in `warnings`.
+    A file that holds `<|startoftext|>` or `<|endoftext|>` is cut at every delimiter and each non-blank piece is a
+    document (so both `<|startoftext|>...<|endoftext|>` pairs and `<|endoftext|>` alone work). A file without any
+    delimiter is split into blank-line blocks; one without blank lines either is a single document, which is named
+    in `warnings`.
     """
 
     unit = "B"
@@ -527,8 +528,8 @@ def open_source(path: str | Path, *, query: Optional[str] = None) -> Source:
     """Detect the format of `path` and open it for streaming; `query` (SQLite only) replaces the schema's SELECT.
 
     Raises:
-        InvalidArgument: the file is missing, of no known format, or has no known tables; the message names the
-            file and what was found.
+        InvalidArgument: the file is missing, of no known format, or has no known tables; the message names the file
+            and what was found.
     """
     path = Path(path)
     fmt = detect_format(path)

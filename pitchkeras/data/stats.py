@@ -1,9 +1,8 @@
 """Statistics of a prepared dataset: counts, score histograms, text lengths, and a plot.
 
-`DatasetStats` is fed kept examples a DataFrame chunk at a time (`add_frame`)
-and holds only counters and one integer per example (its length), so it stays small on
-large dumps. `summary()` gives the dict that becomes `stats.json`;
-`plot(path)` draws `stats.png` with matplotlib's Agg backend (no display).
+`DatasetStats` is fed kept examples a DataFrame chunk at a time (`add_frame`) and holds only counters and one
+integer per example (its length), so it stays small on large dumps. `summary()` gives the dict that becomes
+`stats.json`; `plot(path)` draws `stats.png` with matplotlib's Agg backend (no display).
 
 Example:
 
@@ -53,10 +52,9 @@ class DatasetStats:
     """Accumulates what `stats.json` reports about the kept examples.
 
     Args:
-        fmt: PromptFormat. The conditions: numeric ones get histograms,
-            the others value counts.
-        group_by: str or None. The categorical condition the score histograms
-            are split by (default `genre` when it is a condition).
+        fmt: PromptFormat. The conditions: numeric ones get histograms, the others value counts.
+        group_by: str or None. The categorical condition the score histograms are split by (default `genre` when it
+            is a condition).
     """
 
     def __init__(self, fmt: PromptFormat, group_by: str | None = None):
@@ -71,8 +69,8 @@ class DatasetStats:
     def add_frame(self, values: "pd.DataFrame", texts: "pd.Series") -> None:
         """Count a chunk of kept examples: one column per condition, and their body texts.
 
-        Values are counted in order of first appearance, so ties in
-        `stats.json` keep the order the dump met them in.
+        Values are counted in order of first appearance, so ties in `stats.json` keep the order the dump met them
+        in.
         """
         for name, counter in self.counts.items():
             counter.update({value: int(n) for value, n in values.groupby(name, sort=False).size().items()})
