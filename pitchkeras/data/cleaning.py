@@ -77,7 +77,7 @@ def texts(column: pd.Series) -> pd.Series:
     """A text column as pandas `str`, normalised ("" when missing)."""
     if not isinstance(column.dtype, pd.StringDtype):
         column = column.map(lambda v: "" if _missing(v) else str(v))
-    column = column.fillna("").astype("str")
+    column = column.fillna("").astype("str") if column.hasnans or column.dtype != "str" else column
     dirty = (column.str.contains(_UNCLEAN, regex=True) | column.str.startswith(_EDGES)
              | column.str.endswith(_EDGES)).to_numpy(dtype=bool)
     if dirty.any():

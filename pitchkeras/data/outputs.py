@@ -43,7 +43,7 @@ class Outputs:
 
     def write(self, name: str, rows: np.ndarray) -> None:
         """Append rows made by `csv_rows`."""
-        self.files[name].file.write("".join(rows))
+        self.files[name].file.writelines(rows)  # row by row: no chunk-sized string to allocate and fault in
 
     def rewrite(self, name: str, examples: list[str], mode: str = "w") -> None:
         """Replace (`w`) or extend (`a`) a file's rows, after `close()`."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import hashlib
 import os
 import sys
@@ -192,7 +191,8 @@ def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.Da
 
     reject(frame[MALFORMED], "malformed_row")
     reject(frame[UNDECODABLE], "undecodable")
-    text = texts(frame[plan.text_column][keep]).reindex(frame.index, fill_value="")
+    text = texts(frame[plan.text_column]) if keep.all() else \
+        texts(frame[plan.text_column][keep]).reindex(frame.index, fill_value="")
     reject(text == "", "empty_text")
     rows, exploded = {TEXT: text}, None
     for name, column in plan.conditions.items():
@@ -214,20 +214,26 @@ def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.Da
         other = np.zeros(len(frame), dtype=bool)
         other[keep] = text[keep].str.slice(0, LANGUAGE_SAMPLE_CHARS).map(plan.identifier.classify) != options.language
         reject(other, "language")
-    rows = pd.DataFrame(rows, index=frame.index)[keep]
+    rows = pd.DataFrame(rows, index=frame.index)
+    rows = rows if keep.all() else rows[keep]
     return rows, None if exploded is None else exploded[exploded.index.isin(rows.index)]
 
 
 def _examples(rows: pd.DataFrame, exploded: Optional[pd.Series], plan: _Plan, counts: RunCounts) -> pd.DataFrame:
-    """One example per row (per genre with `multi_genre="all"`), with its split hash."""
-    rows[COIN] = rows[TEXT].map(functools.partial(_split_hash, seed=plan.options.seed)).astype(float)
+    """One example per row (per genre with `multi_genre="all"`), with its split hash.
+
+    Examples are Python strings, made from one conversion of the text column: they are hashed and written as
+    they are.
+    """
+    text = rows[TEXT].tolist()
+    rows[COIN] = np.array([_split_hash(t, plan.options.seed) for t in text], dtype=float)
     if exploded is not None:
         counts.multi_genre_extra += len(exploded) - len(rows)
         rows = rows.loc[exploded.index]
         rows[plan.exploded] = exploded.to_numpy()
+        text = rows[TEXT].tolist()
     prompts, end = _prompts(rows[list(plan.fmt.conditions)], plan.fmt), plan.fmt.end_text
-    rows[EXAMPLE] = pd.Series([p + t + end for p, t in zip(prompts, rows[TEXT].tolist())], index=rows.index,
-                              dtype=object)  # Python strings: hashed and written as they are
+    rows[EXAMPLE] = pd.Series([p + t + end for p, t in zip(prompts, text)], index=rows.index, dtype=object)
     return rows
 
 
