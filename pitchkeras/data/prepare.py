@@ -39,6 +39,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pitchkeras.conditioning import NUMERIC_CONDITIONS, PromptFormat
 from pitchkeras.data.cleaning import categories, normalize_text, numbers, parse_number, texts  # noqa: F401 - public
@@ -173,6 +174,7 @@ def _run(src: Source, plan: _Plan, outputs: Outputs) -> RunCounts:
             _write_examples(_dedupe(_examples(rows, exploded, plan, counts), seen, drops), plan, outputs, counts)
             drops.merge_into(counts.dropped)
             bar.update(max(0, src.position - bar.n))
+            pa.default_memory_pool().release_unused()  # pyarrow's allocator keeps freed chunks otherwise
     return counts
 
 
