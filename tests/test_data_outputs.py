@@ -1,6 +1,8 @@
 """`pitchkeras.data.outputs`: CSV rows exactly as `csv.writer` writes them, and the split repair on tiny datasets."""
 
 import csv
+import os
+import stat
 import io
 import random
 
@@ -36,3 +38,18 @@ def test_split_repair_moves_the_nearest_review_and_keeps_the_files_readable(tmp_
     assert read_examples(tmp_path / "val.csv") == ['two "second"']  # the lowest hash moved to val
     assert read_examples(tmp_path / "train.csv") == ["one,\nfirst", "three"]
     assert (Counts.train, Counts.val) == (2, 1)
+
+
+def test_prepared_files_get_the_modes_the_umask_gives(tmp_path):
+    from pitchkeras.data.prepare import PrepareOptions, prepare
+    from tests import dumps
+
+    path = dumps.write_csv(tmp_path / "d.csv")
+    old = os.umask(0o027)
+    try:
+        result = prepare(path, tmp_path / "out", options=PrepareOptions(progress=False))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in result.out_dir.iterdir()}
+    assert modes == {name: 0o640 for name in ("examples.csv", "train.csv", "val.csv", "stats.json", "stats.png")}
+    assert stat.S_IMODE(result.out_dir.stat().st_mode) == 0o750
