@@ -22,7 +22,7 @@ import pytest
 
 from pitchkeras import cli
 from pitchkeras.conditioning import END_OF_TEXT, REVIEWS, START_OF_TEXT, PromptFormat
-from pitchkeras.data import prepare as prepare_module
+from pitchkeras.data import language, prepare as prepare_module
 from pitchkeras.data.pipeline import read_examples  # the reader training uses: tests read what it reads
 from pitchkeras.data.prepare import PrepareOptions, normalize_text, parse_condition_columns, parse_number, prepare
 from pitchkeras.data.sources import open_source
@@ -178,6 +178,7 @@ def test_every_format_keeps_and_drops_the_same_rows(prepared, kind):
     assert read_examples(result.examples_path) == expected_examples()
     assert result.kept == len(dumps.KEPT)
     assert accounting_holds(result)
+    assert result.reader_fallbacks == 0  # CSV: pandas' C parser read it all
 
 
 def test_example_format_is_conditioning_format(prepared):
@@ -419,7 +420,7 @@ def test_language_filter_uses_langid(tmp_path):
 
 
 def test_vectorised_language_identifier_agrees_with_langid():
-    identifier = prepare_module._langid_model()  # cached: loaded once by the test above
+    identifier = language.langid_model()  # cached: loaded once by the test above
     rng = random.Random(0)
     texts = [r.clean for r in dumps.KEPT] + [
         "Ce disque est une réussite.", "Это хорошая пластинка.", "東京の夜はとても静かです。",
@@ -536,27 +537,27 @@ def test_bundled_sample_dump_prepares_cleanly(tmp_path):
 
 # -- atomic output -------------------------------------------------------------------------------------------------
 def fail_after(monkeypatch, calls: int, error: BaseException):
-    """Make normalize_text raise `error` on its `calls`-th call: a crash or Ctrl-C mid-stream."""
-    real = prepare_module.normalize_text
+    """Make the split hash raise `error` on its `calls`-th call (one per kept row): a crash or Ctrl-C mid-stream."""
+    real = prepare_module._split_hash
     seen = []
 
-    def flaky(text):
+    def flaky(text, seed):
         seen.append(text)
         if len(seen) == calls:
             raise error
-        return real(text)
+        return real(text, seed)
 
-    monkeypatch.setattr(prepare_module, "normalize_text", flaky)
+    monkeypatch.setattr(prepare_module, "_split_hash", flaky)
 
 
 def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     path = dumps.write_csv(tmp_path / "d.csv")
-    fail_after(monkeypatch, 8, KeyboardInterrupt())
+    fail_after(monkeypatch, 6, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         prepare(path, tmp_path / "out", options=options())
     assert not (tmp_path / "out").exists()  # no outputs, no temp files, not even the directory it made
     (tmp_path / "kept").mkdir()
-    fail_after(monkeypatch, 8, KeyboardInterrupt())
+    fail_after(monkeypatch, 6, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         prepare(path, tmp_path / "kept", options=options())
     assert list((tmp_path / "kept").iterdir()) == []  # a directory the user made stays, empty
@@ -581,14 +582,14 @@ def test_stats_json_never_describes_other_csvs(tmp_path, monkeypatch):
     path = dumps.write_csv(tmp_path / "d.csv")
     out = tmp_path / "out"
     prepare(path, out, options=options())
-    real = prepare_module.atomic_write_text
+    real = prepare_module.atomic_write_json
 
-    def disk_full(target, text):
+    def disk_full(target, value):
         if Path(target).name == "stats.json":
             raise OSError(28, "No space left on device")
-        return real(target, text)
+        return real(target, value)
 
-    monkeypatch.setattr(prepare_module, "atomic_write_text", disk_full)
+    monkeypatch.setattr(prepare_module, "atomic_write_json", disk_full)
     with pytest.raises(InvalidArgument, match="No space left on device"):
         prepare(path, out, options=options(condition_columns=("genre",)))
     assert not (out / "stats.json").exists()
@@ -727,6 +728,7 @@ def test_csv_line_with_more_fields_than_the_header_is_a_malformed_row(tmp_path):
     result = prepare(path, tmp_path / "out", options=options())
     assert result.read == 3 and result.kept == 2 and result.dropped == {"malformed_row": 1}
     assert accounting_holds(result)
+    assert result.reader_fallbacks == 1  # the C parser stopped at the line; the python parser read on from it
 
 
 def test_jsonl_chunk_with_a_bad_line_loses_only_that_line(tmp_path, monkeypatch):

@@ -1,16 +1,15 @@
 """The tf.data pipeline: prepared CSV rows -> batches for keras-hub's GPT2CausalLM.
 
-`make_dataset` reads a single-column CSV written by `pitchkeras prepare`
-(no header, one formatted example per row, quoted so multi-line rows survive),
-tokenizes inside tf.data with the model's own keras-hub tokenizer, packs the
-token stream into full `sequence_length` blocks separated by `<|endoftext|>`
-(or pads one example per row), then shuffles, repeats, batches and prefetches.
+`make_dataset` reads a single-column CSV written by `pitchkeras prepare` (no header, one formatted example per row,
+quoted so multi-line rows survive), tokenizes inside tf.data with the model's own keras-hub tokenizer, packs the
+token stream into full `sequence_length` blocks separated by `<|endoftext|>` (or pads one example per row), then
+shuffles, repeats, batches and prefetches.
 
-Batches are `(x, y, sample_weight)` with `x = {"token_ids", "padding_mask"}`,
-exactly what `keras_hub.models.CausalLMPreprocessor` produces for `fit()`:
-`y` is `token_ids` shifted left by one and `sample_weight` the shifted padding
-mask, so a batch goes straight into `GPT2CausalLM.fit` with the
-preprocessor bypassed (`pitchkeras.model.tokenized_inputs`).
+Batches are `(x, y, sample_weight)` with `x = {"token_ids", "padding_mask"}`, exactly what
+`keras_hub.models.CausalLMPreprocessor` produces for `fit()`: `y` is `token_ids` shifted left by one and
+`sample_weight` the shifted padding mask, so a batch goes straight into `GPT2CausalLM.fit` with the preprocessor
+bypassed (`pitchkeras.model.tokenized_inputs`). TensorFlow is imported inside functions (start-up time: importing
+`pitchkeras.data` must not load it).
 
 Example:
 
@@ -24,12 +23,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 from pitchkeras.errors import InvalidArgument
+from pitchkeras.io import atomic_directory
 
 TOKENIZE_BATCH = 256  # rows per tokenizer call: amortises the per-call cost of the BPE op
 
@@ -37,9 +36,8 @@ TOKENIZE_BATCH = 256  # rows per tokenizer call: amortises the per-call cost of 
 def read_examples(csv_path: str | os.PathLike) -> list[str]:
     """The examples of a prepared single-column CSV, in file order.
 
-    Rows are read with Python's csv module, so quoted multi-line rows and
-    fields larger than the default field limit come back whole. Empty rows
-    are skipped.
+    Rows are read with Python's csv module, so quoted multi-line rows and fields larger than the default field limit
+    come back whole. Empty rows are skipped.
 
     Args:
         csv_path: str. A `train.csv`/`val.csv`/`examples.csv` from `pitchkeras prepare`.
@@ -96,12 +94,12 @@ def _file_fingerprint(path: Path) -> str:
 def _tokenize_eagerly(examples: list[str], tokenizer):
     """A dataset of int32 token-id vectors, tokenized eagerly in batches.
 
-    Eager calls are measured 7x faster than the same tokenizer traced inside
-    `Dataset.map` (2,000 400-word rows: 3.5 s vs 26 s on 2 cores) and skip the
-    3-6 s autograph trace, which dominated small runs.
+    Eager calls beat the same tokenizer traced inside `Dataset.map` and skip its autograph trace (figures:
+    BUILD_NOTES.md).
     """
     import numpy as np
     import tensorflow as tf
+    from tqdm.auto import tqdm
 
     try:  # keep keras-hub's output a RaggedTensor instead of Python lists
         from keras_hub.src.utils.tensor_utils import no_convert_scope
@@ -111,22 +109,16 @@ def _tokenize_eagerly(examples: list[str], tokenizer):
         no_convert_scope = contextlib.nullcontext
     values, lengths = [], []
     batches = range(0, len(examples), TOKENIZE_BATCH)
-    progress = None
-    if len(batches) >= 20:  # only worth a bar for real corpora
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=len(examples), desc="tokenize", unit="row", dynamic_ncols=True)
-    for start in batches:
-        with no_convert_scope():
-            ids = tokenizer(tf.constant(examples[start : start + TOKENIZE_BATCH]))
-        if not isinstance(ids, tf.RaggedTensor):
-            ids = tf.ragged.constant(ids, dtype=tf.int32)
-        values.append(ids.flat_values.numpy().astype(np.int32))
-        lengths.append(ids.row_lengths().numpy())
-        if progress is not None:
-            progress.update(int(ids.nrows()))
-    if progress is not None:
-        progress.close()
+    # A bar only for real corpora.
+    with tqdm(total=len(examples), desc="tokenize", unit="row", dynamic_ncols=True, disable=len(batches) < 20) as bar:
+        for start in batches:
+            with no_convert_scope():
+                ids = tokenizer(tf.constant(examples[start : start + TOKENIZE_BATCH]))
+            if not isinstance(ids, tf.RaggedTensor):
+                ids = tf.ragged.constant(ids, dtype=tf.int32)
+            values.append(ids.flat_values.numpy().astype(np.int32))
+            lengths.append(ids.row_lengths().numpy())
+            bar.update(int(ids.nrows()))
     ragged = tf.RaggedTensor.from_row_lengths(np.concatenate(values), np.concatenate(lengths))
     return tf.data.Dataset.from_tensor_slices(ragged)
 
@@ -134,10 +126,9 @@ def _tokenize_eagerly(examples: list[str], tokenizer):
 def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.PathLike] = None):
     """One int32 token-id vector per example (no special tokens), in file order.
 
-    With `cache_dir`, the token ids are saved once with `tf.data.Dataset.save`
-    under a key made of the CSV's and the tokenizer's hashes (written to a
-    temp directory, then renamed), and later runs load them instead of
-    tokenizing again. Without it they are cached in memory for the run.
+    With `cache_dir`, the token ids are saved once with `tf.data.Dataset.save` under a key made of the CSV's and the
+    tokenizer's hashes (written to a temp directory, then renamed), and later runs load them instead of tokenizing
+    again. Without it they are cached in memory for the run.
 
     Args:
         csv_path: str or list of str. The prepared CSV, or the examples themselves (never cached).
@@ -159,40 +150,24 @@ def tokenized_examples(csv_path, tokenizer, *, cache_dir: Optional[str | os.Path
         return tokenize()
     key = f"{path.stem}-{_file_fingerprint(path)}-{_tokenizer_fingerprint(tokenizer)}"
     target = Path(cache_dir) / key
-    if not (target / "complete").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenize().save(str(tmp))
-        (tmp / "complete").write_text("ok\n", encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)  # a crashed earlier save without its marker
-        os.replace(tmp, target)
+    if not (target / "complete").exists():  # the marker: a cache written before atomic directories had one
+        with atomic_directory(target, replace=True) as tmp:
+            tokenize().save(str(tmp))
+            (tmp / "complete").write_text("ok\n", encoding="utf-8")
     return tf.data.Dataset.load(str(target))
 
 
-def make_dataset(
-    csv_path: str | os.PathLike | list,
-    tokenizer,
-    *,
-    sequence_length: int,
-    batch_size: int,
-    packing: bool = True,
-    shuffle: bool = True,
-    seed: int = 0,
-    repeat: bool = True,
-    cache_dir: Optional[str | os.PathLike] = None,
-    skip_batches: int = 0,
-    drop_remainder: Optional[bool] = None,
-):
+def make_dataset(csv_path: str | os.PathLike | list, tokenizer, *, sequence_length: int, batch_size: int,
+                 packing: bool = True, shuffle: bool = True, seed: int = 0, repeat: bool = True,
+                 cache_dir: Optional[str | os.PathLike] = None, skip_batches: int = 0,
+                 drop_remainder: Optional[bool] = None):
     """Batches `(x, y, sample_weight)` for causal language-model training.
 
-    With `packing`, every example becomes `<|endoftext|>` + its tokens, the
-    examples are concatenated into one stream, and the stream is cut into
-    blocks of `sequence_length + 1` tokens (no padding, every position
-    trained). Without it, each example is `<|endoftext|>` + tokens +
-    `<|endoftext|>`, truncated and padded to `sequence_length + 1` exactly as
-    keras-hub's `CausalLMPreprocessor` does. Each block then yields
-    `x = block[:-1]`, `y = block[1:]`, `sample_weight = mask[1:]`.
+    With `packing`, every example becomes `<|endoftext|>` + its tokens, the examples are concatenated into one
+    stream, and the stream is cut into blocks of `sequence_length + 1` tokens (no padding, every position trained).
+    Without it, each example is `<|endoftext|>` + tokens + `<|endoftext|>`, truncated and padded to `sequence_length
+    + 1` exactly as keras-hub's `CausalLMPreprocessor` does. Each block then yields `x = block[:-1]`, `y =
+    block[1:]`, `sample_weight = mask[1:]`.
 
     Args:
         csv_path: str or list of str. A prepared single-column CSV (`train.csv`, `val.csv`), or examples.
@@ -205,12 +180,12 @@ def make_dataset(
         repeat: bool. Repeat forever (training) or stop after one pass (validation).
         cache_dir: str or None. Keep tokenized examples on disk between runs.
         skip_batches: int. Batches to skip at the start: the data position of a resumed run.
-        drop_remainder: bool or None. Drop a last partial batch (None: only when repeating). Several
-            replicas need full batches: each gets an equal share.
+        drop_remainder: bool or None. Drop a last partial batch (None: only when repeating). Several replicas need
+            full batches: each gets an equal share.
 
     Returns:
-        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`: int32 ids, int32 mask,
-        int32 labels, float32 weights.
+        A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`: int32 ids, int32 mask, int32
+        labels, float32 weights.
     """
     if sequence_length < 2:
         raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")

@@ -1,9 +1,8 @@
 """Statistics of a prepared dataset: counts, score histograms, text lengths, and a plot.
 
-`DatasetStats` is fed kept examples a DataFrame chunk at a time (`add_frame`)
-and holds only counters and one integer per example (its length), so it stays small on
-large dumps. `summary()` gives the dict that becomes `stats.json`;
-`plot(path)` draws `stats.png` with matplotlib's Agg backend (no display).
+`DatasetStats` is fed kept examples a DataFrame chunk at a time (`add_frame`) and holds only counters and one
+integer per example (its length), so it stays small on large dumps. `summary()` gives the dict that becomes
+`stats.json`; `plot(path)` draws `stats.png` with matplotlib's Agg backend (no display).
 
 Example:
 
@@ -25,6 +24,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from pitchkeras.conditioning import PromptFormat
+from pitchkeras.io import atomic_path
 
 HISTOGRAM_STEP = 0.5  # score bin width: Pitchfork scores have one decimal on 0.0-10.0
 PERCENTILES = (0, 5, 25, 50, 75, 95, 99, 100)
@@ -52,10 +52,9 @@ class DatasetStats:
     """Accumulates what `stats.json` reports about the kept examples.
 
     Args:
-        fmt: PromptFormat. The conditions: numeric ones get histograms,
-            the others value counts.
-        group_by: str or None. The categorical condition the score histograms
-            are split by (default `genre` when it is a condition).
+        fmt: PromptFormat. The conditions: numeric ones get histograms, the others value counts.
+        group_by: str or None. The categorical condition the score histograms are split by (default `genre` when it
+            is a condition).
     """
 
     def __init__(self, fmt: PromptFormat, group_by: str | None = None):
@@ -70,8 +69,8 @@ class DatasetStats:
     def add_frame(self, values: "pd.DataFrame", texts: "pd.Series") -> None:
         """Count a chunk of kept examples: one column per condition, and their body texts.
 
-        Values are counted in order of first appearance, so ties in
-        `stats.json` keep the order the dump met them in.
+        Values are counted in order of first appearance, so ties in `stats.json` keep the order the dump met them
+        in.
         """
         for name, counter in self.counts.items():
             counter.update({value: int(n) for value, n in values.groupby(name, sort=False).size().items()})
@@ -81,7 +80,7 @@ class DatasetStats:
             table = pd.DataFrame({"group": groups.to_numpy(), "value": rounded.to_numpy()})
             for (group, value), n in table.groupby(["group", "value"], sort=False).size().items():
                 per_group[group][float(value)] += int(n)
-        self.lengths.extend(texts.map(len).tolist())
+        self.lengths.extend(texts.str.len().tolist())
 
     def condition_values(self) -> dict[str, list]:
         """Every condition's sorted distinct values (pitchkeras.json's known values)."""
@@ -158,14 +157,11 @@ class DatasetStats:
             ax.set_title(f"text length of {len(self.lengths)} examples")
         if name is None:
             fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
         try:
-            fig.savefig(tmp, dpi=80)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=80)
         finally:
             plt.close(fig)
-            if tmp.exists():
-                tmp.unlink()
         return path
 
     def _plot_histograms(self, plt, name, hist):
@@ -184,7 +180,7 @@ class DatasetStats:
                             top=1 - 0.65 / height_in, wspace=0.3, hspace=0.55)
         for ax, (group, counts) in zip(axes.flat, groups.items()):
             ax.stairs(counts, edges, fill=True)  # one artist per histogram, not one rectangle per bin
-            ax.set_title(f"{group} ({sum(counts)})", fontsize=9)
+            ax.set_title(f"{group} ({sum(counts)})", fontsize=9, y=1.0)  # a fixed place: no layout pass
             ax.tick_params(labelsize=7)
         for ax in axes[-1]:
             ax.set_xlabel(name, fontsize=8)

@@ -1,0 +1,116 @@
+"""What `prepare` writes: the three CSVs, and the repair that keeps both splits non-empty on tiny datasets.
+
+`Outputs` holds `examples.csv`, `train.csv` and `val.csv` open as temporary files (`pitchkeras.io.AtomicFile`) and
+renames them into place together on `commit()`; `discard()` leaves the directory as it was. Rows are written the way
+`csv.writer` writes one field (quoted when it holds a comma, quote or line end; `\\n` line ends; no header), so
+multi-line examples survive.
+
+`SplitEdges` remembers the examples at the lowest and highest split hash, so that when the hash leaves a split empty
+(a dataset of a few examples) the nearest review's examples can move over (`ensure_both_splits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from pitchkeras.data.pipeline import read_examples
+from pitchkeras.io import AtomicFile
+
+
+def csv_rows(examples: pd.Series) -> np.ndarray:
+    """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, newline-ended."""
+    return np.array(['"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
+                     else e + "\n" for e in examples.tolist()], dtype=object)
+
+
+class Outputs:
+    """The three CSVs, written to temporary files in `out_dir` and renamed into place by `commit`."""
+
+    NAMES = ("examples.csv", "train.csv", "val.csv")
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.files: dict[str, AtomicFile] = {}
+        try:
+            for name in self.NAMES:
+                self.files[name] = AtomicFile(out_dir / name, newline="")
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, name: str, rows: np.ndarray) -> None:
+        """Append rows made by `csv_rows`."""
+        self.files[name].file.writelines(rows)  # row by row: no chunk-sized string to allocate and fault in
+
+    def rewrite(self, name: str, examples: list[str], mode: str = "w") -> None:
+        """Replace (`w`) or extend (`a`) a file's rows, after `close()`."""
+        with open(self.files[name].tmp, mode, encoding="utf-8", newline="") as f:
+            f.write("".join(csv_rows(pd.Series(examples, dtype="str"))))
+
+    def read(self, name: str) -> list[str]:
+        """A file's rows so far, after `close()`."""
+        return read_examples(self.files[name].tmp)
+
+    def close(self) -> None:
+        for atomic in self.files.values():
+            atomic.file.close()
+
+    def commit(self) -> None:
+        for atomic in self.files.values():
+            atomic.commit()
+
+    def discard(self) -> None:
+        for atomic in self.files.values():
+            atomic.discard()
+
+
+@dataclasses.dataclass
+class _Edge:
+    coin: float
+    examples: list
+
+
+class SplitEdges:
+    """The examples at the lowest and the highest split hash seen so far."""
+
+    def __init__(self):
+        self.lowest = _Edge(2.0, [])
+        self.highest = _Edge(-1.0, [])
+
+    def track(self, coins: pd.Series, examples: pd.Series) -> None:
+        low, high = float(coins.min()), float(coins.max())
+        for edge, coin, beyond in ((self.lowest, low, low < self.lowest.coin),
+                                   (self.highest, high, high > self.highest.coin)):
+            at_coin = examples[(coins == coin).to_numpy()].tolist()
+            if beyond:
+                edge.coin, edge.examples = coin, at_coin
+            elif coin == edge.coin:
+                edge.examples.extend(at_coin)
+
+    def ensure_both_splits(self, outputs: Outputs, counts, val_fraction: float) -> None:
+        """On tiny datasets the hash may leave a split empty: move the nearest review's examples over.
+
+        Training reads `val.csv` for evaluation, so an empty one would fail later and less clearly. `counts` has
+        `kept`, `train` and `val`.
+        """
+        if counts.kept < 2 or val_fraction == 0:
+            return
+        if counts.val == 0:
+            self._move(outputs, counts, self.lowest, "train", "val")
+        elif counts.train == 0:
+            self._move(outputs, counts, self.highest, "val", "train")
+
+    @staticmethod
+    def _move(outputs: Outputs, counts, edge: _Edge, source: str, target: str) -> None:
+        """Move `edge`'s examples from split `source` to `target`, unless that would empty `source`."""
+        moved = set(edge.examples)
+        if len(moved) >= counts.kept:
+            return
+        outputs.close()
+        outputs.rewrite(f"{source}.csv", [e for e in outputs.read(f"{source}.csv") if e not in moved])
+        outputs.rewrite(f"{target}.csv", list(moved), "a")
+        setattr(counts, source, getattr(counts, source) - len(moved))
+        setattr(counts, target, getattr(counts, target) + len(moved))
