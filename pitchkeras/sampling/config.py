@@ -86,6 +86,8 @@ class SamplerConfig:
             proto = fields.get(field.name)
             if proto is not None and proto.has_presence and request.HasField(field.name):
                 values[field.name] = type(field.default)(getattr(request, field.name))
+            elif proto is not None and proto.is_repeated and getattr(request, field.name):
+                values[field.name] = tuple(getattr(request, field.name))  # empty = unset
         return cls(**values).validate()
 
     def to_json(self) -> dict:

@@ -1,0 +1,340 @@
+"""The OpenAI-shaped routes with the official `openai` SDK against a live server (real sockets, the tiny model):
+completions, n with seeds, streaming with usage, stop, auth and bad requests in OpenAI's error shape, models,
+the chat route's answer, hostile bodies, and the OpenAPI description checked against what the server answers.
+The same requests through gRPC Generate give the same texts."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import grpc
+import pytest
+
+from pitchkeras.server import ApiKeys, BackgroundServer
+from pitchkeras.server.openai_api import COMPLETION_FIELDS
+from pitchkeras.server.openai_schema import OPENAPI
+from pitchkeras.v1 import review_service_pb2 as pb
+from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
+from tests.serve_fixtures import SERVER_CONFIG, tiny_generator, tiny_model_dir  # noqa: F401
+from tests.test_http import request
+
+openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
+
+MODEL = "tiny-test-v1"  # tests/serve_fixtures.py's model version
+KEY = "openai-test-key"
+ROCK = {"score": 8.0, "genre": "Rock"}
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_generator):
+    """A keyed server with the tiny model and HTTP; generous rate, so only the rate test runs out."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('openai')}/openai.db"
+    keys = ApiKeys([KEY], rate=100.0, burst=1000)
+    with BackgroundServer(uri, generator=tiny_generator, config=SERVER_CONFIG, api_keys=keys,
+                          http_port=0) as background:
+        assert background.wait_until_ready(120) == "ready"
+        yield background
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{served.http_port}/v1", api_key=KEY, max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture(scope="module")
+def stub(served):
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        yield pb_grpc.ReviewServiceStub(channel)
+
+
+def grpc_generate(stub, **fields) -> list:
+    return list(stub.Generate(pb.GenerateRequest(**fields), metadata=(("x-api-key", KEY),), timeout=60).reviews)
+
+
+def completion(raw: str, prompt: str) -> str:
+    assert raw.startswith(prompt)
+    return raw[len(prompt):]
+
+
+def assert_schema(data: dict, name: str) -> None:
+    """`data` validates against the OpenAPI document's component `name`."""
+    schema = dict(OPENAPI["components"]["schemas"][name], components=OPENAPI["components"])
+    jsonschema.Draft202012Validator(schema).validate(json.loads(json.dumps(data)))
+
+
+def assert_openai_error(result, status: int, *fragments: str, param=None):
+    got_status, _, body = result
+    assert got_status == status, body
+    assert_schema(body, "ErrorResponse")
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def post(served, body, headers=None):
+    return request(served.http_port, "POST", COMPLETIONS, body,
+                   {"Authorization": f"Bearer {KEY}", **(headers or {})})
+
+
+# -- completions ---------------------------------------------------------------------------------------
+
+
+def test_a_plain_completion_is_the_same_text_as_grpc_generate(client, stub, tiny_generator):
+    answer = client.completions.create(model=MODEL, prompt="The band", max_tokens=8, seed=11, temperature=0.9,
+                                       extra_body=ROCK)
+    assert answer.object == "text_completion" and answer.model == MODEL and answer.id.startswith("cmpl-")
+    assert_schema(answer.model_dump(exclude_unset=True), "Completion")
+    (choice,) = answer.choices
+    assert choice.index == 0 and choice.finish_reason in ("stop", "length") and choice.logprobs is None
+    (review,) = grpc_generate(stub, prompt="The band", max_length=8, seed=11, temperature=0.9, **ROCK)
+    assert choice.text == completion(review.raw, review.review.prompt)
+    extra = choice.model_extra["review"]  # the post-processed review, as Generate writes it
+    assert extra["text"] == review.review.text and extra["seed"] == 11 and not extra["stored"]
+    assert extra["status"] == ("accepted" if review.status == pb.SAMPLE_STATUS_ACCEPTED else "rejected")
+    prompt_ids = tiny_generator.prepare(tiny_generator_request("The band")).ids
+    assert answer.usage.prompt_tokens == len(prompt_ids) == review.prompt_tokens
+    assert 1 <= answer.usage.completion_tokens == review.completion_tokens <= 8
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    assert (choice.finish_reason == "length") == (review.finish_reason == pb.FINISH_REASON_LENGTH)
+
+
+def tiny_generator_request(prompt: str):
+    from pitchkeras.sampling import GenerationRequest
+
+    return GenerationRequest(conditions=dict(ROCK), prefix=prompt)
+
+
+def test_n_choices_use_seed_plus_index_as_grpc_num_samples(client, stub):
+    answer = client.completions.create(model=MODEL, prompt="", n=3, seed=40, max_tokens=6, extra_body=ROCK)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    reviews = grpc_generate(stub, num_samples=3, seed=40, max_length=6, **ROCK)
+    assert [c.text for c in answer.choices] == [completion(r.raw, r.review.prompt) for r in reviews]
+    assert [c.model_extra["review"]["seed"] for c in answer.choices] == [40, 41, 42]
+    assert len({c.text for c in answer.choices}) > 1  # the seeds differ, so do (some of) the texts
+    # choice i alone, with seed + i, is the same text
+    alone = client.completions.create(model=MODEL, prompt="", seed=42, max_tokens=6, extra_body=ROCK)
+    assert alone.choices[0].text == answer.choices[2].text
+    assert answer.usage.prompt_tokens == reviews[0].prompt_tokens  # the prompt counted once, as OpenAI does
+
+
+def test_a_list_of_prompts_numbers_choices_prompt_by_prompt(client):
+    answer = client.completions.create(model=MODEL, prompt=["A", "B"], n=2, seed=5, max_tokens=4, extra_body=ROCK)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    one = client.completions.create(model=MODEL, prompt="B", n=2, seed=5, max_tokens=4, extra_body=ROCK)
+    assert [c.text for c in answer.choices[2:]] == [c.text for c in one.choices]
+
+
+def test_streaming_with_usage_gives_the_same_text_then_done(client, served):
+    kwargs = dict(model=MODEL, prompt="The band", max_tokens=10, seed=3, extra_body=ROCK)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    *choice_chunks, last = chunks
+    for chunk in chunks:
+        assert_schema(chunk.model_dump(exclude_unset=True), "CompletionChunk")
+    assert last.choices == [] and last.usage == whole.usage
+    assert all(c.usage is None for c in choice_chunks)
+    assert "".join(c.choices[0].text for c in choice_chunks) == whole.choices[0].text
+    assert len(choice_chunks) >= 2 and choice_chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in choice_chunks[:-1])
+    # on the wire: event-stream, `data:` lines, ending with `data: [DONE]`
+    raw = urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{served.http_port}{COMPLETIONS}", data=json.dumps(dict(kwargs, **ROCK, stream=True)).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}), timeout=60)
+    assert raw.headers["Content-Type"].startswith("text/event-stream")
+    events = [e for e in raw.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_streaming_several_choices_interleaves_them_by_index(client):
+    kwargs = dict(model=MODEL, prompt="", n=2, seed=20, max_tokens=6, extra_body=ROCK)
+    whole = client.completions.create(**kwargs)
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in client.completions.create(stream=True, **kwargs):
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        if choice.finish_reason:
+            finished.add(choice.index)
+            assert choice.model_extra["review"]["seed"] == 20 + choice.index
+    assert finished == {0, 1} and [texts[0], texts[1]] == [c.text for c in whole.choices]
+
+
+def test_stop_ends_the_text_before_the_stop_as_grpc_does(client, stub):
+    kwargs = dict(model=MODEL, prompt="", seed=9, max_tokens=16, extra_body=ROCK)
+    free = client.completions.create(**kwargs).choices[0].text
+    assert len(free) > 4, free
+    stop = free[2:4]
+    cut = client.completions.create(stop=[stop, "never-seen-stop"], **kwargs).choices[0]
+    assert cut.text == free[: free.find(stop)] and cut.finish_reason == "stop"
+    (review,) = grpc_generate(stub, seed=9, max_length=16, stop_sequences=[stop, "never-seen-stop"], **ROCK)
+    assert completion(review.raw, review.review.prompt) == cut.text
+    assert review.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, stop=stop, **kwargs))
+    assert streamed == cut.text
+
+
+def test_temperature_zero_is_greedy(client):
+    kwargs = dict(model=MODEL, prompt="The", max_tokens=6, temperature=0, extra_body=ROCK)
+    texts = {client.completions.create(seed=seed, **kwargs).choices[0].text for seed in (1, 2)}
+    assert len(texts) == 1  # the seed does not matter: the most likely token every time
+    top1 = client.completions.create(seed=1, **dict(kwargs, temperature=None), extra_body=dict(ROCK, top_k=1))
+    assert top1.choices[0].text in texts
+
+
+def test_echo_prepends_the_prompt_the_model_continued(client):
+    kwargs = dict(model=MODEL, prompt="The band", max_tokens=4, seed=2, extra_body=ROCK)
+    plain, echoed = (client.completions.create(echo=flag, **kwargs).choices[0] for flag in (False, True))
+    assert echoed.text == "8.0\nRock\nThe band" + plain.text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, echo=True, **kwargs))
+    assert streamed == echoed.text
+
+
+def test_store_saves_accepted_reviews_with_their_ids(client, stub):
+    answer = client.completions.create(model=MODEL, prompt="", seed=77, max_tokens=6, extra_body=dict(ROCK, store=True))
+    review = answer.choices[0].model_extra["review"]
+    assert review["stored"] == (review["status"] == "accepted")
+    if review["stored"]:
+        got = stub.GetById(pb.GetByIdRequest(id=review["id"]), timeout=10).review
+        assert got.text == review["text"] and got.seed == 77
+
+
+def test_logprobs_are_refused_until_the_engine_computes_them(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="", logprobs=2, max_tokens=4, extra_body=ROCK)
+    assert "not supported" in caught.value.body["message"]
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+def test_auth_failures_are_openai_errors(served):
+    base = f"http://127.0.0.1:{served.http_port}/v1"
+    wrong = openai.OpenAI(base_url=base, api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        wrong.completions.create(model=MODEL, prompt="", extra_body=ROCK)
+    assert caught.value.status_code == 403 and caught.value.body["type"] == "permission_error"
+    error = assert_openai_error(request(served.http_port, "POST", COMPLETIONS, {"model": MODEL}), 401,
+                                "Authorization: Bearer")
+    assert error["type"] == "authentication_error" and error["code"] == "unauthenticated"
+
+
+def test_over_the_rate_limit_is_429_with_retry_after(tiny_generator, tmp_path):
+    keys = ApiKeys([KEY], rate=0.01, burst=1)
+    with BackgroundServer(f"sqlite:///{tmp_path}/rate.db", generator=tiny_generator, config=SERVER_CONFIG,
+                          api_keys=keys, http_port=0) as background:
+        assert background.wait_until_ready(120) == "ready"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{background.http_port}/v1", api_key=KEY, max_retries=0)
+        client.completions.create(model=MODEL, prompt="", n=2, max_tokens=2, extra_body=ROCK)  # one call, 2 rows
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.completions.create(model=MODEL, prompt="", max_tokens=2, extra_body=ROCK)
+        assert int(caught.value.response.headers["Retry-After"]) >= 1
+        assert caught.value.body["code"] == "resource_exhausted"
+
+
+@pytest.mark.parametrize("body, status, fragment, param", [
+    (dict(ROCK, model=MODEL, temperature=5), 400, "temperature must be in (0, 2]", None),
+    (dict(ROCK, model=MODEL, presence_penalty=0.5), 400, "presence_penalty is not supported", "presence_penalty"),
+    (dict(ROCK, model=MODEL, frequency_penalty=1), 400, "frequency_penalty is not supported", "frequency_penalty"),
+    (dict(ROCK, model=MODEL, max_tokens=10_000), 400, "max_tokens must be in [1, 16]", "max_tokens"),
+    (dict(ROCK, model=MODEL, max_tokens="8"), 400, "max_tokens must be a integer", "max_tokens"),
+    (dict(ROCK, model=MODEL, n=3, prompt=["a", "b"]), 400, "n x prompts must be in [1, 4]", "n"),
+    (dict(ROCK, model=MODEL, stop=["a", "b", "c", "d", "e"]), 400, "at most 4", "stop"),
+    (dict(ROCK, model=MODEL, prompt=[1, 2, 3]), 400, "token ids are not supported", "prompt"),
+    (dict(ROCK, model=MODEL, echo=True, logprobs=1), 400, "echo with logprobs", "echo"),
+    (dict(ROCK, model=MODEL, stream_options={"include_usage": True}), 400, "only allowed with stream", None),
+    (dict(ROCK, model=MODEL, best_of=3), 400, "best_of", "best_of"),
+    (dict(ROCK, model=MODEL, suffix="end"), 400, "suffix", "suffix"),
+    (dict(ROCK, model=MODEL, functions=[]), 400, "unrecognized request argument", "functions"),
+    (dict(ROCK, model=MODEL, genre="Polka"), 400, "known", None),
+    (dict(model=MODEL), 400, "missing condition(s) score, genre", None),
+    (dict(ROCK, model=MODEL, seed=-1), 400, "seed must be in", None),
+    (dict(ROCK, model=MODEL, prompt="x" * 41), 400, "prompt is 41 characters", None),
+    (dict(ROCK, model="gpt-4"), 404, "the model 'gpt-4' does not exist", "model"),
+    (dict(ROCK), 400, "model is required", "model"),
+])
+def test_bad_requests_are_openai_errors_naming_the_field(served, body, status, fragment, param):
+    assert_openai_error(post(served, body), status, fragment, param=param)
+
+
+def test_the_sdk_raises_its_own_errors_with_the_body(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="", temperature=3, extra_body=ROCK)
+    assert caught.value.status_code == 400 and caught.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="davinci-002", prompt="")
+    assert caught.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("method, body, headers, status, fragment", [
+    ("POST", "x" * (SERVER_CONFIG.max_receive_bytes + 1), {"Content-Type": "application/json"}, 413, "larger than"),
+    ("POST", json.dumps({"model": MODEL}), {"Content-Type": "text/plain"}, 415, "application/json"),
+    ("POST", '{"model": "tiny-test-v1",', {"Content-Type": "application/json"}, 400, "not JSON"),
+    ("POST", "[" * 100 + "]" * 100, {"Content-Type": "application/json"}, 400, "nested"),
+    ("POST", "[1, 2]", {"Content-Type": "application/json"}, 400, "must be a JSON object"),
+    ("GET", None, {}, 405, "GET is not allowed"),
+])
+def test_hostile_bodies_on_the_new_routes(served, method, body, headers, status, fragment):
+    result = request(served.http_port, method, COMPLETIONS, body, {"Authorization": f"Bearer {KEY}", **headers})
+    assert_openai_error(result, status, fragment)
+
+
+def test_models_list_and_retrieve(client, served):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    model = client.models.retrieve(MODEL)
+    assert model.object == "model" and model.owned_by == "pitchkeras"
+    assert model.model_extra["conditions"]["genre"] == ["Rock", "Jazz", "Rap"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    status, _, body = request(served.http_port, "GET", "/v1/models")
+    assert status == 200
+    assert_schema(body, "ModelList")
+
+
+def test_chat_completions_points_to_completions(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert "/v1/completions" in caught.value.body["message"] and "chat" in caught.value.body["message"]
+
+
+def test_unknown_openai_paths_answer_in_openai_shape_and_ours_keep_theirs(served):
+    assert_openai_error(request(served.http_port, "POST", "/v1/embeddings", {"input": "x"}), 404, "/v1/completions")
+    status, _, body = request(served.http_port, "GET", "/v1/reviews/" + "f" * 24)
+    assert status == 404 and body["error"]["status"] == "NOT_FOUND"  # the ReviewService's AIP-193 errors
+
+
+# -- the OpenAPI description ----------------------------------------------------------------------------
+
+
+def test_the_openapi_document_is_served_and_matches_the_routes(served):
+    status, _, served_doc = request(served.http_port, "GET", "/v1/openapi.json")
+    assert status == 200 and served_doc == json.loads(json.dumps(OPENAPI))
+    fields = OPENAPI["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert set(fields) == set(COMPLETION_FIELDS)
+    routes = {(route.method, route.resource.canonical) for route in served.server.http_app.router.routes()
+              if route.resource is not None and route.resource.canonical.startswith(tuple(OPENAPI["paths"]))
+              and route.method != "HEAD"}
+    documented = {(verb.upper(), path) for path, ops in OPENAPI["paths"].items() for verb in ops}
+    assert {(m, p.replace("{model:.+}", "{model}")) for m, p in routes} == documented
+    jsonschema.Draft202012Validator.check_schema(OPENAPI["components"]["schemas"]["CompletionRequest"])
+
+
+def test_every_documented_request_field_is_taken(served):
+    """Each field of the document with a value the server accepts: no 400 for any of them."""
+    body = dict(model=MODEL, prompt="A", max_tokens=2, temperature=0.5, top_p=0.9, n=1, stop="zz", seed=1,
+                stream=False, stream_options=None, logprobs=None, echo=False, presence_penalty=0,
+                frequency_penalty=0, best_of=1, logit_bias={}, suffix=None, user="u", top_k=5,
+                repetition_penalty=1.1, no_repeat_ngram_size=3, store=False, **ROCK)
+    assert set(body) == set(COMPLETION_FIELDS)
+    jsonschema.Draft202012Validator(dict(OPENAPI["components"]["schemas"]["CompletionRequest"],
+                                         components=OPENAPI["components"])).validate(body)
+    status, _, answer = post(served, body)
+    assert status == 200, answer
+    assert_schema(answer, "Completion")
