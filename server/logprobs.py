@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import weakref
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from pitchkeras.v1 import review_service_pb2 as pb
 
@@ -76,17 +76,27 @@ def token_logprob_messages(logprobs: Iterable, texts: TokenTexts) -> list:
     ]
 
 
-def text_offsets(token_bytes: Sequence[bytes], start: int = 0) -> list[int]:
-    """Where each token starts in the text they decode to, in characters, counted from `start`.
+class TextOffsets:
+    """Where each token starts in the text the tokens decode to, in characters, token after token.
 
     A token that begins inside a multi-byte character starts where that
     character starts, as the text holds the character only once it is whole
     (the engine's deltas do the same); invalid bytes count as one U+FFFD each,
-    as the detokenizer writes them.
+    as the detokenizer writes them. One instance follows one text across the
+    deltas of a stream.
+
+    Args:
+        start: int. The offset of the first token (the length of an echoed prompt).
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    offsets, position = [], start
-    for data in token_bytes:
-        offsets.append(position)
-        position += len(decoder.decode(data))
-    return offsets
+
+    def __init__(self, start: int = 0):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.position = start
+
+    def of(self, token_bytes: Iterable[bytes]) -> list[int]:
+        """The offsets of the next tokens (given as their bytes)."""
+        offsets = []
+        for data in token_bytes:
+            offsets.append(self.position)
+            self.position += len(self._decoder.decode(data))
+        return offsets

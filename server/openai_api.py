@@ -60,7 +60,7 @@ from aiohttp import web
 from pitchkeras.errors import echo
 from pitchkeras.server.auth import AuthError
 from pitchkeras.server.http_api import ClientGone, HttpAbort, SseContext, http_rules, parse_json_object
-from pitchkeras.server.logprobs import text_offsets
+from pitchkeras.server.logprobs import TextOffsets
 from pitchkeras.server.openai_schema import OPENAPI
 from pitchkeras.server.servicer import MAX_STOP_SEQUENCES, status_of
 from pitchkeras.v1 import review_service_pb2 as pb
@@ -68,7 +68,6 @@ from pitchkeras.v1 import review_service_pb2 as pb
 log = logging.getLogger("pitchkeras.server.openai")
 
 C = grpc.StatusCode
-MAX_LOGPROBS = 5  # OpenAI's legacy Completions limit
 OWNER = "pitchkeras"
 #: The request fields of `POST /v1/completions` and the JSON types each accepts (null always: unset).
 COMPLETION_FIELDS = {
@@ -257,12 +256,13 @@ class OpenAiApi:
                 tasks.append(asyncio.get_running_loop().create_task(
                     self._pump(call, batcher, sample, index, options.store, events)))
                 index += 1
+        choices = [call for call, _ in calls for _ in call.requests]  # choice index -> its call
+        offsets = [TextOffsets(len(call.prompt_text) if options.echo else 0) for call in choices]
         reviews, running = [], len(tasks)
         try:
             if options.echo:
-                for call_index, (call, _) in enumerate(calls):
-                    for i in range(len(call.requests)):
-                        await context.send(_chunk(head, _first_index(calls, call_index) + i, call.prompt_text))
+                for index, call in enumerate(choices):
+                    await context.send(_chunk(head, index, call.prompt_text))
             while running:
                 choice, item = await events.get()
                 if item is None:
@@ -273,12 +273,14 @@ class OpenAiApi:
                     await context.send(error_body(item.http_status, item.message,
                                                   code=_canonical(item.http_status, item.code)))
                     break
-                elif isinstance(item, str):
-                    await context.send(_chunk(head, choice, item))
+                elif item.WhichOneof("chunk") == "delta":
+                    logprobs = (_logprobs(item.logprobs, choices[choice], offsets[choice])
+                                if options.logprobs is not None else None)
+                    await context.send(_chunk(head, choice, item.delta, logprobs=logprobs))
                 else:
-                    reviews.append(item)
-                    await context.send(_chunk(head, choice, "", _FINISH.get(item.finish_reason, "stop"),
-                                              review=_review_json(item)))
+                    reviews.append(item.review)
+                    await context.send(_chunk(head, choice, "", _FINISH.get(item.review.finish_reason, "stop"),
+                                              review=_review_json(item.review)))
             if options.include_usage and not running:
                 await context.send(dict(head, choices=[], usage=_usage(calls, reviews)))
             await _send_done(context)
@@ -292,7 +294,7 @@ class OpenAiApi:
         return context.response
 
     async def _pump(self, call, batcher, sample: int, choice: int, store: bool, events: asyncio.Queue) -> None:
-        """Put one choice's deltas and GeneratedReview on `events`, then None (an HttpAbort on failure)."""
+        """Put one choice's GenerateChunks on `events`, then None (an HttpAbort on failure)."""
         try:
             async for item in self.servicer.stream_review(call, batcher, sample, store):
                 events.put_nowait((choice, item))
@@ -345,8 +347,10 @@ class CompletionOptions:
         if values["max_tokens"] is not None and not 1 <= values["max_tokens"] <= limits.max_length_cap:
             raise OpenAiError(400, f"max_tokens must be in [1, {limits.max_length_cap}], got {values['max_tokens']}",
                               param="max_tokens")
-        if values["logprobs"] is not None and not 0 <= values["logprobs"] <= MAX_LOGPROBS:
-            raise OpenAiError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {values['logprobs']}",
+        from pitchkeras.sampling.config import MAX_TOP_LOGPROBS  # lazy: the sampling package loads TensorFlow
+
+        if values["logprobs"] is not None and not 0 <= values["logprobs"] <= MAX_TOP_LOGPROBS:
+            raise OpenAiError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {values['logprobs']}",
                               param="logprobs")
         temperature = values["temperature"]
         if temperature is not None and temperature == 0:  # OpenAI's greedy decoding: the most likely token
@@ -475,10 +479,6 @@ def _running(groups: list) -> list:
     return out
 
 
-def _first_index(calls: list, call_index: int) -> int:
-    return sum(len(call.requests) for call, _ in calls[:call_index])
-
-
 def _review_json(review: pb.GeneratedReview) -> dict:
     """The post-processed review of a choice (the extra `review` field)."""
     return {
@@ -497,15 +497,16 @@ def _choice(index: int, review: pb.GeneratedReview, call, options: CompletionOpt
     return {
         "text": prefix + completion,
         "index": index,
-        "logprobs": _logprobs(review, call, len(prefix)) if options.logprobs is not None else None,
+        "logprobs": _logprobs(review.logprobs, call, TextOffsets(len(prefix))) if options.logprobs is not None
+        else None,
         "finish_reason": _FINISH.get(review.finish_reason, "stop"),
         "review": _review_json(review),
     }
 
 
-def _logprobs(review: pb.GeneratedReview, call, start: int) -> dict:
-    """OpenAI's legacy logprobs object; each `top_logprobs` entry holds the top N and the chosen token."""
-    entries = list(review.logprobs)
+def _logprobs(entries, call, offsets: TextOffsets) -> dict:
+    """OpenAI's legacy logprobs object of `pb.TokenLogprob`s; each `top_logprobs` entry holds the top N and the
+    chosen token (so up to N + 1, as OpenAI documents)."""
     top = []
     for entry in entries:
         alternatives = {t.token: t.logprob for t in entry.top_logprobs}
@@ -515,7 +516,7 @@ def _logprobs(review: pb.GeneratedReview, call, start: int) -> dict:
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": top,
-        "text_offset": text_offsets([call.token_texts.bytes(e.token_id) for e in entries], start),
+        "text_offset": offsets.of(call.token_texts.bytes(e.token_id) for e in entries),
     }
 
 
@@ -527,8 +528,9 @@ async def _send_done(context: SseContext) -> None:
         raise ClientGone("the client closed the event stream") from err
 
 
-def _chunk(head: dict, index: int, text: str, finish_reason: Optional[str] = None, **extra) -> dict:
-    return dict(head, choices=[dict({"text": text, "index": index, "logprobs": None,
+def _chunk(head: dict, index: int, text: str, finish_reason: Optional[str] = None, *, logprobs=None,
+           **extra) -> dict:
+    return dict(head, choices=[dict({"text": text, "index": index, "logprobs": logprobs,
                                      "finish_reason": finish_reason}, **extra)])
 
 

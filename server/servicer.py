@@ -17,7 +17,6 @@ import random
 from typing import Any, Optional
 
 import grpc
-import numpy as np
 
 from pitchkeras.client.convert import review_to_proto
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError, clip, echo
@@ -187,8 +186,8 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
             raise InvalidArgument(
                 f"StreamGenerate writes one review; leave num_samples unset or 1 (got {len(call.requests)}), "
                 "or call Generate for several")
-        async for item in self.stream_review(call, batcher, 0, request.store):
-            await context.write(pb.GenerateChunk(delta=item) if isinstance(item, str) else pb.GenerateChunk(review=item))
+        async for chunk in self.stream_review(call, batcher, 0, request.store):
+            await context.write(chunk)
 
     async def generate_reviews(self, call: "GenerateCall", batcher, store: bool) -> list:
         """Run a checked call's samples on the batcher: their GeneratedReview messages, in seed order."""
@@ -196,13 +195,22 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         return await self._kept(call, samples, store)
 
     async def stream_review(self, call: "GenerateCall", batcher, index: int, store: bool):
-        """Sample `index` of a checked call as it is decoded: its text deltas (str), then its GeneratedReview."""
-        async for item in batcher.stream(call.requests[index], call.config, call.max_length):
+        """Sample `index` of a checked call as it is decoded: GenerateChunks with its text deltas (and their
+        tokens' logprobs when asked), then one with its GeneratedReview."""
+        request = call.requests[index]
+        asked = request.top_logprobs is not None
+        stream = (batcher.stream(request, call.config, call.max_length, tokens=True) if asked
+                  else batcher.stream(request, call.config, call.max_length))
+        async for item in stream:
             if isinstance(item, str):
-                yield item
+                yield pb.GenerateChunk(delta=item)
+            elif isinstance(item, tuple):
+                text, tokens = item
+                if text or tokens:
+                    yield pb.GenerateChunk(delta=text, logprobs=token_logprob_messages(tokens, call.token_texts))
             else:
                 (review,) = await self._kept(call, [item], store, first=index)
-                yield review
+                yield pb.GenerateChunk(review=review)
 
     def _generate_call(self, request: pb.GenerateRequest, context) -> tuple["GenerateCall", Any]:
         """Check the caller and the request; what to generate, and the batcher that runs it."""
@@ -225,17 +233,15 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
             raise InvalidArgument(
                 f"prompt is {len(request.prompt)} characters; at most {limits.prompt_chars_cap} allowed")
         _check_stop_sequences(request.stop_sequences)
-        if request.HasField("top_logprobs"):
-            raise InvalidArgument("top_logprobs: log-probabilities are not supported by this server yet; "
-                                  "leave top_logprobs (OpenAI: logprobs) unset")
+        top_logprobs = request.top_logprobs if request.HasField("top_logprobs") else None
         config = SamplerConfig.from_proto(request)
         seed = _seed(request)
         # Checked here, not in the batch, so one bad call cannot fail its batch mates;
         # also respells the genre as the model knows it ("rap" -> "Rap").
         conditions = _conditions(request, generator.model.info)
-        requests = [GenerationRequest(conditions=conditions or None, prefix=request.prompt, seed=seed + i)
-                    for i in range(num_samples)]
-        prepared = generator.prepare(requests[0])  # the prompt as the model reads it
+        requests = [GenerationRequest(conditions=conditions or None, prefix=request.prompt, seed=seed + i,
+                                      top_logprobs=top_logprobs) for i in range(num_samples)]
+        prepared = generator.prepare(requests[0])  # the prompt as the model reads it; checks top_logprobs
         return GenerateCall(requests, config, max_length, conditions, seed, generator.model.info.model_version,
                             request.prompt, prepared.prompt, len(prepared.ids),
                             TokenTexts.of(generator.model.tokenizer)), batcher
@@ -301,16 +307,9 @@ class GenerateCall:
 
 def _completion_fields(sample, call: GenerateCall) -> dict:
     """The GeneratedReview fields that describe the completion's tokens: why it ended, how many, logprobs."""
-    # TEMPORARY until the engine's Sample carries finish_reason, completion_ids and logprobs
-    # (/work/wt/LOGPROBS-INTERFACE.md): derived from the text meanwhile.
-    reason = getattr(sample, "finish_reason", None)
-    ids = getattr(sample, "completion_ids", None)
-    if ids is None:
-        completion = sample.raw[len(sample.prompt):]
-        ids = np.asarray(call.token_texts._tokenizer.tokenize(completion)).reshape(-1) if completion else ()
-        reason = "length" if len(ids) >= call.max_length else "end_token"
-    return dict(finish_reason=FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED), completion_tokens=len(ids),
-                logprobs=token_logprob_messages(getattr(sample, "logprobs", None) or (), call.token_texts))
+    return dict(finish_reason=FINISH_REASONS.get(sample.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                completion_tokens=len(sample.completion_ids),
+                logprobs=token_logprob_messages(sample.logprobs or (), call.token_texts))
 
 
 def _check_stop_sequences(stops) -> None:

@@ -145,7 +145,8 @@ def test_streaming_with_usage_gives_the_same_text_then_done(client, served):
     assert all(c.choices[0].finish_reason is None for c in choice_chunks[:-1])
     # on the wire: event-stream, `data:` lines, ending with `data: [DONE]`
     raw = urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{served.http_port}{COMPLETIONS}", data=json.dumps(dict(kwargs, **ROCK, stream=True)).encode(),
+        f"http://127.0.0.1:{served.http_port}{COMPLETIONS}",
+        data=json.dumps(dict(model=MODEL, prompt="The band", max_tokens=10, seed=3, stream=True, **ROCK)).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}), timeout=60)
     assert raw.headers["Content-Type"].startswith("text/event-stream")
     events = [e for e in raw.read().decode().split("\n\n") if e]
@@ -181,10 +182,11 @@ def test_stop_ends_the_text_before_the_stop_as_grpc_does(client, stub):
 
 
 def test_temperature_zero_is_greedy(client):
-    kwargs = dict(model=MODEL, prompt="The", max_tokens=6, temperature=0, extra_body=ROCK)
-    texts = {client.completions.create(seed=seed, **kwargs).choices[0].text for seed in (1, 2)}
+    kwargs = dict(model=MODEL, prompt="The", max_tokens=6)
+    texts = {client.completions.create(seed=seed, temperature=0, extra_body=ROCK, **kwargs).choices[0].text
+             for seed in (1, 2)}
     assert len(texts) == 1  # the seed does not matter: the most likely token every time
-    top1 = client.completions.create(seed=1, **dict(kwargs, temperature=None), extra_body=dict(ROCK, top_k=1))
+    top1 = client.completions.create(seed=3, extra_body=dict(ROCK, top_k=1), **kwargs)
     assert top1.choices[0].text in texts
 
 
@@ -205,10 +207,56 @@ def test_store_saves_accepted_reviews_with_their_ids(client, stub):
         assert got.text == review["text"] and got.seed == 77
 
 
-def test_logprobs_are_refused_until_the_engine_computes_them(client):
+def direct_logprobs(generator, prompt_ids, completion_ids):
+    """log_softmax of the backbone's logits over prompt + completion in one forward pass (no cache)."""
+    import numpy as np
+    import tensorflow as tf
+
+    backbone = generator._backbone
+    ids = np.asarray([list(prompt_ids) + list(completion_ids)], np.int32)
+    logits = backbone.token_embedding(backbone({"token_ids": ids, "padding_mask": np.ones_like(ids, bool)}),
+                                      reverse=True)
+    scores = tf.nn.log_softmax(tf.cast(logits, tf.float32), axis=-1).numpy()[0]
+    return scores[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(completion_ids)]
+
+
+def test_logprobs_match_a_direct_forward_pass_for_greedy_decoding(client, stub, tiny_generator):
+    import numpy as np
+
+    kwargs = dict(model=MODEL, prompt="The band", max_tokens=8, temperature=0, seed=1, logprobs=3)
+    answer = client.completions.create(**kwargs, extra_body=ROCK)
+    (choice,) = answer.choices
+    assert_schema(answer.model_dump(exclude_unset=True), "Completion")
+    logprobs = choice.logprobs
+    (review,) = grpc_generate(stub, prompt="The band", max_length=8, top_k=1, seed=1, top_logprobs=3, **ROCK)
+    ids = [t.token_id for t in review.logprobs]
+    assert len(ids) == review.completion_tokens == answer.usage.completion_tokens == len(logprobs.tokens)
+    assert logprobs.tokens == [t.token for t in review.logprobs]
+    assert "".join(logprobs.tokens) == choice.text  # these tokens are whole characters
+    expected = direct_logprobs(tiny_generator, tiny_generator.prepare(tiny_generator_request("The band")).ids, ids)
+    np.testing.assert_allclose(logprobs.token_logprobs, expected[np.arange(len(ids)), ids], atol=1e-4)
+    for position, (top, row) in enumerate(zip(logprobs.top_logprobs, expected)):
+        best = np.argsort(-row, kind="stable")[:3]
+        assert best[0] == ids[position]  # greedy: the most likely token was chosen
+        assert len(top) == 3 and list(top) == [t.token for t in review.logprobs[position].top_logprobs]
+        np.testing.assert_allclose(list(top.values()), row[best], atol=1e-4)
+    offsets = logprobs.text_offset
+    assert offsets[0] == 0 and [choice.text[o:o + len(t)] for o, t in zip(offsets, logprobs.tokens)] == logprobs.tokens
+    # streamed: the same tokens and numbers, offsets continuing across chunks
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs, extra_body=ROCK)]
+    streamed = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [x for lp in streamed for x in lp.token_logprobs] == logprobs.token_logprobs
+    assert [x for lp in streamed for x in lp.text_offset] == offsets
+    # logprobs=0: the chosen token alone in each top_logprobs entry
+    zero = client.completions.create(**dict(kwargs, logprobs=0), extra_body=ROCK).choices[0].logprobs
+    assert zero.top_logprobs == [{t: lp} for t, lp in zip(logprobs.tokens, logprobs.token_logprobs)]
+
+
+def test_logprobs_above_five_are_refused(client):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=MODEL, prompt="", logprobs=2, max_tokens=4, extra_body=ROCK)
-    assert "not supported" in caught.value.body["message"]
+        client.completions.create(model=MODEL, prompt="", logprobs=6, max_tokens=4, extra_body=ROCK)
+    assert "logprobs must be in [0, 5]" in caught.value.body["message"] and caught.value.body["param"] == "logprobs"
 
 
 # -- errors --------------------------------------------------------------------------------------------
