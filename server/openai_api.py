@@ -60,7 +60,7 @@ from aiohttp import web
 from pitchkeras.errors import echo
 from pitchkeras.server.auth import AuthError
 from pitchkeras.server.http_api import ClientGone, HttpAbort, SseContext, http_rules, parse_json_object
-from pitchkeras.server.logprobs import TextOffsets
+from pitchkeras.tokens import TextOffsets
 from pitchkeras.server.openai_schema import OPENAPI
 from pitchkeras.server.servicer import MAX_STOP_SEQUENCES, status_of
 from pitchkeras.v1 import review_service_pb2 as pb

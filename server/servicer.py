@@ -22,7 +22,8 @@ from pitchkeras.client.convert import review_to_proto
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError, clip, echo
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
-from pitchkeras.server.logprobs import TokenTexts, token_logprob_messages
+from pitchkeras.server.logprobs import token_logprob_messages
+from pitchkeras.tokens import TokenTexts
 from pitchkeras.store.base import Review, ReviewStore, review_id, validate_review_id, validate_score
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
