@@ -253,6 +253,31 @@ def test_logprobs_match_a_direct_forward_pass_for_greedy_decoding(client, stub, 
     assert zero.top_logprobs == [{t: lp} for t, lp in zip(logprobs.tokens, logprobs.token_logprobs)]
 
 
+def test_grpc_and_the_python_client_carry_logprobs_finish_reason_and_stop(served, stub):
+    from pitchkeras.client import ReviewClient
+
+    fields = dict(prompt="The band", max_length=10, seed=4, top_logprobs=2, **ROCK)
+    chunks = list(stub.StreamGenerate(pb.GenerateRequest(**fields), metadata=(("x-api-key", KEY),), timeout=60))
+    *deltas, last = chunks
+    final = last.review
+    assert [t for c in deltas for t in c.logprobs] == list(final.logprobs)
+    assert "".join(c.delta for c in deltas) == completion(final.raw, final.review.prompt)
+    assert len(final.logprobs) == final.completion_tokens and all(len(t.top_logprobs) == 2 for t in final.logprobs)
+    with ReviewClient(f"127.0.0.1:{served.port}", api_key=KEY) as client:
+        (review,) = client.generate(**fields)
+        streamed = list(client.stream_generate(**fields))
+        text = completion(review.raw, review.review.prompt)
+        stop = text[3:5]
+        (stopped,) = client.generate(**dict(fields, stop_sequences=[stop]))
+    assert review.raw == final.raw and review.finish_reason in ("length", "end_token")
+    assert review.logprobs == [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+                                "top_logprobs": [{"token_id": a.token_id, "token": a.token, "logprob": a.logprob}
+                                                 for a in t.top_logprobs]} for t in final.logprobs]
+    assert streamed[-1].logprobs == review.logprobs and "".join(streamed[:-1]) == text
+    assert stopped.finish_reason == "stop_sequence" and completion(stopped.raw, stopped.review.prompt) == text[: text.find(stop)]
+    assert stopped.logprobs == review.logprobs[: len(stopped.logprobs)]
+
+
 def test_logprobs_above_five_are_refused(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt="", logprobs=6, max_tokens=4, extra_body=ROCK)
