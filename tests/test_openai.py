@@ -411,3 +411,20 @@ def test_every_documented_request_field_is_taken(served):
     status, _, answer = post(served, body)
     assert status == 200, answer
     assert_schema(answer, "Completion")
+
+
+# -- a third-party client ------------------------------------------------------------------------------
+
+
+def test_langchain_openai_llm_completes_streams_and_returns_logprobs(served, client):
+    """LangChain's `OpenAI` LLM class (langchain-openai, the `clients` extra), pointed at the server."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.OpenAI(model=MODEL, base_url=f"http://127.0.0.1:{served.http_port}/v1", api_key=KEY,
+                                  max_tokens=8, temperature=0, max_retries=0, extra_body=ROCK)
+    text = llm.invoke("The band")
+    expected = client.completions.create(model=MODEL, prompt="The band", max_tokens=8, temperature=0,
+                                         extra_body=ROCK).choices[0].text
+    assert text == expected and text
+    assert "".join(llm.stream("The band")) == expected
+    info = llm.generate(["The band"], logprobs=2).generations[0][0].generation_info
+    assert info["finish_reason"] in ("stop", "length") and "".join(info["logprobs"]["tokens"]) == expected
