@@ -428,3 +428,32 @@ def test_langchain_openai_llm_completes_streams_and_returns_logprobs(served, cli
     assert "".join(llm.stream("The band")) == expected
     info = llm.generate(["The band"], logprobs=2).generations[0][0].generation_info
     assert info["finish_reason"] in ("stop", "length") and "".join(info["logprobs"]["tokens"]) == expected
+
+
+def test_a_stream_whose_client_hangs_up_frees_its_rows(served, monkeypatch):
+    import socket
+    import time
+
+    engine = served.server.model.batcher.engine
+    counters, step = engine.counters, engine.step
+
+    def slow_step():  # 16 tokens take a while, so the hang-up lands mid-stream on any machine
+        time.sleep(0.05)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    cancelled, finished = counters.cancelled, counters.finished
+    body = json.dumps(dict(model=MODEL, prompt="", n=2, max_tokens=16, seed=1, stream=True, **ROCK)).encode()
+    with socket.create_connection(("127.0.0.1", served.http_port), timeout=30) as sock:
+        sock.sendall(f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while b"data: " not in received:  # the stream has begun
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    deadline = time.monotonic() + 30
+    while not (counters.cancelled == cancelled + 2 and counters.active == 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counters.cancelled == cancelled + 2 and counters.active == 0, counters
+    assert counters.finished == finished
