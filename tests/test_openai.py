@@ -457,3 +457,25 @@ def test_a_stream_whose_client_hangs_up_frees_its_rows(served, monkeypatch):
         time.sleep(0.01)
     assert counters.cancelled == cancelled + 2 and counters.active == 0, counters
     assert counters.finished == finished
+
+
+def test_the_readme_snippet_runs_as_written(tiny_generator, tmp_path, capsys):
+    """README's "From any OpenAI client" Python block, against a live server (only its URL and key swapped)."""
+    from pathlib import Path
+
+    from pitchkeras.server import ServerConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From any OpenAI client", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    config = ServerConfig(max_batch_size=4, default_max_length=8, max_length_cap=64, num_samples_cap=4,
+                          prompt_chars_cap=40, warmup=False)  # the snippet's 60 tokens
+    with BackgroundServer(f"sqlite:///{tmp_path}/readme.db", generator=tiny_generator, config=config,
+                          api_keys=ApiKeys([KEY]), http_port=0) as background:
+        assert background.wait_until_ready(120) == "ready"
+        url = f"http://127.0.0.1:{background.http_port}/v1"
+        assert snippet.count("http://localhost:8080/v1") == 1 and snippet.count("YOUR-KEY") == 1
+        exec(compile(snippet.replace("http://localhost:8080/v1", url).replace("YOUR-KEY", KEY), "README.md", "exec"),
+             {})
+    out = capsys.readouterr().out
+    assert "'status':" in out and "completion_tokens=" in out
