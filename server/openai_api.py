@@ -58,7 +58,6 @@ import grpc
 from aiohttp import web
 
 from pitchkeras.errors import echo
-from pitchkeras.server.auth import AuthError
 from pitchkeras.server.http_api import ClientGone, HttpAbort, SseContext, http_rules, parse_json_object
 from pitchkeras.tokens import TextOffsets
 from pitchkeras.server.openai_schema import OPENAPI
@@ -150,7 +149,7 @@ class OpenAiApi:
         try:
             return await handler(request)
         except OpenAiError as err:
-            return self._error(err.status, err.message, param=err.param, code=err.code)
+            return self._error(err.status, err.message, param=err.param, code=err.code or _canonical(err.status, None))
         except HttpAbort as err:
             return self._error(err.http_status, err.message, code=_canonical(err.http_status, err.code),
                                headers=err.headers)
@@ -339,7 +338,7 @@ class CompletionOptions:
             raise _unknown_model(values["model"], {"id": model_id})
         _refuse_unsupported(values)
         prompts = _prompts(values["prompt"])
-        fields = {proto: values[name] for name, proto in _SAME_FIELDS.items() if values[name] is not None}
+        fields = {name: values[name] for name in _SAME_FIELDS if values[name] is not None}
         n = values["n"] if values["n"] is not None else 1
         if n < 1 or n * len(prompts) > limits.num_samples_cap:
             raise OpenAiError(400, f"n x prompts must be in [1, {limits.num_samples_cap}], got {n} x {len(prompts)}",
@@ -361,10 +360,24 @@ class CompletionOptions:
         if stream_options is not None and not stream:
             raise OpenAiError(400, "stream_options is only allowed with stream: true", param="stream_options")
         include_usage = _include_usage(stream_options)
-        requests = [pb.GenerateRequest(prompt=prompt, stop_sequences=stops, store=bool(values["store"]), **fields)
-                    for prompt in prompts]
+        requests = [_generate_request(prompt, stops, bool(values["store"]), fields) for prompt in prompts]
         return cls(requests, stream=stream, include_usage=include_usage, echo=bool(values["echo"]),
                    logprobs=values["logprobs"], store=bool(values["store"]))
+
+
+def _generate_request(prompt: str, stops: list, store: bool, fields: dict) -> pb.GenerateRequest:
+    """One prompt's GenerateRequest; a value the message cannot hold (past int64, a lone surrogate) is a 400."""
+    message = pb.GenerateRequest(store=store)
+    for name, value in dict(fields, prompt=prompt, stop=stops).items():
+        try:
+            if name == "stop":
+                message.stop_sequences.extend(value)
+            else:
+                setattr(message, _SAME_FIELDS.get(name, name), value)
+        except (ValueError, TypeError):
+            raise OpenAiError(400, f"{name} cannot be {echo(value)}: out of range or not valid text",
+                              param=name) from None
+    return message
 
 
 def _typed(body: dict, name: str) -> Any:
@@ -454,8 +467,8 @@ def _abort(err: Exception) -> HttpAbort:
     if status is None:
         log.error("/v1/completions failed unexpectedly", exc_info=err)
         return HttpAbort(C.INTERNAL, "internal error in /v1/completions; see the server log")
-    headers = {"Retry-After": err.retry_after} if isinstance(err, AuthError) and status[0] == C.RESOURCE_EXHAUSTED \
-        else None
+    retry = getattr(err, "retry_after_s", None)  # a key's rate limit (AuthError) or a full queue
+    headers = {"Retry-After": str(max(1, math.ceil(retry)))} if status[0] == C.RESOURCE_EXHAUSTED and retry else None
     return HttpAbort(*status, headers=headers)
 
 

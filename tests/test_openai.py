@@ -274,7 +274,8 @@ def test_grpc_and_the_python_client_carry_logprobs_finish_reason_and_stop(served
                                 "top_logprobs": [{"token_id": a.token_id, "token": a.token, "logprob": a.logprob}
                                                  for a in t.top_logprobs]} for t in final.logprobs]
     assert streamed[-1].logprobs == review.logprobs and "".join(streamed[:-1]) == text
-    assert stopped.finish_reason == "stop_sequence" and completion(stopped.raw, stopped.review.prompt) == text[: text.find(stop)]
+    assert stopped.finish_reason == "stop_sequence"
+    assert completion(stopped.raw, stopped.review.prompt) == text[: text.find(stop)]
     assert stopped.logprobs == review.logprobs[: len(stopped.logprobs)]
 
 
@@ -329,6 +330,11 @@ def test_over_the_rate_limit_is_429_with_retry_after(tiny_generator, tmp_path):
     (dict(model=MODEL), 400, "missing condition(s) score, genre", None),
     (dict(ROCK, model=MODEL, seed=-1), 400, "seed must be in", None),
     (dict(ROCK, model=MODEL, prompt="x" * 41), 400, "prompt is 41 characters", None),
+    (dict(ROCK, model=MODEL, seed=2**64), 400, "seed cannot be", "seed"),
+    (dict(ROCK, model=MODEL, top_k=2**40), 400, "top_k cannot be", "top_k"),
+    (dict(ROCK, model=MODEL, prompt="\ud800"), 400, "prompt cannot be", "prompt"),
+    (dict(ROCK, model=MODEL, stop="\udfff"), 400, "stop cannot be", "stop"),
+    (dict(ROCK, model=MODEL, temperature=float("nan")), 400, "temperature must be a number", "temperature"),
     (dict(ROCK, model="gpt-4"), 404, "the model 'gpt-4' does not exist", "model"),
     (dict(ROCK), 400, "model is required", "model"),
 ])
