@@ -485,3 +485,13 @@ def test_the_readme_snippet_runs_as_written(tiny_generator, tmp_path, capsys):
              {})
     out = capsys.readouterr().out
     assert "'status':" in out and "completion_tokens=" in out
+
+
+def test_without_a_model_the_list_is_empty_and_completions_say_why(tmp_path):
+    with BackgroundServer(f"sqlite:///{tmp_path}/none.db", config=SERVER_CONFIG, http_port=0) as background:
+        status, _, body = request(background.http_port, "GET", "/v1/models")
+        assert status == 200 and body == {"object": "list", "data": []}
+        assert_openai_error(request(background.http_port, "GET", f"/v1/models/{MODEL}"), 404, "has no model")
+        error = assert_openai_error(request(background.http_port, "POST", COMPLETIONS, {"model": MODEL}), 400,
+                                    "pitchkeras serve --model")
+        assert error["code"] == "failed_precondition"
