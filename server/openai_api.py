@@ -59,9 +59,9 @@ from aiohttp import web
 
 from pitchkeras.errors import echo
 from pitchkeras.server.http_api import ClientGone, HttpAbort, SseContext, http_rules, parse_json_object
-from pitchkeras.tokens import TextOffsets
 from pitchkeras.server.openai_schema import OPENAPI
 from pitchkeras.server.servicer import MAX_STOP_SEQUENCES, status_of
+from pitchkeras.tokens import TextOffsets
 from pitchkeras.v1 import review_service_pb2 as pb
 
 log = logging.getLogger("pitchkeras.server.openai")
@@ -79,8 +79,8 @@ COMPLETION_FIELDS = {
     "score": "number", "genre": "string", "top_k": "integer", "repetition_penalty": "number",
     "no_repeat_ngram_size": "integer", "store": "boolean",
 }
-# Fields copied as they are into GenerateRequest (OpenAI name -> proto name).
-_SAME_FIELDS = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "score": "score", "genre": "genre",
+# Request fields that map one to one onto a GenerateRequest field (OpenAI name -> proto name).
+_TO_PROTO = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "score": "score", "genre": "genre",
                 "top_k": "top_k", "repetition_penalty": "repetition_penalty",
                 "no_repeat_ngram_size": "no_repeat_ngram_size", "max_tokens": "max_length", "n": "num_samples",
                 "logprobs": "top_logprobs"}
@@ -229,6 +229,7 @@ class OpenAiApi:
         return web.json_response(dict(_head(model["id"]), choices=choices, usage=usage))
 
     async def _run(self, call, batcher, store: bool) -> list:
+        """One prompt's GeneratedReviews, as Generate makes them; the library's errors as HttpAbort."""
         try:
             return await self.servicer.generate_reviews(call, batcher, store)
         except Exception as err:  # the library's errors become statuses here, as Generate's do in the servicer
@@ -284,12 +285,11 @@ class OpenAiApi:
                 await context.send(dict(head, choices=[], usage=_usage(calls, reviews)))
             await _send_done(context)
         except ClientGone:
-            pass
+            return context.response  # nobody left to answer
         finally:
             for task in tasks:
                 task.cancel()  # a client that went away frees its rows at the next step
-        if context.started:
-            await context.response.write_eof()
+        await context.response.write_eof()
         return context.response
 
     async def _pump(self, call, batcher, sample: int, choice: int, store: bool, events: asyncio.Queue) -> None:
@@ -338,7 +338,7 @@ class CompletionOptions:
             raise _unknown_model(values["model"], {"id": model_id})
         _refuse_unsupported(values)
         prompts = _prompts(values["prompt"])
-        fields = {name: values[name] for name in _SAME_FIELDS if values[name] is not None}
+        fields = {name: values[name] for name in _TO_PROTO if values[name] is not None}
         n = values["n"] if values["n"] is not None else 1
         if n < 1 or n * len(prompts) > limits.num_samples_cap:
             raise OpenAiError(400, f"n x prompts must be in [1, {limits.num_samples_cap}], got {n} x {len(prompts)}",
@@ -373,7 +373,7 @@ def _generate_request(prompt: str, stops: list, store: bool, fields: dict) -> pb
             if name == "stop":
                 message.stop_sequences.extend(value)
             else:
-                setattr(message, _SAME_FIELDS.get(name, name), value)
+                setattr(message, _TO_PROTO.get(name, name), value)
         except (ValueError, TypeError):
             raise OpenAiError(400, f"{name} cannot be {echo(value)}: out of range or not valid text",
                               param=name) from None

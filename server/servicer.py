@@ -23,8 +23,8 @@ from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Una
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.server.logprobs import token_logprob_messages
-from pitchkeras.tokens import TokenTexts
 from pitchkeras.store.base import Review, ReviewStore, review_id, validate_review_id, validate_score
+from pitchkeras.tokens import TokenTexts
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 
@@ -289,7 +289,7 @@ class GenerateCall:
     prompt: str
     prompt_text: str = ""  # the text the model continues: the condition header and the prompt
     prompt_tokens: int = 0  # its tokens, the start token included
-    token_texts: Any = None  # logprobs.TokenTexts of the model's tokenizer
+    token_texts: Any = None  # tokens.TokenTexts of the model's tokenizer
 
     def id_key(self) -> dict:
         """What fixes the text, for `review_id`: equal ids mean equal reviews."""
