@@ -495,3 +495,45 @@ def test_without_a_model_the_list_is_empty_and_completions_say_why(tmp_path):
         error = assert_openai_error(request(background.http_port, "POST", COMPLETIONS, {"model": MODEL}), 400,
                                     "pitchkeras serve --model")
         assert error["code"] == "failed_precondition"
+
+
+# -- fuzzing the request mapping -------------------------------------------------------------------------
+
+
+def test_any_completion_body_maps_to_a_checked_call_or_a_4xx(served):
+    """Whatever the body holds, `CompletionOptions.parse` and the servicer's checks raise only their own errors
+    (a 4xx), never a bug's exception (Hypothesis, values of every JSON type in every documented field)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from pitchkeras.server.openai_api import CompletionOptions, OpenAiError
+    from pitchkeras.server.servicer import status_of
+
+    values = (st.none() | st.booleans() | st.integers() | st.integers(-2, 20)
+              | st.floats(allow_nan=False, allow_infinity=False) | st.floats(0, 2) | st.text(max_size=50)
+              | st.lists(st.text(max_size=5) | st.integers(), max_size=6)
+              | st.dictionaries(st.text(max_size=14), st.booleans() | st.integers(), max_size=2))
+    names = st.sampled_from(sorted(COMPLETION_FIELDS)) | st.text(max_size=8)
+    servicer = served.server.servicer
+    outcomes = {"refused": 0, "checked": 0}
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(st.dictionaries(names, values, max_size=8), st.booleans())
+    def check(body, with_model):
+        body = dict(body, model=MODEL) if with_model else body
+        try:
+            options = CompletionOptions.parse(body, MODEL, SERVER_CONFIG)
+        except OpenAiError as err:
+            assert err.status in (400, 404) and err.message
+            outcomes["refused"] += 1
+            return
+        outcomes["checked"] += 1
+        for message in options.requests:
+            try:
+                servicer.checked_call(message)
+            except Exception as err:  # noqa: BLE001 - the property: only the library's own errors
+                status = status_of(err)
+                assert status is not None and status[0] != grpc.StatusCode.INTERNAL, repr(err)
+
+    check()
+    assert outcomes["refused"] and outcomes["checked"], outcomes  # both paths were exercised
