@@ -395,7 +395,8 @@ def _typed(body: dict, name: str) -> Any:
         "string or array of strings": isinstance(value, str) or isinstance(value, list),
     }[kind]
     if not ok:
-        raise OpenAiError(400, f"{name} must be a {kind} (or null), got {echo(value)}", param=name)
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise OpenAiError(400, f"{name} must be {article} {kind} (or null), got {echo(value)}", param=name)
     return value
 
 

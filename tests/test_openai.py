@@ -317,7 +317,7 @@ def test_over_the_rate_limit_is_429_with_retry_after(tiny_generator, tmp_path):
     (dict(ROCK, model=MODEL, presence_penalty=0.5), 400, "presence_penalty is not supported", "presence_penalty"),
     (dict(ROCK, model=MODEL, frequency_penalty=1), 400, "frequency_penalty is not supported", "frequency_penalty"),
     (dict(ROCK, model=MODEL, max_tokens=10_000), 400, "max_tokens must be in [1, 16]", "max_tokens"),
-    (dict(ROCK, model=MODEL, max_tokens="8"), 400, "max_tokens must be a integer", "max_tokens"),
+    (dict(ROCK, model=MODEL, max_tokens="8"), 400, "max_tokens must be an integer", "max_tokens"),
     (dict(ROCK, model=MODEL, n=3, prompt=["a", "b"]), 400, "n x prompts must be in [1, 4]", "n"),
     (dict(ROCK, model=MODEL, stop=["a", "b", "c", "d", "e"]), 400, "at most 4", "stop"),
     (dict(ROCK, model=MODEL, prompt=[1, 2, 3]), 400, "token ids are not supported", "prompt"),
