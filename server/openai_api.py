@@ -389,7 +389,7 @@ def _typed(body: dict, name: str) -> Any:
     ok = {
         "string": isinstance(value, str),
         "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value),
         "boolean": isinstance(value, bool),
         "object": isinstance(value, dict),
         "string or array of strings": isinstance(value, str) or isinstance(value, list),
@@ -398,6 +398,13 @@ def _typed(body: dict, name: str) -> Any:
         article = "an" if kind[0] in "aeiou" else "a"
         raise OpenAiError(400, f"{name} must be {article} {kind} (or null), got {echo(value)}", param=name)
     return value
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer past any float (JSON allows 1 followed by 400 zeros)
+        return False
 
 
 def _refuse_unsupported(values: dict) -> None:

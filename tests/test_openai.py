@@ -335,6 +335,7 @@ def test_over_the_rate_limit_is_429_with_retry_after(tiny_generator, tmp_path):
     (dict(ROCK, model=MODEL, prompt="\ud800"), 400, "prompt cannot be", "prompt"),
     (dict(ROCK, model=MODEL, stop="\udfff"), 400, "stop cannot be", "stop"),
     (dict(ROCK, model=MODEL, temperature=float("nan")), 400, "temperature must be a number", "temperature"),
+    (dict(ROCK, model=MODEL, score=10**400), 400, "score must be a number", "score"),
     (dict(ROCK, model="gpt-4"), 404, "the model 'gpt-4' does not exist", "model"),
     (dict(ROCK), 400, "model is required", "model"),
 ])
@@ -509,7 +510,7 @@ def test_any_completion_body_maps_to_a_checked_call_or_a_4xx(served):
     from pitchkeras.server.openai_api import CompletionOptions, OpenAiError
     from pitchkeras.server.servicer import status_of
 
-    values = (st.none() | st.booleans() | st.integers() | st.integers(-2, 20)
+    values = (st.none() | st.booleans() | st.integers() | st.integers(-2, 20) | st.just(10**400)
               | st.floats(allow_nan=False, allow_infinity=False) | st.floats(0, 2) | st.text(max_size=50)
               | st.lists(st.text(max_size=5) | st.integers(), max_size=6)
               | st.dictionaries(st.text(max_size=14), st.booleans() | st.integers(), max_size=2))
