@@ -15,6 +15,7 @@ import os
 from typing import Iterator, Optional, Sequence, Union
 
 import grpc
+from google.protobuf import json_format
 
 from pitchkeras.client.convert import review_from_proto
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, PitchkerasError, Unavailable
@@ -87,6 +88,11 @@ class GeneratedReview:
         rejection_reason: str. Why it was rejected; "" when accepted.
         raw: str. The prompt plus the completion as generated.
         stored: bool. Whether this call saved it in the server's store.
+        finish_reason: str. Why decoding ended: "end_token", "stop_sequence" or "length".
+        prompt_tokens: int. Tokens of the prompt the model read (start token and condition header included).
+        completion_tokens: int. Tokens of the completion.
+        logprobs: list of dict or None. With `top_logprobs`: per completion token its `token_id`, `token`,
+            `logprob` and `top_logprobs` (each `token_id`, `token`, `logprob`).
     """
 
     review: Review
@@ -94,6 +100,10 @@ class GeneratedReview:
     rejection_reason: str = ""
     raw: str = ""
     stored: bool = False
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: Optional[list] = None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -103,15 +113,27 @@ class GeneratedReview:
 
 def generated_from_proto(item: pb.GeneratedReview) -> GeneratedReview:
     """The client's `GeneratedReview` of a `pitchkeras.v1.GeneratedReview` message."""
+    reason = pb.FinishReason.Name(item.finish_reason).removeprefix("FINISH_REASON_").lower()
     return GeneratedReview(review=review_from_proto(item.review), accepted=item.status == pb.SAMPLE_STATUS_ACCEPTED,
-                           rejection_reason=item.rejection_reason, raw=item.raw, stored=item.stored)
+                           rejection_reason=item.rejection_reason, raw=item.raw, stored=item.stored,
+                           finish_reason="" if reason == "unspecified" else reason,
+                           prompt_tokens=item.prompt_tokens, completion_tokens=item.completion_tokens,
+                           logprobs=logprobs_from_proto(item.logprobs) if item.logprobs else None)
+
+
+def logprobs_from_proto(entries) -> list[dict]:
+    """`pitchkeras.v1.TokenLogprob` messages as dicts with the same field names."""
+    return [json_format.MessageToDict(e, preserving_proto_field_name=True,
+                                      always_print_fields_with_no_presence=True) for e in entries]
 
 
 def _generate_request(*, prompt: str = "", store: bool = False, **fields) -> pb.GenerateRequest:
     """A GenerateRequest with every field that is not None (unset ones take the server's defaults)."""
     request = pb.GenerateRequest(prompt=prompt or "", store=bool(store))
     for name, value in fields.items():
-        if value is not None:
+        if name == "stop_sequences":
+            request.stop_sequences.extend([value] if isinstance(value, str) else value or ())
+        elif value is not None:
             setattr(request, name, value)
     return request
 
@@ -209,6 +231,8 @@ class ReviewClient:
         timeout: Optional[float] = None,
         repetition_penalty: Optional[float] = None,
         no_repeat_ngram_size: Optional[int] = None,
+        stop_sequences: Optional[Sequence[str]] = None,
+        top_logprobs: Optional[int] = None,
     ) -> list[GeneratedReview]:
         """Freshly generated reviews, in seed order (review i used seed + i).
 
@@ -228,6 +252,9 @@ class ReviewClient:
             timeout: float or None. Deadline in seconds (default: generate_timeout).
             repetition_penalty: float or None. In (0, 10]; 1 = off.
             no_repeat_ngram_size: int or None. 0 = off.
+            stop_sequences: sequence of str or None. Up to 4 texts that end a review (the stop text is dropped).
+            top_logprobs: int or None. In [0, 5]: return each token's log-probability (`GeneratedReview.logprobs`)
+                and this many most likely tokens at each position.
 
         Raises:
             FailedPrecondition: the server has no model. InvalidArgument: a bad value.
@@ -237,7 +264,8 @@ class ReviewClient:
         request = _generate_request(score=score, genre=genre, prompt=prompt, max_length=max_length,
                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                     num_samples=num_samples, store=store, repetition_penalty=repetition_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size)
+                                    no_repeat_ngram_size=no_repeat_ngram_size, stop_sequences=stop_sequences,
+                                    top_logprobs=top_logprobs)
         response = self._call(self._stub.Generate, request, timeout or self.generate_timeout, self._key_metadata())
         return [generated_from_proto(item) for item in response.reviews]
 
@@ -246,6 +274,8 @@ class ReviewClient:
 
         Takes `generate`'s keyword arguments but `num_samples`. Closing the
         iterator early cancels the call, which frees the server's decode slot.
+        With `top_logprobs`, the deltas stay text; the log-probabilities of
+        every token are in the final `GeneratedReview.logprobs`.
 
         Args:
             timeout: float or None. Deadline in seconds for the whole stream (default: generate_timeout).
@@ -256,7 +286,10 @@ class ReviewClient:
                                          metadata=self._key_metadata())
         try:
             for chunk in call:
-                yield chunk.delta if chunk.WhichOneof("chunk") == "delta" else generated_from_proto(chunk.review)
+                if chunk.WhichOneof("chunk") == "review":
+                    yield generated_from_proto(chunk.review)
+                elif chunk.delta:  # with top_logprobs, a chunk may carry tokens whose text is still held back
+                    yield chunk.delta
         except grpc.RpcError as err:
             raise _translate(err) from None
         finally:

@@ -89,8 +89,11 @@ class ReviewServer:
 
             from pitchkeras.server.http_api import framework_error
             from pitchkeras.server.http_edge import EdgeRunner
+            from pitchkeras.server.openai_api import OpenAiApi
 
-            self.http_app = HttpApi(self).app
+            http_api = HttpApi(self)
+            OpenAiApi(http_api)  # /v1/completions and /v1/models on the same application
+            self.http_app = http_api.app
             self._http_runner = EdgeRunner(self.http_app, header_timeout_s=self.config.header_timeout_s,
                                            keepalive_timeout_s=self.config.keepalive_timeout_s,
                                            error_body=framework_error, shutdown_timeout=self.config.grace_s)

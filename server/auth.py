@@ -122,7 +122,8 @@ class ApiKeys:
         """
         candidate = _presented_key(metadata)
         if candidate is None:
-            raise AuthError("UNAUTHENTICATED", f"Generate needs an API key: send it as `{API_KEY_HEADER}` metadata")
+            raise AuthError("UNAUTHENTICATED", f"Generate needs an API key: send it as `{API_KEY_HEADER}` metadata "
+                            "or `Authorization: Bearer KEY` (OpenAI clients: their api_key)")
         key = self._match(candidate)
         if key is None:
             self._count_failure(peer)

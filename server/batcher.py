@@ -214,11 +214,15 @@ class EngineBatcher:
             for stream in streams:
                 stream.cancel()  # a no-op for finished ones; frees the slots of a caller that went away
 
-    async def stream(self, request, config, max_new_tokens: int) -> AsyncIterator[Union[str, Any]]:
-        """One sample: its text deltas as they are decoded, then its Sample. Leaving early frees its slot."""
+    async def stream(self, request, config, max_new_tokens: int, *,
+                     tokens: bool = False) -> AsyncIterator[Union[str, tuple, Any]]:
+        """One sample: its text deltas as they are decoded, then its Sample. Leaving early frees its slot.
+
+        With `tokens`, each delta comes as a `(text, TokenLogprob tuple)` pair (`Stream.token_deltas`).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stream = self.engine.submit(request, config, max_new_tokens,
+        stream = self.engine.submit(request, config, max_new_tokens, listener_tokens=tokens,
                                     listener=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
         try:
             while (delta := await queue.get()) is not None:

@@ -325,13 +325,14 @@ class HttpApi:
 
         return parse
 
-    def _admit(self, request: web.Request) -> None:
-        """Check the caller's API key (without spending a call of its rate) when the server has keys."""
+    def _admit(self, request: web.Request, *, spend: bool = False) -> None:
+        """Check the caller's API key when the server has keys; `spend=False` only looks (before the body is
+        read: the servicer spends the call of its rate), `spend=True` spends it (callers that bypass Generate)."""
         keys = self.servicer.api_keys
         if keys is None:
             return
         try:
-            keys.check(HttpContext(request).invocation_metadata(), peer=request.remote or "", spend=False)
+            keys.check(HttpContext(request).invocation_metadata(), peer=request.remote or "", spend=spend)
         except AuthError as err:
             code = getattr(grpc.StatusCode, err.code_name)
             headers = {"Retry-After": err.retry_after} if code == C.RESOURCE_EXHAUSTED else None

@@ -22,13 +22,20 @@ from pitchkeras.client.convert import review_to_proto
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError, clip, echo
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
+from pitchkeras.server.logprobs import token_logprob_messages
 from pitchkeras.store.base import Review, ReviewStore, review_id, validate_review_id, validate_score
+from pitchkeras.tokens import TokenTexts
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**62  # seeds in [0, 2**62): seed + i stays inside int64 for any num_samples
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit; every row checks each one after every token
+MAX_STOP_CHARS = 100  # a stop text is a marker (a newline, "</review>"), not a passage
+#: The engine's finish reasons (`Sample.finish_reason`) as the proto's enum.
+FINISH_REASONS = {"end_token": pb.FINISH_REASON_END_TOKEN, "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+                  "length": pb.FINISH_REASON_LENGTH}
 
 _CODES = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -48,16 +55,24 @@ def _translated(method):
             return await method(self, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except AuthError as err:
-            await context.abort(getattr(grpc.StatusCode, err.code_name), clip(err))
         except Exception as err:
-            for error_type, code in _CODES:
-                if isinstance(err, error_type):
-                    await context.abort(code, clip(err))
-            log.exception("%s failed unexpectedly", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+            status = status_of(err)
+            if status is None:
+                log.exception("%s failed unexpectedly", method.__name__)
+                status = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
+            await context.abort(*status)
 
     return wrapper
+
+
+def status_of(err: Exception) -> Optional[tuple[grpc.StatusCode, str]]:
+    """The status code and message of a library or key error; None for anything else (a bug)."""
+    if isinstance(err, AuthError):
+        return getattr(grpc.StatusCode, err.code_name), clip(err)
+    for error_type, code in _CODES:
+        if isinstance(err, error_type):
+            return code, clip(err)
+    return None
 
 
 @dataclasses.dataclass
@@ -162,8 +177,7 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
     @_translated
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         call, batcher = self._generate_call(request, context)
-        samples = await batcher.submit(call.requests, call.config, call.max_length)
-        return pb.GenerateResponse(reviews=await self._kept(call, samples, request.store))
+        return pb.GenerateResponse(reviews=await self.generate_reviews(call, batcher, request.store))
 
     @_translated
     async def StreamGenerate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -173,17 +187,43 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
             raise InvalidArgument(
                 f"StreamGenerate writes one review; leave num_samples unset or 1 (got {len(call.requests)}), "
                 "or call Generate for several")
-        async for item in batcher.stream(call.requests[0], call.config, call.max_length):
+        async for chunk in self.stream_review(call, batcher, 0, request.store):
+            await context.write(chunk)
+
+    async def generate_reviews(self, call: "GenerateCall", batcher, store: bool) -> list:
+        """Run a checked call's samples on the batcher: their GeneratedReview messages, in seed order."""
+        samples = await batcher.submit(call.requests, call.config, call.max_length)
+        return await self._kept(call, samples, store)
+
+    async def stream_review(self, call: "GenerateCall", batcher, index: int, store: bool):
+        """Sample `index` of a checked call as it is decoded: GenerateChunks with its text deltas (and their
+        tokens' logprobs when asked), then one with its GeneratedReview."""
+        request = call.requests[index]
+        asked = request.top_logprobs is not None
+        stream = (batcher.stream(request, call.config, call.max_length, tokens=True) if asked
+                  else batcher.stream(request, call.config, call.max_length))
+        async for item in stream:
             if isinstance(item, str):
-                await context.write(pb.GenerateChunk(delta=item))
+                yield pb.GenerateChunk(delta=item)
+            elif isinstance(item, tuple):
+                text, tokens = item
+                if text or tokens:
+                    yield pb.GenerateChunk(delta=text, logprobs=token_logprob_messages(tokens, call.token_texts))
             else:
-                (review,) = await self._kept(call, [item], request.store)
-                await context.write(pb.GenerateChunk(review=review))
+                (review,) = await self._kept(call, [item], store, first=index)
+                yield pb.GenerateChunk(review=review)
 
     def _generate_call(self, request: pb.GenerateRequest, context) -> tuple["GenerateCall", Any]:
         """Check the caller and the request; what to generate, and the batcher that runs it."""
         if self.api_keys is not None:
             self.api_keys.check(context.invocation_metadata())
+        return self.checked_call(request)
+
+    def checked_call(self, request: pb.GenerateRequest) -> tuple["GenerateCall", Any]:
+        """Check a request (its caller already admitted); what to generate, and the batcher that runs it.
+
+        Raises the library's errors (InvalidArgument, FailedPrecondition, Unavailable), not a status.
+        """
         generator, batcher = self.model.require_ready()
         from pitchkeras.sampling import GenerationRequest, SamplerConfig
 
@@ -193,25 +233,30 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         if len(request.prompt) > limits.prompt_chars_cap:
             raise InvalidArgument(
                 f"prompt is {len(request.prompt)} characters; at most {limits.prompt_chars_cap} allowed")
+        _check_stop_sequences(request.stop_sequences)
+        top_logprobs = request.top_logprobs if request.HasField("top_logprobs") else None
         config = SamplerConfig.from_proto(request)
         seed = _seed(request)
         # Checked here, not in the batch, so one bad call cannot fail its batch mates;
         # also respells the genre as the model knows it ("rap" -> "Rap").
         conditions = _conditions(request, generator.model.info)
-        requests = [GenerationRequest(conditions=conditions or None, prefix=request.prompt, seed=seed + i)
-                    for i in range(num_samples)]
+        requests = [GenerationRequest(conditions=conditions or None, prefix=request.prompt, seed=seed + i,
+                                      top_logprobs=top_logprobs) for i in range(num_samples)]
+        prepared = generator.prepare(requests[0])  # the prompt as the model reads it; checks top_logprobs
         return GenerateCall(requests, config, max_length, conditions, seed, generator.model.info.model_version,
-                            request.prompt), batcher
+                            request.prompt, prepared.prompt, len(prepared.ids),
+                            TokenTexts.of(generator.model.tokenizer)), batcher
 
-    async def _kept(self, call: "GenerateCall", samples: list, store: bool) -> list:
-        """The GeneratedReview messages of `samples`; with `store`, accepted ones are stored and get their ids."""
+    async def _kept(self, call: "GenerateCall", samples: list, store: bool, first: int = 0) -> list:
+        """The GeneratedReview messages of `samples` (the call's samples `first`, `first` + 1, ...); with
+        `store`, accepted ones are stored and get their ids."""
         reviews = [Review.from_sample(sample, call.conditions) for sample in samples]
         stored_ids: set[str] = set()
         if store:
             to_store = []
             for index, (review, sample) in enumerate(zip(reviews, samples)):
                 if not sample.rejected:
-                    review.id = review_id(call.model_version, call.id_key(), call.seed, index)
+                    review.id = review_id(call.model_version, call.id_key(), call.seed, first + index)
                     to_store.append(review)
             if to_store:
                 reviews_by_id = await self._store(_store_and_read_back, self.store, to_store)
@@ -224,6 +269,8 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
                 rejection_reason=sample.rejected or "",
                 raw=sample.raw,
                 stored=review.id in stored_ids,
+                prompt_tokens=call.prompt_tokens,
+                **_completion_fields(sample, call),
             )
             for review, sample in zip(reviews, samples)
         ]
@@ -240,6 +287,9 @@ class GenerateCall:
     seed: int
     model_version: str
     prompt: str
+    prompt_text: str = ""  # the text the model continues: the condition header and the prompt
+    prompt_tokens: int = 0  # its tokens, the start token included
+    token_texts: Any = None  # tokens.TokenTexts of the model's tokenizer
 
     def id_key(self) -> dict:
         """What fixes the text, for `review_id`: equal ids mean equal reviews."""
@@ -254,6 +304,22 @@ class GenerateCall:
         if config.stop_sequences:
             key.update(stop_sequences=repr(config.stop_sequences))
         return key
+
+
+def _completion_fields(sample, call: GenerateCall) -> dict:
+    """The GeneratedReview fields that describe the completion's tokens: why it ended, how many, logprobs."""
+    return dict(finish_reason=FINISH_REASONS.get(sample.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                completion_tokens=len(sample.completion_ids),
+                logprobs=token_logprob_messages(sample.logprobs or (), call.token_texts))
+
+
+def _check_stop_sequences(stops) -> None:
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument(f"stop_sequences: at most {MAX_STOP_SEQUENCES} allowed, got {len(stops)}")
+    for stop in stops:
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters, "
+                                  f"got {len(stop)}: {echo(stop)}")
 
 
 def _seed(request) -> int:

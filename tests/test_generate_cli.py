@@ -113,3 +113,27 @@ def test_unknown_quantize_mode_is_one_line_and_exit_2(model_dir, capsys):
         main(["generate", "--model", str(model_dir / "run1" / "model"), "--quantize", "int4"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "--quantize: invalid choice: 'int4'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_logprobs_go_into_the_jsonl_records(model_dir, tmp_path, capsys):
+    out = tmp_path / "logprobs.jsonl"
+    argv = ["generate", "--checkpoint-dir", str(model_dir), "--run-name", "run1", "--score", "8", "--genre", "Rock",
+            "--nsamples", "2", "--length", "6", "--seed", "3", "--top-k", "1", "--out", str(out), "--quiet"]
+    assert main(argv + ["--logprobs", "2"]) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    for record in records:
+        tokens = record["logprobs"]
+        assert 1 <= len(tokens) <= 6 and all(t["logprob"] <= 0 for t in tokens)
+        for token in tokens:  # greedy (--top-k 1): the chosen token is the most likely of the two shown
+            assert [set(t) for t in token["top_logprobs"]] == [{"token_id", "token", "logprob"}] * 2
+            assert token["top_logprobs"][0]["token_id"] == token["token_id"]
+        assert record["raw"].endswith("".join(t["token"] for t in tokens))
+    plain = tmp_path / "plain.jsonl"
+    assert main([a if a != str(out) else str(plain) for a in argv]) == 0  # the same texts without --logprobs
+    assert [json.loads(line)["raw"] for line in plain.read_text(encoding="utf-8").splitlines()] == [
+        r["raw"] for r in records]
+    assert "logprobs" not in json.loads(plain.read_text(encoding="utf-8").splitlines()[0])
+    assert main(argv[:-3] + ["--logprobs", "2"]) == 2  # without --out
+    assert main(argv + ["--logprobs", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "--logprobs needs --out" in err and "--logprobs must be in [0, 5], got 6" in err

@@ -182,7 +182,8 @@ def test_one_definition_of_the_api_key_header():
 
 
 GET_PATHS = ("/review/", "/review", f"/review/{UNKNOWN_ID}", "/v1/reviews:pick", f"/v1/reviews/{UNKNOWN_ID}",
-             "/v1/conditions", "/healthz", "/readyz", "/metrics", "/", f"/r/{UNKNOWN_ID}", "/static/app.js")
+             "/v1/conditions", "/healthz", "/readyz", "/metrics", "/", f"/r/{UNKNOWN_ID}", "/static/app.js",
+             "/v1/models", "/v1/models/no-such-model", "/v1/openapi.json")
 
 
 def test_head_is_answered_on_every_get_route(keyed):
@@ -201,7 +202,8 @@ def test_head_is_answered_on_every_get_route(keyed):
 def test_every_get_route_is_covered_by_the_head_test(keyed):
     templates = {r.resource.canonical for r in keyed.server.http_app.router.routes() if r.method == "GET"}
     covered = {"/review/", "/review", "/review/{id}", "/v1/reviews:pick", "/v1/reviews/{id}", "/v1/conditions",
-               "/healthz", "/readyz", "/metrics", "/", "/r/{id}", "/static/{name}"}
+               "/healthz", "/readyz", "/metrics", "/", "/r/{id}", "/static/{name}", "/v1/models", "/v1/models/{model}",
+               "/v1/openapi.json"}
     assert templates <= covered, templates - covered
 
 

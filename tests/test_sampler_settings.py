@@ -48,7 +48,8 @@ def test_every_proto_sampler_field_is_a_config_field():
     """A sampler option lives in SamplerConfig; the proto only carries it (same name)."""
     request_fields = set(pb.GenerateRequest.DESCRIPTOR.fields_by_name)
     config_fields = {f.name for f in dataclasses.fields(SamplerConfig)}
-    not_sampler = {"score", "genre", "prompt", "max_length", "seed", "num_samples", "store"}
+    not_sampler = {"score", "genre", "prompt", "max_length", "seed", "num_samples", "store",
+                   "top_logprobs"}  # what to report, per request (GenerationRequest.top_logprobs), not how to draw
     assert request_fields - not_sampler <= config_fields
 
 

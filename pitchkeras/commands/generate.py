@@ -38,6 +38,8 @@ class GenerateOptions:
         max_copied_fraction: float. With `dataset`: reject a sample when this
             share of its 8-grams is in the training data (as populate does).
         out: str or None. A JSONL file for the samples, else stdout.
+        logprobs: int or None. With `out`: also write each token's log-probability and the N most likely
+            tokens at each position (0 to 5; None: none).
     """
 
     prefix: str = GenerationRequest.prefix
@@ -48,6 +50,7 @@ class GenerateOptions:
     dataset: Optional[str] = None
     max_copied_fraction: float = field_default(PopulateConfig, "max_copied_fraction")
     out: Optional[str] = None
+    logprobs: Optional[int] = GenerationRequest.top_logprobs
 
 
 def add_parser(subparsers):
@@ -73,6 +76,8 @@ def add_parser(subparsers):
                    help="with --dataset: reject a sample when this share of its 8-grams is in the training data")
     p.add_argument("--out", default=default("out"),
                    help="write JSONL here (text, conditions, sampler settings, seed, model_version, quality)")
+    p.add_argument("--logprobs", type=int, default=default("logprobs"), metavar="N",
+                   help="with --out: write each token's log-probability and the N (0-5) most likely tokens")
     add_progress_flag(p, quiet_alias=True)
     add_compile_cache_flags(p)
     add_quantize_flag(p)
@@ -88,6 +93,13 @@ def _check_args(args) -> None:
         raise UsageError(f"--length must be >= 1, got {args.length}")
     if args.truncate == "":
         raise UsageError("--truncate must be a non-empty string")
+    if args.logprobs is not None:
+        from pitchkeras.sampling.config import MAX_TOP_LOGPROBS
+
+        if not 0 <= args.logprobs <= MAX_TOP_LOGPROBS:
+            raise UsageError(f"--logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {args.logprobs}")
+        if not args.out:
+            raise UsageError("--logprobs needs --out: the log-probabilities go into its JSONL records")
 
 
 def _conditions(args, info) -> dict | None:
@@ -125,13 +137,22 @@ def run(args) -> int:
                                                        progress=not args.no_progress)
     generator = Generator(model, batch_size=args.batch_size, max_new_tokens=args.length,
                           memorization=memorization, max_copied_fraction=args.max_copied_fraction)
-    requests = [GenerationRequest(conditions=conditions, prefix=args.prefix, seed=args.seed + i)
-                for i in range(args.nsamples)]
-    samples = generator.generate(requests, config=config, progress=not args.no_progress, truncate=args.truncate,
-                                 include_prefix=args.include_prefix)
+    requests = [GenerationRequest(conditions=conditions, prefix=args.prefix, seed=args.seed + i,
+                                  top_logprobs=args.logprobs) for i in range(args.nsamples)]
+    if args.logprobs is None:
+        samples = generator.generate(requests, config=config, progress=not args.no_progress, truncate=args.truncate,
+                                     include_prefix=args.include_prefix)
+    else:  # log-probabilities come from the decode engine's step; --truncate is its stop text, cut alike
+        from pitchkeras.sampling.engine import DecodeEngine
+
+        stops = config.stop_sequences + ((args.truncate,) if args.truncate else ())
+        samples = DecodeEngine(generator, slots=args.batch_size).generate(
+            requests, dataclasses.replace(config, stop_sequences=stops), args.length,
+            include_prefix=args.include_prefix)
 
     if args.out:
-        atomic_write_text(args.out, "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in samples))
+        records = [_record(s, model) for s in samples]
+        atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     else:
         accepted = [s.text for s in samples if not s.rejected]
         if accepted:
@@ -145,3 +166,13 @@ def run(args) -> int:
         summary += f"; wrote {args.out}"
     print(summary, file=sys.stderr)
     return 0
+
+
+def _record(sample, model) -> dict:
+    """A sample's JSONL record; with log-probabilities, `logprobs` as the gRPC TokenLogprob's fields."""
+    record = sample.to_json()
+    if sample.logprobs is not None:
+        from pitchkeras.tokens import TokenTexts, logprob_records
+
+        record["logprobs"] = logprob_records(sample.logprobs, TokenTexts.of(model.tokenizer))
+    return record

@@ -40,7 +40,15 @@ Example:
 >>> samples[0].text
 """
 
-from pitchkeras.sampling.config import MEMORIZED, PROMPT_BUCKETS, GenerationRequest, Sample, SamplerConfig
+from pitchkeras.sampling.config import (
+    MAX_TOP_LOGPROBS,
+    MEMORIZED,
+    PROMPT_BUCKETS,
+    GenerationRequest,
+    Sample,
+    SamplerConfig,
+    TokenLogprob,
+)
 from pitchkeras.sampling.counter_rng import counter_uniform, row_keys
 from pitchkeras.sampling.decode import DecodeLoop
 from pitchkeras.sampling.generator import Generator, prompt_bucket
@@ -54,6 +62,7 @@ from pitchkeras.sampling.selection import (
 )
 
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "MEMORIZED",
     "PROMPT_BUCKETS",
     "DecodeLoop",
@@ -61,6 +70,7 @@ __all__ = [
     "Generator",
     "Sample",
     "SamplerConfig",
+    "TokenLogprob",
     "ban_repeated_ngrams",
     "context_tokens",
     "counter_uniform",

@@ -14,6 +14,7 @@ PROMPT_BUCKETS = (16, 32, 64, 128, 256)  # prompt lengths (tokens, with the star
 DEFAULT_LENGTH = 200  # new tokens per sample: gpt-2-simple's `length`, a review-sized text
 MAX_TEMPERATURE = 2.0  # above it GPT-2's text is noise; one bound for the CLI and the servers
 MAX_REPETITION_PENALTY = 10.0  # CTRL used 1.2; 10 already bans every seen token in practice
+MAX_TOP_LOGPROBS = 5  # alternatives per token a request may ask for (OpenAI's completions limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,8 @@ class SamplerConfig:
             proto = fields.get(field.name)
             if proto is not None and proto.has_presence and request.HasField(field.name):
                 values[field.name] = type(field.default)(getattr(request, field.name))
+            elif proto is not None and proto.is_repeated and getattr(request, field.name):
+                values[field.name] = tuple(getattr(request, field.name))  # empty = unset
         return cls(**values).validate()
 
     def to_json(self) -> dict:
@@ -95,6 +98,35 @@ class SamplerConfig:
         if stops:
             data["stop_sequences"] = list(stops)
         return data
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One completion token and its log-probability under the model.
+
+    The distribution is the model's own, `log_softmax` of its raw logits at
+    that position (before temperature, repetition settings, top-k and top-p),
+    as OpenAI and vLLM report them.
+
+    Args:
+        token_id: int. The token drawn.
+        logprob: float. Its log-probability; NaN in a stream whose request asked for none.
+        top: tuple of (token_id, logprob). The most likely tokens at that position, most likely first
+            (as many as the request's `top_logprobs`).
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple = ()
+
+
+def check_top_logprobs(value) -> Optional[int]:
+    """`value` if it is None or an integer in [0, MAX_TOP_LOGPROBS], else InvalidArgument naming it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}")
+    return int(value)
 
 
 @dataclasses.dataclass
@@ -108,11 +140,15 @@ class GenerationRequest:
             first sentence); the model continues it.
         seed: int. Fixes the sample: the same request and config give the
             same text.
+        top_logprobs: int or None. None: no log-probabilities; 0: each
+            completion token's own (`Sample.logprobs`); 1 to 5: also that many
+            most likely alternatives per token.
     """
 
     conditions: Optional[dict] = None
     prefix: str = ""
     seed: int = 0
+    top_logprobs: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -133,6 +169,12 @@ class Sample:
             `empty`, `bad_header`); None if accepted.
         quality: dict. Quality measures, e.g. `longest_copied_run` and
             `copied_ngram_fraction` when a memorization index is used.
+        finish_reason: str or None. Why decoding ended: "end_token",
+            "stop_sequence" or "length".
+        completion_ids: tuple of int. The completion's token ids as drawn
+            (up to the token that completed the text kept at a stop sequence).
+        logprobs: tuple of TokenLogprob or None. One per `completion_ids`
+            entry when the request asked (`GenerationRequest.top_logprobs`).
     """
 
     text: str
@@ -144,6 +186,9 @@ class Sample:
     model_version: str
     rejected: Optional[str] = None
     quality: dict = dataclasses.field(default_factory=dict)
+    finish_reason: Optional[str] = None
+    completion_ids: tuple = ()
+    logprobs: Optional[tuple] = None
 
     def to_json(self) -> dict:
         """A JSON-ready dict (the JSONL record `pitchkeras generate --out` writes)."""

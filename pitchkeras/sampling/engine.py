@@ -38,9 +38,11 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -50,7 +52,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, Unavailable
-from pitchkeras.sampling.config import GenerationRequest, Sample, SamplerConfig
+from pitchkeras.sampling.config import MAX_TOP_LOGPROBS, GenerationRequest, Sample, SamplerConfig, TokenLogprob
 from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import forward, sample_next
 from pitchkeras.sampling.generator import PreparedRequest, prompt_bucket
@@ -100,9 +102,11 @@ class EngineCounters:
 class Stream:
     """One request in the engine: its text deltas as they are decoded, then its `Sample`.
 
-    Made by `DecodeEngine.submit`. Without a listener, `deltas()` iterates the
-    text as it comes and `result()` waits for the Sample; with one, the engine
-    thread calls `listener(delta)` for every delta and `listener(None)` at the end.
+    Made by `DecodeEngine.submit`. Without a listener, `deltas()` (or
+    `token_deltas()`) iterates the text as it comes and `result()` waits for
+    the Sample; with one, the engine thread calls `listener(delta)` for every
+    delta (`listener((delta, tokens))` when `listener_tokens`) and
+    `listener(None)` at the end.
 
     Args:
         prepared: PreparedRequest. The checked, tokenized request.
@@ -111,10 +115,12 @@ class Stream:
         include_prefix: bool. Keep the prefix at the start of the post-processed text.
         deadline: float or None. `time.monotonic()` after which it is ended.
         listener: callable or None. Called from the engine thread.
+        listener_tokens: bool. Give the listener `(text, tokens)` pairs, as `token_deltas()` yields them.
     """
 
     def __init__(self, prepared, config: SamplerConfig, max_new_tokens: int, *, include_prefix: bool = True,
-                 deadline: Optional[float] = None, listener: Optional[Callable[[Optional[str]], None]] = None):
+                 deadline: Optional[float] = None, listener: Optional[Callable[[object], None]] = None,
+                 listener_tokens: bool = False):
         self.prepared = prepared
         self.config = config
         self.max_new_tokens = int(max_new_tokens)
@@ -126,6 +132,7 @@ class Stream:
         self.text = ""  # the deltas so far, concatenated
         self.tokens = 0  # tokens decoded so far
         self._listener = listener
+        self._listener_tokens = listener_tokens
         self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
         self._cancelled = False
         self._done = threading.Event()
@@ -160,27 +167,41 @@ class Stream:
 
     def deltas(self, timeout: Optional[float] = None):
         """Iterate the text deltas until the request ends (only for a stream without a listener)."""
-        while True:
-            delta = self._events.get(timeout=timeout)
-            if delta is None:
-                return
-            yield delta
+        for text, _ in self.token_deltas(timeout):
+            if text:
+                yield text
 
-    def _emit(self, delta: str) -> None:
-        if delta:
+    def token_deltas(self, timeout: Optional[float] = None):
+        """Iterate `(text, tokens)` pairs until the request ends (only for a stream without a listener).
+
+        `text` is what `deltas()` gives; `tokens` the `TokenLogprob`s of the
+        tokens first completed in it (logprob NaN and no alternatives when the
+        request asked for none). All the tokens, in order, are the Sample's
+        `completion_ids` (and `logprobs`).
+        """
+        while True:
+            item = self._events.get(timeout=timeout)
+            if item is None:
+                return
+            yield item
+
+    def _emit(self, delta: str, tokens: tuple = ()) -> None:
+        if delta or tokens:
             self.text += delta
-            self._deliver(delta)
+            self._deliver((delta, tokens))
 
     def _end(self, reason: str, sample: Optional[Sample] = None, error: Optional[BaseException] = None) -> None:
         self.finish_reason, self.sample, self.error = reason, sample, error
         self._done.set()
         self._deliver(None)
 
-    def _deliver(self, item: Optional[str]) -> None:
-        if self._listener is not None:
-            self._listener(item)
-        else:
+    def _deliver(self, item: Optional[tuple]) -> None:
+        if self._listener is None:
             self._events.put(item)
+        elif item is None or self._listener_tokens:
+            self._listener(item)
+        elif item[0]:
+            self._listener(item[0])
 
 
 @dataclasses.dataclass
@@ -194,6 +215,15 @@ class _Row:
     pending: list = dataclasses.field(default_factory=list)  # ids whose text is not yet whole characters
     text: str = ""  # the completion's text, whole characters only
     sent: int = 0  # characters of `text` already handed out
+    ends: list = dataclasses.field(default_factory=list)  # per whole token: the length of `text` it completed
+    logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob per token, when the request asks
+    delivered: int = 0  # tokens already handed out with a delta
+
+    def tokens(self, start: int, stop: int) -> tuple:
+        """The TokenLogprobs of completion tokens [start, stop) (NaN ones when the request asked for none)."""
+        if self.logprobs:
+            return tuple(self.logprobs[start:stop])
+        return tuple(TokenLogprob(token, math.nan) for token in self.completion[start:stop])
 
 
 class DecodeEngine:
@@ -240,7 +270,7 @@ class DecodeEngine:
     # -- submitting ------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, config: Optional[SamplerConfig] = None,
                max_new_tokens: Optional[int] = None, *, include_prefix: bool = True,
-               timeout: Optional[float] = None, listener=None) -> Stream:
+               timeout: Optional[float] = None, listener=None, listener_tokens: bool = False) -> Stream:
         """Queue one request; it joins at the next step boundary with a free slot.
 
         Args:
@@ -250,6 +280,7 @@ class DecodeEngine:
             include_prefix: bool. Keep the prefix at the start of the text.
             timeout: float or None. Seconds from now after which it is ended (DEADLINE).
             listener: callable or None. See `Stream`.
+            listener_tokens: bool. The listener gets `(text, tokens)` pairs (see `Stream`).
 
         Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued.
         """
@@ -259,7 +290,7 @@ class DecodeEngine:
             raise InvalidArgument(f"max_new_tokens (length) must be >= 1, got {new_tokens}")
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = Stream(self.generator.prepare(request), config, new_tokens, include_prefix=include_prefix,
-                        deadline=deadline, listener=listener)
+                        deadline=deadline, listener=listener, listener_tokens=listener_tokens)
         with self._condition:
             if self._stopping:
                 raise Unavailable("the decode engine is stopping; retry on another server")
@@ -326,7 +357,8 @@ class DecodeEngine:
             self._state.release()
             return joined
         self._fit_cache(self._state.length)  # rows above the highest busy slot may have left
-        chosen = self._program.step(self._state)
+        logprobs = any(self._rows[slot].stream.request.top_logprobs is not None for slot in active)
+        chosen, scores = self._program.step(self._state, logprobs)
         self.counters.traces = self._program.traces
         self.counters.rows = self._state.rows
         for column in range(self.tokens_per_step):
@@ -335,7 +367,7 @@ class DecodeEngine:
             self.counters.row_steps += len(active)
             self.counters.computed_rows += self._state.rows * bool(active)
             for slot in active:
-                self._advance(slot, int(chosen[slot, column]))
+                self._advance(slot, int(chosen[slot, column]), scores and (scores, slot, column))
         self.counters.active = sum(row is not None for row in self._rows)
         return True
 
@@ -380,11 +412,20 @@ class DecodeEngine:
         if (rows, length) != (self._state.rows, self._state.length):
             self._state.resize(rows, length, self._program)
 
-    def _advance(self, slot: int, token: int) -> None:
+    def _advance(self, slot: int, token: int, scores=None) -> None:
+        """Add one drawn token to a row: its text, its stop checks, its delta; the row leaves when done.
+
+        `scores` is None or (the step's (chosen logprobs, top ids, top logprobs), slot, column).
+        """
         row = self._rows[slot]
         if token == self.generator._end_id and self.generator.stop_at_end_token:
             return self._leave(slot, END_TOKEN)
         row.completion.append(token)
+        wanted = row.stream.request.top_logprobs
+        if wanted is not None:
+            (chosen, top_ids, top_logprobs), slot, column = scores
+            top = tuple(zip(top_ids[slot, column, :wanted].tolist(), top_logprobs[slot, column, :wanted].tolist()))
+            row.logprobs.append(TokenLogprob(token, float(chosen[slot, column]), top))
         row.stream.tokens += 1
         row.position += 1
         self._state.token_ids[slot, row.position] = token
@@ -394,11 +435,13 @@ class DecodeEngine:
         stops = row.stream.config.stop_sequences + self._model_stops
         cut = min((i for i in (row.text.find(stop) for stop in stops) if i >= 0), default=-1)
         if cut >= 0:
+            # The tokens kept: those that started before the cut (the stop text's own are dropped, as it is).
+            kept = sum(1 for start in [0] + row.ends[:-1] if start < cut)
+            del row.completion[kept:], row.logprobs[kept:], row.ends[kept:]
             row.text = row.text[:cut]
             row.pending = []
             return self._leave(slot, STOP_SEQUENCE)
-        row.stream._emit(row.text[row.sent: _safe_end(row.text, stops)])
-        row.sent = len(row.stream.text)
+        self._send(row, _safe_end(row.text, stops))
         if len(row.completion) >= row.stream.max_new_tokens or row.position + 1 >= row.limit:
             self._leave(slot, LENGTH)
 
@@ -408,7 +451,15 @@ class DecodeEngine:
         piece = self.generator.detokenize(row.pending)
         if not piece.endswith(_REPLACEMENT):
             row.text += piece
+            row.ends += [len(row.text)] * len(row.pending)
             row.pending = []
+
+    @staticmethod
+    def _send(row: _Row, end: int, last: bool = False) -> None:
+        """Hand out `row.text` up to `end` with the tokens completed in it (every token left when `last`)."""
+        done = len(row.completion) if last else bisect.bisect_right(row.ends, end)
+        row.stream._emit(row.text[row.sent:end], row.tokens(row.delivered, done))
+        row.sent, row.delivered = max(row.sent, end), max(row.delivered, done)
 
     def _leave(self, slot: int, reason: str) -> None:
         """Free the slot now; the stream gets its Sample (or `Cancelled`)."""
@@ -420,13 +471,16 @@ class DecodeEngine:
             self.counters.cancelled += 1
             stream._end(reason, error=Cancelled(f"request {reason}"))
             return
-        text = row.text + (self.generator.detokenize(row.pending) if row.pending else "")
-        stream._emit(text[row.sent:])
+        row.text += self.generator.detokenize(row.pending) if row.pending else ""
+        text = row.text
+        self._send(row, len(text), last=True)
         try:
             sample = self.generator.finish(stream.prepared, text, stream.config, include_prefix=stream.include_prefix)
         except Exception as err:  # post-processing failed for this request only
             stream._end(reason, error=err)
             return
+        sample = dataclasses.replace(sample, finish_reason=reason, completion_ids=tuple(row.completion),
+                                     logprobs=None if stream.request.top_logprobs is None else tuple(row.logprobs))
         self.counters.finished += 1
         stream._end(reason, sample=sample)
 
@@ -581,39 +635,53 @@ class _Program:
         self.xla = xla
         self.tokens = tokens  # decode steps per call
         self.traces = 0  # programs traced (= compiled shapes)
-        self._step = self._prefill = None
+        self._steps = self._prefill = None  # {logprobs: step}, prefill
 
     # The traced bodies, in keras.ops. -------------------------------------------------------
-    def _step_body(self, caches, token_ids, positions, keys, *settings):
+    def _step_body(self, caches, token_ids, positions, keys, *settings, logprobs: bool = False):
         """`tokens` decode steps: the caches, and each row's next `tokens` tokens (slots, tokens).
 
         Each step feeds every row's last token at its own position and draws
         the next; within a call, a row's new token is written to its context
         for the next step (positions past the cache stay on its last slot: the
-        host drops tokens of rows that have ended).
+        host drops tokens of rows that have ended). With `logprobs`, also each
+        chosen token's log-probability under the model's raw logits (slots,
+        tokens) and the MAX_TOP_LOGPROBS most likely tokens' ids and
+        log-probabilities (slots, tokens, MAX_TOP_LOGPROBS).
         """
         from keras import ops
 
         self.traces += 1  # Python side effect: once per trace
         token_ids, positions = ops.cast(token_ids, "int32"), ops.cast(positions, "int32")
         slots, length = token_ids.shape
+        top = min(MAX_TOP_LOGPROBS, self.backbone.vocabulary_size)
 
         def one(i, carry):
-            caches, token_ids, positions, out = carry
+            caches, token_ids, positions, outs = carry
             last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
             hidden, caches = forward(self.backbone, last, caches, positions)
             logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
             chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, *settings), "int32")
             positions = ops.minimum(positions + 1, length - 1)
             token_ids = ops.where(ops.arange(length)[None, :] == positions[:, None], chosen[:, None], token_ids)
-            return caches, token_ids, positions, ops.slice_update(out, (0, i), chosen[:, None])
+            new = [chosen[:, None]]
+            if logprobs:
+                scores = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+                best, best_ids = ops.top_k(scores, top)
+                new += [ops.take_along_axis(scores, chosen[:, None], axis=1), ops.cast(best_ids, "int32")[:, None],
+                        best[:, None]]
+            outs = [ops.slice_update(out, (0, i) + (0,) * (len(out.shape) - 2), item) for out, item in zip(outs, new)]
+            return caches, token_ids, positions, outs
 
-        out = ops.zeros((slots, self.tokens), "int32")
+        outs = [ops.zeros((slots, self.tokens), "int32")]
+        if logprobs:
+            outs += [ops.zeros((slots, self.tokens), "float32"), ops.zeros((slots, self.tokens, top), "int32"),
+                     ops.zeros((slots, self.tokens, top), "float32")]
         if self.tokens == 1:
-            caches, _, _, out = one(0, (caches, token_ids, positions, out))
+            caches, _, _, outs = one(0, (caches, token_ids, positions, outs))
         else:
-            caches, _, _, out = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, out))
-        return caches, out
+            caches, _, _, outs = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, outs))
+        return caches, outs
 
     def _prefill_body(self, caches, slot, prompt_ids):
         """Run one prompt (1, bucket) through the model into row `slot` of the caches."""
@@ -628,10 +696,12 @@ class _Program:
                 for (k, v), (fk, fv) in zip(caches, fresh)]
 
     # Compiled, per backend. --------------------------------------------------------------------
-    def step(self, state: _DeviceState) -> np.ndarray:
+    def step(self, state: _DeviceState, logprobs: bool = False) -> tuple:
+        """Run a step: the chosen tokens (slots, tokens), and (chosen logprobs, top ids, top logprobs) or None."""
         self._compile()
-        state.caches, chosen = self._step(state.caches, *state.step_inputs())
-        return np.asarray(chosen)
+        state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
+        outs = [np.asarray(out) for out in outs]
+        return outs[0], (tuple(outs[1:]) if logprobs else None)
 
     def prefill(self, state: _DeviceState, slot: int, prompt: np.ndarray) -> None:
         self._compile()
@@ -650,8 +720,15 @@ class _Program:
         pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
         return [tuple(ops.pad(c[:slots, :, :length], pad) for c in kv) for kv in caches]
 
+    def _step_with(self, logprobs: bool):
+        """The step body with its `logprobs` flag fixed (positional arguments only, as the tracers want)."""
+        def step(caches, *args):
+            return self._step_body(caches, *args, logprobs=logprobs)
+
+        return step
+
     def _compile(self) -> None:
-        if self._step is not None:
+        if self._steps is not None:
             return
         import keras
 
@@ -659,10 +736,11 @@ class _Program:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            self._step = _concrete_per_shape(tf.function(self._step_body, jit_compile=self.xla))
+            self._steps = {flag: _concrete_per_shape(tf.function(self._step_with(flag), jit_compile=self.xla))
+                           for flag in (False, True)}
             self._prefill = _concrete_per_shape(tf.function(self._prefill_body, jit_compile=self.xla))
         elif backend == "jax":
-            self._step, self._prefill = self._jax_functions()
+            self._steps, self._prefill = self._jax_functions()
         else:
             raise FailedPrecondition(
                 f"DecodeEngine runs on the tensorflow and jax Keras backends, not {backend!r}; "
@@ -685,6 +763,8 @@ class _Program:
 
             return jax.jit(run, donate_argnums=(1,))
 
-        step, prefill = stateless(self._step_body), stateless(self._prefill_body)
-        return ((lambda caches, *args: step([v.value for v in variables], caches, *args)),
-                (lambda caches, *args: prefill([v.value for v in variables], caches, *args)))
+        def bind(function):
+            return lambda caches, *args: function([v.value for v in variables], caches, *args)
+
+        steps = {flag: bind(stateless(self._step_with(flag))) for flag in (False, True)}
+        return steps, bind(stateless(self._prefill_body))

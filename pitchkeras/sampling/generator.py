@@ -24,7 +24,14 @@ import numpy as np
 from pitchkeras.conditioning import validate_conditions
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.postprocess import PostprocessOptions, cut_at_stop, postprocess
-from pitchkeras.sampling.config import MEMORIZED, PROMPT_BUCKETS, GenerationRequest, Sample, SamplerConfig
+from pitchkeras.sampling.config import (
+    MEMORIZED,
+    PROMPT_BUCKETS,
+    GenerationRequest,
+    Sample,
+    SamplerConfig,
+    check_top_logprobs,
+)
 from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import DecodeLoop, check_gpt2_layers
 
@@ -192,6 +199,7 @@ class Generator:
         Raises InvalidArgument for unknown conditions or a prompt longer than
         the model's context.
         """
+        check_top_logprobs(request.top_logprobs)
         fmt = self.model.prompt_format
         conditions = validate_conditions(self.model.info, request.conditions) if fmt.conditions else {}
         prompt = fmt.prompt(conditions, request.prefix or "")

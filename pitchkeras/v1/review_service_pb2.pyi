@@ -16,9 +16,20 @@ class SampleStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLE_STATUS_UNSPECIFIED: _ClassVar[SampleStatus]
     SAMPLE_STATUS_ACCEPTED: _ClassVar[SampleStatus]
     SAMPLE_STATUS_REJECTED: _ClassVar[SampleStatus]
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_END_TOKEN: _ClassVar[FinishReason]
+    FINISH_REASON_STOP_SEQUENCE: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
 SAMPLE_STATUS_UNSPECIFIED: SampleStatus
 SAMPLE_STATUS_ACCEPTED: SampleStatus
 SAMPLE_STATUS_REJECTED: SampleStatus
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_END_TOKEN: FinishReason
+FINISH_REASON_STOP_SEQUENCE: FinishReason
+FINISH_REASON_LENGTH: FinishReason
 
 class Review(_message.Message):
     __slots__ = ("id", "text", "score", "genre", "extra_conditions", "length", "added", "selection_count", "model_version", "temperature", "top_k", "top_p", "seed", "prompt", "repetition_penalty", "no_repeat_ngram_size")
@@ -90,7 +101,7 @@ class GetByIdResponse(_message.Message):
     def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("score", "genre", "prompt", "max_length", "temperature", "top_k", "top_p", "seed", "num_samples", "store", "repetition_penalty", "no_repeat_ngram_size")
+    __slots__ = ("score", "genre", "prompt", "max_length", "temperature", "top_k", "top_p", "seed", "num_samples", "store", "repetition_penalty", "no_repeat_ngram_size", "stop_sequences", "top_logprobs")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     GENRE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +114,8 @@ class GenerateRequest(_message.Message):
     STORE_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     score: float
     genre: str
     prompt: str
@@ -115,21 +128,53 @@ class GenerateRequest(_message.Message):
     store: bool
     repetition_penalty: float
     no_repeat_ngram_size: int
-    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ..., prompt: _Optional[str] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., store: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
+    stop_sequences: _containers.RepeatedScalarFieldContainer[str]
+    top_logprobs: int
+    def __init__(self, score: _Optional[float] = ..., genre: _Optional[str] = ..., prompt: _Optional[str] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., store: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class GeneratedReview(_message.Message):
-    __slots__ = ("review", "status", "rejection_reason", "raw", "stored")
+    __slots__ = ("review", "status", "rejection_reason", "raw", "stored", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs")
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REJECTION_REASON_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     review: Review
     status: SampleStatus
     rejection_reason: str
     raw: str
     stored: bool
-    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ..., status: _Optional[_Union[SampleStatus, str]] = ..., rejection_reason: _Optional[str] = ..., raw: _Optional[str] = ..., stored: _Optional[bool] = ...) -> None: ...
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, review: _Optional[_Union[Review, _Mapping]] = ..., status: _Optional[_Union[SampleStatus, str]] = ..., rejection_reason: _Optional[str] = ..., raw: _Optional[str] = ..., stored: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "token", "logprob", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
+    __slots__ = ("token_id", "token", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    token: str
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("reviews",)
@@ -138,12 +183,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, reviews: _Optional[_Iterable[_Union[GeneratedReview, _Mapping]]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("delta", "review")
+    __slots__ = ("delta", "review", "logprobs")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     delta: str
     review: GeneratedReview
-    def __init__(self, delta: _Optional[str] = ..., review: _Optional[_Union[GeneratedReview, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, delta: _Optional[str] = ..., review: _Optional[_Union[GeneratedReview, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class ListConditionsRequest(_message.Message):
     __slots__ = ()
