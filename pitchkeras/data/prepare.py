@@ -243,9 +243,9 @@ def _prompts(values: pd.DataFrame, fmt: PromptFormat) -> list[str]:
     """Each row's prompt (start text and header lines), formatted once per distinct combination of values."""
     if values.empty:
         return [fmt.prompt({})] * len(values) if len(values) else []
-    distinct = values.drop_duplicates()
-    distinct = distinct.assign(**{EXAMPLE: [fmt.prompt(v) for v in distinct.to_dict("records")]})
-    return values.merge(distinct, how="left", on=list(values.columns))[EXAMPLE].tolist()
+    codes, distinct = pd.MultiIndex.from_frame(values).factorize()
+    prompts = np.array([fmt.prompt(dict(zip(values.columns, combination))) for combination in distinct], dtype=object)
+    return prompts[codes].tolist()
 
 
 def _dedupe(rows: pd.DataFrame, seen: set, drops: _Drops) -> pd.DataFrame:

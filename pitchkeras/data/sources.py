@@ -278,7 +278,7 @@ class CsvSource(Source):
             with open(self.path, "rb") as f:
                 try:
                     for chunk in self._read(f, engine, chunksize=CHUNK_ROWS):
-                        chunk = chunk.iloc[max(0, done - int(chunk.index[0])):]
+                        chunk = chunk.iloc[max(0, done - int(chunk.index[0])) if len(chunk) else 0:]
                         bad = chunk.iloc[:, 0].map(lambda v: v is _BAD_LINE).to_numpy(dtype=bool)
                         picked = chunk.iloc[:, index].set_axis(list(columns), axis=1)
                         picked.loc[bad] = None

@@ -132,39 +132,35 @@ class DatasetStats:
 
         Written to a temp file and renamed, so readers never see half a PNG.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")  # headless: no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # lazy: start-up time; no pyplot, no display: savefig renders with Agg
 
         path = Path(path)
         histograms = self._histograms()
         name = "score" if "score" in histograms else next(iter(histograms), None)
         if name is not None:
-            fig = self._plot_histograms(plt, name, histograms[name])
+            fig = self._plot_histograms(Figure, name, histograms[name])
         elif self.counts:
             cond, counter = next(iter(self.counts.items()))
             top = counter.most_common(30)
-            fig, ax = plt.subplots(figsize=(8, 0.3 * len(top) + 1.5))
+            fig = Figure(figsize=(8, 0.3 * len(top) + 1.5))
+            ax = fig.subplots()
             ax.barh([str(k) for k, _ in reversed(top)], [n for _, n in reversed(top)])
             ax.set_xlabel("examples")
             ax.set_title(f"examples per {cond}")
         else:
-            fig, ax = plt.subplots(figsize=(8, 4))
+            fig = Figure(figsize=(8, 4))
+            ax = fig.subplots()
             ax.hist(list(self.lengths), bins=40)
             ax.set_xlabel("text length (characters)")
             ax.set_ylabel("examples")
             ax.set_title(f"text length of {len(self.lengths)} examples")
         if name is None:
             fig.tight_layout()
-        try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=80)
-        finally:
-            plt.close(fig)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80)
         return path
 
-    def _plot_histograms(self, plt, name, hist):
+    def _plot_histograms(self, Figure, name, hist):
         edges = hist["edges"]
         groups = dict(sorted(hist["by_" + (self.group_by or "all")].items(), key=lambda kv: -sum(kv[1])))
         if len(groups) > MAX_PLOTTED_GROUPS:
@@ -174,7 +170,8 @@ class DatasetStats:
         cols = min(4, len(groups))
         rows = math.ceil(len(groups) / cols)
         width_in, height_in = 3.2 * cols, 2.4 * rows + 0.4
-        fig, axes = plt.subplots(rows, cols, figsize=(width_in, height_in), squeeze=False, sharex=True)
+        fig = Figure(figsize=(width_in, height_in))
+        axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
         # Fixed margins in inches instead of tight_layout, which measures every label (a third of the cost).
         fig.subplots_adjust(left=0.5 / width_in, right=1 - 0.15 / width_in, bottom=0.5 / height_in,
                             top=1 - 0.65 / height_in, wspace=0.3, hspace=0.55)
