@@ -176,11 +176,11 @@ class EngineBatcher:
             per Generate call, its rows and duration.
     """
 
-    def __init__(self, generator, *, slots: int = 8, metrics=None):
+    def __init__(self, generator, *, slots: int = 8, metrics=None, max_waiting: Optional[int] = None):
         from pitchkeras.sampling.engine import DecodeEngine
 
         self.generator = generator
-        self.engine = DecodeEngine(generator, slots=slots)
+        self.engine = DecodeEngine(generator, slots=slots, max_waiting=max_waiting)
         self.metrics = metrics
 
     def start(self) -> None:
@@ -192,15 +192,18 @@ class EngineBatcher:
         """Compile the step and the prefill for a typical prompt at this length (before `start`)."""
         self.engine.warmup([len(self.generator._tokenize(self.generator.example_prompt()))], max_new_tokens)
 
-    async def submit(self, requests: list, config, max_new_tokens: int) -> list:
-        """The Samples of `requests` (one call's samples), in order; cancelling the caller cancels them."""
+    async def submit(self, requests: list, config, max_new_tokens: int, *, timeout: Optional[float] = None) -> list:
+        """The Samples of `requests` (one call's samples), in order; cancelling the caller cancels them.
+
+        `timeout` (seconds, the caller's deadline) ends them with DeadlinePassed at the next step after it.
+        """
         loop = asyncio.get_running_loop()
         futures, streams = [], []
         started = loop.time()
         try:
             for request in requests:
                 future = loop.create_future()
-                streams.append(self.engine.submit(request, config, max_new_tokens,
+                streams.append(self.engine.submit(request, config, max_new_tokens, timeout=timeout,
                                                   listener=_on_end(loop, future)))
                 futures.append(future)
             for future in futures:
@@ -214,15 +217,15 @@ class EngineBatcher:
             for stream in streams:
                 stream.cancel()  # a no-op for finished ones; frees the slots of a caller that went away
 
-    async def stream(self, request, config, max_new_tokens: int, *,
-                     tokens: bool = False) -> AsyncIterator[Union[str, tuple, Any]]:
+    async def stream(self, request, config, max_new_tokens: int, *, tokens: bool = False,
+                     timeout: Optional[float] = None) -> AsyncIterator[Union[str, tuple, Any]]:
         """One sample: its text deltas as they are decoded, then its Sample. Leaving early frees its slot.
 
         With `tokens`, each delta comes as a `(text, TokenLogprob tuple)` pair (`Stream.token_deltas`).
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stream = self.engine.submit(request, config, max_new_tokens, listener_tokens=tokens,
+        stream = self.engine.submit(request, config, max_new_tokens, listener_tokens=tokens, timeout=timeout,
                                     listener=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
         try:
             while (delta := await queue.get()) is not None:
@@ -249,4 +252,4 @@ def make_batcher(generator, executor: concurrent.futures.Executor, config, metri
     if config.batching == "closed":
         return GenerateBatcher(generator, executor, max_batch_size=config.max_batch_size,
                                max_wait_s=config.max_wait_ms / 1000.0, metrics=metrics)
-    return EngineBatcher(generator, slots=config.max_batch_size, metrics=metrics)
+    return EngineBatcher(generator, slots=config.max_batch_size, metrics=metrics, max_waiting=config.max_waiting)

@@ -40,6 +40,8 @@ class ServerConfig:
         grpc_keepalive_s: float. gRPC: ping a client after this many seconds without traffic.
         grpc_keepalive_timeout_s: float. gRPC: drop a client whose ping ack takes longer than this.
         grpc_max_idle_s: float. gRPC: close a connection without calls for this long.
+        max_waiting: int. Generate samples that may wait for a decode slot; past it Generate answers
+            RESOURCE_EXHAUSTED (HTTP 429 with Retry-After) at once instead of queueing without end.
 
         batching: str. "continuous": Generate and StreamGenerate run on the decode engine (rows join and
             leave a running batch at each step); "closed": concurrent calls form closed batches that run
@@ -66,6 +68,7 @@ class ServerConfig:
     grpc_keepalive_s: float = 60.0  # finds dead peers in minutes, not gRPC's default 2 h
     grpc_keepalive_timeout_s: float = 20.0
     grpc_max_idle_s: float = 300.0  # idle channels are cheap to reopen; idle sockets are not free to keep
+    max_waiting: int = 64  # 8 full batches of the default max_batch_size: past it a caller does better elsewhere
 
     batching: str = "continuous"  # no head-of-line blocking, and streaming (BUILD_NOTES: serve_generate_load)
 
@@ -81,6 +84,7 @@ class ServerConfig:
             ("grace_s", self.grace_s >= 0, ">= 0"),
             ("rate_per_s", self.rate_per_s > 0, "> 0"),
             ("burst", self.burst >= 1, ">= 1"),
+            ("max_waiting", self.max_waiting >= 0, ">= 0"),
             ("quantize", self.quantize in (None, "int8"), 'None or "int8"'),
             *((name, getattr(self, name) > 0, "> 0") for name in (
                 "header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "grpc_keepalive_s",

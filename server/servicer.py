@@ -19,7 +19,18 @@ from typing import Any, Optional
 import grpc
 
 from pitchkeras.client.convert import review_to_proto
-from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError, clip, echo
+from pitchkeras.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    UsageError,
+    clip,
+    echo,
+)
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.store.base import Review, ReviewStore, review_id, validate_review_id, validate_score
@@ -36,6 +47,9 @@ _CODES = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
 )
 
 
@@ -53,7 +67,9 @@ def _translated(method):
         except Exception as err:
             for error_type, code in _CODES:
                 if isinstance(err, error_type):
-                    await context.abort(code, clip(err))
+                    retry = getattr(err, "retry_after_s", None)  # ResourceExhausted: when to come back
+                    metadata = (("retry-after", str(max(1, round(retry)))),) if retry is not None else ()
+                    await context.abort(code, clip(err), trailing_metadata=metadata)
             log.exception("%s failed unexpectedly", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
 
@@ -162,7 +178,7 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
     @_translated
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         call, batcher = self._generate_call(request, context)
-        samples = await batcher.submit(call.requests, call.config, call.max_length)
+        samples = await batcher.submit(call.requests, call.config, call.max_length, timeout=_time_left(context))
         return pb.GenerateResponse(reviews=await self._kept(call, samples, request.store))
 
     @_translated
@@ -173,7 +189,7 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
             raise InvalidArgument(
                 f"StreamGenerate writes one review; leave num_samples unset or 1 (got {len(call.requests)}), "
                 "or call Generate for several")
-        async for item in batcher.stream(call.requests[0], call.config, call.max_length):
+        async for item in batcher.stream(call.requests[0], call.config, call.max_length, timeout=_time_left(context)):
             if isinstance(item, str):
                 await context.write(pb.GenerateChunk(delta=item))
             else:
@@ -254,6 +270,12 @@ class GenerateCall:
         if config.stop_sequences:
             key.update(stop_sequences=repr(config.stop_sequences))
         return key
+
+
+def _time_left(context) -> Optional[float]:
+    """Seconds until the call's deadline (gRPC), or None when it has none (HTTP calls end when the client leaves)."""
+    time_remaining = getattr(context, "time_remaining", None)
+    return time_remaining() if time_remaining is not None else None
 
 
 def _seed(request) -> int:

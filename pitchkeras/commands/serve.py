@@ -33,6 +33,9 @@ def add_parser(subparsers):
     p.add_argument("--batching", choices=BATCHING_MODES, default=default("batching"),
                    help="continuous: Generate runs on the decode engine (rows join and leave every step, streaming); "
                         "closed: batches that run to their longest row (for comparison)")
+    p.add_argument("--max-waiting", type=int, default=default("max_waiting"),
+                   help="Generate samples that may wait for a decode slot; past it calls get RESOURCE_EXHAUSTED "
+                        "(HTTP 429 with Retry-After)")
     p.add_argument("--length", dest="default_max_length", metavar="N", type=int,
                    default=default("default_max_length"),
                    help="default max new tokens per generated review")
@@ -120,6 +123,7 @@ def run(args) -> int:
         grpc_keepalive_timeout_s=args.grpc_keepalive_timeout,
         grpc_max_idle_s=args.grpc_max_idle,
         batching=args.batching,
+        max_waiting=args.max_waiting,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
                 if args.api_key_file else None)

@@ -46,12 +46,12 @@ import math
 import queue
 import threading
 import time
-import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pitchkeras.errors import FailedPrecondition, InvalidArgument, Unavailable
+from pitchkeras import errors
+from pitchkeras.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from pitchkeras.sampling.config import MAX_TOP_LOGPROBS, GenerationRequest, Sample, SamplerConfig, TokenLogprob
 from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import forward, sample_next
@@ -64,8 +64,16 @@ CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to: held back until complete
 
 
-class Cancelled(Exception):
+class Cancelled(errors.Cancelled):
     """A stream ended by `cancel()` or by its deadline before it finished."""
+
+
+class DeadlinePassed(Cancelled, DeadlineExceeded):
+    """A stream ended by its deadline (DEADLINE_EXCEEDED at the RPC edge)."""
+
+
+def _ended(reason: str, when: str = "") -> Cancelled:
+    return (DeadlinePassed if reason == DEADLINE else Cancelled)(f"request {reason}{when}")
 
 
 @dataclasses.dataclass
@@ -81,6 +89,8 @@ class EngineCounters:
         rows: int. Rows the last step computed (its row bucket).
         finished: int. Requests that ended with a Sample.
         cancelled: int. Requests ended by cancel or deadline.
+        failed: int. Requests ended by an error of their own (a failed prefill).
+        rejected: int. Requests refused because the waiting queue was full.
         active: int. Slots busy now.
         waiting: int. Requests queued for a slot now.
         traces: int. Programs traced (= compiled shapes).
@@ -97,6 +107,8 @@ class EngineCounters:
     active: int = 0
     waiting: int = 0
     traces: int = 0
+    failed: int = 0
+    rejected: int = 0
 
 
 class Stream:
@@ -136,6 +148,7 @@ class Stream:
         self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
         self._cancelled = False
         self._done = threading.Event()
+        self.listener_error: Optional[BaseException] = None  # what the listener raised: it ended this stream
 
     @property
     def request(self) -> GenerationRequest:
@@ -198,10 +211,16 @@ class Stream:
     def _deliver(self, item: Optional[tuple]) -> None:
         if self._listener is None:
             self._events.put(item)
-        elif item is None or self._listener_tokens:
-            self._listener(item)
-        elif item[0]:
-            self._listener(item[0])
+        elif self.listener_error is None:
+            try:
+                if item is None or self._listener_tokens:
+                    self._listener(item)
+                elif item[0]:
+                    self._listener(item[0])
+            except Exception as err:  # this stream's caller broke: end it alone, at the next step boundary
+                log.exception("a stream listener raised; its request is cancelled")
+                self.listener_error = err
+                self._cancelled = True
 
 
 @dataclasses.dataclass
@@ -244,10 +263,12 @@ class DecodeEngine:
             wants; more amortises the per-call cost for batch jobs such as
             populate, at the price of rows joining only every so many tokens).
             The text is the same either way.
+        max_waiting: int or None. Most requests waiting for a slot; past it
+            `submit` raises ResourceExhausted (None: no bound).
     """
 
     def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
-                 tokens_per_step: int = 1):
+                 tokens_per_step: int = 1, max_waiting: Optional[int] = None):
         if slots < 1 or tokens_per_step < 1:
             raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
         self.generator = generator
@@ -258,6 +279,9 @@ class DecodeEngine:
         # The model's own stop texts (an imported gpt-2-simple run's `<|endoftext|>` as text) end every row.
         self._model_stops = tuple(generator.model.prompt_format.stop_sequences)
         self.tokens_per_step = int(tokens_per_step)
+        if max_waiting is not None and max_waiting < 0:
+            raise InvalidArgument(f"max_waiting must be >= 0 or None, got {max_waiting}")
+        self.max_waiting = max_waiting
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -282,7 +306,8 @@ class DecodeEngine:
             listener: callable or None. See `Stream`.
             listener_tokens: bool. The listener gets `(text, tokens)` pairs (see `Stream`).
 
-        Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued.
+        Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued, and
+        ResourceExhausted when `max_waiting` requests already wait.
         """
         config = (config or SamplerConfig()).validate()
         new_tokens = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
@@ -294,6 +319,10 @@ class DecodeEngine:
         with self._condition:
             if self._stopping:
                 raise Unavailable("the decode engine is stopping; retry on another server")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                self.counters.rejected += 1
+                raise ResourceExhausted(f"{len(self._waiting)} requests are already waiting for a decode slot "
+                                        f"(the bound is {self.max_waiting}); retry in a second")
             self._waiting.append(stream)
             self.counters.waiting = len(self._waiting)
             self._condition.notify()
@@ -384,9 +413,17 @@ class DecodeEngine:
             reason = stream.expired(now)
             if reason:
                 self.counters.cancelled += 1
-                stream._end(reason, error=Cancelled(f"request {reason} before it started"))
+                stream._end(reason, error=_ended(reason, " before it started"))
                 continue
-            self._prefill(self._rows.index(None), stream)
+            slot = self._rows.index(None)
+            try:
+                self._prefill(slot, stream)
+            except Exception as err:  # this request's prefill failed (memory, a compile): it alone ends
+                log.exception("prefill failed; its request ends with the error")
+                self._rows[slot] = None
+                self._state.clear_row(slot)
+                self.counters.failed += 1
+                stream._end("error", error=err)
         return had_waiting
 
     def _prefill(self, slot: int, stream: Stream) -> None:
@@ -469,7 +506,7 @@ class DecodeEngine:
         stream = row.stream
         if reason in (CANCELLED, DEADLINE):
             self.counters.cancelled += 1
-            stream._end(reason, error=Cancelled(f"request {reason}"))
+            stream._end(reason, error=stream.listener_error or _ended(reason))
             return
         row.text += self.generator.detokenize(row.pending) if row.pending else ""
         text = row.text
@@ -518,13 +555,13 @@ class DecodeEngine:
         self.counters.cancelled = 0
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> {(slots, xla): _Program}
-
-
 def _program_for(generator, slots: int, tokens: int) -> "_Program":
-    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it."""
+    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it.
+
+    They live on the generator (not in a module-level table), so dropping it frees the model.
+    """
     xla = generator.uses_xla(slots)
-    programs = _PROGRAMS.setdefault(generator._backbone, {})
+    programs = generator.__dict__.setdefault("_engine_programs", {})
     if (slots, xla, tokens) not in programs:
         programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
     return programs[slots, xla, tokens]
