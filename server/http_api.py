@@ -30,7 +30,9 @@ import asyncio
 import html
 import json
 import logging
+import os
 import re
+import socket
 import string
 import time
 import zlib
@@ -500,13 +502,30 @@ async def _while_connected(request: web.Request, call):
             done, _ = await asyncio.wait({task}, timeout=_HANGUP_POLL_S)
             if done:
                 return task.result()
-            transport = request.transport
-            if transport is None or transport.is_closing():
+            if _hung_up(request):
                 raise ConnectionResetError("the client hung up before the answer")
     finally:
         if not task.done():
             task.cancel()
             await asyncio.wait({task})
+
+
+def _hung_up(request: web.Request) -> bool:
+    """Whether the client closed its side: the transport is gone, or its socket reads end-of-file (peeked on a
+    duplicate descriptor, so nothing is consumed; it also sees a hang-up while aiohttp has paused reading)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as peer:
+            return peer.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _query_fields(request: web.Request) -> dict[str, Any]:

@@ -82,7 +82,7 @@ class ModelSlot:
 
     state: str = "off"
     generator: Any = None  # sampling.Generator once ready
-    batcher: Any = None  # batcher.GenerateBatcher once ready
+    batcher: Any = None  # batcher.EngineBatcher once ready
     error: str = ""
 
     def require_ready(self):

@@ -9,7 +9,7 @@ from pitchkeras.cli import add_command
 from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, field_default
 from pitchkeras.errors import UsageError
 from pitchkeras.server.config import (
-    BATCHING_MODES, DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerConfig)
+    DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerConfig)
 from pitchkeras.store import DEFAULT_STORE_URI
 
 
@@ -29,10 +29,7 @@ def add_parser(subparsers):
     p.add_argument("--max-batch-size", type=int, default=default("max_batch_size"),
                    help="Generate samples decoded together")
     p.add_argument("--max-wait-ms", type=float, default=default("max_wait_ms"),
-                   help="how long a Generate call waits to share a batch")
-    p.add_argument("--batching", choices=BATCHING_MODES, default=default("batching"),
-                   help="continuous: Generate runs on the decode engine (rows join and leave every step, streaming); "
-                        "closed: batches that run to their longest row (for comparison)")
+                   help="ignored (the decode engine admits waiting calls at every step); accepted for old scripts")
     p.add_argument("--max-waiting", type=int, default=default("max_waiting"),
                    help="Generate samples that may wait for a decode slot; past it calls get RESOURCE_EXHAUSTED "
                         "(HTTP 429 with Retry-After)")
@@ -122,7 +119,6 @@ def run(args) -> int:
         grpc_keepalive_s=args.grpc_keepalive,
         grpc_keepalive_timeout_s=args.grpc_keepalive_timeout,
         grpc_max_idle_s=args.grpc_max_idle,
-        batching=args.batching,
         max_waiting=args.max_waiting,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)

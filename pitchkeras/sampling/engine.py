@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 END_TOKEN, LENGTH, STOP_SEQUENCE, CANCELLED, DEADLINE = "end_token", "length", "stop_sequence", "cancelled", "deadline"
 CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is compiled for
+BULK_TOKENS_PER_STEP = 8  # tokens per compiled call when nobody streams (Generator.generate, populate)
+BULK_CACHE_BUCKETS = tuple(range(64, 1025, 64))  # finer cache lengths for bulk work: fewer idle positions per step
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to: held back until complete
 
 
@@ -128,11 +130,13 @@ class Stream:
         deadline: float or None. `time.monotonic()` after which it is ended.
         listener: callable or None. Called from the engine thread.
         listener_tokens: bool. Give the listener `(text, tokens)` pairs, as `token_deltas()` yields them.
+        quiet: bool. Nobody reads the deltas (bulk work): none are made, and the text is detokenized
+            once, at the end (token by token only while a stop sequence must be looked for).
     """
 
     def __init__(self, prepared, config: SamplerConfig, max_new_tokens: int, *, include_prefix: bool = True,
                  deadline: Optional[float] = None, listener: Optional[Callable[[object], None]] = None,
-                 listener_tokens: bool = False):
+                 listener_tokens: bool = False, quiet: bool = False):
         self.prepared = prepared
         self.config = config
         self.max_new_tokens = int(max_new_tokens)
@@ -145,9 +149,11 @@ class Stream:
         self.tokens = 0  # tokens decoded so far
         self._listener = listener
         self._listener_tokens = listener_tokens
+        self.quiet = quiet
         self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
         self._cancelled = False
         self._done = threading.Event()
+        self.stops: tuple = config.stop_sequences  # every text that ends it (the engine adds the model's)
         self.listener_error: Optional[BaseException] = None  # what the listener raised: it ended this stream
 
     @property
@@ -294,7 +300,8 @@ class DecodeEngine:
     # -- submitting ------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, config: Optional[SamplerConfig] = None,
                max_new_tokens: Optional[int] = None, *, include_prefix: bool = True,
-               timeout: Optional[float] = None, listener=None, listener_tokens: bool = False) -> Stream:
+               timeout: Optional[float] = None, listener=None, listener_tokens: bool = False,
+               deltas: bool = True) -> Stream:
         """Queue one request; it joins at the next step boundary with a free slot.
 
         Args:
@@ -305,17 +312,29 @@ class DecodeEngine:
             timeout: float or None. Seconds from now after which it is ended (DEADLINE).
             listener: callable or None. See `Stream`.
             listener_tokens: bool. The listener gets `(text, tokens)` pairs (see `Stream`).
+            deltas: bool. False: nobody reads its deltas (bulk work); its text is made once, at the end.
 
         Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued, and
         ResourceExhausted when `max_waiting` requests already wait.
         """
+        return self.submit_prepared(self.generator.prepare(request), config, max_new_tokens,
+                                    include_prefix=include_prefix, timeout=timeout, listener=listener,
+                                    listener_tokens=listener_tokens, deltas=deltas)
+
+    def submit_prepared(self, prepared: PreparedRequest, config: Optional[SamplerConfig] = None,
+                        max_new_tokens: Optional[int] = None, *, stops: Sequence[str] = (),
+                        include_prefix: bool = True, timeout: Optional[float] = None, listener=None,
+                        listener_tokens: bool = False, deltas: bool = True) -> Stream:
+        """`submit` for a request already prepared (`Generator.prepare`); `stops` are stop texts beyond the
+        config's (`Generator.generate`'s `truncate`), not recorded in the Sample's config."""
         config = (config or SamplerConfig()).validate()
         new_tokens = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if new_tokens < 1:
             raise InvalidArgument(f"max_new_tokens (length) must be >= 1, got {new_tokens}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        stream = Stream(self.generator.prepare(request), config, new_tokens, include_prefix=include_prefix,
-                        deadline=deadline, listener=listener, listener_tokens=listener_tokens)
+        stream = Stream(prepared, config, new_tokens, include_prefix=include_prefix,
+                        deadline=deadline, listener=listener, listener_tokens=listener_tokens, quiet=not deltas)
+        stream.stops = tuple(config.stop_sequences) + tuple(stops) + self._model_stops
         with self._condition:
             if self._stopping:
                 raise Unavailable("the decode engine is stopping; retry on another server")
@@ -468,9 +487,15 @@ class DecodeEngine:
         self._state.token_ids[slot, row.position] = token
         self._state.positions[slot] = row.position
         self.counters.tokens += 1
-        self._extend_text(row)
-        stops = row.stream.config.stop_sequences + self._model_stops
-        cut = min((i for i in (row.text.find(stop) for stop in stops) if i >= 0), default=-1)
+        stops = row.stream.stops
+        cut = -1
+        if stops or not row.stream.quiet:  # else nobody reads the text before the end: it is made once, then
+            checked = len(row.text)
+            self._extend_text(row)
+            if stops and len(row.text) > checked:
+                # Only the tail can hold a stop text that was not there before.
+                tail = max(0, checked - max(map(len, stops)) + 1)
+                cut = min((i for i in (row.text.find(stop, tail) for stop in stops) if i >= 0), default=-1)
         if cut >= 0:
             # The tokens kept: those that started before the cut (the stop text's own are dropped, as it is).
             kept = sum(1 for start in [0] + row.ends[:-1] if start < cut)
@@ -478,7 +503,8 @@ class DecodeEngine:
             row.text = row.text[:cut]
             row.pending = []
             return self._leave(slot, STOP_SEQUENCE)
-        self._send(row, _safe_end(row.text, stops))
+        if not row.stream.quiet:
+            self._send(row, _safe_end(row.text, stops))
         if len(row.completion) >= row.stream.max_new_tokens or row.position + 1 >= row.limit:
             self._leave(slot, LENGTH)
 
@@ -508,9 +534,13 @@ class DecodeEngine:
             self.counters.cancelled += 1
             stream._end(reason, error=stream.listener_error or _ended(reason))
             return
-        row.text += self.generator.detokenize(row.pending) if row.pending else ""
+        if stream.quiet and not stream.stops:
+            row.text = self.generator.detokenize(row.completion)  # the one detokenize of a row nobody listens to
+        else:
+            row.text += self.generator.detokenize(row.pending) if row.pending else ""
         text = row.text
-        self._send(row, len(text), last=True)
+        if not stream.quiet:
+            self._send(row, len(text), last=True)
         try:
             sample = self.generator.finish(stream.prepared, text, stream.config, include_prefix=stream.include_prefix)
         except Exception as err:  # post-processing failed for this request only
@@ -597,6 +627,20 @@ def _concrete_per_shape(function):
     return call
 
 
+def _in_place(body):
+    """A TensorFlow step or prefill over cache variables: `body(cache values, *args)` returns (new caches,
+    result); the new caches are assigned to the variables inside the same compiled function (XLA aliases
+    them: no cache-sized copy per call), and the result is returned."""
+    def run(variables, *args):
+        caches, result = body([(k.value(), v.value()) for k, v in variables], *args)
+        for (k, v), (new_k, new_v) in zip(variables, caches):
+            k.assign(new_k)
+            v.assign(new_v)
+        return result
+
+    return run
+
+
 def _safe_end(text: str, stops: Sequence[str]) -> int:
     """How much of `text` may be sent: all of it but a tail that could be the start of a stop sequence."""
     held = 0
@@ -668,8 +712,13 @@ class _Program:
     """The engine's compiled programs, one per shape: `step` and `prefill`, on TensorFlow or JAX."""
 
     def __init__(self, backbone, *, xla: bool, tokens: int = 1):
+        import keras
+
         self.backbone = backbone
         self.xla = xla
+        # TensorFlow: the caches are `tf.Variable`s read and assigned inside the compiled step, so XLA updates
+        # them in place (aliased) instead of copying every cache in and out of each call. JAX donates them.
+        self.resident = keras.config.backend() == "tensorflow"
         self.tokens = tokens  # decode steps per call
         self.traces = 0  # programs traced (= compiled shapes)
         self._steps = self._prefill = None  # {logprobs: step}, prefill
@@ -736,13 +785,19 @@ class _Program:
     def step(self, state: _DeviceState, logprobs: bool = False) -> tuple:
         """Run a step: the chosen tokens (slots, tokens), and (chosen logprobs, top ids, top logprobs) or None."""
         self._compile()
-        state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
+        if self.resident:  # the caches are variables, updated in place inside the compiled step
+            outs = self._steps[logprobs](state.caches, *state.step_inputs())
+        else:
+            state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
         outs = [np.asarray(out) for out in outs]
         return outs[0], (tuple(outs[1:]) if logprobs else None)
 
     def prefill(self, state: _DeviceState, slot: int, prompt: np.ndarray) -> None:
         self._compile()
-        state.caches = self._prefill(state.caches, np.int32(slot), prompt)
+        if self.resident:
+            self._prefill(state.caches, np.int32(slot), prompt)
+        else:
+            state.caches = self._prefill(state.caches, np.int32(slot), prompt)
 
     def resize_caches(self, caches, slots: int, length: int):
         """New zero caches of `slots` rows and `length` positions, or the old ones padded or cut to them."""
@@ -752,10 +807,16 @@ class _Program:
         heads = backbone.num_heads
         shape = (slots, heads, length, backbone.hidden_dim // heads)
         if caches is None:
-            return [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
-        old_slots, _, old, _ = caches[0][0].shape
-        pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
-        return [tuple(ops.pad(c[:slots, :, :length], pad) for c in kv) for kv in caches]
+            caches = [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
+        else:
+            old_slots, _, old, _ = caches[0][0].shape
+            pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
+            caches = [tuple(ops.pad(ops.convert_to_tensor(c)[:slots, :, :length], pad) for c in kv) for kv in caches]
+        if self.resident:
+            import tensorflow as tf
+
+            caches = [tuple(tf.Variable(c, trainable=False) for c in kv) for kv in caches]
+        return caches
 
     def _step_with(self, logprobs: bool):
         """The step body with its `logprobs` flag fixed (positional arguments only, as the tracers want)."""
@@ -773,9 +834,10 @@ class _Program:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            self._steps = {flag: _concrete_per_shape(tf.function(self._step_with(flag), jit_compile=self.xla))
-                           for flag in (False, True)}
-            self._prefill = _concrete_per_shape(tf.function(self._prefill_body, jit_compile=self.xla))
+            self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)),
+                                                                 jit_compile=self.xla)) for flag in (False, True)}
+            self._prefill = _concrete_per_shape(tf.function(
+                _in_place(lambda caches, *args: (self._prefill_body(caches, *args), ())), jit_compile=self.xla))
         elif backend == "jax":
             self._steps, self._prefill = self._jax_functions()
         else:
