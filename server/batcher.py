@@ -21,21 +21,22 @@ class EngineBatcher:
     Args:
         generator: sampling.Generator. The model; the engine uses its post-processing.
         slots: int. Rows decoded together (the engine's batch).
-        metrics: ServerMetrics or None. Receives the queue depth (requests waiting for a slot) and,
-            per Generate call, its rows and duration.
+        metrics: ServerMetrics or None. The engine's observer: steps (rows, tokens, time), queue time, time
+            to first token, time per output token, cancellations; and the waiting and running gauges.
+        max_waiting: int or None. The engine's bound on waiting samples (ResourceExhausted past it).
     """
 
     def __init__(self, generator, *, slots: int = 8, metrics=None, max_waiting: Optional[int] = None):
         from pitchkeras.sampling.engine import DecodeEngine
 
         self.generator = generator
-        self.engine = DecodeEngine(generator, slots=slots, max_waiting=max_waiting)
+        self.engine = DecodeEngine(generator, slots=slots, max_waiting=max_waiting, observer=metrics)
         self.metrics = metrics
 
     def start(self) -> None:
         self.engine.start()
         if self.metrics is not None:
-            self.metrics.watch_queue(lambda: self.engine.counters.waiting)
+            self.metrics.watch_engine(lambda: self.engine.counters.waiting, lambda: self.engine.counters.active)
 
     def warmup(self, max_new_tokens: int) -> None:
         """Compile the step and the prefill for a typical prompt at this length (before `start`)."""
@@ -48,7 +49,6 @@ class EngineBatcher:
         """
         loop = asyncio.get_running_loop()
         futures, streams = [], []
-        started = loop.time()
         try:
             for request in requests:
                 future = loop.create_future()
@@ -57,11 +57,7 @@ class EngineBatcher:
                 futures.append(future)
             for future in futures:
                 await future
-            samples = [stream.result() for stream in streams]
-            if self.metrics is not None:
-                # The engine's batch changes every step; a call's rows and time are what a caller sees.
-                self.metrics.observe_batch(len(requests), max_new_tokens, loop.time() - started)
-            return samples
+            return [stream.result() for stream in streams]
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op for finished ones; frees the slots of a caller that went away

@@ -150,6 +150,8 @@ class Stream:
         self._listener = listener
         self._listener_tokens = listener_tokens
         self.quiet = quiet
+        self.submitted = time.monotonic()  # for the queue time and the time to first token
+        self.first_token_at: Optional[float] = None
         self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
         self._cancelled = False
         self._done = threading.Event()
@@ -271,10 +273,14 @@ class DecodeEngine:
             The text is the same either way.
         max_waiting: int or None. Most requests waiting for a slot; past it
             `submit` raises ResourceExhausted (None: no bound).
+        observer: object or None. Told what the engine does, from its thread
+            (the server's `ServerMetrics`): `observe_step(rows, tokens,
+            seconds)`, `observe_queue(seconds)`, `observe_first_token(seconds)`,
+            `observe_time_per_token(seconds)`, `observe_cancel(reason)`.
     """
 
     def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
-                 tokens_per_step: int = 1, max_waiting: Optional[int] = None):
+                 tokens_per_step: int = 1, max_waiting: Optional[int] = None, observer=None):
         if slots < 1 or tokens_per_step < 1:
             raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
         self.generator = generator
@@ -288,6 +294,7 @@ class DecodeEngine:
         if max_waiting is not None and max_waiting < 0:
             raise InvalidArgument(f"max_waiting must be >= 0 or None, got {max_waiting}")
         self.max_waiting = max_waiting
+        self.observer = observer
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -340,6 +347,7 @@ class DecodeEngine:
                 raise Unavailable("the decode engine is stopping; retry on another server")
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 self.counters.rejected += 1
+                self._observe("observe_cancel", "queue_full")
                 raise ResourceExhausted(f"{len(self._waiting)} requests are already waiting for a decode slot "
                                         f"(the bound is {self.max_waiting}); retry in a second")
             self._waiting.append(stream)
@@ -406,7 +414,9 @@ class DecodeEngine:
             return joined
         self._fit_cache(self._state.length)  # rows above the highest busy slot may have left
         logprobs = any(self._rows[slot].stream.request.top_logprobs is not None for slot in active)
+        started, tokens = time.monotonic(), self.counters.tokens
         chosen, scores = self._program.step(self._state, logprobs)
+        seconds = time.monotonic() - started
         self.counters.traces = self._program.traces
         self.counters.rows = self._state.rows
         for column in range(self.tokens_per_step):
@@ -417,7 +427,16 @@ class DecodeEngine:
             for slot in active:
                 self._advance(slot, int(chosen[slot, column]), scores and (scores, slot, column))
         self.counters.active = sum(row is not None for row in self._rows)
+        self._observe("observe_step", len(active), self.counters.tokens - tokens, seconds)
         return True
+
+    def _observe(self, method: str, *args) -> None:
+        """Tell the observer (metrics); its failure is logged, never the engine's."""
+        if self.observer is not None:
+            try:
+                getattr(self.observer, method)(*args)
+            except Exception:  # noqa: BLE001 - metrics must not stop decoding
+                log.exception("engine observer %s failed", method)
 
     # -- joining and leaving ---------------------------------------------------------------
     def _join(self, now: float) -> bool:
@@ -432,6 +451,7 @@ class DecodeEngine:
             reason = stream.expired(now)
             if reason:
                 self.counters.cancelled += 1
+                self._observe("observe_cancel", reason)
                 stream._end(reason, error=_ended(reason, " before it started"))
                 continue
             slot = self._rows.index(None)
@@ -442,6 +462,7 @@ class DecodeEngine:
                 self._rows[slot] = None
                 self._state.clear_row(slot)
                 self.counters.failed += 1
+                self._observe("observe_cancel", "error")
                 stream._end("error", error=err)
         return had_waiting
 
@@ -455,6 +476,7 @@ class DecodeEngine:
         self._state.reset_row(slot, ids, stream.request.seed, stream.config)
         self._program.prefill(self._state, slot, prompt)
         self.counters.prefills += 1
+        self._observe("observe_queue", time.monotonic() - stream.submitted)
         self._rows[slot] = _Row(stream, position=len(ids) - 1, limit=limit)
         self._state.positions[slot] = len(ids) - 1
 
@@ -477,6 +499,9 @@ class DecodeEngine:
         if token == self.generator._end_id and self.generator.stop_at_end_token:
             return self._leave(slot, END_TOKEN)
         row.completion.append(token)
+        if len(row.completion) == 1:
+            row.stream.first_token_at = time.monotonic()
+            self._observe("observe_first_token", row.stream.first_token_at - row.stream.submitted)
         wanted = row.stream.request.top_logprobs
         if wanted is not None:
             (chosen, top_ids, top_logprobs), slot, column = scores
@@ -532,6 +557,7 @@ class DecodeEngine:
         stream = row.stream
         if reason in (CANCELLED, DEADLINE):
             self.counters.cancelled += 1
+            self._observe("observe_cancel", "listener_error" if stream.listener_error else reason)
             stream._end(reason, error=stream.listener_error or _ended(reason))
             return
         if stream.quiet and not stream.stops:
@@ -549,6 +575,9 @@ class DecodeEngine:
         sample = dataclasses.replace(sample, finish_reason=reason, completion_ids=tuple(row.completion),
                                      logprobs=None if stream.request.top_logprobs is None else tuple(row.logprobs))
         self.counters.finished += 1
+        if len(row.completion) > 1:
+            self._observe("observe_time_per_token",
+                          (time.monotonic() - stream.first_token_at) / (len(row.completion) - 1))
         stream._end(reason, sample=sample)
 
     def _fail_all(self, err: BaseException) -> None:
