@@ -442,7 +442,9 @@ class DecodeEngine:
     def _join(self, now: float) -> bool:
         """Prefill waiting requests into free slots; whether any request was waiting."""
         had_waiting = bool(self._waiting)
-        while None in self._rows:
+        free = [slot for slot, row in enumerate(self._rows) if row is None]
+        groups: dict = {}  # prompt bucket -> [(slot, stream)]: each group is prefilled in one call
+        while free:
             with self._condition:
                 if not self._waiting:
                     break
@@ -454,31 +456,49 @@ class DecodeEngine:
                 self._observe("observe_cancel", reason)
                 stream._end(reason, error=_ended(reason, " before it started"))
                 continue
-            slot = self._rows.index(None)
+            groups.setdefault(self._bucket(stream), []).append((free.pop(0), stream))
+        for group in groups.values():
             try:
-                self._prefill(slot, stream)
-            except Exception as err:  # this request's prefill failed (memory, a compile): it alone ends
-                log.exception("prefill failed; its request ends with the error")
-                self._rows[slot] = None
-                self._state.clear_row(slot)
-                self.counters.failed += 1
-                self._observe("observe_cancel", "error")
-                stream._end("error", error=err)
+                self._prefill(group)
+            except Exception:  # noqa: BLE001 - find which request failed: each alone, so only its own ends
+                for slot, stream in group:
+                    try:
+                        self._prefill([(slot, stream)])
+                    except Exception as err:  # this request's prefill failed (memory, a compile): it alone ends
+                        log.exception("prefill failed; its request ends with the error")
+                        self._rows[slot] = None
+                        self._state.clear_row(slot)
+                        self.counters.failed += 1
+                        self._observe("observe_cancel", "error")
+                        stream._end("error", error=err)
         return had_waiting
 
-    def _prefill(self, slot: int, stream: Stream) -> None:
-        ids = stream.prepared.ids
-        limit = min(len(ids) + stream.max_new_tokens, self._max_length)
-        bucket = min(prompt_bucket(len(ids), self.generator.prompt_buckets), self._max_length)
-        self._fit_cache(max(limit, bucket), slot)
-        prompt = np.full((1, bucket), self.generator._pad_id, np.int32)
-        prompt[0, : len(ids)] = ids
-        self._state.reset_row(slot, ids, stream.request.seed, stream.config)
-        self._program.prefill(self._state, slot, prompt)
-        self.counters.prefills += 1
-        self._observe("observe_queue", time.monotonic() - stream.submitted)
-        self._rows[slot] = _Row(stream, position=len(ids) - 1, limit=limit)
-        self._state.positions[slot] = len(ids) - 1
+    def _bucket(self, stream: Stream) -> int:
+        return min(prompt_bucket(len(stream.prepared.ids), self.generator.prompt_buckets), self._max_length)
+
+    def _prefill(self, group: list) -> None:
+        """Prefill `group` ((slot, stream) pairs of one prompt bucket) in one compiled call and insert their rows.
+
+        The call runs a power of two of prompts (the first repeated to fill it), so few shapes compile.
+        """
+        bucket = self._bucket(group[0][1])
+        limits = [min(len(stream.prepared.ids) + stream.max_new_tokens, self._max_length) for _, stream in group]
+        self._fit_cache(max(limits + [bucket]), max(slot for slot, _ in group))
+        size = 1 << (len(group) - 1).bit_length()
+        prompts = np.full((size, bucket), self.generator._pad_id, np.int32)
+        slots = np.full((size,), group[0][0], np.int32)
+        for i, (slot, stream) in enumerate(group + [group[0]] * (size - len(group))):
+            ids = stream.prepared.ids
+            prompts[i, : len(ids)] = ids
+            slots[i] = slot
+        for slot, stream in group:
+            self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config)
+        self._program.prefill(self._state, slots, prompts)
+        for (slot, stream), limit in zip(group, limits):
+            self.counters.prefills += 1
+            self._observe("observe_queue", time.monotonic() - stream.submitted)
+            self._rows[slot] = _Row(stream, position=len(stream.prepared.ids) - 1, limit=limit)
+            self._state.positions[slot] = len(stream.prepared.ids) - 1
 
     def _fit_cache(self, needed: int, slot: int = 0) -> None:
         """Size the cache: the smallest row bucket holding every busy slot and `slot`, and the smallest
@@ -798,17 +818,24 @@ class _Program:
             caches, _, _, outs = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, outs))
         return caches, outs
 
-    def _prefill_body(self, caches, slot, prompt_ids):
-        """Run one prompt (1, bucket) through the model into row `slot` of the caches."""
+    def _prefill_body(self, caches, slots, prompt_ids):
+        """Run prompts (n, bucket) through the model into rows `slots` (n,) of the caches (a slot repeated
+        gets the same row written again)."""
         from keras import ops
 
         self.traces += 1
         backbone = self.backbone
-        fresh = [tuple(ops.zeros((1,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
+        size = prompt_ids.shape[0]
+        fresh = [tuple(ops.zeros((size,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
         _, fresh = forward(backbone, prompt_ids, fresh, 0)
-        start = (slot, 0, 0, 0)
-        return [(ops.slice_update(k, start, fk), ops.slice_update(v, start, fv))
-                for (k, v), (fk, fv) in zip(caches, fresh)]
+        out = []
+        for (k, v), (fk, fv) in zip(caches, fresh):
+            for i in range(size):
+                start = (slots[i], 0, 0, 0)
+                k = ops.slice_update(k, start, fk[i:i + 1])
+                v = ops.slice_update(v, start, fv[i:i + 1])
+            out.append((k, v))
+        return out
 
     # Compiled, per backend. --------------------------------------------------------------------
     def step(self, state: _DeviceState, logprobs: bool = False) -> tuple:
@@ -821,12 +848,13 @@ class _Program:
         outs = [np.asarray(out) for out in outs]
         return outs[0], (tuple(outs[1:]) if logprobs else None)
 
-    def prefill(self, state: _DeviceState, slot: int, prompt: np.ndarray) -> None:
+    def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
+        """Prefill `prompts` (n, bucket) into rows `slots` (n,) of the caches."""
         self._compile()
         if self.resident:
-            self._prefill(state.caches, np.int32(slot), prompt)
+            self._prefill(state.caches, slots, prompts)
         else:
-            state.caches = self._prefill(state.caches, np.int32(slot), prompt)
+            state.caches = self._prefill(state.caches, slots, prompts)
 
     def resize_caches(self, caches, slots: int, length: int):
         """New zero caches of `slots` rows and `length` positions, or the old ones padded or cut to them."""
