@@ -133,10 +133,10 @@ class Ours:
         class CountingGenerator(Generator):
             """Records how many new tokens each row got, to check both sides do equal work."""
 
-            def _complete(self, *args, **kwargs):
-                completions = super()._complete(*args, **kwargs)
-                self.new_tokens_per_row = [len(c) for c in completions]
-                return completions
+            def _run(self, *args, **kwargs):
+                samples = super()._run(*args, **kwargs)
+                self.new_tokens_per_row = [len(s.completion_ids) for s in samples]
+                return samples
 
         self.name = f"pitchkeras {precision}"
         model = random_gpt2_model("float32" if precision == "int8" else precision)

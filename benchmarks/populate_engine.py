@@ -3,8 +3,9 @@
 Both sides generate the same requests with the same seeds, so they draw the
 same tokens and accept the same reviews; only the batching differs:
 
-- closed: `Generator.generate` on `--batch` requests at a time, as populate
-  did before the engine: a batch runs until its longest row ends.
+- closed: the closed-batch loop populate ran before the engine (its copy in
+  `benchmarks/closed_loop.py`) on `--batch` requests at a time: a batch runs
+  until its longest row ends.
 - engine: every request submitted to a `DecodeEngine` with `--batch` slots and
   populate's `TOKENS_PER_STEP`, as populate does now: a row that ends is
   refilled at the next call.
@@ -21,7 +22,8 @@ Two models:
 
 Printed: the CPU's SIMD level, then per model and side: seconds, samples/s,
 accepted reviews/s, steps (engine) and the speed-up. Each side runs twice and
-the second run is timed, so no compile time is counted.
+the second run is timed, so no compile time is counted. Last,
+`ratio_populate=`: the lower of the models' speed-ups (engine over closed).
 
 Example:
 
@@ -57,28 +59,30 @@ def demo_requests(model, count: int) -> list:
 
 def closed(generator, requests, lengths, batch: int) -> tuple[float, list]:
     """populate before the engine: closed batches in request order, each as long as its longest row."""
+    from closed_loop import closed_generate
+
     started, samples = time.perf_counter(), []
     for start in range(0, len(requests), batch):
         chunk = requests[start:start + batch]
-        samples += generator.generate(chunk, max_new_tokens=max(lengths[start:start + batch]))
+        samples += closed_generate(generator, chunk, max_new_tokens=max(lengths[start:start + batch]))
     return time.perf_counter() - started, samples
 
 
 def engine_run(generator, requests, lengths, batch: int) -> tuple[float, list, object]:
     """populate now: everything submitted to the engine, rows refilled as they end."""
     from pitchkeras.populate import TOKENS_PER_STEP
-    from pitchkeras.sampling.engine import DecodeEngine
+    from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, DecodeEngine
 
-    engine = DecodeEngine(generator, slots=batch, tokens_per_step=TOKENS_PER_STEP)
+    engine = DecodeEngine(generator, slots=batch, tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS)
     started = time.perf_counter()
-    streams = [engine.submit(r, None, n) for r, n in zip(requests, lengths)]
+    streams = [engine.submit(r, None, n, deltas=False) for r, n in zip(requests, lengths)]
     engine.run_until_idle()
     return time.perf_counter() - started, [s.result() for s in streams], (engine, streams)
 
 
-def compare(name: str, generator, requests, lengths, batch: int) -> list[int]:
+def compare(name: str, generator, requests, lengths, batch: int) -> tuple[list[int], float]:
     """Run both sides once to compile every shape they meet, then time them; print the figures; the engine's
-    stop lengths."""
+    stop lengths and its speed-up."""
     closed(generator, requests, lengths, batch)
     engine_run(generator, requests, lengths, batch)
     closed_s, closed_samples = closed(generator, requests, lengths, batch)
@@ -95,7 +99,7 @@ def compare(name: str, generator, requests, lengths, batch: int) -> list[int]:
     counters = engine.counters
     print(f"  engine steps {counters.steps}, mean rows per step {counters.row_steps / max(counters.steps, 1):.2f}; "
           f"speed-up {closed_s / engine_s:.2f}x")
-    return stops
+    return stops, closed_s / engine_s
 
 
 def main(argv=None) -> int:
@@ -112,13 +116,15 @@ def main(argv=None) -> int:
 
     print(f"CPU: {simd_level()}; os.cpu_count()={os.cpu_count()}; load average {os.getloadavg()[0]:.2f}")
     stops = [int(n) for n in args.lengths.split(",")] if args.lengths else []
+    ratios: list[float] = []
     if args.demo_model:
         from pitchkeras.model import load_model
 
         model = load_model(args.demo_model)
         requests = demo_requests(model, args.requests)
-        stops = compare("demo model", Generator(model, batch_size=args.batch, max_new_tokens=args.length),
+        stops, ratio = compare("demo model", Generator(model, batch_size=args.batch, max_new_tokens=args.length),
                         requests, [args.length] * len(requests), args.batch)
+        ratios.append(ratio)
     if args.gpt2_124m:
         from pitchkeras.postprocess import PostprocessOptions
         from pitchkeras.sampling import GenerationRequest
@@ -131,8 +137,11 @@ def main(argv=None) -> int:
                               postprocess_options=relaxed, stop_at_end_token=False)
         requests = [GenerationRequest(prefix="The band plays", seed=i) for i in range(args.requests_124m)]
         lengths = [max(1, stops[i % len(stops)]) for i in range(args.requests_124m)]
-        compare("GPT-2 124M shape, random weights, demo stop lengths", generator, requests, lengths, args.batch)
+        ratios.append(compare("GPT-2 124M shape, random weights, demo stop lengths", generator, requests, lengths,
+                              args.batch)[1])
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if ratios:
+        print(f"ratio_populate={min(ratios):.2f} (engine / closed loop, the lower of {len(ratios)} model(s))")
     return 0
 
 

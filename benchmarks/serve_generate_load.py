@@ -1,4 +1,4 @@
-"""Open-loop load on generation: `pitchkeras serve` with the decode engine, the same server with closed batches,
+"""Open-loop load on generation: `pitchkeras serve` with the decode engine, the closed batches it replaced,
 and a transformers server doing the same job with its own batched `generate`, on one machine in one run.
 
 Arrivals are Poisson at each rate of `--rates` (requests/s) for `--seconds`
@@ -7,11 +7,12 @@ from `MIXES`, with its own seed. Requests are never retried or paced by
 answers (open loop); what has not finished `--drain` seconds after the last
 arrival counts as not completed, so each rate is bounded in time.
 
-- engine: `pitchkeras serve --model M --batching continuous`, called with
-  StreamGenerate (gRPC): the time to first token is the first delta.
-- closed: the same server with `--batching closed` (batches of up to
-  `--slots` calls collected for 10 ms, grouped by settings and length, each
-  run to its longest row); its stream has one delta when the batch ends.
+- engine: `pitchkeras serve --model M`, called with StreamGenerate (gRPC):
+  the time to first token is the first delta.
+- closed: the closed-batch loop the engine replaced (`closed_loop.py`) on the
+  same model behind a small HTTP server (batches of up to `--slots` calls
+  collected for 10 ms, grouped by settings and length, each run to its
+  longest row); its first token is its answer.
 - transformers: a `GPT2LMHeadModel` of the same shape (random weights) behind
   a small HTTP server with the same closed batching, calling
   `model.generate(do_sample=True, ...)` per group; no streaming, so its first
@@ -64,8 +65,6 @@ PROMPT = "The band plays"
 
 def transformers_server(port_file: str, slots: int, max_wait_s: float) -> None:
     """Serve POST /generate {"length", "seed", settings...} with closed batches of transformers' generate."""
-    import http.server
-
     import torch
     import transformers
 
@@ -77,6 +76,44 @@ def transformers_server(port_file: str, slots: int, max_wait_s: float) -> None:
         vocab_size=VOCABULARY_SIZE, n_positions=MAX_SEQUENCE_LENGTH, n_embd=HIDDEN_DIM, n_layer=NUM_LAYERS,
         n_head=NUM_HEADS, n_inner=INTERMEDIATE_DIM)).eval()
     prompt = torch.tensor([[ord(c) for c in PROMPT]])  # one token per byte, as the random pitchkeras tokenizer
+
+    def run_group(body: dict, group: list) -> None:
+        settings = {"temperature": body.get("temperature", 0.7), "top_k": body.get("top_k", 0),
+                    "top_p": body.get("top_p", 0.95), "repetition_penalty": body.get("repetition_penalty", 1.0)}
+        ids = prompt.expand(len(group), -1).contiguous()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                           max_new_tokens=body["length"], min_new_tokens=body["length"],
+                           pad_token_id=VOCABULARY_SIZE - 1, **settings)
+
+    closed_batch_server(port_file, slots, max_wait_s, run_group)
+
+
+def closed_server(port_file: str, model_dir: str, slots: int, max_wait_s: float) -> None:
+    """Serve POST /generate {"length", "seed", settings...} with the closed-batch loop the engine replaced
+    (`closed_loop.py`), batches formed as `serve --batching closed` formed them before it was removed."""
+    from closed_loop import closed_generate
+
+    from pitchkeras.model import load_model
+    from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig
+
+    model = load_model(model_dir)
+    generator = Generator(model, batch_size=slots)
+    conditions = _conditions(model.info)
+
+    def run_group(body: dict, group: list) -> None:
+        settings = {k: body[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty") if k in body}
+        requests = [GenerationRequest(conditions or None, PROMPT, seed=item[0]["seed"]) for item in group]
+        closed_generate(generator, requests, config=SamplerConfig(**settings), max_new_tokens=body["length"])
+
+    closed_batch_server(port_file, slots, max_wait_s, run_group)
+
+
+def closed_batch_server(port_file: str, slots: int, max_wait_s: float, run_group) -> None:
+    """An HTTP server gathering POST /generate calls into closed batches of up to `slots` (waiting `max_wait_s`
+    for company), one `run_group(body, items)` per group of equal settings and length."""
+    import http.server
+
     pending: queue.Queue = queue.Queue()
 
     def run_batches() -> None:
@@ -93,14 +130,7 @@ def transformers_server(port_file: str, slots: int, max_wait_s: float) -> None:
                 groups.setdefault(json.dumps({k: v for k, v in item[0].items() if k != "seed"}, sort_keys=True),
                                   []).append(item)
             for group in groups.values():
-                body = group[0][0]
-                settings = {"temperature": body.get("temperature", 0.7), "top_k": body.get("top_k", 0),
-                            "top_p": body.get("top_p", 0.95), "repetition_penalty": body.get("repetition_penalty", 1.0)}
-                ids = prompt.expand(len(group), -1).contiguous()
-                with torch.inference_mode():
-                    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                   max_new_tokens=body["length"], min_new_tokens=body["length"],
-                                   pad_token_id=VOCABULARY_SIZE - 1, **settings)
+                run_group(group[0][0], group)
                 for _, done in group:
                     done.set()
 
@@ -127,10 +157,10 @@ def transformers_server(port_file: str, slots: int, max_wait_s: float) -> None:
 # -- servers ----------------------------------------------------------------------------------------------
 
 
-def start_pitchkeras(model_dir: str, batching: str, slots: int, lengths, store: str) -> tuple:
+def start_pitchkeras(model_dir: str, slots: int, lengths, store: str) -> tuple:
     """`pitchkeras serve` in a subprocess; returns (process, gRPC target) once /readyz says ready."""
     argv = [sys.executable, "-m", "pitchkeras.cli", "serve", "--model", model_dir, "--store", store, "--port", "0",
-            "--http-port", "0", "--batching", batching, "--max-batch-size", str(slots), "--length",
+            "--http-port", "0", "--max-batch-size", str(slots), "--length",
             str(max(lengths)), "--max-length-cap", str(max(lengths)), "--log-level", "WARNING"]
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -146,16 +176,19 @@ def start_pitchkeras(model_dir: str, batching: str, slots: int, lengths, store: 
             pass
         time.sleep(1)
     process.kill()
-    raise SystemExit(f"the {batching} server did not get ready")
+    raise SystemExit("the pitchkeras server did not get ready")
 
 
-def start_transformers(slots: int) -> tuple:
+def start_transformers(slots: int, model_dir: str = "") -> tuple:
+    """The transformers server, or with `model_dir` the closed-loop server, in a subprocess: (process, host:port)."""
     port_file = tempfile.mktemp()
-    process = subprocess.Popen([sys.executable, __file__, "--transformers-server", port_file, "--slots", str(slots)],
+    flags = ["--closed-server", port_file, "--model", model_dir] if model_dir else ["--transformers-server", port_file]
+    process = subprocess.Popen([sys.executable, __file__, *flags, "--slots", str(slots)],
                                cwd=ROOT, stderr=subprocess.DEVNULL)
     while not os.path.exists(port_file) or not Path(port_file).read_text():
         if process.poll() is not None:
-            raise SystemExit("the transformers server did not start (pip install torch==2.13.0 transformers)")
+            raise SystemExit("the closed-batch server did not start (transformers: pip install torch==2.13.0 "
+                             "transformers)")
         time.sleep(0.5)
     return process, f"127.0.0.1:{Path(port_file).read_text()}"
 
@@ -296,9 +329,13 @@ def main(argv=None) -> int:
     parser.add_argument("--slots", type=int, default=8, help="engine slots = closed batch size")
     parser.add_argument("--sides", default="engine,closed,transformers", help="which servers to load")
     parser.add_argument("--transformers-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--closed-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.transformers_server:
         transformers_server(args.transformers_server, args.slots, 0.01)
+        return 0
+    if args.closed_server:
+        closed_server(args.closed_server, args.model, args.slots, 0.01)
         return 0
     from generate_vs_transformers import simd_level
 
@@ -320,12 +357,11 @@ def main(argv=None) -> int:
           f"one prefill + two steps = {prefill_ms + 2 * step_ms:.1f} ms", flush=True)
     table: dict = {}
     for side in sides:
-        if side == "transformers":
-            process, target = start_transformers(args.slots)
+        if side in ("transformers", "closed"):
+            process, target = start_transformers(args.slots, model_dir if side == "closed" else "")
             call = http_caller(target, conditions)
         else:
-            process, target = start_pitchkeras(model_dir, "continuous" if side == "engine" else "closed", args.slots,
-                                               lengths, f"sqlite:///{workdir}/{side}.db")
+            process, target = start_pitchkeras(model_dir, args.slots, lengths, f"sqlite:///{workdir}/{side}.db")
             call = grpc_caller(target, conditions)
         try:
             warm(call, lengths, args.slots)

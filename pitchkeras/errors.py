@@ -55,3 +55,19 @@ def echo(value, limit: int = ECHO_CHARS) -> str:
         limit: int. Most characters of the result.
     """
     return clip(repr(value), limit)
+
+
+class ResourceExhausted(PitchkerasError):
+    """Too much work is queued right now; retry after `retry_after_s` (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
+
+
+class DeadlineExceeded(PitchkerasError):
+    """The caller's deadline passed before the work finished (gRPC DEADLINE_EXCEEDED)."""
+
+
+class Cancelled(PitchkerasError):
+    """The work was cancelled before it finished (gRPC CANCELLED)."""

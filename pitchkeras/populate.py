@@ -214,10 +214,10 @@ def populate(
     own_store = store is None
     store = store or open_store(config.store)
     try:
-        from pitchkeras.sampling.engine import DecodeEngine
+        from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, DecodeEngine
 
         engine = DecodeEngine(generator or _generator(config, model), slots=config.batch_size,
-                              tokens_per_step=TOKENS_PER_STEP)
+                              tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS)
         pending = _pending_attempts(config, info, pairs, store)
         wanted = sum(p.missing for p in pairs)
         shard = ""
@@ -308,7 +308,7 @@ def _run_round(engine, config: PopulateConfig, info, pairs: list[PairResult], wo
     streams = [
         (pairs[p], attempt, engine.submit(GenerationRequest(conditions=dict(pairs[p].conditions) or None,
                                                             seed=attempt_seed(config.seed, attempt)),
-                                          config.sampler, config.length))
+                                          config.sampler, config.length, deltas=False))
         for p, attempt in work
     ]
     accepted: list = []

@@ -8,7 +8,6 @@ from typing import Optional
 from pitchkeras.errors import UsageError
 
 
-BATCHING_MODES = ("continuous", "closed")
 DEFAULT_HOST = "127.0.0.1"  # loopback: serving to the network is a decision (--host 0.0.0.0)
 DEFAULT_PORT = 50051  # gRPC's customary port
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -21,7 +20,8 @@ class ServerConfig:
 
     Args:
         max_batch_size: int. Generate samples decoded together in one model call.
-        max_wait_ms: float. How long a lone Generate call waits for company before its batch runs.
+        max_wait_ms: float. Ignored: the decode engine admits waiting requests at every step (kept so
+            configs and `--max-wait-ms` from before it still load).
         default_max_length: int. New tokens per review when the request gives no max_length.
         max_length_cap: int. Largest max_length a request may ask for.
         num_samples_cap: int. Most reviews one Generate call may ask for.
@@ -40,14 +40,12 @@ class ServerConfig:
         grpc_keepalive_s: float. gRPC: ping a client after this many seconds without traffic.
         grpc_keepalive_timeout_s: float. gRPC: drop a client whose ping ack takes longer than this.
         grpc_max_idle_s: float. gRPC: close a connection without calls for this long.
-
-        batching: str. "continuous": Generate and StreamGenerate run on the decode engine (rows join and
-            leave a running batch at each step); "closed": concurrent calls form closed batches that run
-            to their longest row (kept for comparison, see benchmarks/serve_generate_load.py).
+        max_waiting: int. Generate samples that may wait for a decode slot; past it Generate answers
+            RESOURCE_EXHAUSTED (HTTP 429 with Retry-After) at once instead of queueing without end.
     """
 
     max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
-    max_wait_ms: float = 10.0  # small next to a generation (seconds); enough for simultaneous calls to meet
+    max_wait_ms: float = 10.0  # ignored since the decode engine
     default_max_length: int = 200  # gpt-2-simple's `length` for a review-sized sample
     max_length_cap: int = 512  # GPT-2's context is 1024; longer reviews wander off anyway
     num_samples_cap: int = 16
@@ -66,8 +64,7 @@ class ServerConfig:
     grpc_keepalive_s: float = 60.0  # finds dead peers in minutes, not gRPC's default 2 h
     grpc_keepalive_timeout_s: float = 20.0
     grpc_max_idle_s: float = 300.0  # idle channels are cheap to reopen; idle sockets are not free to keep
-
-    batching: str = "continuous"  # no head-of-line blocking, and streaming (BUILD_NOTES: serve_generate_load)
+    max_waiting: int = 64  # 8 full batches of the default max_batch_size: past it a caller does better elsewhere
 
     def validate(self) -> "ServerConfig":
         """Return self, or raise UsageError naming the bad setting."""
@@ -81,12 +78,11 @@ class ServerConfig:
             ("grace_s", self.grace_s >= 0, ">= 0"),
             ("rate_per_s", self.rate_per_s > 0, "> 0"),
             ("burst", self.burst >= 1, ">= 1"),
+            ("max_waiting", self.max_waiting >= 0, ">= 0"),
             ("quantize", self.quantize in (None, "int8"), 'None or "int8"'),
             *((name, getattr(self, name) > 0, "> 0") for name in (
                 "header_timeout_s", "body_timeout_s", "keepalive_timeout_s", "grpc_keepalive_s",
                 "grpc_keepalive_timeout_s", "grpc_max_idle_s")),
-
-            ("batching", self.batching in BATCHING_MODES, " or ".join(BATCHING_MODES)),
         )
         for name, ok, allowed in checks:
             if not ok:

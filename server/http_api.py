@@ -30,7 +30,9 @@ import asyncio
 import html
 import json
 import logging
+import os
 import re
+import socket
 import string
 import time
 import zlib
@@ -107,7 +109,8 @@ class HttpContext:
         return tuple((name.lower(), value) for name, value in self._headers.items())
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()):
-        raise HttpAbort(code, details)
+        retry = dict(trailing_metadata).get("retry-after")
+        raise HttpAbort(code, details, headers={"Retry-After": retry} if retry else None)
 
 
 def error_response(http_status: int, code: grpc.StatusCode, message: str, headers=None) -> web.Response:
@@ -297,7 +300,8 @@ class HttpApi:
         parse = self._request_parser(name, body)
 
         async def handler(request: web.Request) -> web.Response:
-            response = await self._call(name, await parse(request), request)
+            call = self._call(name, await parse(request), request)
+            response = await (_while_connected(request, call) if name in _HANGUP_CANCELS else call)
             return web.json_response(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
 
         return handler
@@ -365,7 +369,9 @@ class HttpApi:
             message = await parse(request)
             context = SseContext(request)
             try:
-                await getattr(self.servicer, name)(message, context)
+                await _while_connected(request, getattr(self.servicer, name)(message, context))
+            except ConnectionResetError:  # hung up while nothing was being written
+                return context.response
             except HttpAbort as err:
                 if not context.started:
                     raise
@@ -482,6 +488,45 @@ class SseContext(HttpContext):
             await self.response.write(f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8"))
         except (ConnectionResetError, ConnectionError) as err:
             raise ClientGone("the client closed the event stream") from err
+
+
+_HANGUP_CANCELS = ("Generate",)  # unary calls whose work stops when the client hangs up
+_HANGUP_POLL_S = 0.05  # how often a running call looks for a hang-up: a fraction of one decode step
+
+
+async def _while_connected(request: web.Request, call):
+    """Await `call`; when the client hangs up first, cancel it (freeing its decode rows) and raise
+    ConnectionResetError. aiohttp does not cancel a handler whose client left."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_HANGUP_POLL_S)
+            if done:
+                return task.result()
+            if _hung_up(request):
+                raise ConnectionResetError("the client hung up before the answer")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+def _hung_up(request: web.Request) -> bool:
+    """Whether the client closed its side: the transport is gone, or its socket reads end-of-file (peeked on a
+    duplicate descriptor, so nothing is consumed; it also sees a hang-up while aiohttp has paused reading)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as peer:
+            return peer.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _query_fields(request: web.Request) -> dict[str, Any]:

@@ -19,6 +19,9 @@ MODEL_STATES = ("off", "loading", "ready", "failed")
 # Stored reads answer in well under a millisecond; Generate takes seconds: cover both.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Per output token: a few ms on a small model, tens to hundreds of ms for GPT-2 124M on a loaded CPU.
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+CANCEL_REASONS = ("cancelled", "deadline", "listener_error", "error", "queue_full")
 
 
 class ServerMetrics:
@@ -45,16 +48,35 @@ class ServerMetrics:
         self.store_errors = Counter("pitchkeras_store_errors", "Store calls that failed on the store's side "
                                     "(unavailable or unexpected), by store method and error type.",
                                     ["operation", "error"], registry=r)
-        self.batch_size = Histogram("pitchkeras_generate_batch_size", "Samples decoded together in one model call.",
+        self.batch_size = Histogram("pitchkeras_generate_batch_size", "Rows decoded together in one engine step.",
                                     buckets=_BATCH_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("pitchkeras_generate_batch_duration_seconds", "Wall time of one model call.",
+        self.batch_seconds = Histogram("pitchkeras_generate_batch_duration_seconds",
+                                       "Wall time of one engine step (one compiled call).",
                                        buckets=_LATENCY_BUCKETS, registry=r)
-        self.decoded_tokens = Counter("pitchkeras_generate_tokens", "Token positions decoded by model calls "
-                                      "(rows x max_new_tokens of each batch).", registry=r)
+        self.decoded_tokens = Counter("pitchkeras_generate_tokens", "Tokens the decode engine generated.",
+                                      registry=r)
         self.tokens_per_second = Gauge("pitchkeras_generate_tokens_per_second",
-                                       "Token positions per second of the last model call.", registry=r)
+                                       "Tokens per second of the last engine step.", registry=r)
         self.queue_depth = Gauge("pitchkeras_generate_queue_depth",
-                                 "Generate calls waiting for a batch to pick them up.", registry=r)
+                                 "Generate samples waiting for a decode slot.", registry=r)
+        self.running_rows = Gauge("pitchkeras_generate_running_rows", "Decode slots busy now.", registry=r)
+        self.time_to_first_token = Histogram(
+            "pitchkeras_generate_time_to_first_token_seconds",
+            "From a sample's submission to its first generated token (queue and prefill included).",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "pitchkeras_generate_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per finished sample.", buckets=_TOKEN_BUCKETS,
+            registry=r)
+        self.queue_seconds = Histogram("pitchkeras_generate_queue_duration_seconds",
+                                       "Time a sample waited for a decode slot.", buckets=_LATENCY_BUCKETS,
+                                       registry=r)
+        self.cancellations = Counter("pitchkeras_generate_cancellations",
+                                     "Samples that ended without a result, by reason (cancelled: the caller left; "
+                                     "deadline; listener_error; error: its prefill failed; queue_full: refused).",
+                                     ["reason"], registry=r)
+        for reason in CANCEL_REASONS:
+            self.cancellations.labels(reason)
         self.model_state = Enum("pitchkeras_model_state", "The Generate model's state.", states=list(MODEL_STATES),
                                 registry=r)
         self.model_state.state("off")
@@ -69,17 +91,31 @@ class ServerMetrics:
         self.requests.labels(protocol, method, code).inc()
         self.latency.labels(protocol, method, code).observe(seconds)
 
-    def observe_batch(self, rows: int, max_new_tokens: int, seconds: float) -> None:
-        """Record one model call of the Generate batcher."""
+    # -- the decode engine's observer (called from its thread) ---------------------------------
+    def observe_step(self, rows: int, tokens: int, seconds: float) -> None:
+        """One engine step: its rows, the tokens it generated and its wall time."""
         self.batch_size.observe(rows)
         self.batch_seconds.observe(seconds)
-        self.decoded_tokens.inc(rows * max_new_tokens)
+        self.decoded_tokens.inc(tokens)
         if seconds > 0:
-            self.tokens_per_second.set(rows * max_new_tokens / seconds)
+            self.tokens_per_second.set(tokens / seconds)
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        """Read the Generate queue depth from `depth()` at each scrape."""
-        self.queue_depth.set_function(depth)
+    def observe_queue(self, seconds: float) -> None:
+        self.queue_seconds.observe(seconds)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def observe_time_per_token(self, seconds: float) -> None:
+        self.time_per_output_token.observe(seconds)
+
+    def observe_cancel(self, reason: str) -> None:
+        self.cancellations.labels(reason).inc()
+
+    def watch_engine(self, waiting: Callable[[], int], running: Callable[[], int]) -> None:
+        """Read the samples waiting for a slot and the busy slots from these functions at each scrape."""
+        self.queue_depth.set_function(waiting)
+        self.running_rows.set_function(running)
 
     def watch_store(self, store) -> None:
         """Export the store's own pick counters at each scrape (see `_StoreCounters`)."""

@@ -19,7 +19,18 @@ from typing import Any, Optional
 import grpc
 
 from pitchkeras.client.convert import review_to_proto
-from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, UsageError, clip, echo
+from pitchkeras.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    UsageError,
+    clip,
+    echo,
+)
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.server.logprobs import token_logprob_messages
@@ -43,6 +54,9 @@ _CODES = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (Cancelled, grpc.StatusCode.CANCELLED),
 )
 
 
@@ -60,7 +74,9 @@ def _translated(method):
             if status is None:
                 log.exception("%s failed unexpectedly", method.__name__)
                 status = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log"
-            await context.abort(*status)
+            retry = getattr(err, "retry_after_s", None)  # ResourceExhausted, a key's rate limit: when to come back
+            metadata = (("retry-after", str(max(1, round(retry)))),) if retry is not None else ()
+            await context.abort(*status, trailing_metadata=metadata)
 
     return wrapper
 
@@ -81,7 +97,7 @@ class ModelSlot:
 
     state: str = "off"
     generator: Any = None  # sampling.Generator once ready
-    batcher: Any = None  # batcher.GenerateBatcher once ready
+    batcher: Any = None  # batcher.EngineBatcher once ready
     error: str = ""
 
     def require_ready(self):
@@ -177,7 +193,8 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
     @_translated
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         call, batcher = self._generate_call(request, context)
-        return pb.GenerateResponse(reviews=await self.generate_reviews(call, batcher, request.store))
+        return pb.GenerateResponse(reviews=await self.generate_reviews(call, batcher, request.store,
+                                                                      timeout=_time_left(context)))
 
     @_translated
     async def StreamGenerate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -187,21 +204,23 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
             raise InvalidArgument(
                 f"StreamGenerate writes one review; leave num_samples unset or 1 (got {len(call.requests)}), "
                 "or call Generate for several")
-        async for chunk in self.stream_review(call, batcher, 0, request.store):
+        async for chunk in self.stream_review(call, batcher, 0, request.store, timeout=_time_left(context)):
             await context.write(chunk)
 
-    async def generate_reviews(self, call: "GenerateCall", batcher, store: bool) -> list:
+    async def generate_reviews(self, call: "GenerateCall", batcher, store: bool,
+                               timeout: Optional[float] = None) -> list:
         """Run a checked call's samples on the batcher: their GeneratedReview messages, in seed order."""
-        samples = await batcher.submit(call.requests, call.config, call.max_length)
+        samples = await batcher.submit(call.requests, call.config, call.max_length, timeout=timeout)
         return await self._kept(call, samples, store)
 
-    async def stream_review(self, call: "GenerateCall", batcher, index: int, store: bool):
+    async def stream_review(self, call: "GenerateCall", batcher, index: int, store: bool,
+                            timeout: Optional[float] = None):
         """Sample `index` of a checked call as it is decoded: GenerateChunks with its text deltas (and their
         tokens' logprobs when asked), then one with its GeneratedReview."""
         request = call.requests[index]
         asked = request.top_logprobs is not None
-        stream = (batcher.stream(request, call.config, call.max_length, tokens=True) if asked
-                  else batcher.stream(request, call.config, call.max_length))
+        stream = (batcher.stream(request, call.config, call.max_length, tokens=True, timeout=timeout) if asked
+                  else batcher.stream(request, call.config, call.max_length, timeout=timeout))
         async for item in stream:
             if isinstance(item, str):
                 yield pb.GenerateChunk(delta=item)
@@ -320,6 +339,12 @@ def _check_stop_sequences(stops) -> None:
         if not stop or len(stop) > MAX_STOP_CHARS:
             raise InvalidArgument(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters, "
                                   f"got {len(stop)}: {echo(stop)}")
+
+
+def _time_left(context) -> Optional[float]:
+    """Seconds until the call's deadline (gRPC), or None when it has none (HTTP calls end when the client leaves)."""
+    time_remaining = getattr(context, "time_remaining", None)
+    return time_remaining() if time_remaining is not None else None
 
 
 def _seed(request) -> int:

@@ -138,5 +138,5 @@ def test_jax_backend_matches_tensorflow(model_dir):
     assert jax_side["processed"] == tf_side["processed"] != on_tf  # the processors change the text, alike
     greedy, nucleus = jax_side["greedy"]
     assert nucleus == greedy and len(greedy) > len("8.0\nRock\n")
-    # Three prompt lengths in one bucket and one batch shape: one trace, reused.
-    assert jax_side["traces"] == [1, 1]
+    # Three prompt lengths in one bucket: the engine's programs traced once, reused in any order and settings.
+    assert jax_side["traces"][0] == jax_side["traces"][1] > 0

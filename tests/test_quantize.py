@@ -43,7 +43,7 @@ def test_the_cached_loop_runs_on_the_quantized_layers(int8_model, tiny_model):  
     generator = Generator(int8_model, batch_size=4, max_new_tokens=12, stop_at_end_token=False)
     prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in PROOF_PREFIXES[:3]]
     expected = [keras_hub_greedy(int8_model.causal_lm, p, 12) for p in prompts]
-    assert generator._complete(prompts, [0, 1, 2], SamplerConfig(top_k=1), 12, progress=False) == expected
+    assert generator.complete_ids(prompts, [0, 1, 2], SamplerConfig(top_k=1), 12) == expected
     # The int8 logits are close to, not equal to, the float ones.
     float_logits, int8_logits = (
         np.asarray(m.causal_lm.backbone.token_embedding(m.causal_lm.backbone(

@@ -314,18 +314,19 @@ def test_same_seed_same_output_and_batch_neighbours_do_not_matter(generator):
 def test_new_prompt_lengths_in_a_bucket_do_not_recompile(tiny_model):
     generator = Generator(tiny_model, batch_size=2, max_new_tokens=6, prompt_buckets=(16, 32))
     generator.warmup(prompt_lengths=[5], batch_sizes=[2])
-    assert generator.trace_count == 1
+    warm = generator.trace_count  # the engine's step and prefill programs
+    assert warm >= 2
     prefixes = ("", "The", "The band plays loud")
     lengths = [len(generator._tokenize(REVIEWS.prompt(ROCK, prefix))) for prefix in prefixes]
     assert len(set(lengths)) == 3 and max(lengths) <= 16  # three prompt lengths, one bucket
     for prefix in prefixes:
         generator.generate([GenerationRequest(ROCK, prefix, seed=1), GenerationRequest(ROCK, seed=2)])
-    assert generator.trace_count == 1
-    generator.generate([GenerationRequest(ROCK, "word " * 20, seed=1)] * 2)  # the 32 bucket: one new shape
-    assert generator.trace_count == 2
+    assert generator.trace_count == warm
+    generator.generate([GenerationRequest(ROCK, "word " * 20, seed=1)] * 2)  # a longer prompt: a new prefill shape
+    assert generator.trace_count == warm + 2  # and a longer cache: a new step shape
     # A new sampler config is a tensor input: no retrace.
     generator.generate([GenerationRequest(ROCK, seed=1)] * 2, config=SamplerConfig(temperature=1.3, top_k=5, top_p=0.5))
-    assert generator.trace_count == 2
+    assert generator.trace_count == warm + 2
 
 
 def test_generation_stops_at_end_of_text(tiny_model):
@@ -350,7 +351,7 @@ def test_generation_stops_at_end_of_text(tiny_model):
     # Benchmarks turn the stop off: every row runs the full length, end tokens and all.
     full = Generator(model, batch_size=2, max_new_tokens=8, stop_at_end_token=False)
     prompt = full._tokenize(REVIEWS.prompt(ROCK, "It"))
-    assert full._complete([prompt, prompt], [0, 1], SamplerConfig(), 8, progress=False) == [[end] * 8] * 2
+    assert full.complete_ids([prompt, prompt], [0, 1], SamplerConfig(), 8) == [[end] * 8] * 2
 
 
 def test_truncate_and_include_prefix(tiny_model):
@@ -438,14 +439,14 @@ def test_processors_inside_the_loop_match_greedy_simulation(tiny_model):
     vocabulary = model.causal_lm.backbone.vocabulary_size
     for penalty, ngram_size in [(1.0, 0), (2.0, 0), (1.0, 2), (1.0, 3), (1.3, 2)]:
         config = SamplerConfig(top_k=1, repetition_penalty=penalty, no_repeat_ngram_size=ngram_size)
-        got = generator._complete(prompts, [0, 1], config, 10, progress=False)
+        got = generator.complete_ids(prompts, [0, 1], config, 10)
         expected = [simulate_greedy(fixed, vocabulary, prompt, 10, penalty, ngram_size) for prompt in prompts]
         assert got == expected, (penalty, ngram_size)
         if (penalty, ngram_size) == (1.0, 0):
             assert got[0] == [10] * 10  # off: today's greedy loop
         else:
             assert len(set(got[0])) > 1
-    assert generator.trace_count == 1  # the settings are tensors: no recompile
+    assert generator.trace_count == 2  # one step and one prefill: the settings are tensors, no recompile
 
 
 # -- proofs: the cached loop is keras-hub's GPT-2, and a request's text ignores its batch ------------
@@ -478,13 +479,13 @@ def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(tiny_
     greedy = SamplerConfig(top_k=1)
     expected = [keras_hub_greedy(tiny_model.causal_lm, p, 12) for p in prompts]
     assert len({tuple(e) for e in expected}) > 1
-    alone = [generator._complete([p], [0], greedy, 12, progress=False)[0] for p in prompts]
+    alone = [generator.complete_ids([p], [0], greedy, 12)[0] for p in prompts]
     assert alone == expected
     graph = Generator(tiny_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False, jit_compile=False)
-    assert [graph._complete([p], [0], greedy, 12, progress=False)[0] for p in prompts[:2]] == expected[:2]
-    mixed = generator._complete(prompts, list(range(len(prompts))), greedy, 12, progress=False)  # one batch, bucket 128
+    assert [graph.complete_ids([p], [0], greedy, 12)[0] for p in prompts[:2]] == expected[:2]
+    mixed = generator.complete_ids(prompts, list(range(len(prompts))), greedy, 12)  # one batch, bucket 128
     assert mixed == expected
-    pairs = generator._complete([prompts[1], prompts[3]], [0, 1], greedy, 12, progress=False)  # bucket 32
+    pairs = generator.complete_ids([prompts[1], prompts[3]], [0, 1], greedy, 12)  # bucket 32
     assert pairs == [expected[1], expected[3]]
 
 
@@ -525,7 +526,7 @@ def test_decode_loop_names_what_a_non_gpt2_block_lacks():
     from types import SimpleNamespace
 
     from pitchkeras.errors import FailedPrecondition
-    from pitchkeras.sampling.decode import DecodeLoop
+    from pitchkeras.sampling.decode import check_gpt2_layers
 
     attention = SimpleNamespace(_query_dense=object(), _key_dense=object(), _value_dense=object(),
                                 _inverse_sqrt_key_dim=0.125)  # no _output_dense
@@ -533,10 +534,8 @@ def test_decode_loop_names_what_a_non_gpt2_block_lacks():
                             _self_attention_layer_norm=object(), _feedforward_layer_norm=object(),
                             _feedforward_intermediate_dense=object(), _feedforward_output_dense=object())
     with pytest.raises(FailedPrecondition, match=r"block_0 .*missing: _output_dense"):
-        DecodeLoop(SimpleNamespace(transformer_layers=[layer], position_embedding=object()), pad_id=0, end_id=1, stop_at_end_token=True,
-                   uses_xla=lambda batch: True)
+        check_gpt2_layers(SimpleNamespace(transformer_layers=[layer], position_embedding=object()))
     attention._output_dense = object()
     layer.normalize_first = False  # a post-norm block computes something else
     with pytest.raises(FailedPrecondition, match=r"block_0 is not a pre-norm .*missing: none"):
-        DecodeLoop(SimpleNamespace(transformer_layers=[layer], position_embedding=object()), pad_id=0, end_id=1, stop_at_end_token=True,
-                   uses_xla=lambda batch: True)
+        check_gpt2_layers(SimpleNamespace(transformer_layers=[layer], position_embedding=object()))

@@ -66,6 +66,9 @@ def add_parser(subparsers):
     p.add_argument("--nsamples", type=int, default=default("nsamples"), help="number of samples")
     p.add_argument("--batch-size", type=int, default=default("batch_size"), help="samples generated together")
     add_sampler_flags(p)
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop sequence (repeatable): a sample ends where it first appears, the stop text dropped; "
+                        "the same as a server request's stop_sequences (recorded in the sample's sampler settings)")
     p.add_argument("--truncate", default=default("truncate"),
                    help="stop string: cut each sample where it first appears")
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=default("include_prefix"),
@@ -124,10 +127,11 @@ def _conditions(args, info) -> dict | None:
 
 def run(args) -> int:
     import collections
+    import dataclasses
     import json
 
     _check_args(args)
-    config = sampler_config(args)
+    config = dataclasses.replace(sampler_config(args), stop_sequences=tuple(args.stop or ())).validate()
     model = quantize_model(load_model(model_directory(args)), args.quantize)
     conditions = _conditions(args, model.info)
 

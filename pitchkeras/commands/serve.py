@@ -9,7 +9,7 @@ from pitchkeras.cli import add_command, import_tensorflow_quietly
 from pitchkeras.commands.options import add_compile_cache_flags, add_quantize_flag, field_default
 from pitchkeras.errors import UsageError
 from pitchkeras.server.config import (
-    BATCHING_MODES, DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerConfig)
+    DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerConfig)
 from pitchkeras.server.workers import run_workers
 from pitchkeras.store import DEFAULT_STORE_URI
 
@@ -30,10 +30,10 @@ def add_parser(subparsers):
     p.add_argument("--max-batch-size", type=int, default=default("max_batch_size"),
                    help="Generate samples decoded together")
     p.add_argument("--max-wait-ms", type=float, default=default("max_wait_ms"),
-                   help="how long a Generate call waits to share a batch")
-    p.add_argument("--batching", choices=BATCHING_MODES, default=default("batching"),
-                   help="continuous: Generate runs on the decode engine (rows join and leave every step, streaming); "
-                        "closed: batches that run to their longest row (for comparison)")
+                   help="ignored (the decode engine admits waiting calls at every step); accepted for old scripts")
+    p.add_argument("--max-waiting", type=int, default=default("max_waiting"),
+                   help="Generate samples that may wait for a decode slot; past it calls get RESOURCE_EXHAUSTED "
+                        "(HTTP 429 with Retry-After)")
     p.add_argument("--length", dest="default_max_length", metavar="N", type=int,
                    default=default("default_max_length"),
                    help="default max new tokens per generated review")
@@ -120,7 +120,7 @@ def run(args) -> int:
         grpc_keepalive_s=args.grpc_keepalive,
         grpc_keepalive_timeout_s=args.grpc_keepalive_timeout,
         grpc_max_idle_s=args.grpc_max_idle,
-        batching=args.batching,
+        max_waiting=args.max_waiting,
     ).validate()
     api_keys = (ApiKeys.from_file(args.api_key_file, rate=config.rate_per_s, burst=config.burst)
                 if args.api_key_file else None)

@@ -5,7 +5,8 @@ One module per role, all public names re-exported here:
 - `config`: `SamplerConfig`, `GenerationRequest`, `Sample`.
 - `counter_rng`: counter-based random numbers per (seed, position).
 - `selection`: token selection and the repetition processors.
-- `decode`: the cached decode loop (`DecodeLoop`).
+- `decode`: the cached GPT-2 forward pass and token draw.
+- `engine`: `DecodeEngine`, the one decode path (continuous batching).
 - `generator`: prompt buckets and `Generator`.
 
 `Generator` turns `GenerationRequest`s (conditions, a free-text prefix, a seed)
@@ -16,10 +17,10 @@ into post-processed, quality-checked `Sample`s:
 2. Prompts are right-padded into a few length buckets and batches into a few
    batch sizes, so one compiled function per (batch, bucket, length) shape is
    traced once and reused, whatever the prompt lengths.
-3. The decode loop is a `keras.ops.while_loop` over the keras-hub GPT-2 layers with
-   one key/value cache per layer (updated in place, no per-step copy of the
-   whole stacked cache) sized prompt bucket + new tokens only, and it stops
-   when every row has produced `<|endoftext|>`.
+3. Every request runs on the `DecodeEngine` (`pitchkeras.sampling.engine`):
+   rows of a fixed set of slots, each with its own key/value cache positions,
+   join and leave at step boundaries; a row ends at `<|endoftext|>`, a stop
+   sequence or its length.
 4. Sampling parameters are tensors, so a new temperature, top-k or top-p
    never recompiles. Randomness is counter-based per row (seed, position), so
    a request's output does not depend on the other requests in its batch.
@@ -50,7 +51,6 @@ from pitchkeras.sampling.config import (
     TokenLogprob,
 )
 from pitchkeras.sampling.counter_rng import counter_uniform, row_keys
-from pitchkeras.sampling.decode import DecodeLoop
 from pitchkeras.sampling.generator import Generator, prompt_bucket
 from pitchkeras.sampling.selection import (
     ban_repeated_ngrams,
@@ -65,7 +65,6 @@ __all__ = [
     "MAX_TOP_LOGPROBS",
     "MEMORIZED",
     "PROMPT_BUCKETS",
-    "DecodeLoop",
     "GenerationRequest",
     "Generator",
     "Sample",

@@ -1,167 +1,22 @@
-"""The cached decode loop: prefill, then one token per step, in `keras.ops` for TensorFlow and JAX.
+"""The cached GPT-2 forward pass and token draw the decode engine compiles, in `keras.ops` for TensorFlow and JAX.
 
-`DecodeLoop` runs a `keras.ops.while_loop` over the keras-hub GPT-2 layers
-with a key cache and a value cache per layer, each (batch, heads, positions,
-head_dim), sized prompt bucket + new tokens only, and stops when every row has
-produced `<|endoftext|>`. Each decoder block calls the layer's own norms and
+`forward` runs the keras-hub GPT-2 layers with a key cache and a value cache
+per layer, each (batch, heads, positions, head_dim); `sample_next` draws the
+next token per row. Each decoder block calls the layer's own norms and
 projections (so int8-quantized layers run as Keras quantized them) but does
 its attention here, on that cache layout: keras-hub's cached attention keeps
 one stacked (batch, 2, positions, heads, head_dim) cache per layer, which it
 slices, re-stacks and transposes at every step; on GPT-2 124M at batch 8 that
 shuffling was 22 of the 67 ms per step (profiled, see BUILD_NOTES.md).
 Sampling parameters are tensors, so a new temperature, top-k or top-p never
-recompiles; each input shape is traced once: a `tf.function` on TensorFlow
-(XLA or a graph per batch shape), `jax.jit` on JAX.
+recompiles.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
-
 from pitchkeras.errors import FailedPrecondition
 from pitchkeras.sampling.counter_rng import counter_uniform
 from pitchkeras.sampling.selection import ban_repeated_ngrams, penalize_repetition, scaled_probabilities, select_tokens
-
-
-class DecodeLoop:
-    """The compiled, cached decode loop over a keras-hub GPT-2 backbone.
-
-    Args:
-        backbone: keras_hub GPT2Backbone. Its layers run the loop.
-        pad_id: int. The token that pads prompts and the new positions.
-        end_id: int. `<|endoftext|>`: a row that draws it is done.
-        stop_at_end_token: bool. Stop a row at `end_id` (True); False always
-            runs every new position.
-        uses_xla: callable. Batch size -> whether the TensorFlow loop is
-            XLA-compiled for that shape (see `Generator.jit_compile`).
-
-    Call it with numpy inputs `(prompt_ids, prompt_mask, keys, temperature,
-    top_k, top_p, repetition_penalty, no_repeat_ngram_size, new_tokens)`; it
-    returns the (batch, bucket + new_tokens) int32 token ids as numpy.
-    """
-
-    def __init__(self, backbone, *, pad_id: int, end_id: int, stop_at_end_token: bool,
-                 uses_xla: Callable[[int], bool]):
-        check_gpt2_layers(backbone)
-        self._backbone = backbone
-        self._pad_id = int(pad_id)
-        self._end_id = int(end_id)
-        self.stop_at_end_token = bool(stop_at_end_token)
-        self.uses_xla = uses_xla
-        self.trace_count = 0  # how many times the loop was traced (= compiled shapes)
-        self._function = None  # the compiled loop, built by _compiled()
-        self._sample = self._sample_step  # token selection as the loop calls it; _compiled() picks the backend's
-
-    def __call__(self, *args) -> np.ndarray:
-        return self._compiled()(*args)
-
-    def _compiled(self):
-        """The decode loop compiled for the Keras backend; each input shape is traced (and compiled) once.
-
-        Returns a function of numpy inputs returning a numpy (batch, total) int32 array.
-        TensorFlow: a `tf.function` (XLA or graph per batch shape, see `Generator.jit_compile`). JAX:
-        `jax.jit` over a stateless call, the weights passed in as arguments (as
-        keras-hub's own generate does), so they are not baked in as constants.
-        """
-        if self._function is None:
-            import keras
-
-            backend = keras.config.backend()
-            if backend == "tensorflow":
-                import tensorflow as tf
-
-                # Token selection is always XLA-compiled: in a graph-mode loop its 31-step
-                # bisection would otherwise pay the executor's per-op cost at every step.
-                self._sample = tf.function(self._sample_step, jit_compile=True)
-                compiled = {xla: tf.function(self._decode_loop, jit_compile=xla, reduce_retracing=False)
-                            for xla in (True, False)}
-
-                def run(*args):
-                    loop = compiled[self.uses_xla(args[0].shape[0])]
-                    return loop(*(tf.constant(a) for a in args[:-1]), args[-1]).numpy()
-
-            elif backend == "jax":
-                import jax
-
-                from pitchkeras import compile_cache
-
-                compile_cache.apply_to_jax()
-
-                variables = list(self._backbone.variables)
-
-                def stateless(values, *args):
-                    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                        return self._decode_loop(*args)
-
-                compiled = jax.jit(stateless, static_argnums=(9,))
-
-                def run(*args):
-                    return np.asarray(compiled([v.value for v in variables], *args))
-
-            else:
-                raise FailedPrecondition(
-                    f"Generator runs on the tensorflow and jax Keras backends, not {backend!r}; "
-                    "set KERAS_BACKEND=tensorflow or jax")
-            self._function = run
-        return self._function
-
-    def _decode_loop(self, prompt_ids, prompt_mask, keys, temperature, top_k, top_p, repetition_penalty,
-                     no_repeat_ngram_size, new_tokens: int):
-        """Prefill the caches with the prompt bucket, then sample until every row has ended.
-
-        Written in `keras.ops`, so one loop serves the TensorFlow and JAX backends.
-        """
-        from keras import ops
-
-        self.trace_count += 1  # Python side effect: runs once per trace, not per call
-        backbone = self._backbone
-        batch, bucket = prompt_ids.shape  # static: each shape is its own trace
-        total = bucket + new_tokens
-        token_ids = ops.pad(prompt_ids, [[0, 0], [0, new_tokens]], constant_values=self._pad_id)
-        mask = ops.pad(ops.cast(prompt_mask, "int32"), [[0, 0], [0, new_tokens]], constant_values=0)
-        heads = backbone.num_heads
-        head_dim = backbone.hidden_dim // heads
-        caches = [
-            tuple(ops.zeros([batch, heads, total, head_dim], dtype=backbone.compute_dtype) for _ in "kv")
-            for _ in backbone.transformer_layers
-        ]
-        # Prefill: one pass over the whole bucket fills every layer's cache
-        # (no logits: the loop recomputes the last prompt position itself).
-        _, caches = self._forward(prompt_ids, caches, 0)
-        start = ops.min(ops.sum(mask, axis=-1))  # the shortest prompt: sampling starts there
-
-        def column(tensor, index):
-            return ops.slice(tensor, (0, index), (batch, 1))
-
-        def cond(index, token_ids, caches, done):
-            return ops.logical_and(index < total, ops.logical_not(ops.all(done)))
-
-        def body(index, token_ids, caches, done):
-            hidden, caches = self._forward(column(token_ids, index - 1), caches, index - 1)
-            logits = backbone.token_embedding(hidden[:, -1, :], reverse=True)
-            chosen = self._sample(logits, token_ids, keys, index, temperature, top_k, top_p, repetition_penalty,
-                                  no_repeat_ngram_size)
-            chosen = ops.reshape(chosen, (batch,))
-            in_prompt = column(mask, index)[:, 0] > 0
-            chosen = ops.where(in_prompt, column(token_ids, index)[:, 0], ops.cast(chosen, token_ids.dtype))
-            token_ids = ops.slice_update(token_ids, (0, index), chosen[:, None])
-            if self.stop_at_end_token:
-                done = ops.logical_or(done, ops.logical_and(ops.logical_not(in_prompt), chosen == self._end_id))
-            return index + 1, token_ids, caches, done
-
-        _, token_ids, _, _ = ops.while_loop(
-            cond, body, (start, token_ids, caches, ops.zeros([batch], "bool")),
-            maximum_iterations=total,
-        )
-        return token_ids
-
-    def _sample_step(self, *args):
-        return sample_next(*args)
-
-    def _forward(self, token_ids, caches, index):
-        return forward(self._backbone, token_ids, caches, index)
 
 
 def sample_next(logits, token_ids, keys, index, temperature, top_k, top_p, repetition_penalty,
@@ -197,7 +52,7 @@ def forward(backbone, token_ids, caches, index):
         backbone: keras_hub GPT2Backbone.
         token_ids: int tensor (batch, length).
         caches: list of (keys, values) per layer.
-        index: int tensor. A scalar: every row's first position (`DecodeLoop`);
+        index: int tensor. A scalar: every row's first position (a prefill);
             or a (batch,) vector: each row's own position, with `length` 1
             (`DecodeEngine`, whose rows are at different positions).
     """
@@ -219,7 +74,7 @@ def forward(backbone, token_ids, caches, index):
 
 def check_gpt2_layers(backbone) -> None:
     """Raise FailedPrecondition unless `backbone` is a GPT-2 backbone whose every block is a pre-norm,
-    self-attention-only keras-hub decoder (what `DecodeLoop` runs)."""
+    self-attention-only keras-hub decoder (what `forward` runs)."""
     if not hasattr(backbone, "transformer_layers") or not hasattr(backbone, "position_embedding"):
         raise FailedPrecondition(f"{type(backbone).__name__} is not a GPT-2 backbone; Generator needs one")
     for layer in backbone.transformer_layers:
@@ -229,7 +84,7 @@ def check_gpt2_layers(backbone) -> None:
         if missing or not getattr(layer, "normalize_first", False) or getattr(layer, "_cross_attention_layer", None):
             raise FailedPrecondition(
                 f"{layer.name} is not a pre-norm keras-hub TransformerDecoder without cross-attention "
-                f"(missing: {', '.join(missing) or 'none'}); Generator's decode loop needs GPT-2's blocks")
+                f"(missing: {', '.join(missing) or 'none'}); the decode engine needs GPT-2's blocks")
 
 
 _BLOCK_PARTS = ("_self_attention_layer_norm", "_self_attention_layer", "_feedforward_layer_norm",

@@ -46,12 +46,12 @@ import math
 import queue
 import threading
 import time
-import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pitchkeras.errors import FailedPrecondition, InvalidArgument, Unavailable
+from pitchkeras import errors
+from pitchkeras.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from pitchkeras.sampling.config import MAX_TOP_LOGPROBS, GenerationRequest, Sample, SamplerConfig, TokenLogprob
 from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import forward, sample_next
@@ -61,11 +61,21 @@ log = logging.getLogger(__name__)
 
 END_TOKEN, LENGTH, STOP_SEQUENCE, CANCELLED, DEADLINE = "end_token", "length", "stop_sequence", "cancelled", "deadline"
 CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is compiled for
+BULK_TOKENS_PER_STEP = 8  # tokens per compiled call when nobody streams (Generator.generate, populate)
+BULK_CACHE_BUCKETS = tuple(range(64, 1025, 64))  # finer cache lengths for bulk work: fewer idle positions per step
 _REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to: held back until complete
 
 
-class Cancelled(Exception):
+class Cancelled(errors.Cancelled):
     """A stream ended by `cancel()` or by its deadline before it finished."""
+
+
+class DeadlinePassed(Cancelled, DeadlineExceeded):
+    """A stream ended by its deadline (DEADLINE_EXCEEDED at the RPC edge)."""
+
+
+def _ended(reason: str, when: str = "") -> Cancelled:
+    return (DeadlinePassed if reason == DEADLINE else Cancelled)(f"request {reason}{when}")
 
 
 @dataclasses.dataclass
@@ -81,6 +91,8 @@ class EngineCounters:
         rows: int. Rows the last step computed (its row bucket).
         finished: int. Requests that ended with a Sample.
         cancelled: int. Requests ended by cancel or deadline.
+        failed: int. Requests ended by an error of their own (a failed prefill).
+        rejected: int. Requests refused because the waiting queue was full.
         active: int. Slots busy now.
         waiting: int. Requests queued for a slot now.
         traces: int. Programs traced (= compiled shapes).
@@ -97,6 +109,8 @@ class EngineCounters:
     active: int = 0
     waiting: int = 0
     traces: int = 0
+    failed: int = 0
+    rejected: int = 0
 
 
 class Stream:
@@ -116,11 +130,13 @@ class Stream:
         deadline: float or None. `time.monotonic()` after which it is ended.
         listener: callable or None. Called from the engine thread.
         listener_tokens: bool. Give the listener `(text, tokens)` pairs, as `token_deltas()` yields them.
+        quiet: bool. Nobody reads the deltas (bulk work): none are made, and the text is detokenized
+            once, at the end (token by token only while a stop sequence must be looked for).
     """
 
     def __init__(self, prepared, config: SamplerConfig, max_new_tokens: int, *, include_prefix: bool = True,
                  deadline: Optional[float] = None, listener: Optional[Callable[[object], None]] = None,
-                 listener_tokens: bool = False):
+                 listener_tokens: bool = False, quiet: bool = False):
         self.prepared = prepared
         self.config = config
         self.max_new_tokens = int(max_new_tokens)
@@ -133,9 +149,14 @@ class Stream:
         self.tokens = 0  # tokens decoded so far
         self._listener = listener
         self._listener_tokens = listener_tokens
+        self.quiet = quiet
+        self.submitted = time.monotonic()  # for the queue time and the time to first token
+        self.first_token_at: Optional[float] = None
         self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
         self._cancelled = False
         self._done = threading.Event()
+        self.stops: tuple = config.stop_sequences  # every text that ends it (the engine adds the model's)
+        self.listener_error: Optional[BaseException] = None  # what the listener raised: it ended this stream
 
     @property
     def request(self) -> GenerationRequest:
@@ -198,10 +219,16 @@ class Stream:
     def _deliver(self, item: Optional[tuple]) -> None:
         if self._listener is None:
             self._events.put(item)
-        elif item is None or self._listener_tokens:
-            self._listener(item)
-        elif item[0]:
-            self._listener(item[0])
+        elif self.listener_error is None:
+            try:
+                if item is None or self._listener_tokens:
+                    self._listener(item)
+                elif item[0]:
+                    self._listener(item[0])
+            except Exception as err:  # this stream's caller broke: end it alone, at the next step boundary
+                log.exception("a stream listener raised; its request is cancelled")
+                self.listener_error = err
+                self._cancelled = True
 
 
 @dataclasses.dataclass
@@ -244,10 +271,16 @@ class DecodeEngine:
             wants; more amortises the per-call cost for batch jobs such as
             populate, at the price of rows joining only every so many tokens).
             The text is the same either way.
+        max_waiting: int or None. Most requests waiting for a slot; past it
+            `submit` raises ResourceExhausted (None: no bound).
+        observer: object or None. Told what the engine does, from its thread
+            (the server's `ServerMetrics`): `observe_step(rows, tokens,
+            seconds)`, `observe_queue(seconds)`, `observe_first_token(seconds)`,
+            `observe_time_per_token(seconds)`, `observe_cancel(reason)`.
     """
 
     def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
-                 tokens_per_step: int = 1):
+                 tokens_per_step: int = 1, max_waiting: Optional[int] = None, observer=None):
         if slots < 1 or tokens_per_step < 1:
             raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
         self.generator = generator
@@ -258,6 +291,10 @@ class DecodeEngine:
         # The model's own stop texts (an imported gpt-2-simple run's `<|endoftext|>` as text) end every row.
         self._model_stops = tuple(generator.model.prompt_format.stop_sequences)
         self.tokens_per_step = int(tokens_per_step)
+        if max_waiting is not None and max_waiting < 0:
+            raise InvalidArgument(f"max_waiting must be >= 0 or None, got {max_waiting}")
+        self.max_waiting = max_waiting
+        self.observer = observer
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -270,7 +307,8 @@ class DecodeEngine:
     # -- submitting ------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, config: Optional[SamplerConfig] = None,
                max_new_tokens: Optional[int] = None, *, include_prefix: bool = True,
-               timeout: Optional[float] = None, listener=None, listener_tokens: bool = False) -> Stream:
+               timeout: Optional[float] = None, listener=None, listener_tokens: bool = False,
+               deltas: bool = True) -> Stream:
         """Queue one request; it joins at the next step boundary with a free slot.
 
         Args:
@@ -281,19 +319,37 @@ class DecodeEngine:
             timeout: float or None. Seconds from now after which it is ended (DEADLINE).
             listener: callable or None. See `Stream`.
             listener_tokens: bool. The listener gets `(text, tokens)` pairs (see `Stream`).
+            deltas: bool. False: nobody reads its deltas (bulk work); its text is made once, at the end.
 
-        Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued.
+        Raises InvalidArgument (bad conditions, settings or lengths) before anything is queued, and
+        ResourceExhausted when `max_waiting` requests already wait.
         """
+        return self.submit_prepared(self.generator.prepare(request), config, max_new_tokens,
+                                    include_prefix=include_prefix, timeout=timeout, listener=listener,
+                                    listener_tokens=listener_tokens, deltas=deltas)
+
+    def submit_prepared(self, prepared: PreparedRequest, config: Optional[SamplerConfig] = None,
+                        max_new_tokens: Optional[int] = None, *, stops: Sequence[str] = (),
+                        include_prefix: bool = True, timeout: Optional[float] = None, listener=None,
+                        listener_tokens: bool = False, deltas: bool = True) -> Stream:
+        """`submit` for a request already prepared (`Generator.prepare`); `stops` are stop texts beyond the
+        config's (`Generator.generate`'s `truncate`), not recorded in the Sample's config."""
         config = (config or SamplerConfig()).validate()
         new_tokens = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if new_tokens < 1:
             raise InvalidArgument(f"max_new_tokens (length) must be >= 1, got {new_tokens}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        stream = Stream(self.generator.prepare(request), config, new_tokens, include_prefix=include_prefix,
-                        deadline=deadline, listener=listener, listener_tokens=listener_tokens)
+        stream = Stream(prepared, config, new_tokens, include_prefix=include_prefix,
+                        deadline=deadline, listener=listener, listener_tokens=listener_tokens, quiet=not deltas)
+        stream.stops = tuple(config.stop_sequences) + tuple(stops) + self._model_stops
         with self._condition:
             if self._stopping:
                 raise Unavailable("the decode engine is stopping; retry on another server")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                self.counters.rejected += 1
+                self._observe("observe_cancel", "queue_full")
+                raise ResourceExhausted(f"{len(self._waiting)} requests are already waiting for a decode slot "
+                                        f"(the bound is {self.max_waiting}); retry in a second")
             self._waiting.append(stream)
             self.counters.waiting = len(self._waiting)
             self._condition.notify()
@@ -358,7 +414,9 @@ class DecodeEngine:
             return joined
         self._fit_cache(self._state.length)  # rows above the highest busy slot may have left
         logprobs = any(self._rows[slot].stream.request.top_logprobs is not None for slot in active)
+        started, tokens = time.monotonic(), self.counters.tokens
         chosen, scores = self._program.step(self._state, logprobs)
+        seconds = time.monotonic() - started
         self.counters.traces = self._program.traces
         self.counters.rows = self._state.rows
         for column in range(self.tokens_per_step):
@@ -369,13 +427,24 @@ class DecodeEngine:
             for slot in active:
                 self._advance(slot, int(chosen[slot, column]), scores and (scores, slot, column))
         self.counters.active = sum(row is not None for row in self._rows)
+        self._observe("observe_step", len(active), self.counters.tokens - tokens, seconds)
         return True
+
+    def _observe(self, method: str, *args) -> None:
+        """Tell the observer (metrics); its failure is logged, never the engine's."""
+        if self.observer is not None:
+            try:
+                getattr(self.observer, method)(*args)
+            except Exception:  # noqa: BLE001 - metrics must not stop decoding
+                log.exception("engine observer %s failed", method)
 
     # -- joining and leaving ---------------------------------------------------------------
     def _join(self, now: float) -> bool:
         """Prefill waiting requests into free slots; whether any request was waiting."""
         had_waiting = bool(self._waiting)
-        while None in self._rows:
+        free = [slot for slot, row in enumerate(self._rows) if row is None]
+        groups: dict = {}  # prompt bucket -> [(slot, stream)]: each group is prefilled in one call
+        while free:
             with self._condition:
                 if not self._waiting:
                     break
@@ -384,23 +453,52 @@ class DecodeEngine:
             reason = stream.expired(now)
             if reason:
                 self.counters.cancelled += 1
-                stream._end(reason, error=Cancelled(f"request {reason} before it started"))
+                self._observe("observe_cancel", reason)
+                stream._end(reason, error=_ended(reason, " before it started"))
                 continue
-            self._prefill(self._rows.index(None), stream)
+            groups.setdefault(self._bucket(stream), []).append((free.pop(0), stream))
+        for group in groups.values():
+            try:
+                self._prefill(group)
+            except Exception:  # noqa: BLE001 - find which request failed: each alone, so only its own ends
+                for slot, stream in group:
+                    try:
+                        self._prefill([(slot, stream)])
+                    except Exception as err:  # this request's prefill failed (memory, a compile): it alone ends
+                        log.exception("prefill failed; its request ends with the error")
+                        self._rows[slot] = None
+                        self._state.clear_row(slot)
+                        self.counters.failed += 1
+                        self._observe("observe_cancel", "error")
+                        stream._end("error", error=err)
         return had_waiting
 
-    def _prefill(self, slot: int, stream: Stream) -> None:
-        ids = stream.prepared.ids
-        limit = min(len(ids) + stream.max_new_tokens, self._max_length)
-        bucket = min(prompt_bucket(len(ids), self.generator.prompt_buckets), self._max_length)
-        self._fit_cache(max(limit, bucket), slot)
-        prompt = np.full((1, bucket), self.generator._pad_id, np.int32)
-        prompt[0, : len(ids)] = ids
-        self._state.reset_row(slot, ids, stream.request.seed, stream.config)
-        self._program.prefill(self._state, slot, prompt)
-        self.counters.prefills += 1
-        self._rows[slot] = _Row(stream, position=len(ids) - 1, limit=limit)
-        self._state.positions[slot] = len(ids) - 1
+    def _bucket(self, stream: Stream) -> int:
+        return min(prompt_bucket(len(stream.prepared.ids), self.generator.prompt_buckets), self._max_length)
+
+    def _prefill(self, group: list) -> None:
+        """Prefill `group` ((slot, stream) pairs of one prompt bucket) in one compiled call and insert their rows.
+
+        The call runs a power of two of prompts (the first repeated to fill it), so few shapes compile.
+        """
+        bucket = self._bucket(group[0][1])
+        limits = [min(len(stream.prepared.ids) + stream.max_new_tokens, self._max_length) for _, stream in group]
+        self._fit_cache(max(limits + [bucket]), max(slot for slot, _ in group))
+        size = 1 << (len(group) - 1).bit_length()
+        prompts = np.full((size, bucket), self.generator._pad_id, np.int32)
+        slots = np.full((size,), group[0][0], np.int32)
+        for i, (slot, stream) in enumerate(group + [group[0]] * (size - len(group))):
+            ids = stream.prepared.ids
+            prompts[i, : len(ids)] = ids
+            slots[i] = slot
+        for slot, stream in group:
+            self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config)
+        self._program.prefill(self._state, slots, prompts)
+        for (slot, stream), limit in zip(group, limits):
+            self.counters.prefills += 1
+            self._observe("observe_queue", time.monotonic() - stream.submitted)
+            self._rows[slot] = _Row(stream, position=len(stream.prepared.ids) - 1, limit=limit)
+            self._state.positions[slot] = len(stream.prepared.ids) - 1
 
     def _fit_cache(self, needed: int, slot: int = 0) -> None:
         """Size the cache: the smallest row bucket holding every busy slot and `slot`, and the smallest
@@ -421,6 +519,9 @@ class DecodeEngine:
         if token == self.generator._end_id and self.generator.stop_at_end_token:
             return self._leave(slot, END_TOKEN)
         row.completion.append(token)
+        if len(row.completion) == 1:
+            row.stream.first_token_at = time.monotonic()
+            self._observe("observe_first_token", row.stream.first_token_at - row.stream.submitted)
         wanted = row.stream.request.top_logprobs
         if wanted is not None:
             (chosen, top_ids, top_logprobs), slot, column = scores
@@ -431,9 +532,15 @@ class DecodeEngine:
         self._state.token_ids[slot, row.position] = token
         self._state.positions[slot] = row.position
         self.counters.tokens += 1
-        self._extend_text(row)
-        stops = row.stream.config.stop_sequences + self._model_stops
-        cut = min((i for i in (row.text.find(stop) for stop in stops) if i >= 0), default=-1)
+        stops = row.stream.stops
+        cut = -1
+        if stops or not row.stream.quiet:  # else nobody reads the text before the end: it is made once, then
+            checked = len(row.text)
+            self._extend_text(row)
+            if stops and len(row.text) > checked:
+                # Only the tail can hold a stop text that was not there before.
+                tail = max(0, checked - max(map(len, stops)) + 1)
+                cut = min((i for i in (row.text.find(stop, tail) for stop in stops) if i >= 0), default=-1)
         if cut >= 0:
             # The tokens kept: those that started before the cut (the stop text's own are dropped, as it is).
             kept = sum(1 for start in [0] + row.ends[:-1] if start < cut)
@@ -441,7 +548,8 @@ class DecodeEngine:
             row.text = row.text[:cut]
             row.pending = []
             return self._leave(slot, STOP_SEQUENCE)
-        self._send(row, _safe_end(row.text, stops))
+        if not row.stream.quiet:
+            self._send(row, _safe_end(row.text, stops))
         if len(row.completion) >= row.stream.max_new_tokens or row.position + 1 >= row.limit:
             self._leave(slot, LENGTH)
 
@@ -469,11 +577,16 @@ class DecodeEngine:
         stream = row.stream
         if reason in (CANCELLED, DEADLINE):
             self.counters.cancelled += 1
-            stream._end(reason, error=Cancelled(f"request {reason}"))
+            self._observe("observe_cancel", "listener_error" if stream.listener_error else reason)
+            stream._end(reason, error=stream.listener_error or _ended(reason))
             return
-        row.text += self.generator.detokenize(row.pending) if row.pending else ""
+        if stream.quiet and not stream.stops:
+            row.text = self.generator.detokenize(row.completion)  # the one detokenize of a row nobody listens to
+        else:
+            row.text += self.generator.detokenize(row.pending) if row.pending else ""
         text = row.text
-        self._send(row, len(text), last=True)
+        if not stream.quiet:
+            self._send(row, len(text), last=True)
         try:
             sample = self.generator.finish(stream.prepared, text, stream.config, include_prefix=stream.include_prefix)
         except Exception as err:  # post-processing failed for this request only
@@ -482,6 +595,9 @@ class DecodeEngine:
         sample = dataclasses.replace(sample, finish_reason=reason, completion_ids=tuple(row.completion),
                                      logprobs=None if stream.request.top_logprobs is None else tuple(row.logprobs))
         self.counters.finished += 1
+        if len(row.completion) > 1:
+            self._observe("observe_time_per_token",
+                          (time.monotonic() - stream.first_token_at) / (len(row.completion) - 1))
         stream._end(reason, sample=sample)
 
     def _fail_all(self, err: BaseException) -> None:
@@ -518,13 +634,13 @@ class DecodeEngine:
         self.counters.cancelled = 0
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # backbone -> {(slots, xla): _Program}
-
-
 def _program_for(generator, slots: int, tokens: int) -> "_Program":
-    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it."""
+    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it.
+
+    They live on the generator (not in a module-level table), so dropping it frees the model.
+    """
     xla = generator.uses_xla(slots)
-    programs = _PROGRAMS.setdefault(generator._backbone, {})
+    programs = generator.__dict__.setdefault("_engine_programs", {})
     if (slots, xla, tokens) not in programs:
         programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
     return programs[slots, xla, tokens]
@@ -558,6 +674,20 @@ def _concrete_per_shape(function):
         return concrete[key](caches, *tensors)
 
     return call
+
+
+def _in_place(body):
+    """A TensorFlow step or prefill over cache variables: `body(cache values, *args)` returns (new caches,
+    result); the new caches are assigned to the variables inside the same compiled function (XLA aliases
+    them: no cache-sized copy per call), and the result is returned."""
+    def run(variables, *args):
+        caches, result = body([(k.value(), v.value()) for k, v in variables], *args)
+        for (k, v), (new_k, new_v) in zip(variables, caches):
+            k.assign(new_k)
+            v.assign(new_v)
+        return result
+
+    return run
 
 
 def _safe_end(text: str, stops: Sequence[str]) -> int:
@@ -631,8 +761,13 @@ class _Program:
     """The engine's compiled programs, one per shape: `step` and `prefill`, on TensorFlow or JAX."""
 
     def __init__(self, backbone, *, xla: bool, tokens: int = 1):
+        import keras
+
         self.backbone = backbone
         self.xla = xla
+        # TensorFlow: the caches are `tf.Variable`s read and assigned inside the compiled step, so XLA updates
+        # them in place (aliased) instead of copying every cache in and out of each call. JAX donates them.
+        self.resident = keras.config.backend() == "tensorflow"
         self.tokens = tokens  # decode steps per call
         self.traces = 0  # programs traced (= compiled shapes)
         self._steps = self._prefill = None  # {logprobs: step}, prefill
@@ -683,29 +818,43 @@ class _Program:
             caches, _, _, outs = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, outs))
         return caches, outs
 
-    def _prefill_body(self, caches, slot, prompt_ids):
-        """Run one prompt (1, bucket) through the model into row `slot` of the caches."""
+    def _prefill_body(self, caches, slots, prompt_ids):
+        """Run prompts (n, bucket) through the model into rows `slots` (n,) of the caches (a slot repeated
+        gets the same row written again)."""
         from keras import ops
 
         self.traces += 1
         backbone = self.backbone
-        fresh = [tuple(ops.zeros((1,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
+        size = prompt_ids.shape[0]
+        fresh = [tuple(ops.zeros((size,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
         _, fresh = forward(backbone, prompt_ids, fresh, 0)
-        start = (slot, 0, 0, 0)
-        return [(ops.slice_update(k, start, fk), ops.slice_update(v, start, fv))
-                for (k, v), (fk, fv) in zip(caches, fresh)]
+        out = []
+        for (k, v), (fk, fv) in zip(caches, fresh):
+            for i in range(size):
+                start = (slots[i], 0, 0, 0)
+                k = ops.slice_update(k, start, fk[i:i + 1])
+                v = ops.slice_update(v, start, fv[i:i + 1])
+            out.append((k, v))
+        return out
 
     # Compiled, per backend. --------------------------------------------------------------------
     def step(self, state: _DeviceState, logprobs: bool = False) -> tuple:
         """Run a step: the chosen tokens (slots, tokens), and (chosen logprobs, top ids, top logprobs) or None."""
         self._compile()
-        state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
+        if self.resident:  # the caches are variables, updated in place inside the compiled step
+            outs = self._steps[logprobs](state.caches, *state.step_inputs())
+        else:
+            state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
         outs = [np.asarray(out) for out in outs]
         return outs[0], (tuple(outs[1:]) if logprobs else None)
 
-    def prefill(self, state: _DeviceState, slot: int, prompt: np.ndarray) -> None:
+    def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
+        """Prefill `prompts` (n, bucket) into rows `slots` (n,) of the caches."""
         self._compile()
-        state.caches = self._prefill(state.caches, np.int32(slot), prompt)
+        if self.resident:
+            self._prefill(state.caches, slots, prompts)
+        else:
+            state.caches = self._prefill(state.caches, slots, prompts)
 
     def resize_caches(self, caches, slots: int, length: int):
         """New zero caches of `slots` rows and `length` positions, or the old ones padded or cut to them."""
@@ -715,10 +864,16 @@ class _Program:
         heads = backbone.num_heads
         shape = (slots, heads, length, backbone.hidden_dim // heads)
         if caches is None:
-            return [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
-        old_slots, _, old, _ = caches[0][0].shape
-        pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
-        return [tuple(ops.pad(c[:slots, :, :length], pad) for c in kv) for kv in caches]
+            caches = [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
+        else:
+            old_slots, _, old, _ = caches[0][0].shape
+            pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
+            caches = [tuple(ops.pad(ops.convert_to_tensor(c)[:slots, :, :length], pad) for c in kv) for kv in caches]
+        if self.resident:
+            import tensorflow as tf
+
+            caches = [tuple(tf.Variable(c, trainable=False) for c in kv) for kv in caches]
+        return caches
 
     def _step_with(self, logprobs: bool):
         """The step body with its `logprobs` flag fixed (positional arguments only, as the tracers want)."""
@@ -736,9 +891,10 @@ class _Program:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            self._steps = {flag: _concrete_per_shape(tf.function(self._step_with(flag), jit_compile=self.xla))
-                           for flag in (False, True)}
-            self._prefill = _concrete_per_shape(tf.function(self._prefill_body, jit_compile=self.xla))
+            self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)),
+                                                                 jit_compile=self.xla)) for flag in (False, True)}
+            self._prefill = _concrete_per_shape(tf.function(
+                _in_place(lambda caches, *args: (self._prefill_body(caches, *args), ())), jit_compile=self.xla))
         elif backend == "jax":
             self._steps, self._prefill = self._jax_functions()
         else:

@@ -1,8 +1,8 @@
 """`Generator`: requests in, post-processed and quality-checked `Sample`s out.
 
 Prompts come from the model's `PromptFormat`, are padded into a few length
-buckets (`prompt_bucket`) and batch sizes, and run through the compiled
-`DecodeLoop`; completions are post-processed and, with a memorization index,
+buckets (`prompt_bucket`) and decoded by the `DecodeEngine` (the one decode
+path); completions are post-processed and, with a memorization index,
 checked for copied text.
 
 Example:
@@ -32,8 +32,7 @@ from pitchkeras.sampling.config import (
     SamplerConfig,
     check_top_logprobs,
 )
-from pitchkeras.sampling.counter_rng import row_keys
-from pitchkeras.sampling.decode import DecodeLoop, check_gpt2_layers
+from pitchkeras.sampling.decode import check_gpt2_layers
 
 
 class PreparedRequest(NamedTuple):
@@ -133,13 +132,12 @@ class Generator:
         self._end_id = int(self._tokenizer.end_token_id)
         self._pad_id = int(self._tokenizer.pad_token_id)
         self._max_length = int(backbone.max_sequence_length)
-        self._decode = DecodeLoop(backbone, pad_id=self._pad_id, end_id=self._end_id,
-                                  stop_at_end_token=self.stop_at_end_token, uses_xla=self.uses_xla)
+        self._engine = None  # the DecodeEngine `generate` runs on, made by engine()
 
     @property
     def trace_count(self) -> int:
-        """How many times the decode loop was traced (= compiled shapes)."""
-        return self._decode.trace_count
+        """How many programs `generate`'s engine has traced (= compiled shapes)."""
+        return 0 if self._engine is None else self._engine._program.traces
 
     def uses_xla(self, batch: int) -> bool:
         """Whether the decode loop for `batch` rows is XLA-compiled (TensorFlow; see `jit_compile`)."""
@@ -187,11 +185,58 @@ class Generator:
         if truncate == "":
             raise InvalidArgument("truncate must be a non-empty stop string or None")
         prepared = [self.prepare(request) for request in requests]
+        return self._run(prepared, config, new_tokens, progress=progress, stops=(truncate,) if truncate else (),
+                         include_prefix=include_prefix)
+
+    def complete_ids(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], config: Optional[SamplerConfig] = None,
+                     max_new_tokens: Optional[int] = None) -> list[list[int]]:
+        """The new token ids for each prompt of token ids (start token included), drawn with its seed.
+
+        The same decode as `generate` (the engine), without prompts built from
+        conditions: for tests and benchmarks that feed token ids.
+        """
+        config = (config or SamplerConfig()).validate()
+        new_tokens = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        prepared = [PreparedRequest(GenerationRequest(seed=int(seed)), {}, "", [int(i) for i in ids])
+                    for ids, seed in zip(prompts, seeds)]
+        return [list(sample.completion_ids) for sample in self._run(prepared, config, new_tokens)]
+
+    def engine(self):
+        """The `DecodeEngine` that `generate` runs on (made on first use; `batch_size` slots, several tokens per
+        compiled call, as bulk work wants). Stepped by the caller's thread, one call at a time."""
+        if self._engine is None:
+            from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP, DecodeEngine
+
+            self._engine = DecodeEngine(self, slots=self.batch_size, tokens_per_step=BULK_TOKENS_PER_STEP,
+                                        cache_buckets=BULK_CACHE_BUCKETS)
+        return self._engine
+
+    def _run(self, prepared: Sequence[PreparedRequest], config: SamplerConfig, new_tokens: int, *,
+             progress: bool = False, stops: tuple = (), include_prefix: bool = True) -> list[Sample]:
+        """Samples for prepared requests, decoded on `engine()` by this thread."""
+        if new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens (length) must be >= 1, got {new_tokens}")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prepared), unit="sample", desc="generate")
         with self._lock:
-            completions = self._complete([p.ids for p in prepared], [int(p.request.seed) for p in prepared],
-                                         config, new_tokens, progress)
-        return [self.finish(p, self.detokenize(completion), config, truncate=truncate, include_prefix=include_prefix)
-                for p, completion in zip(prepared, completions)]
+            engine = self.engine()
+            try:
+                # Shortest prompts first (as the closed batches were): the same shapes whatever the request order.
+                order = sorted(range(len(prepared)), key=lambda i: len(prepared[i].ids))
+                streams = [None] * len(prepared)
+                for i in order:
+                    streams[i] = engine.submit_prepared(prepared[i], config, new_tokens, stops=stops,
+                                                        include_prefix=include_prefix, deltas=False)
+                while engine.step():
+                    if bar is not None:
+                        bar.update(sum(s.done for s in streams) - bar.n)
+            finally:
+                if bar is not None:
+                    bar.close()
+        return [stream.result() for stream in streams]
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Check a request's conditions, build its prompt and its token ids (start token first).
@@ -216,20 +261,16 @@ class Generator:
             prompt_lengths: sequence of int or None. Prompt lengths in tokens
                 (default: the length of a prompt for the model's first known
                 conditions).
-            batch_sizes: sequence of int or None. Batch sizes to compile
-                (default: 1 and `batch_size`).
+            batch_sizes: sequence of int or None. Ignored: every row bucket
+                up to `batch_size` is compiled.
             max_new_tokens: int or None. Default: the generator's.
         """
         if prompt_lengths is None:
             prompt_lengths = [len(self._tokenize(self.example_prompt()))]
-        batch_sizes = batch_sizes or sorted({1, self.batch_size})
+        del batch_sizes  # the engine compiles every row bucket up to batch_size
         new_tokens = max_new_tokens or self.max_new_tokens
-        config = SamplerConfig()
         with self._lock:
-            for length in sorted({prompt_bucket(n, self.prompt_buckets) for n in prompt_lengths}):
-                for batch in sorted({self._batch_shape(b) for b in batch_sizes}):
-                    ids = [[self._start_id or 0] * min(length, self._max_length - 1)] * batch
-                    self._complete(ids, list(range(batch)), config, new_tokens, progress=False)
+            self.engine().warmup(sorted({prompt_bucket(n, self.prompt_buckets) for n in prompt_lengths}), new_tokens)
 
     def example_prompt(self) -> str:
         """A typical prompt: the model's first known value of each condition (what warm-ups compile for)."""
@@ -268,53 +309,6 @@ class Generator:
             if not is_quantized(self.model):  # int8 dots are compute-bound here: 2 rows cost twice (measured)
                 shape = 2
         return shape
-
-    def _complete(self, prompts: list[list[int]], seeds: list[int], config: SamplerConfig, new_tokens: int,
-                  progress: bool) -> list[list[int]]:
-        """New token ids per prompt (cut at the end token and at `new_tokens`)."""
-        # Similar lengths together: fewer wasted prompt positions per batch.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        results: list[list[int]] = [[] for _ in prompts]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(prompts), unit="sample", desc="generate")
-        try:
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                shape = self._batch_shape(len(rows))
-                rows_padded = rows + [rows[0]] * (shape - len(rows))  # copies of row 0 finish with it
-                lengths = [len(prompts[i]) for i in rows_padded]
-                bucket = min(prompt_bucket(max(lengths), self.prompt_buckets), self._max_length - 1)
-                total = min(bucket + new_tokens, self._max_length)
-                token_ids = np.full((shape, bucket), self._pad_id, dtype=np.int32)
-                mask = np.zeros((shape, bucket), dtype=bool)
-                for r, i in enumerate(rows_padded):
-                    token_ids[r, : len(prompts[i])] = prompts[i]
-                    mask[r, : len(prompts[i])] = True
-                output = self._decode(
-                    token_ids,
-                    mask,
-                    row_keys([seeds[i] for i in rows_padded]),
-                    np.full((shape,), config.temperature, np.float32),
-                    np.full((shape,), config.top_k, np.int32),
-                    np.full((shape,), config.top_p, np.float32),
-                    np.full((shape,), config.repetition_penalty, np.float32),
-                    np.full((shape,), config.no_repeat_ngram_size, np.int32),
-                    total - bucket,
-                )
-                for r, i in enumerate(rows):
-                    new = output[r, lengths[r]: lengths[r] + new_tokens].tolist()
-                    if self.stop_at_end_token and self._end_id in new:
-                        new = new[: new.index(self._end_id)]
-                    results[i] = new
-                if bar is not None:
-                    bar.update(len(rows))
-        finally:
-            if bar is not None:
-                bar.close()
-        return results
 
     def finish(self, prepared: PreparedRequest, continuation: str, config: SamplerConfig, *,
                truncate: Optional[str] = None, include_prefix: bool = True) -> Sample:
