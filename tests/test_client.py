@@ -25,8 +25,7 @@ from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import (  # noqa: F401
-    SERVER_CONFIG, FlakyStore, pool_reviews, pool_uri, self_signed_cert, tiny_generator, tiny_model_dir)
+from tests.serve_fixtures import SERVER_CONFIG, FlakyStore, pool_reviews, self_signed_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN_ID = "0" * 24

@@ -22,8 +22,7 @@ from pitchkeras.store import open_store
 from pitchkeras.store.sqlite import SQLiteStore
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import (  # noqa: F401
-    HOSTILE, SERVER_CONFIG, FlakyStore, hostile_uri, pool_reviews, pool_uri, tiny_generator, tiny_model_dir)
+from tests.serve_fixtures import HOSTILE, SERVER_CONFIG, FlakyStore, pool_reviews
 
 C = grpc.StatusCode
 UNKNOWN_ID = "f" * 24

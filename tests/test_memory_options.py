@@ -7,13 +7,11 @@ stored in the run; on JAX, remat with dropout gives the same losses as no remat.
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.jax_child import run_on_jax
 from tests.test_train import TINY_SHAPE, checkpoint_arrays, small_config, write_dataset
 
 
@@ -104,12 +102,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_jax_remat_with_dropout_matches_and_optimizers_train(shared, tmp_path):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(shared["data"]), str(tmp_path),
-                           str(shared["cache"]), json.dumps(TINY_SHAPE)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    losses = run_on_jax(JAX_SCRIPT, str(shared["data"]), str(tmp_path), str(shared["cache"]), json.dumps(TINY_SHAPE))
     # The same dropout masks in the recomputation: remat changes memory, not the numbers.
     assert losses["remat"] == pytest.approx(losses["adamw"], rel=1e-5)
     for key, run in losses.items():

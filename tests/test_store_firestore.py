@@ -12,8 +12,7 @@ import pytest
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from pitchkeras.store import ConditionCount, Review
-from tests.store_fixtures import (  # noqa: F401
-    PROJECT, REPO_ROOT, SEED_FIELDS, firestore_emulator, firestore_store, write_like_the_seed)
+from tests.store_fixtures import PROJECT, REPO_ROOT, SEED_FIELDS, write_like_the_seed
 
 SEED_ROWS = [
     (8.0, "Rap", "A dense, funny record that never sits still."),

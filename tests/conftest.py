@@ -1,0 +1,260 @@
+"""The suite's shared set-up: session fixtures every test module sees without importing them.
+
+pytest loads this file before any test module, so this is where a session
+fixture is one instance for the whole run (per pytest-xdist worker). Test
+modules never import fixtures by name: they ask for them as arguments.
+
+Fixtures (see each one's docstring):
+- Stores: `firestore_emulator` (`host:port`), `firestore_emulator_process`
+  (the `FirestoreEmulator`, for tests that freeze or restart it),
+  `firestore_store`, `sqlite_store`, `store` (each backend in turn).
+- Serving: `pool_uri`, `hostile_uri`, `tiny_model_dir` and `tiny_generator`
+  (the serving shape: three genres, untrained).
+- Sampling: `sampling_model_dir`, `sampling_model` (the sampling shape: the
+  corpus of tests/test_sampling.py, two genres, untrained).
+
+Session set-up:
+- The persistent compile cache is on for the session, in a directory of its
+  own (`PITCHKERAS_COMPILE_CACHE`, inherited by CLI children; TensorFlow's
+  XLA flag set here, before anything imports TensorFlow), so a program one
+  test compiled is loaded, not compiled again, by the next process or
+  Generator that needs it. Removed at the end.
+- The JAX worker children (tests/jax_child.py) are stopped at the end.
+- Every child process the run starts is counted by kind; the counts are
+  printed at the end, and the run fails if it started more than one
+  Firestore emulator or more than `jax_child.MAX_WORKERS` JAX workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from pitchkeras import compile_cache
+from tests import jax_child
+
+# -- the compile cache, before any test module imports TensorFlow -------------------------------------------
+
+_SESSION_CACHE = tempfile.mkdtemp(prefix="pitchkeras-test-compile-")
+os.environ[compile_cache.ENV_VAR] = _SESSION_CACHE  # the CLI's default in every child
+compile_cache.enable(_SESSION_CACHE)  # this process: TF_XLA_FLAGS now, JAX when a Generator first compiles
+
+# -- child processes, counted by kind ---------------------------------------------------------------------
+
+CHILDREN: collections.Counter = collections.Counter()
+EMULATORS_STARTED: list[str] = []  # host:port of each Firestore emulator a fixture started (restarts not counted)
+MAX_EMULATORS = 1
+_real_popen_init = subprocess.Popen.__init__
+
+
+def _kind(args, env) -> str:
+    argv = [str(a) for a in ([args] if isinstance(args, (str, bytes)) else list(args))]
+    text = " ".join(argv)
+    backend = (env or os.environ).get("KERAS_BACKEND", "")
+    if "cloud_firestore_emulator" in text:
+        return "firestore emulator launcher"
+    if argv[1:3] == ["-m", "tests.jax_child"]:
+        return "JAX worker (tests/jax_child.py)"
+    if "pitchkeras.train.plan" in text:
+        return "memory plan (pitchkeras's own JAX child)"
+    if "pitchkeras.cli" in text or argv[0].endswith("/pitchkeras"):
+        command = next((a for a in argv[argv.index("pitchkeras.cli") + 1:] if not a.startswith("-")), "?") \
+            if "pitchkeras.cli" in argv else (argv[1] if len(argv) > 1 else "?")
+        return f"pitchkeras {command} (CLI under test{', JAX' if backend == 'jax' else ''})"
+    if argv[:2] == [sys.executable, "-c"] or (len(argv) > 1 and argv[1].endswith(".py")):
+        return f"python script{' (JAX)' if backend == 'jax' else ''}"
+    return os.path.basename(argv[0]) if argv else "?"
+
+
+def _counting_popen_init(self, args, *rest, **kwargs):
+    CHILDREN[_kind(args, kwargs.get("env"))] += 1
+    _real_popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _counting_popen_init
+
+
+def pytest_terminal_summary(terminalreporter):
+    workers = collections.Counter(jax_child.WORKERS_STARTED)
+    terminalreporter.write_sep("-", "child processes this run started")
+    terminalreporter.write_line(
+        f"Firestore emulators: {len(EMULATORS_STARTED)} (at most {MAX_EMULATORS}); JAX workers: "
+        f"{len(jax_child.WORKERS_STARTED)} (by device count {dict(workers)}; at most {jax_child.MAX_WORKERS})")
+    for kind, count in CHILDREN.most_common():
+        terminalreporter.write_line(f"  {count:4d}  {kind}")
+
+
+def pytest_sessionfinish(session):
+    jax_child.stop_workers()
+    _stop_emulator()
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+    problems = []
+    if len(EMULATORS_STARTED) > MAX_EMULATORS:
+        problems.append(f"{len(EMULATORS_STARTED)} Firestore emulators started ({EMULATORS_STARTED}); "
+                        f"the suite shares one (the firestore_emulator fixture)")
+    if len(jax_child.WORKERS_STARTED) > jax_child.MAX_WORKERS:
+        problems.append(f"{len(jax_child.WORKERS_STARTED)} JAX workers started (device counts "
+                        f"{jax_child.WORKERS_STARTED}); tests/jax_child.py keeps one per device count")
+    if problems:
+        session.config.get_terminal_writer().line("SESSION CHECK FAILED: " + "; ".join(problems), red=True)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- stores ------------------------------------------------------------------------------------------------
+
+_emulator: dict = {}
+_emulator_lock = threading.Lock()
+
+
+def _stop_emulator() -> None:
+    with _emulator_lock:
+        emulator = _emulator.pop("process", None)
+    if emulator is not None:
+        emulator.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator_process():
+    """The session's own `FirestoreEmulator` (started on first use, stopped when the run ends).
+
+    Tests may freeze it (SIGSTOP/SIGCONT its process group) or stop and `start()` it again on the same
+    port; every other test uses its own collection, so none depends on the emulator's earlier data.
+    """
+    from tests.emulator import PACKAGE, FirestoreEmulator, find_emulator
+
+    with _emulator_lock:
+        if "process" not in _emulator:
+            if find_emulator() is None:
+                message = f"the Cloud Firestore emulator is not installed (apt-get install {PACKAGE})"
+                if os.environ.get("CI") == "true":
+                    pytest.fail(message + "; CI must run the Firestore tests", pytrace=False)
+                pytest.skip(message)
+            _emulator["process"] = FirestoreEmulator().start()
+            EMULATORS_STARTED.append(_emulator["process"].host)
+        return _emulator["process"]
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator(request):
+    """`host:port` of Google's Firestore emulator: FIRESTORE_EMULATOR_HOST when already set, else the session's."""
+    existing = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    if existing:
+        return existing
+    return request.getfixturevalue("firestore_emulator_process").host
+
+
+@pytest.fixture
+def firestore_store(firestore_emulator, monkeypatch):
+    """A FirestoreStore on a fresh collection of the session's emulator."""
+    import uuid
+
+    from pitchkeras.store.firestore import FirestoreStore
+    from tests.store_fixtures import PROJECT
+
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator)
+    store = FirestoreStore(PROJECT, f"reviews-{uuid.uuid4().hex[:12]}", timeout=20.0, seed=0)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    from pitchkeras.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "reviews.db"))
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=("sqlite", "firestore"))
+def store(request):
+    """Each backend in turn, empty."""
+    return request.getfixturevalue(f"{request.param}_store")
+
+
+# -- serving -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool_uri(tmp_path):
+    """An SQLite store URI holding `serve_fixtures.pool_reviews()`."""
+    from pitchkeras.store import open_store
+    from tests.serve_fixtures import pool_reviews
+
+    uri = f"sqlite:///{tmp_path}/pool.db"
+    with open_store(uri) as store:
+        store.add_reviews(pool_reviews())
+    return uri
+
+
+@pytest.fixture
+def hostile_uri(tmp_path):
+    """An SQLite store URI holding only `serve_fixtures.HOSTILE` (markup in every field a page shows)."""
+    from pitchkeras.store import open_store
+    from tests.serve_fixtures import HOSTILE
+
+    uri = f"sqlite:///{tmp_path}/hostile.db"
+    with open_store(uri) as store:
+        store.add_reviews([HOSTILE])
+    return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The serving shape: an untrained tiny model (default TinyConfig, context 64) whose tokenizer learnt
+    `serve_fixtures.TRAIN_TEXTS` (three genres, as the pool's reviews), saved as a model directory."""
+    pytest.importorskip("tensorflow")
+    from pitchkeras.conditioning import REVIEWS
+    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
+    from tests.serve_fixtures import GENRES, TRAIN_TEXTS
+
+    lm = build_tiny_causal_lm(TRAIN_TEXTS, sequence_length=64)
+    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": list(GENRES)}, "tiny-test-v1", "tiny", 64)
+    return save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model_dir):
+    """A real Generator on the serving model (batches of 4, 8 new tokens). Post-processing is relaxed (no
+    sentence or header checks): an untrained model writes no sentences, and these tests are about serving."""
+    from pitchkeras.model import load_model
+    from pitchkeras.postprocess import PostprocessOptions
+    from pitchkeras.sampling import Generator
+
+    relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False,
+                                 reject_second_document=False, require_sentence=False, trim_to_sentence=False)
+    return Generator(load_model(tiny_model_dir), batch_size=4, max_new_tokens=8, postprocess_options=relaxed)
+
+
+# -- sampling ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sampling_model_dir(tmp_path_factory):
+    """The sampling shape: an untrained tiny model (default TinyConfig, context 64) whose tokenizer learnt
+    tests/test_sampling.py's TEXTS (Rock and Jazz), saved as a model directory. Shared by the sampler,
+    engine, quantization and backend tests, which compare its texts across backends and engines."""
+    pytest.importorskip("tensorflow")
+    from pitchkeras.conditioning import REVIEWS
+    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
+    from tests.test_sampling import TEXTS
+
+    lm = build_tiny_causal_lm(TEXTS, sequence_length=64)
+    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": ["Jazz", "Rock"]}, "test-v1", "tiny", 64)
+    return save_model_dir(lm, info, tmp_path_factory.mktemp("sampling-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def sampling_model(sampling_model_dir):
+    """The sampling shape, loaded (one instance for the session: tests must not change its weights)."""
+    from pitchkeras.model import load_model
+
+    return load_model(sampling_model_dir)
