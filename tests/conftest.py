@@ -258,3 +258,26 @@ def sampling_model(sampling_model_dir):
     from pitchkeras.model import load_model
 
     return load_model(sampling_model_dir)
+
+
+# -- the CLI in this process -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(capsys):
+    """`cli(*argv)` runs `pitchkeras ARGV...` in this process: `(exit code, stdout, stderr)`.
+
+    For usage errors and other answers that need no process of their own (a fresh interpreter costs seconds).
+    """
+    from pitchkeras.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in argv])
+        except SystemExit as exit:  # argparse's own errors
+            code = exit.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

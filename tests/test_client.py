@@ -323,11 +323,9 @@ def test_serve_and_client_processes_with_graceful_sigterm(pool_uri):
             server.wait()
 
 
-def test_serve_rejects_bad_flags_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", f"sqlite:///{tmp_path}/x.db",
-                             "--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 2 and result.stderr.strip() == (
-        "pitchkeras serve: error: --port must be in [0, 65535], got 70000")
+def test_serve_rejects_bad_flags_in_one_line(tmp_path, cli):
+    code, _, err = cli("serve", "--store", f"sqlite:///{tmp_path}/x.db", "--port", "70000")
+    assert code == 2 and err.strip() == "pitchkeras serve: error: --port must be in [0, 65535], got 70000"
 
 
 # -- Node.js ------------------------------------------------------------------------------------
