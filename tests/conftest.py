@@ -28,6 +28,7 @@ Session set-up:
 from __future__ import annotations
 
 import collections
+import inspect
 import os
 import shutil
 import subprocess
@@ -39,6 +40,17 @@ import pytest
 
 from pitchkeras import compile_cache
 from tests import jax_child
+
+# -- threads per pytest-xdist worker, before any test module imports TensorFlow or JAX ------------------------
+
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:  # share the cores instead of each worker's thread pools claiming all of them
+    _threads = str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
+    for _name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    if _threads == "1":
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
 
 # -- the compile cache, before any test module imports TensorFlow -------------------------------------------
 
@@ -79,6 +91,33 @@ def _counting_popen_init(self, args, *rest, **kwargs):
 
 
 subprocess.Popen.__init__ = _counting_popen_init
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist `--dist loadgroup`: every test on the emulator in one worker, and every test that
+    sends scripts to the JAX workers in one worker, so each worker starts at most one of each."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "firestore_emulator" in fixtures or "firestore_emulator_process" in fixtures or \
+                params.get("store") == "firestore":
+            item.add_marker(pytest.mark.xdist_group("emulator"))
+        elif _sends_jax_scripts(item):
+            item.add_marker(pytest.mark.xdist_group("jax"))
+
+
+def _sends_jax_scripts(item) -> bool:
+    """Whether the test or one of its fixtures calls `run_on_jax`."""
+    functions = [item.function] + [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()]
+    for function in functions:
+        try:
+            if "run_on_jax(" in inspect.getsource(function):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 def pytest_terminal_summary(terminalreporter):
