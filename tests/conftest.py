@@ -93,9 +93,26 @@ def _counting_popen_init(self, args, *rest, **kwargs):
 subprocess.Popen.__init__ = _counting_popen_init
 
 
+# Fixtures that train, build a model (and compile its decode loop) or install something: a test that needs one
+# (directly or through another fixture) is `slow`, wherever it is defined, so `-m "not slow"` never waits for them.
+SLOW_FIXTURES = {
+    "reference", "single_device", "multiworker",  # tests/test_train.py: fine-tuning runs
+    "first_run",  # tests/test_quickstart.py: `pitchkeras demo` in a process
+    "tiny_model_dir", "tiny_generator", "sampling_model_dir", "sampling_model",  # this file's shared models
+    "model_dir", "unigram_model_dir", "int8_model", "dirs",  # a module's own model (generate CLI, cache, report, ...)
+    "gs",  # tests/test_convert.py: a gpt-2-simple run trained with gpt-2-simple's own code
+    "plans",  # tests/test_plan.py: compiled memory plans on the JAX worker
+    "node_client",  # tests/test_client.py: `npm ci`
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist `--dist loadgroup`: every test on the emulator in one worker, and every test that
-    sends scripts to the JAX workers in one worker, so each worker starts at most one of each."""
+    """`slow` on every test that needs a SLOW_FIXTURES fixture. Under pytest-xdist `--dist loadgroup`: every test
+    on the emulator in one worker, and every test that sends scripts to the JAX workers in one worker, so each
+    worker starts at most one of each."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:

@@ -128,6 +128,9 @@ def _serve() -> None:
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray writes to fd 1 (C libraries) go to the log, never into the answers
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
+    from pitchkeras import compile_cache
+
+    compile_cache.enable("default")  # the session's cache directory (PITCHKERAS_COMPILE_CACHE), as the CLI does
     import keras  # noqa: F401 - import the backend once, before the first script
 
     for line in sys.stdin:

@@ -348,6 +348,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(shared, reference):
 
 
 
+@pytest.mark.slow
 def test_grad_accum_matches_a_larger_batch(shared):
     """fit with batch 4 x 2 accumulated micro-batches == batch 8: same losses and weights (packed rows).
 
@@ -380,6 +381,7 @@ def test_grad_accum_matches_a_larger_batch(shared):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path):
     """A keras-hub preset directory loads as --preset PATH; with --lora-rank the base kernels stay frozen."""
     from pitchkeras.data.pipeline import read_examples
@@ -405,6 +407,7 @@ def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path)
     assert model.causal_lm.generate("5.0\nRock\n", max_length=16, stop_token_ids=None).startswith("5.0\nRock\n")
 
 
+@pytest.mark.slow
 def test_cli_prepare_gpt2_simple_txt_then_finetune(shared, tmp_path, capsys):
     """`pitchkeras prepare corpus.txt` (gpt-2-simple delimiters) then `pitchkeras finetune` on its output."""
     from pitchkeras.cli import main
