@@ -32,7 +32,6 @@ import inspect
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 
@@ -68,21 +67,25 @@ _real_popen_init = subprocess.Popen.__init__
 
 def _kind(args, env) -> str:
     argv = [str(a) for a in ([args] if isinstance(args, (str, bytes)) else list(args))]
-    text = " ".join(argv)
-    backend = (env or os.environ).get("KERAS_BACKEND", "")
-    if "cloud_firestore_emulator" in text:
-        return "firestore emulator launcher"
-    if argv[1:3] == ["-m", "tests.jax_child"]:
-        return "JAX worker (tests/jax_child.py)"
-    if "pitchkeras.train.plan" in text:
-        return "memory plan (pitchkeras's own JAX child)"
-    if "pitchkeras.cli" in text or argv[0].endswith("/pitchkeras"):
-        command = next((a for a in argv[argv.index("pitchkeras.cli") + 1:] if not a.startswith("-")), "?") \
-            if "pitchkeras.cli" in argv else (argv[1] if len(argv) > 1 else "?")
-        return f"pitchkeras {command} (CLI under test{', JAX' if backend == 'jax' else ''})"
-    if argv[:2] == [sys.executable, "-c"] or (len(argv) > 1 and argv[1].endswith(".py")):
-        return f"python script{' (JAX)' if backend == 'jax' else ''}"
-    return os.path.basename(argv[0]) if argv else "?"
+    jax = " on JAX" if (env or os.environ).get("KERAS_BACKEND") == "jax" else ""
+    if not argv:
+        return "?"
+    if "cloud_firestore_emulator" in argv[0]:
+        return "Firestore emulator launcher"
+    if argv[0].endswith("/pitchkeras"):  # the installed console script
+        return f"pitchkeras {argv[1] if len(argv) > 1 else ''} (console script under test)"
+    if len(argv) > 2 and argv[1] == "-m":
+        if argv[2] == "tests.jax_child":
+            return "JAX worker (tests/jax_child.py)"
+        if argv[2] == "pitchkeras.cli":
+            command = next((a for a in argv[3:] if not a.startswith("-")), "")
+            return f"pitchkeras {command} (CLI under test{jax})"
+        return f"python -m {argv[2]}{jax}"
+    if len(argv) > 1 and argv[1] == "-c":
+        return f"python -c script{jax}"
+    if len(argv) > 1 and argv[1].endswith(".py"):
+        return f"python {os.path.basename(argv[1])}{jax}"
+    return os.path.basename(argv[0])
 
 
 def _counting_popen_init(self, args, *rest, **kwargs):

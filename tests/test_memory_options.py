@@ -59,6 +59,7 @@ def test_optimizer_and_remat_train_and_resume_exactly(shared, options):
         np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_refused(shared):
     from pitchkeras.errors import UsageError
     from pitchkeras.train import finetune

@@ -230,6 +230,7 @@ def test_processors_match_transformers_algorithm_on_random_cases():
         np.testing.assert_array_equal(banned, expected)
 
 
+@pytest.mark.slow
 def test_processors_match_transformers_itself():
     torch = pytest.importorskip("torch")
     generation = pytest.importorskip("transformers.generation.logits_process")
