@@ -89,7 +89,11 @@ def _kind(args, env) -> str:
 
 
 def _counting_popen_init(self, args, *rest, **kwargs):
-    CHILDREN[_kind(args, kwargs.get("env"))] += 1
+    try:
+        kind = _kind(args, kwargs.get("env"))
+    except Exception:  # noqa: BLE001 - counting must never stop a child from starting
+        kind = "?"
+    CHILDREN[kind] += 1
     _real_popen_init(self, args, *rest, **kwargs)
 
 
