@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -113,6 +114,7 @@ SLOW_FIXTURES = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """`slow` on every test that needs a SLOW_FIXTURES fixture. Under pytest-xdist `--dist loadgroup`: every test
     on the emulator in one worker, and every test that sends scripts to the JAX workers in one worker, so each
@@ -144,27 +146,49 @@ def _sends_jax_scripts(item) -> bool:
     return False
 
 
+_WORKER_REPORTS: dict = {}  # pytest-xdist: each worker's own counts, sent back when it finishes
+
+
+def _counts() -> dict:
+    return {"emulators": list(EMULATORS_STARTED), "jax_workers": list(jax_child.WORKERS_STARTED),
+            "children": dict(CHILDREN)}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    report = getattr(node, "workeroutput", {}).get("pitchkeras_children")
+    if report:
+        _WORKER_REPORTS[node.gateway.id] = json.loads(report)
+
+
 def pytest_terminal_summary(terminalreporter):
-    workers = collections.Counter(jax_child.WORKERS_STARTED)
+    reports = _WORKER_REPORTS or {"this process": _counts()}
     terminalreporter.write_sep("-", "child processes this run started")
-    terminalreporter.write_line(
-        f"Firestore emulators: {len(EMULATORS_STARTED)} (at most {MAX_EMULATORS}); JAX workers: "
-        f"{len(jax_child.WORKERS_STARTED)} (by device count {dict(workers)}; at most {jax_child.MAX_WORKERS})")
-    for kind, count in CHILDREN.most_common():
-        terminalreporter.write_line(f"  {count:4d}  {kind}")
+    for name, report in sorted(reports.items()):
+        workers = collections.Counter(report["jax_workers"])
+        terminalreporter.write_line(
+            f"{name}: Firestore emulators: {len(report['emulators'])} (at most {MAX_EMULATORS}); JAX workers: "
+            f"{len(report['jax_workers'])} (by device count {dict(workers)}; at most {jax_child.MAX_WORKERS})")
+        for kind, count in collections.Counter(report["children"]).most_common():
+            terminalreporter.write_line(f"  {count:4d}  {kind}")
 
 
 def pytest_sessionfinish(session):
     jax_child.stop_workers()
     _stop_emulator()
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller checks and prints
+        workeroutput["pitchkeras_children"] = json.dumps(_counts())
+        return
     problems = []
-    if len(EMULATORS_STARTED) > MAX_EMULATORS:
-        problems.append(f"{len(EMULATORS_STARTED)} Firestore emulators started ({EMULATORS_STARTED}); "
-                        f"the suite shares one (the firestore_emulator fixture)")
-    if len(jax_child.WORKERS_STARTED) > jax_child.MAX_WORKERS:
-        problems.append(f"{len(jax_child.WORKERS_STARTED)} JAX workers started (device counts "
-                        f"{jax_child.WORKERS_STARTED}); tests/jax_child.py keeps one per device count")
+    for name, report in sorted((_WORKER_REPORTS or {"this process": _counts()}).items()):
+        if len(report["emulators"]) > MAX_EMULATORS:
+            problems.append(f"{name}: {len(report['emulators'])} Firestore emulators started ({report['emulators']}); "
+                            f"the suite shares one (the firestore_emulator fixture)")
+        if len(report["jax_workers"]) > jax_child.MAX_WORKERS:
+            problems.append(f"{name}: {len(report['jax_workers'])} JAX workers started (device counts "
+                            f"{report['jax_workers']}); tests/jax_child.py keeps one per device count")
     if problems:
         session.config.get_terminal_writer().line("SESSION CHECK FAILED: " + "; ".join(problems), red=True)
         if session.exitstatus == 0:
