@@ -4,6 +4,7 @@ Each trains the tiny preset (loss falls), resumes exactly after SIGTERM, and is
 stored in the run; on JAX, remat with dropout gives the same losses as no remat.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -119,8 +120,30 @@ def test_auto_batch_without_budget_on_a_cpu_keeps_the_batch(shared):
     assert "no accelerator and no --memory" in lines[0]
 
 
+PLAN_SCRIPT = r"""
+import dataclasses, json, sys
+from pitchkeras.train.plan import PlanRequest, _plan_here
+result = _plan_here(PlanRequest(**json.loads(sys.argv[1])))
+print("RESULT " + json.dumps({"plans": [dataclasses.asdict(p) for p in result.plans],
+                              "device_memory": result.device_memory}))
+"""
+
+
+@pytest.fixture
+def plans_on_the_jax_worker(monkeypatch):
+    """`plan_memory` does its child's work (`_plan_here`) in the session's JAX worker instead of a fresh JAX
+    process; the child itself is exercised by tests/test_plan.py's `pitchkeras plan` test."""
+    from pitchkeras.train import plan
+
+    def plan_memory(request, *, timeout=1800):
+        found = run_on_jax(PLAN_SCRIPT, json.dumps(dataclasses.asdict(request)), timeout=timeout)
+        return plan.PlanResult([plan.MemoryPlan(**p) for p in found["plans"]], found["device_memory"])
+
+    monkeypatch.setattr(plan, "plan_memory", plan_memory)
+
+
 @pytest.mark.slow
-def test_auto_batch_under_a_small_budget_accumulates(shared):
+def test_auto_batch_under_a_small_budget_accumulates(shared, plans_on_the_jax_worker):
     """A budget between the plans of micro-batches 4 and 8 gives 4 x 2 accumulated, printed and recorded."""
     import dataclasses
 
