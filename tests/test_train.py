@@ -506,27 +506,20 @@ DIST_SCRIPT = textwrap.dedent("""
         return real_step(self, data)
     keras_hub.models.GPT2CausalLM.train_step = spy
     from pitchkeras.train import callbacks
-    # One run, or several in turn in this process (RUNS: [{"ck", "steps", "sigterm_at"}]; the multi-worker
-    # tests share one cluster that way), each printing its RESULT line.
-    runs = json.loads(os.environ.get("RUNS", "null")) or [
-        {"ck": ck, "steps": int(os.environ.get("STEPS", "4")), "sigterm_at": int(os.environ.get("SIGTERM_AT", "0"))}]
-    kill_at = [0]
+    steps, kill_at = int(os.environ.get("STEPS", "4")), int(os.environ.get("SIGTERM_AT", "0"))
     real_end = callbacks.MetricsCSV.on_epoch_end
     def on_epoch_end(self, epoch, logs=None):  # SIGTERM this process alone once step `kill_at` is done
         real_end(self, epoch, logs)
-        if epoch + 1 == kill_at[0]:
+        if epoch + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
     callbacks.MetricsCSV.on_epoch_end = on_epoch_end
-    for run in runs:
-        shapes.clear()
-        kill_at[0] = run["sigterm_at"]
-        result = finetune(TrainConfig(
-            dataset=data, checkpoint_dir=run["ck"], cache_dir=cache, preset="tiny", steps=run["steps"], batch_size=4,
-            sequence_length=32, learning_rate=3e-3, print_every=0, save_every=2, val_every=0,
-            clipnorm=0, progress=False, strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))))
-        print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
-                                      "shapes": list(shapes), "step": result.step, "interrupted": result.interrupted,
-                                      "model": str(result.model_dir) if result.model_dir else None}))
+    result = finetune(TrainConfig(
+        dataset=data, checkpoint_dir=ck, cache_dir=cache, preset="tiny", steps=steps, batch_size=4,
+        sequence_length=32, learning_rate=3e-3, print_every=0, save_every=2, val_every=0,
+        clipnorm=0, progress=False, strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))))
+    print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
+                                  "shapes": shapes, "step": result.step, "interrupted": result.interrupted,
+                                  "model": str(result.model_dir) if result.model_dir else None}))
 """)
 
 
@@ -540,15 +533,11 @@ def _spawn(shared, tmp_path, mode, ck, tf_config=None, **extra_env):
                              json.dumps(TINY_SHAPE)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _results(proc, timeout=300) -> list:
-    """Every RESULT line of a finished `_spawn`ed process, in order."""
+def _result(proc, timeout=300):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out + err[-4000:]
-    return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
-
-
-def _result(proc, timeout=300):
-    return _results(proc, timeout)[-1]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
 
 
 @pytest.fixture(scope="module")
@@ -591,52 +580,45 @@ def _free_ports(n):
     return ports
 
 
-@pytest.fixture(scope="module")
-def multiworker(shared, tmp_path_factory):
-    """One local two-worker cluster (TF_CONFIG, two processes) running two trainings in turn: a 4-step run, then
-    an 8-step run whose worker 1 (not the chief) gets SIGTERM after step 3. {"full"|"sigterm": (chief, other)}."""
-    root = tmp_path_factory.mktemp("multiworker")
+@pytest.mark.slow
+def test_multiworker_two_local_processes_match_single_device_and_write_once(shared, tmp_path, single_device):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     workers = [
-        _spawn(shared, root, "multiworker", root / "unused",
-               {"cluster": cluster, "task": {"type": "worker", "index": i}},
-               RUNS=json.dumps([{"ck": str(root / "full" / f"ck-{i}"), "steps": 4, "sigterm_at": 0},
-                                {"ck": str(root / "sigterm" / f"ck-{i}"), "steps": 8, "sigterm_at": 3 if i else 0}]))
+        _spawn(shared, tmp_path, "multiworker", tmp_path / f"ck-{i}",
+               {"cluster": cluster, "task": {"type": "worker", "index": i}})
         for i in range(2)
     ]
-    (chief_full, chief_sigterm), (other_full, other_sigterm) = _results(workers[0], 600), _results(workers[1], 600)
-    return root, {"full": (chief_full, other_full), "sigterm": (chief_sigterm, other_sigterm)}
-
-
-@pytest.mark.slow
-def test_multiworker_two_local_processes_match_single_device_and_write_once(multiworker, single_device):
-    root, results = multiworker
-    chief, other = results["full"]
+    chief, other = _result(workers[0]), _result(workers[1])
     assert chief["replicas"] == 2 and other["replicas"] == 2
     assert chief["shapes"][0][1:] == [32]  # (the batch size is not static under MultiWorkerMirroredStrategy)
     assert chief["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
     assert chief["losses"] == pytest.approx(other["losses"], rel=1e-6)
     # Files are written once, by the chief (worker 0); worker 1 writes nothing at all.
     assert chief["model"] and other["model"] is None
-    assert sorted(p.name for p in (root / "full" / "ck-0" / "run1" / "checkpoints").glob("ckpt-*")) == [
+    assert sorted(p.name for p in (tmp_path / "ck-0" / "run1" / "checkpoints").glob("ckpt-*")) == [
         "ckpt-00000002", "ckpt-00000004"]
-    assert not (root / "full" / "ck-1").exists()
+    assert not (tmp_path / "ck-1").exists()
 
 
 @pytest.mark.slow
-def test_multiworker_sigterm_on_one_worker_stops_every_worker_at_the_same_step(multiworker):
+def test_multiworker_sigterm_on_one_worker_stops_every_worker_at_the_same_step(shared, tmp_path):
     """SIGTERM on worker 1 (not the chief) after step 3: both workers stop at step 3, the chief saves it."""
-    root, results = multiworker
-    chief, other = results["sigterm"]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workers = [
+        _spawn(shared, tmp_path, "multiworker", tmp_path / f"ck-{i}",
+               {"cluster": cluster, "task": {"type": "worker", "index": i}},
+               STEPS="8", **({"SIGTERM_AT": "3"} if i == 1 else {}))
+        for i in range(2)
+    ]
+    chief, other = _result(workers[0]), _result(workers[1])
     for worker in (chief, other):
         assert worker["interrupted"] and worker["step"] == 3 and worker["model"] is None
         assert len(worker["losses"]) == 3
     assert chief["losses"] == pytest.approx(other["losses"], rel=1e-6)
-    checkpoints = root / "sigterm" / "ck-0" / "run1" / "checkpoints"
+    checkpoints = tmp_path / "ck-0" / "run1" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "ckpt-00000003"
     assert sorted(p.name for p in checkpoints.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
-    assert [int(r["step"]) for r in read_metrics(root / "sigterm" / "ck-0" / "run1")] == [1, 2, 3]
-    assert not (root / "sigterm" / "ck-1").exists()
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "ck-0" / "run1")] == [1, 2, 3]
 
 
 # -- the JAX backend ---------------------------------------------------------------------------------
