@@ -1,6 +1,7 @@
-"""Fixtures shared by the server, client and Node client tests.
+"""Data and helpers shared by the server, client and Node client tests.
 
-    from tests.serve_fixtures import pool_uri, tiny_generator  # noqa: F401
+The fixtures built on them (`pool_uri`, `hostile_uri`, `tiny_model_dir`,
+`tiny_generator`) are in tests/conftest.py: ask for them as arguments.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 
 from pitchkeras.conditioning import REVIEWS
 from pitchkeras.errors import Unavailable
-from pitchkeras.store import Review, open_store, review_id
+from pitchkeras.store import Review, review_id
 from pitchkeras.server import ServerConfig
 from pitchkeras.store.sqlite import SQLiteStore
 
@@ -35,29 +36,11 @@ def pool_reviews(per_pair: int = PER_PAIR) -> list[Review]:
     ]
 
 
-@pytest.fixture
-def pool_uri(tmp_path):
-    """An SQLite store URI holding `pool_reviews()`."""
-    uri = f"sqlite:///{tmp_path}/pool.db"
-    with open_store(uri) as store:
-        store.add_reviews(pool_reviews())
-    return uri
-
-
 # Markup in every stored field a page shows: the pages must show it as text, never run or render it.
 HOSTILE_GENRE = "<i>Rock</i>"
 HOSTILE = Review(id=review_id("evil-v1", {"score": 5.0, "genre": HOSTILE_GENRE}, 0, 0),
                  text='<script>document.title="owned"</script><img src=x onerror="document.title=\'owned\'"> '
                       '<b>bold</b> & more', score=5.0, genre=HOSTILE_GENRE, model_version="evil-v1")
-
-
-@pytest.fixture
-def hostile_uri(tmp_path):
-    """An SQLite store URI holding only `HOSTILE`."""
-    uri = f"sqlite:///{tmp_path}/hostile.db"
-    with open_store(uri) as store:
-        store.add_reviews([HOSTILE])
-    return uri
 
 
 class FlakyStore(SQLiteStore):
@@ -102,40 +85,6 @@ TRAIN_TEXTS = [
     for s in SCORES for g in GENRES
     for body in ("The band plays loud. The singer is good.", "A quiet record. It is good music.")
 ] * 20
-
-
-# Fixtures imported into several test modules are separate fixtures to pytest, so session scope
-# alone would build (and compile) one model per module; this cache makes it one per process.
-_SHARED: dict = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """An untrained tiny model saved through the model-directory contract."""
-    pytest.importorskip("tensorflow")
-    if "model_dir" not in _SHARED:
-        from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
-
-        lm = build_tiny_causal_lm(TRAIN_TEXTS, sequence_length=64)
-        info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": list(GENRES)}, "tiny-test-v1", "tiny", 64)
-        _SHARED["model_dir"] = save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
-    return _SHARED["model_dir"]
-
-
-@pytest.fixture(scope="session")
-def tiny_generator(tiny_model_dir):
-    """A real Generator on the tiny model. Post-processing is relaxed (no sentence or header
-    checks): an untrained model writes no sentences, and these tests are about serving."""
-    if "generator" not in _SHARED:
-        from pitchkeras.model import load_model
-        from pitchkeras.postprocess import PostprocessOptions
-        from pitchkeras.sampling import Generator
-
-        relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False,
-                                     reject_second_document=False, require_sentence=False, trim_to_sentence=False)
-        _SHARED["generator"] = Generator(load_model(tiny_model_dir), batch_size=4, max_new_tokens=8,
-                                         postprocess_options=relaxed)
-    return _SHARED["generator"]
 
 
 def self_signed_cert(directory, host: str = "localhost") -> tuple:

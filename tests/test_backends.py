@@ -1,17 +1,12 @@
 """The sampler and the decode loop are keras.ops code: the same model directory generates the
 same tokens on the JAX backend as on TensorFlow.
 
-The JAX side runs in a subprocess (a Keras backend is chosen once per process). It loads the
+The JAX side runs in the session's JAX worker (tests/jax_child.py: a Keras backend is chosen once per process). It loads the
 model directory the TensorFlow side saved, so this also checks that a model fine-tuned with
 TensorFlow serves on JAX (the GPU machine's backend).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +16,8 @@ from pitchkeras.conditioning import REVIEWS
 pytest.importorskip("jax")
 tf = pytest.importorskip("tensorflow")
 
-from tests.test_sampling import ROCK, TEXTS, processor_cases, run_processors  # noqa: E402 - the same corpus and cases
+from tests.jax_child import run_on_jax  # noqa: E402
+from tests.test_sampling import ROCK, processor_cases, run_processors  # noqa: E402 - the same cases
 PREFIXES = ("", "The band", "A quiet record with many words in its prefix")
 
 # Fixed probabilities: (probabilities, top_k, top_p, the tokens that may come out).
@@ -33,7 +29,6 @@ SELECTION_CASES = [
     ([0.1, 0.2, 0.3, 0.4], 0, 1e-6, [3]),
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
 GRID = np.linspace(0.0, 1.0, 500, endpoint=False, dtype=np.float32)
 
 
@@ -88,34 +83,17 @@ JAX_SCRIPT = textwrap.dedent(
     lm.compile(sampler=keras_hub.samplers.TopPSampler(p=1e-6, seed=3))
     nucleus = lm.generate("8.0\\nRock\\n", max_length=24, stop_token_ids=None)
     processors = [[out.tolist() for out in run_processors(case)] for case in processor_cases()]
-    print(json.dumps({"selections": selections, "greedy": [greedy, nucleus], "processors": processors,
-                      **generate_twice(model)}))
+    print("RESULT " + json.dumps({"selections": selections, "greedy": [greedy, nucleus], "processors": processors,
+                                  **generate_twice(model)}))
     """
 )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
-
-    lm = build_tiny_causal_lm(TEXTS, sequence_length=64)
-    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": ["Jazz", "Rock"]}, "backends-v1", "tiny", 64)
-    return save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
-
-
-def run_on_jax(model_dir) -> dict:
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(model_dir)], capture_output=True,
-                            text=True, env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
-def test_jax_backend_matches_tensorflow(model_dir):
+def test_jax_backend_matches_tensorflow(sampling_model_dir):
     from pitchkeras.model import load_model
 
-    jax_side = run_on_jax(model_dir)
+    jax_side = run_on_jax(JAX_SCRIPT, str(sampling_model_dir))
 
     # Token selection: exact on both backends, and the same draws.
     for (probabilities, top_k, top_p, allowed), on_jax in zip(SELECTION_CASES, jax_side["selections"]):
@@ -129,7 +107,7 @@ def test_jax_backend_matches_tensorflow(model_dir):
         np.testing.assert_array_equal(banned, run_processors(case)[1])
 
     # The decode loop: the same model directory, seeds and prompts give the same text.
-    tf_side = generate_twice(load_model(model_dir))
+    tf_side = generate_twice(load_model(sampling_model_dir))
     on_tf = tf_side["raw"]
     assert len(set(on_tf)) == len(PREFIXES)
     assert all(len(raw) > len(REVIEWS.prompt(ROCK, prefix)) for raw, prefix in zip(on_tf, PREFIXES))

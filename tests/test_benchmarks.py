@@ -75,6 +75,7 @@ def _matmul_floor():
     return matmul_floor
 
 
+@pytest.mark.slow
 def test_matmul_floor_multiplies_every_gpt2_124m_weight_matrix_once_per_step():
     import keras_hub
 

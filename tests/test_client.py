@@ -25,8 +25,7 @@ from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import (  # noqa: F401
-    SERVER_CONFIG, FlakyStore, pool_reviews, pool_uri, self_signed_cert, tiny_generator, tiny_model_dir)
+from tests.serve_fixtures import SERVER_CONFIG, FlakyStore, pool_reviews, self_signed_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN_ID = "0" * 24
@@ -324,11 +323,9 @@ def test_serve_and_client_processes_with_graceful_sigterm(pool_uri):
             server.wait()
 
 
-def test_serve_rejects_bad_flags_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", f"sqlite:///{tmp_path}/x.db",
-                             "--port", "70000"], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 2 and result.stderr.strip() == (
-        "pitchkeras serve: error: --port must be in [0, 65535], got 70000")
+def test_serve_rejects_bad_flags_in_one_line(tmp_path, cli):
+    code, _, err = cli("serve", "--store", f"sqlite:///{tmp_path}/x.db", "--port", "70000")
+    assert code == 2 and err.strip() == "pitchkeras serve: error: --port must be in [0, 65535], got 70000"
 
 
 # -- Node.js ------------------------------------------------------------------------------------

@@ -42,41 +42,45 @@ import uuid
 import grpc
 import pytest
 
-from tests.emulator import FirestoreEmulator, find_emulator
 from pitchkeras.store.firestore import FirestoreStore
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
 from tests.serve_fixtures import pool_reviews
 
 PROJECT = "pitchkeras-outage"
-STORE_TIMEOUT_S = 2.0  # the servers' Firestore deadline (every store call, retries included)
-DEADLINE_S = 5.0  # the clients' deadline
+STORE_TIMEOUT_S = 1.0  # the servers' Firestore deadline (every store call, retries included)
+DEADLINE_S = 3.0  # the clients' deadline
 CLIENTS = 6
-BEFORE_S, OUTAGE_S, AFTER_S = 4.0, 4.0, 8.0
-RECOVERY_S = STORE_TIMEOUT_S + 3.0  # calls started this long after the resume must all be OK
+BEFORE_S, OUTAGE_S, AFTER_S = 1.0, 3.0, 4.0
+RECOVERY_S = STORE_TIMEOUT_S + 2.0  # calls started this long after the resume must all be OK
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def emulator():
-    """An emulator of this test's own, so it can be frozen without touching the session's."""
-    if find_emulator() is None:
-        pytest.skip("the Cloud Firestore emulator is not installed")
-    with FirestoreEmulator() as own:
-        yield own
+def emulator(firestore_emulator_process):
+    """The session's emulator (tests/conftest.py): frozen or restarted here, which no other test notices, as
+    every test uses a collection of its own and none runs meanwhile."""
+    return firestore_emulator_process
 
 
-def _serve(store_uri: str, env: dict, log_path) -> tuple[subprocess.Popen, int]:
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", store_uri, "--port", "0",
-                                "--grace", "1", "--log-level", "WARNING"],
-                               stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    line = process.stdout.readline().strip()
-    if not line.startswith("serving on "):
-        process.kill()
-        raise AssertionError(f"serve did not start: {line!r}; see {log_path}")
-    return process, int(line.rsplit(":", 1)[1])
+def _serve_two(store_uri: str, env: dict, tmp_path) -> list[tuple[subprocess.Popen, int]]:
+    """Two `pitchkeras serve` processes on `store_uri`, started side by side: [(process, port)]."""
+    started = []
+    for i in range(2):
+        with open(tmp_path / f"serve{i}.log", "w") as log:
+            started.append((subprocess.Popen(
+                [sys.executable, "-m", "pitchkeras.cli", "serve", "--store", store_uri, "--port", "0", "--grace", "1",
+                 "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=log, text=True, env=env), log.name))
+    servers = []
+    for process, log_path in started:
+        line = process.stdout.readline().strip()
+        if not line.startswith("serving on "):
+            for other, _ in started:
+                other.kill()
+            raise AssertionError(f"serve did not start: {line!r}; see {log_path}")
+        servers.append((process, int(line.rsplit(":", 1)[1])))
+    return servers
 
 
 class Load:
@@ -126,14 +130,16 @@ def test_two_servers_ride_out_an_emulator_outage_without_losing_a_pick(emulator,
         seeder.add_reviews(reviews)
         uri = f"firestore://{PROJECT}/{collection}?timeout={STORE_TIMEOUT_S:g}"
         try:
-            servers = [_serve(uri, dict(os.environ), tmp_path / f"serve{i}.log") for i in range(2)]
+            servers = _serve_two(uri, dict(os.environ), tmp_path)
             processes = [process for process, _ in servers]
             with Load([port for _, port in servers]) as load:
                 time.sleep(BEFORE_S)
                 frozen_at = time.monotonic()
                 os.killpg(emulator._proc.pid, signal.SIGSTOP)  # the launcher and its JVM
-                time.sleep(OUTAGE_S)
-                os.killpg(emulator._proc.pid, signal.SIGCONT)
+                try:
+                    time.sleep(OUTAGE_S)
+                finally:  # the session's emulator: never left frozen
+                    os.killpg(emulator._proc.pid, signal.SIGCONT)
                 resumed_at = time.monotonic()
                 time.sleep(AFTER_S)
         finally:
@@ -186,16 +192,16 @@ def test_two_servers_reconnect_to_a_restarted_emulator(emulator, tmp_path, monke
     with FirestoreStore(PROJECT, collection, timeout=20.0, seed=0) as seeder:
         seeder.add_reviews(reviews)
     uri = f"firestore://{PROJECT}/{collection}?timeout={STORE_TIMEOUT_S:g}"
-    processes, restarted = [], None
+    processes = []
     try:
-        servers = [_serve(uri, dict(os.environ), tmp_path / f"serve{i}.log") for i in range(2)]
+        servers = _serve_two(uri, dict(os.environ), tmp_path)
         processes = [process for process, _ in servers]
         with Load([port for _, port in servers]) as load:
             time.sleep(BEFORE_S)
             stopped_at = time.monotonic()
             emulator.stop()
             time.sleep(OUTAGE_S)
-            restarted = FirestoreEmulator(port=emulator.port).start()
+            emulator.start()  # a new emulator process on the same port: empty
             with FirestoreStore(PROJECT, collection, timeout=20.0, seed=0) as seeder:
                 seeding = (time.monotonic(), None)
                 seeder.add_reviews(reviews)
@@ -209,8 +215,8 @@ def test_two_servers_reconnect_to_a_restarted_emulator(emulator, tmp_path, monke
         for process in processes:
             process.wait(30)
             process.stdout.close()
-        if restarted is not None:
-            restarted.stop()
+        if emulator._proc is None:
+            emulator.start()  # the session's emulator runs again for the tests after this one
     _check_restart(load.calls, counts, stopped_at, seeding)
 
 

@@ -1,13 +1,8 @@
 """The decode engine: determinism alone, mixed and joining mid-flight; greedy equals keras-hub; slots freed at
 once; no head-of-line blocking; stop sequences and whole characters in the deltas; the same on JAX."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +12,9 @@ tf = pytest.importorskip("tensorflow")
 
 from pitchkeras.sampling import GenerationRequest, Generator, SamplerConfig  # noqa: E402
 from pitchkeras.sampling.engine import CANCELLED, Cancelled, DecodeEngine, _Row, _safe_end  # noqa: E402
-from tests.test_sampling import PROOF_PREFIXES, ROCK, TEXTS, keras_hub_greedy  # noqa: E402
+from tests.jax_child import run_on_jax  # noqa: E402
+from tests.test_sampling import PROOF_PREFIXES, ROCK, keras_hub_greedy  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 # Different prompt buckets, lengths and every sampler setting: what shares one step.
 MIXED = [
     (GenerationRequest(ROCK, "", seed=1), SamplerConfig(), 20),
@@ -31,12 +26,9 @@ MIXED = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, save_model_dir
-
-    lm = build_tiny_causal_lm(TEXTS, sequence_length=64)
-    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": ["Jazz", "Rock"]}, "engine-v1", "tiny", 64)
-    return save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model")
+def model_dir(sampling_model_dir):
+    """The session's sampling-shape model directory (tests/conftest.py)."""
+    return sampling_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +220,7 @@ def test_bad_requests_fail_before_they_queue(generator):
     assert engine.counters.waiting == 0
 
 
-# Runs with KERAS_BACKEND=jax from the repository root: the same engine checks, their texts printed.
+# Runs in the session's JAX worker (tests/jax_child.py) from the repository root: the same engine checks, their texts printed.
 JAX_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -244,19 +236,15 @@ JAX_SCRIPT = textwrap.dedent(
     alone = [engine.generate([r], c, n)[0].raw for r, c, n in MIXED]
     greedy = [s.raw for s in engine.generate([r for r, _, _ in MIXED], SamplerConfig(top_k=1), 10)]
     chunked = run_mixed(DecodeEngine(generator, slots=4, tokens_per_step=5), 1)
-    print(json.dumps({"alone": alone, "mixed": run_mixed(engine), "joined": run_mixed(engine, 3),
-                      "chunked": chunked, "greedy": greedy}))
+    print("RESULT " + json.dumps({"alone": alone, "mixed": run_mixed(engine), "joined": run_mixed(engine, 3),
+                                  "chunked": chunked, "greedy": greedy}))
     """
 )
 
 
 @pytest.mark.slow
 def test_engine_on_jax_gives_the_tensorflow_texts(model_dir, generator):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(model_dir)], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    on_jax = json.loads(result.stdout.strip().splitlines()[-1])
+    on_jax = run_on_jax(JAX_SCRIPT, str(model_dir))
     engine = DecodeEngine(generator, slots=4)
     on_tf = [engine.generate([r], c, n)[0].raw for r, c, n in MIXED]
     assert on_jax["alone"] == on_jax["mixed"] == on_jax["joined"] == on_jax["chunked"] == on_tf

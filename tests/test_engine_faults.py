@@ -24,7 +24,6 @@ from pitchkeras.sampling.engine import Cancelled, DecodeEngine  # noqa: E402
 from pitchkeras.server import BackgroundServer, ServerConfig  # noqa: E402
 from pitchkeras.v1 import review_service_pb2 as pb  # noqa: E402
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc  # noqa: E402
-from tests.serve_fixtures import tiny_generator, tiny_model_dir  # noqa: E402,F401
 
 ROCK = {"score": 8.0, "genre": "Rock"}
 CONFIG = ServerConfig(max_batch_size=2, default_max_length=12, max_length_cap=40, num_samples_cap=4,

@@ -15,7 +15,6 @@ pytest.importorskip("tensorflow")
 from pitchkeras.server import BackgroundServer, ServerConfig  # noqa: E402
 from pitchkeras.v1 import review_service_pb2 as pb  # noqa: E402
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc  # noqa: E402
-from tests.serve_fixtures import tiny_generator, tiny_model_dir  # noqa: E402,F401
 
 CONFIG = ServerConfig(max_batch_size=2, default_max_length=12, max_length_cap=24, num_samples_cap=2,
                       prompt_chars_cap=40, grace_s=5.0, warmup=False)

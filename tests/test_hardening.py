@@ -20,8 +20,7 @@ from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.server import auth
 from pitchkeras.store import open_store
 from pitchkeras.v1 import review_service_pb2 as pb
-from tests.serve_fixtures import SERVER_CONFIG, pool_reviews, pool_uri  # noqa: F401
-from tests.store_fixtures import firestore_emulator, firestore_store, sqlite_store, store  # noqa: F401
+from tests.serve_fixtures import SERVER_CONFIG, pool_reviews
 from tests.test_http import assert_error, metric_samples, request
 
 C = grpc.StatusCode

@@ -22,8 +22,7 @@ from pitchkeras.store import open_store
 from pitchkeras.store.sqlite import SQLiteStore
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import (  # noqa: F401
-    HOSTILE, SERVER_CONFIG, FlakyStore, hostile_uri, pool_reviews, pool_uri, tiny_generator, tiny_model_dir)
+from tests.serve_fixtures import HOSTILE, SERVER_CONFIG, FlakyStore, pool_reviews
 
 C = grpc.StatusCode
 UNKNOWN_ID = "f" * 24
@@ -368,11 +367,9 @@ def test_serve_workers_share_both_ports(pool_uri):
     (["--http-port", "70000"], "--http-port must be in [0, 65535]"),
     (["--workers", "0"], "--workers must be >= 1"),
 ])
-def test_serve_bad_http_flags_are_one_line_exit_2(pool_uri, flags, message):
-    result = subprocess.run([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", pool_uri, "--port", "0",
-                             *flags], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr, (
-        result.stderr)
+def test_serve_bad_http_flags_are_one_line_exit_2(pool_uri, flags, message, cli):
+    code, _, err = cli("serve", "--store", pool_uri, "--port", "0", *flags)
+    assert code == 2 and err.strip().count("\n") == 0 and message in err, err
 
 
 # -- model failure and shutdown --------------------------------------------------------------------

@@ -4,16 +4,15 @@ Each trains the tiny preset (loss falls), resumes exactly after SIGTERM, and is
 stored in the run; on JAX, remat with dropout gives the same losses as no remat.
 """
 
+import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.jax_child import run_on_jax
 from tests.test_train import TINY_SHAPE, checkpoint_arrays, small_config, write_dataset
 
 
@@ -61,6 +60,7 @@ def test_optimizer_and_remat_train_and_resume_exactly(shared, options):
         np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_refused(shared):
     from pitchkeras.errors import UsageError
     from pitchkeras.train import finetune
@@ -104,12 +104,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_jax_remat_with_dropout_matches_and_optimizers_train(shared, tmp_path):
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(shared["data"]), str(tmp_path),
-                           str(shared["cache"]), json.dumps(TINY_SHAPE)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    losses = run_on_jax(JAX_SCRIPT, str(shared["data"]), str(tmp_path), str(shared["cache"]), json.dumps(TINY_SHAPE))
     # The same dropout masks in the recomputation: remat changes memory, not the numbers.
     assert losses["remat"] == pytest.approx(losses["adamw"], rel=1e-5)
     for key, run in losses.items():
@@ -125,8 +120,30 @@ def test_auto_batch_without_budget_on_a_cpu_keeps_the_batch(shared):
     assert "no accelerator and no --memory" in lines[0]
 
 
+PLAN_SCRIPT = r"""
+import dataclasses, json, sys
+from pitchkeras.train.plan import PlanRequest, _plan_here
+result = _plan_here(PlanRequest(**json.loads(sys.argv[1])))
+print("RESULT " + json.dumps({"plans": [dataclasses.asdict(p) for p in result.plans],
+                              "device_memory": result.device_memory}))
+"""
+
+
+@pytest.fixture
+def plans_on_the_jax_worker(monkeypatch):
+    """`plan_memory` does its child's work (`_plan_here`) in the session's JAX worker instead of a fresh JAX
+    process; the child itself is exercised by tests/test_plan.py's `pitchkeras plan` test."""
+    from pitchkeras.train import plan
+
+    def plan_memory(request, *, timeout=1800):
+        found = run_on_jax(PLAN_SCRIPT, json.dumps(dataclasses.asdict(request)), timeout=timeout)
+        return plan.PlanResult([plan.MemoryPlan(**p) for p in found["plans"]], found["device_memory"])
+
+    monkeypatch.setattr(plan, "plan_memory", plan_memory)
+
+
 @pytest.mark.slow
-def test_auto_batch_under_a_small_budget_accumulates(shared):
+def test_auto_batch_under_a_small_budget_accumulates(shared, plans_on_the_jax_worker):
     """A budget between the plans of micro-batches 4 and 8 gives 4 x 2 accumulated, printed and recorded."""
     import dataclasses
 

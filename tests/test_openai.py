@@ -16,7 +16,7 @@ from pitchkeras.server.openai_api import COMPLETION_FIELDS
 from pitchkeras.server.openai_schema import OPENAPI
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import SERVER_CONFIG, tiny_generator, tiny_model_dir  # noqa: F401
+from tests.serve_fixtures import SERVER_CONFIG
 from tests.test_http import request
 
 openai = pytest.importorskip("openai")

@@ -6,13 +6,11 @@ against keras-hub's own parameter counts without compiling anything.
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pitchkeras.cli import main
+from tests.jax_child import run_on_jax
 
 TINY = dict(vocabulary_size=300, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
             max_sequence_length=256, dropout=0.0)
@@ -50,7 +48,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def plans():
-    """Several plans of the tiny model, compiled in one KERAS_BACKEND=jax child."""
+    """Several plans of the tiny model, compiled in the session's JAX worker (tests/jax_child.py)."""
     cases = {
         "adamw": dict(sequence_length=32),
         "lion": dict(sequence_length=32, optimizer="lion"),
@@ -61,11 +59,7 @@ def plans():
         "long": dict(sequence_length=256),
         "long_remat": dict(sequence_length=256, remat=True),
     }
-    child = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, json.dumps(TINY), json.dumps(cases)],
-                           env={**__import__("os").environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
-                           capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert child.returncode == 0, child.stderr[-3000:]
-    return json.loads([l for l in child.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    return run_on_jax(PLAN_SCRIPT, json.dumps(TINY), json.dumps(cases))
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from pitchkeras.populate import PopulateConfig, attempt_seed, format_table, popu
 from pitchkeras.sampling import SamplerConfig
 from pitchkeras.store import ConditionCount, review_id
 from pitchkeras.store.sqlite import SQLiteStore
-from tests.store_fixtures import REPO_ROOT, firestore_emulator  # noqa: F401
+from tests.store_fixtures import REPO_ROOT
 
 pytest.importorskip("tensorflow")
 
@@ -315,7 +315,7 @@ def test_corpus_without_conditions(tmp_path, generator):
         assert (review.score, review.genre, review.prompt, review.model_version) == (None, None, "", "plain-v1")
 
 
-def test_populate_into_firestore(firestore_emulator, monkeypatch, generator):  # noqa: F811
+def test_populate_into_firestore(firestore_emulator, monkeypatch, generator):
     from pitchkeras.store import open_store
 
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator)

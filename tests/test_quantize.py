@@ -5,16 +5,16 @@ import pytest
 
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.quantize import is_quantized, quantize_model
-from tests.test_sampling import PROOF_PREFIXES, ROCK, keras_hub_greedy, tiny_model  # noqa: F401 - the fixture
+from tests.test_sampling import PROOF_PREFIXES, ROCK, keras_hub_greedy
 
 tf = pytest.importorskip("tensorflow")
 
 
 @pytest.fixture(scope="module")
-def int8_model(tiny_model):  # noqa: F811
+def int8_model(sampling_model):
     from pitchkeras.model import load_model
 
-    return quantize_model(load_model(tiny_model.path), "int8")
+    return quantize_model(load_model(sampling_model.path), "int8")
 
 
 def test_quantize_turns_kernels_and_the_embedding_into_int8(int8_model):
@@ -26,16 +26,16 @@ def test_quantize_turns_kernels_and_the_embedding_into_int8(int8_model):
     assert backbone.compute_dtype == "float32"  # activations stay float; the loop still compiles with XLA
 
 
-def test_bad_modes_and_double_quantization_are_invalid_argument(int8_model, tiny_model):  # noqa: F811
+def test_bad_modes_and_double_quantization_are_invalid_argument(int8_model, sampling_model):
     with pytest.raises(InvalidArgument, match="quantize must be one of int8"):
-        quantize_model(tiny_model, "int4")
+        quantize_model(sampling_model, "int4")
     with pytest.raises(InvalidArgument, match="already quantized"):
         quantize_model(int8_model, "int8")
-    assert quantize_model(tiny_model, None) is tiny_model and not is_quantized(tiny_model)
+    assert quantize_model(sampling_model, None) is sampling_model and not is_quantized(sampling_model)
 
 
 @pytest.mark.slow
-def test_the_cached_loop_runs_on_the_quantized_layers(int8_model, tiny_model):  # noqa: F811
+def test_the_cached_loop_runs_on_the_quantized_layers(int8_model, sampling_model):
     from pitchkeras.conditioning import REVIEWS
     from pitchkeras.sampling import Generator, SamplerConfig
 
@@ -49,6 +49,6 @@ def test_the_cached_loop_runs_on_the_quantized_layers(int8_model, tiny_model):  
         np.asarray(m.causal_lm.backbone.token_embedding(m.causal_lm.backbone(
             {"token_ids": np.asarray([prompts[0]]), "padding_mask": np.ones((1, len(prompts[0])), bool)})[:, -1],
             reverse=True))
-        for m in (tiny_model, int8_model))
+        for m in (sampling_model, int8_model))
     assert not np.array_equal(float_logits, int8_logits)
     np.testing.assert_allclose(int8_logits, float_logits, atol=0.1 * np.abs(float_logits).max())

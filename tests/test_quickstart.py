@@ -1,4 +1,5 @@
-"""The README's first command, `pitchkeras demo`, end to end in a subprocess (short settings)."""
+"""The README's first command, `pitchkeras demo`, end to end in a subprocess (short settings); its usage errors
+in this process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
 
 # Short but real: enough steps for the tiny model to write whole sentences now and then.
 SHORT = ["--steps", "200", "--learning-rate", "6e-3", "--scores", "8", "--genres", "rock,jazz",
@@ -32,6 +32,7 @@ def first_run(tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_demo_serves_a_stored_review_through_grpc(first_run):
     workdir, result = first_run
     out = result.stdout
@@ -59,6 +60,7 @@ def test_demo_serves_a_stored_review_through_grpc(first_run):
     assert "artifacts:" in out and str(workdir) in out
 
 
+@pytest.mark.slow
 def test_demo_rerun_reuses_finished_stages(first_run):
     workdir, _ = first_run
     result = _demo(workdir)
@@ -68,14 +70,14 @@ def test_demo_rerun_reuses_finished_stages(first_run):
     assert re.search(r"\[3/4\] populate: done in [\d.]+ s \(0 stored now", result.stdout), result.stdout
 
 
-def test_demo_bad_flag_is_one_line_exit_2(tmp_path):
-    result = _demo(tmp_path, "--per-pair", "0")
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "per_pair" in result.stderr, result.stderr
+def test_demo_bad_flag_is_one_line_exit_2(tmp_path, cli):
+    code, _, err = cli("demo", "--workdir", tmp_path, *SHORT, "--per-pair", "0")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "per_pair" in err, err
 
 
-def test_demo_fresh_refuses_a_directory_it_did_not_make(tmp_path):
+def test_demo_fresh_refuses_a_directory_it_did_not_make(tmp_path, cli):
     (tmp_path / "precious.txt").write_text("keep me")
-    result = _demo(tmp_path, "--fresh")
-    assert result.returncode == 2 and "not a pitchkeras demo workdir" in result.stderr, result.stderr
+    code, _, err = cli("demo", "--workdir", tmp_path, *SHORT, "--fresh")
+    assert code == 2 and "not a pitchkeras demo workdir" in err, err
     assert (tmp_path / "precious.txt").exists()

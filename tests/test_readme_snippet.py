@@ -24,6 +24,7 @@ def readme_snippet() -> str:
     return block.group(1)
 
 
+@pytest.mark.slow
 def test_readme_own_script_snippet_trains_and_resumes(tmp_path, monkeypatch, capsys):
     from pitchkeras.model import TinyConfig, build_tiny_causal_lm
 

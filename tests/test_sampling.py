@@ -24,16 +24,6 @@ TEXTS = [
 ] * 20
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """An untrained tiny model, saved and loaded through the model-directory contract."""
-    from pitchkeras.model import ModelInfo, build_tiny_causal_lm, load_model, save_model_dir
-
-    lm = build_tiny_causal_lm(TEXTS, sequence_length=64)
-    info = ModelInfo(REVIEWS, {"score": [0.0, 10.0], "genre": ["Jazz", "Rock"]}, "test-v1", "tiny", 64)
-    return load_model(save_model_dir(lm, info, tmp_path_factory.mktemp("model") / "model"))
-
-
 UNIFORM_GRID = np.linspace(0.0, 1.0, 1000, endpoint=False, dtype=np.float32)
 
 
@@ -240,6 +230,7 @@ def test_processors_match_transformers_algorithm_on_random_cases():
         np.testing.assert_array_equal(banned, expected)
 
 
+@pytest.mark.slow
 def test_processors_match_transformers_itself():
     torch = pytest.importorskip("torch")
     generation = pytest.importorskip("transformers.generation.logits_process")
@@ -282,19 +273,19 @@ def test_prompt_buckets():
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_model):
-    return Generator(tiny_model, batch_size=4, max_new_tokens=12)
+def generator(sampling_model):
+    return Generator(sampling_model, batch_size=4, max_new_tokens=12)
 
 
 ROCK = {"score": 8.0, "genre": "Rock"}
 
 
-def test_prompt_tokens_match_the_keras_hub_preprocessor(generator, tiny_model):
+def test_prompt_tokens_match_the_keras_hub_preprocessor(generator, sampling_model):
     prompt = REVIEWS.prompt(ROCK, "The Band")
-    packed = tiny_model.causal_lm.preprocessor.generate_preprocess([prompt], sequence_length=32)
+    packed = sampling_model.causal_lm.preprocessor.generate_preprocess([prompt], sequence_length=32)
     expected = np.asarray(packed["token_ids"])[0][np.asarray(packed["padding_mask"])[0]].tolist()
     assert generator._tokenize(prompt) == expected
-    assert expected.count(tiny_model.tokenizer.start_token_id) == 1  # one start token, not two
+    assert expected.count(sampling_model.tokenizer.start_token_id) == 1  # one start token, not two
 
 
 def test_same_seed_same_output_and_batch_neighbours_do_not_matter(generator):
@@ -311,8 +302,8 @@ def test_same_seed_same_output_and_batch_neighbours_do_not_matter(generator):
         assert (sample.rejected is None) == bool(sample.text)
 
 
-def test_new_prompt_lengths_in_a_bucket_do_not_recompile(tiny_model):
-    generator = Generator(tiny_model, batch_size=2, max_new_tokens=6, prompt_buckets=(16, 32))
+def test_new_prompt_lengths_in_a_bucket_do_not_recompile(sampling_model):
+    generator = Generator(sampling_model, batch_size=2, max_new_tokens=6, prompt_buckets=(16, 32))
     generator.warmup(prompt_lengths=[5], batch_sizes=[2])
     warm = generator.trace_count  # the engine's step and prefill programs
     assert warm >= 2
@@ -329,13 +320,13 @@ def test_new_prompt_lengths_in_a_bucket_do_not_recompile(tiny_model):
     assert generator.trace_count == warm + 2
 
 
-def test_generation_stops_at_end_of_text(tiny_model):
+def test_generation_stops_at_end_of_text(sampling_model):
     from pitchkeras.model import load_model
 
     # A second copy of the tiny model, rigged so <|endoftext|> always wins.
-    model = load_model(tiny_model.path)
+    model = load_model(sampling_model.path)
     backbone = model.causal_lm.backbone
-    end = tiny_model.tokenizer.end_token_id
+    end = sampling_model.tokenizer.end_token_id
     embeddings = backbone.token_embedding.embeddings.numpy()
     embeddings[end] = 0
     embeddings[end, 0] = 100.0
@@ -354,10 +345,10 @@ def test_generation_stops_at_end_of_text(tiny_model):
     assert full.complete_ids([prompt, prompt], [0, 1], SamplerConfig(), 8) == [[end] * 8] * 2
 
 
-def test_truncate_and_include_prefix(tiny_model):
+def test_truncate_and_include_prefix(sampling_model):
     options = PostprocessOptions(strip_to_last_start=False, require_sentence=False, trim_to_sentence=False,
                                  normalize_whitespace=False)
-    generator = Generator(tiny_model, batch_size=1, max_new_tokens=12, postprocess_options=options)
+    generator = Generator(sampling_model, batch_size=1, max_new_tokens=12, postprocess_options=options)
     request = GenerationRequest(ROCK, "Prefix", seed=5)
     full = generator.generate([request])[0]
     continuation = full.raw[len(full.prompt):]
@@ -381,10 +372,10 @@ def test_generator_validates_requests(generator):
         generator.generate([GenerationRequest(ROCK, "word " * 400)])
 
 
-def test_validate_conditions_spells_known_values(tiny_model):
-    assert validate_conditions(tiny_model.info, {"score": "7", "genre": " rock "}) == {"score": 7.0, "genre": "Rock"}
+def test_validate_conditions_spells_known_values(sampling_model):
+    assert validate_conditions(sampling_model.info, {"score": "7", "genre": " rock "}) == {"score": 7.0, "genre": "Rock"}
     with pytest.raises(InvalidArgument, match="range"):
-        validate_conditions(tiny_model.info, {"score": 11, "genre": "Rock"})
+        validate_conditions(sampling_model.info, {"score": 11, "genre": "Rock"})
 
 
 # -- the processors inside the compiled loop, exact on a model with fixed logits -------------------
@@ -398,7 +389,7 @@ def fixed_logits(vocabulary_size, logits: dict) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def fixed_logits_model(tiny_model, logits: dict):
+def fixed_logits_model(sampling_model, logits: dict):
     """A copy of the tiny model whose next-token logits are `fixed_logits(...)`, whatever the input.
 
     The final layer norm outputs e0 (gamma 0, beta e0), so the tied-embedding
@@ -406,7 +397,7 @@ def fixed_logits_model(tiny_model, logits: dict):
     """
     from pitchkeras.model import load_model
 
-    model = load_model(tiny_model.path)
+    model = load_model(sampling_model.path)
     backbone = model.causal_lm.backbone
     embeddings = backbone.token_embedding.embeddings.numpy()
     embeddings[:, 0] = fixed_logits(len(embeddings), logits)
@@ -430,10 +421,10 @@ def simulate_greedy(fixed, vocabulary_size, prompt, steps, penalty, ngram_size):
     return context[len(prompt):]
 
 
-def test_processors_inside_the_loop_match_greedy_simulation(tiny_model):
+def test_processors_inside_the_loop_match_greedy_simulation(sampling_model):
     # Token ids 10..13 likely (positive and negative logits), the end token never.
     fixed = {10: 3.0, 11: 2.5, 12: 2.0, 13: -1.0}
-    model = fixed_logits_model(tiny_model, fixed)
+    model = fixed_logits_model(sampling_model, fixed)
     generator = Generator(model, batch_size=2, max_new_tokens=10, stop_at_end_token=False)
     prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in ("", "The band plays")]
     vocabulary = model.causal_lm.backbone.vocabulary_size
@@ -471,17 +462,17 @@ def keras_hub_greedy(causal_lm, prompt_ids, new_tokens):
 
 
 @pytest.mark.slow
-def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(tiny_model):
-    generator = Generator(tiny_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False)
+def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(sampling_model):
+    generator = Generator(sampling_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False)
     prompts = [generator._tokenize(REVIEWS.prompt(ROCK, prefix)) for prefix in PROOF_PREFIXES]
     buckets = [prompt_bucket(len(p)) for p in prompts]
     assert buckets == [16, 16, 16, 32, 128], [len(p) for p in prompts]
     greedy = SamplerConfig(top_k=1)
-    expected = [keras_hub_greedy(tiny_model.causal_lm, p, 12) for p in prompts]
+    expected = [keras_hub_greedy(sampling_model.causal_lm, p, 12) for p in prompts]
     assert len({tuple(e) for e in expected}) > 1
     alone = [generator.complete_ids([p], [0], greedy, 12)[0] for p in prompts]
     assert alone == expected
-    graph = Generator(tiny_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False, jit_compile=False)
+    graph = Generator(sampling_model, batch_size=8, max_new_tokens=12, stop_at_end_token=False, jit_compile=False)
     assert [graph.complete_ids([p], [0], greedy, 12)[0] for p in prompts[:2]] == expected[:2]
     mixed = generator.complete_ids(prompts, list(range(len(prompts))), greedy, 12)  # one batch, bucket 128
     assert mixed == expected
@@ -490,8 +481,8 @@ def test_greedy_tokens_equal_keras_hub_generate_alone_and_in_mixed_batches(tiny_
 
 
 @pytest.mark.slow
-def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(tiny_model):
-    generator = Generator(tiny_model, batch_size=4, max_new_tokens=16)
+def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(sampling_model):
+    generator = Generator(sampling_model, batch_size=4, max_new_tokens=16)
     short = GenerationRequest(ROCK, "The band", seed=9)
     longer = GenerationRequest(ROCK, "word " * 25, seed=10)  # bucket 128: the batch runs at that length
     alone = generator.generate([short])[0]
@@ -500,22 +491,22 @@ def test_sampled_text_is_the_same_alone_and_batched_with_a_longer_bucket(tiny_mo
     assert batched[0].raw == generator.generate([longer])[0].raw
 
 
-def test_xla_or_graph_is_chosen_per_batch_shape_and_device(tiny_model):
+def test_xla_or_graph_is_chosen_per_batch_shape_and_device(sampling_model):
     from pitchkeras.model import load_model
     from pitchkeras.quantize import quantize_model
 
-    auto = Generator(tiny_model, batch_size=8)
+    auto = Generator(sampling_model, batch_size=8)
     assert not auto.on_accelerator()  # the test machine is a CPU
     assert [auto.uses_xla(b) for b in (1, 2, 8)] == [True, True, True]
     assert [auto._batch_shape(n) for n in (1, 2, 3, 8, 9)] == [2, 2, 4, 8, 8]  # a lone request runs as 2 rows
-    assert Generator(tiny_model, batch_size=1)._batch_shape(1) == 2
-    graph = Generator(tiny_model, jit_compile=False)
+    assert Generator(sampling_model, batch_size=1)._batch_shape(1) == 2
+    graph = Generator(sampling_model, jit_compile=False)
     assert not graph.uses_xla(8) and graph._batch_shape(1) == 1  # a graph runs a lone request alone
-    assert Generator(tiny_model, jit_compile=True).uses_xla(1)
-    int8 = Generator(quantize_model(load_model(tiny_model.path), "int8"))
+    assert Generator(sampling_model, jit_compile=True).uses_xla(1)
+    int8 = Generator(quantize_model(load_model(sampling_model.path), "int8"))
     assert int8.uses_xla(1) and int8._batch_shape(1) == 1  # int8 dots: XLA everywhere, a lone request alone
     # bfloat16 on a CPU: a graph (oneDNN's kernels); on an accelerator: XLA, with no padding row.
-    half = Generator(tiny_model)
+    half = Generator(sampling_model)
     half._backbone = type("Backbone", (), {"compute_dtype": "bfloat16"})()
     assert not half.uses_xla(8) and half._batch_shape(1) == 1
     half._on_accelerator = True

@@ -18,9 +18,8 @@ from pitchkeras.store import open_store
 from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import (  # noqa: F401
-    GENRES, SERVER_CONFIG, FlakyStore, pool_reviews, pool_uri, self_signed_cert, tiny_generator, tiny_model_dir)
-from tests.store_fixtures import firestore_emulator, firestore_store, write_like_the_seed  # noqa: F401
+from tests.serve_fixtures import GENRES, SERVER_CONFIG, FlakyStore, pool_reviews, self_signed_cert
+from tests.store_fixtures import write_like_the_seed
 
 C = grpc.StatusCode
 CONFIG = SERVER_CONFIG

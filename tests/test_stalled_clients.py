@@ -14,7 +14,7 @@ import pytest
 from pitchkeras.server import BackgroundServer
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import SERVER_CONFIG, pool_uri  # noqa: F401
+from tests.serve_fixtures import SERVER_CONFIG
 
 HEADER_S, BODY_S, KEEPALIVE_S, GRPC_IDLE_S = 1.0, 1.5, 2.0, 1.0
 CONFIG = dataclasses.replace(SERVER_CONFIG, header_timeout_s=HEADER_S, body_timeout_s=BODY_S,

@@ -15,7 +15,6 @@ import pytest
 
 from pitchkeras.errors import InvalidArgument, NotFound, Unavailable
 from pitchkeras.store import ConditionCount, Review, open_store, review_id
-from tests.store_fixtures import firestore_emulator, firestore_store, sqlite_store, store  # noqa: F401
 
 MODEL = "run-test"
 

@@ -17,7 +17,6 @@ import threading
 from pitchkeras.errors import Unavailable
 from pitchkeras.store import Review, review_id
 from pitchkeras.store.sqlite import SQLiteStore
-from tests.store_fixtures import firestore_emulator, firestore_store, sqlite_store  # noqa: F401
 
 
 def _pool(store, size: int) -> list[Review]:

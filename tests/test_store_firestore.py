@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 from pitchkeras.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from pitchkeras.store import ConditionCount, Review
-from tests.store_fixtures import (  # noqa: F401
-    PROJECT, REPO_ROOT, SEED_FIELDS, firestore_emulator, firestore_store, write_like_the_seed)
+from tests.store_fixtures import PROJECT, SEED_FIELDS, write_like_the_seed
 
 SEED_ROWS = [
     (8.0, "Rap", "A dense, funny record that never sits still."),
@@ -105,25 +101,20 @@ def test_migrate_leaves_documents_of_this_project_alone(firestore_store):
     assert _stored(firestore_store) == before
 
 
-def test_store_migrate_cli(firestore_store, firestore_emulator):
-    write_like_the_seed(firestore_store, SEED_ROWS)
-    env = {"FIRESTORE_EMULATOR_HOST": firestore_emulator}
+def test_store_migrate_cli(firestore_store, cli):
+    write_like_the_seed(firestore_store, SEED_ROWS)  # (the fixture points FIRESTORE_EMULATOR_HOST at the emulator)
     uri = f"firestore://{PROJECT}/{firestore_store.collection_name}"
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pitchkeras.cli", "store", *args], cwd=REPO_ROOT,
-                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-
-    first = cli("migrate", "--store", uri)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"migrate {uri}: 5 document(s) scanned: 5 migrated, 0 already current, 0 skipped"
-    assert "migrate: 100%" in first.stderr and "5/5" in first.stderr  # the progress bar
-    second = cli("migrate", "--store", uri, "--no-progress")
-    assert second.stdout.strip().endswith("0 migrated, 5 already current, 0 skipped") and not second.stderr
-    counts = cli("counts", "--store", uri)
-    assert counts.stdout.splitlines()[-1] == "5 review(s) in 3 pair(s)"
-    bad = cli("migrate", "--store", "firestore://")
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "firestore://PROJECT" in bad.stderr
+    code, out, err = cli("store", "migrate", "--store", uri)
+    assert code == 0, err
+    assert out.strip() == f"migrate {uri}: 5 document(s) scanned: 5 migrated, 0 already current, 0 skipped"
+    assert "migrate: 100%" in err and "5/5" in err  # the progress bar
+    _, out, err = cli("store", "migrate", "--store", uri, "--no-progress")
+    assert out.strip().endswith("0 migrated, 5 already current, 0 skipped") and not err
+    _, out, _ = cli("store", "counts", "--store", uri)
+    assert out.splitlines()[-1] == "5 review(s) in 3 pair(s)"
+    code, _, err = cli("store", "migrate", "--store", "firestore://")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "firestore://PROJECT" in err
 
 
 def test_a_rejected_write_is_invalid_argument_not_retryable(firestore_store):
@@ -149,7 +140,7 @@ def test_a_permanent_status_inside_batch_write_is_not_unavailable(firestore_stor
         firestore_store.add_reviews([Review(id="c" * 24, text="Denied.")])
 
 
-def test_missing_credentials_are_one_clear_line(tmp_path, monkeypatch):
+def test_missing_credentials_are_one_clear_line(tmp_path, monkeypatch, cli):
     monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
     # A key file that is not there fails at once (no metadata-server probe leaves this machine).
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
@@ -161,12 +152,10 @@ def test_missing_credentials_are_one_clear_line(tmp_path, monkeypatch):
     message = str(info.value)
     for name in ("GOOGLE_APPLICATION_CREDENTIALS", "application-default", "FIRESTORE_EMULATOR_HOST"):
         assert name in message
-    env = {k: v for k, v in os.environ.items() if k != "FIRESTORE_EMULATOR_HOST"}
-    done = subprocess.run([sys.executable, "-m", "pitchkeras.cli", "serve", "--store", "firestore://p/reviews",
-                           "--port", "0"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("pitchkeras serve: error: firestore://p/reviews: no Google")
-    assert "Traceback" not in done.stderr
+    code, _, err = cli("serve", "--store", "firestore://p/reviews", "--port", "0")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("pitchkeras serve: error: firestore://p/reviews: no Google")
+    assert "Traceback" not in err
 
 
 def test_pick_on_an_emptied_collection_is_not_found(firestore_store, firestore_emulator):

@@ -14,7 +14,6 @@ import pytest
 from pitchkeras.server import BackgroundServer, ServerConfig
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import pool_uri, tiny_generator, tiny_model_dir  # noqa: F401
 
 # Lengths up to 48 tokens: long enough to cancel a stream mid-way on the tiny model (context 64).
 CONFIG = ServerConfig(max_batch_size=4, default_max_length=12, max_length_cap=48, num_samples_cap=4,

@@ -23,6 +23,7 @@ import pytest
 
 from pitchkeras.conditioning import REVIEWS
 from pitchkeras.errors import InvalidArgument, UsageError
+from tests.jax_child import run_on_jax
 
 GENRES = ["Rock", "Electronic", "Jazz"]
 WORDS = {
@@ -349,6 +350,7 @@ def test_sigterm_saves_then_resume_matches_uninterrupted_run(shared, reference):
 
 
 
+@pytest.mark.slow
 def test_grad_accum_matches_a_larger_batch(shared):
     """fit with batch 4 x 2 accumulated micro-batches == batch 8: same losses and weights (packed rows).
 
@@ -382,6 +384,7 @@ def test_grad_accum_matches_a_larger_batch(shared):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path):
     """A keras-hub preset directory loads as --preset PATH; with --lora-rank the base kernels stay frozen."""
     from pitchkeras.data.pipeline import read_examples
@@ -407,6 +410,7 @@ def test_local_preset_directory_with_lora_trains_only_adapters(shared, tmp_path)
     assert model.causal_lm.generate("5.0\nRock\n", max_length=16, stop_token_ids=None).startswith("5.0\nRock\n")
 
 
+@pytest.mark.slow
 def test_cli_prepare_gpt2_simple_txt_then_finetune(shared, tmp_path, capsys):
     """`pitchkeras prepare corpus.txt` (gpt-2-simple delimiters) then `pitchkeras finetune` on its output."""
     from pitchkeras.cli import main
@@ -652,12 +656,8 @@ def test_jax_backend_trains_with_data_parallel_like_tensorflow(shared, tmp_path,
     import keras_hub
 
     ref, _ = reference
-    env = dict(_env(), KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(shared["data"]), str(tmp_path / "ck"),
-                           str(shared["cache"]), json.dumps(TINY_SHAPE), str(ref.model_dir), str(ref.run_dir / "base")],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    jax_side = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    jax_side = run_on_jax(JAX_SCRIPT, str(shared["data"]), str(tmp_path / "ck"), str(shared["cache"]),
+                          json.dumps(TINY_SHAPE), str(ref.model_dir), str(ref.run_dir / "base"), devices=2)
     assert jax_side["backend"] == "jax" and jax_side["devices"] == 2 and jax_side["replicas"] == 2
     # Same data, same initial weights, float32 both: the losses agree within the stated 2% at every step.
     assert jax_side["losses"] == pytest.approx([loss for _, loss in ref.losses], rel=2e-2)

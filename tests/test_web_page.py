@@ -7,8 +7,7 @@ import pytest
 from pitchkeras.server import BackgroundServer
 from pitchkeras.store import open_store
 from tests.browser import chromium, pick_on_page, wait, write_screenshot
-from tests.serve_fixtures import (  # noqa: F401
-    HOSTILE, HOSTILE_GENRE, SERVER_CONFIG, hostile_uri, pool_reviews, pool_uri, tiny_generator, tiny_model_dir)
+from tests.serve_fixtures import HOSTILE, HOSTILE_GENRE, SERVER_CONFIG, pool_reviews
 
 pytestmark = pytest.mark.slow
 
