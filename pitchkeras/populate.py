@@ -217,7 +217,7 @@ def populate(
         from pitchkeras.sampling.engine import DecodeEngine
 
         engine = DecodeEngine(generator or _generator(config, model), slots=config.batch_size,
-                              tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS)
+                              tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS, prefill_together=True)
         pending = _pending_attempts(config, info, pairs, store)
         wanted = sum(p.missing for p in pairs)
         shard = ""

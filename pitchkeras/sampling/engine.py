@@ -137,6 +137,10 @@ class DecodeEngine:
             The text is the same either way.
         max_waiting: int or None. Most requests waiting for a slot; past it
             `submit` raises ResourceExhausted (None: no bound).
+        prefill_together: bool. Prefill the requests joining at a step boundary
+            in one call per prompt bucket (bulk work: fewer calls), instead of
+            one call each (a server: only the one-request prefill shapes that
+            `warmup` compiles ever run, so a burst compiles nothing new).
         observer: object or None. Told what the engine does, from its thread
             (the server's `ServerMetrics`): `observe_step(rows, tokens,
             seconds)`, `observe_queue(seconds)`, `observe_first_token(seconds)`,
@@ -144,7 +148,8 @@ class DecodeEngine:
     """
 
     def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
-                 tokens_per_step: int = 1, max_waiting: Optional[int] = None, observer=None):
+                 tokens_per_step: int = 1, max_waiting: Optional[int] = None, observer=None,
+                 prefill_together: bool = False):
         if slots < 1 or tokens_per_step < 1:
             raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
         self.generator = generator
@@ -159,6 +164,7 @@ class DecodeEngine:
             raise InvalidArgument(f"max_waiting must be >= 0 or None, got {max_waiting}")
         self.max_waiting = max_waiting
         self.observer = observer
+        self.prefill_together = bool(prefill_together)
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -320,7 +326,8 @@ class DecodeEngine:
                 self._observe("observe_cancel", reason)
                 stream._end(reason, error=_ended(reason, " before it started"))
                 continue
-            groups.setdefault(self._bucket(stream), []).append((free.pop(0), stream))
+            key = self._bucket(stream) if self.prefill_together else len(groups)
+            groups.setdefault(key, []).append((free.pop(0), stream))
         for group in groups.values():
             try:
                 self._prefill(group)
@@ -481,18 +488,30 @@ class DecodeEngine:
 
         For each length, warm-up requests join one per step until every slot
         is busy (so every row bucket's prefill and step compile), then they are
-        cancelled: this costs compiles and `slots` steps, not generation.
+        cancelled: this costs compiles and `slots` steps, not generation. With
+        `prefill_together`, groups of 1, 2, 4, ... `slots` requests joining at
+        once are warmed too.
         """
-        for length in sorted(set(prompt_lengths)):
-            ids = [self.generator._pad_id] * max(1, min(length, self._max_length - 1))
+        def join(count: int, one_per_step: bool) -> None:
             streams = []
-            for _ in range(self.slots):
+            for _ in range(count):
                 streams.append(Stream(PreparedRequest(GenerationRequest(), {}, "", ids), SamplerConfig(),
                                       max_new_tokens))
                 with self._condition:
                     self._waiting.append(streams[-1])
+                if one_per_step:
+                    self.step()
+            if not one_per_step:
                 self.step()
             for stream in streams:
                 stream.cancel()
             self.run_until_idle()
+
+        for length in sorted(set(prompt_lengths)):
+            ids = [self.generator._pad_id] * max(1, min(length, self._max_length - 1))
+            join(self.slots, one_per_step=True)
+            size = 2
+            while self.prefill_together and size // 2 < self.slots:
+                join(min(size, self.slots), one_per_step=False)
+                size *= 2
         self.counters.cancelled = 0
