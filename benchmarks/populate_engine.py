@@ -73,7 +73,8 @@ def engine_run(generator, requests, lengths, batch: int) -> tuple[float, list, o
     from pitchkeras.populate import TOKENS_PER_STEP
     from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, DecodeEngine
 
-    engine = DecodeEngine(generator, slots=batch, tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS)
+    engine = DecodeEngine(generator, slots=batch, tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS,
+                          prefill_together=True)
     started = time.perf_counter()
     streams = [engine.submit(r, None, n, deltas=False) for r, n in zip(requests, lengths)]
     engine.run_until_idle()

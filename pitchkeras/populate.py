@@ -24,11 +24,11 @@ from typing import Any, Callable, Optional, Sequence
 from pitchkeras.errors import InvalidArgument
 from pitchkeras.quantize import QUANTIZE_MODES, quantize_model
 from pitchkeras.sampling.config import DEFAULT_LENGTH, GenerationRequest, SamplerConfig
+from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP
 from pitchkeras.store import DEFAULT_STORE_URI, Review, ReviewStore, open_store, review_id
 
-# Tokens per compiled engine call: nobody streams populate's text, so rows may join every 8 tokens; one call per
-# token cost 4.4 ms against the closed loop's 1.1 ms per token on the demo model (BUILD_NOTES, live generation).
-TOKENS_PER_STEP = 8
+# Tokens per compiled engine call: nobody streams populate's text, so rows may join every few tokens.
+TOKENS_PER_STEP = BULK_TOKENS_PER_STEP
 
 # The seed project's eight Pitchfork genres.
 SEED_GENRES = ("Rock", "Electronic", "Rap", "Pop/R&B", "Experimental", "Folk/Country", "Metal", "Jazz")
@@ -214,10 +214,10 @@ def populate(
     own_store = store is None
     store = store or open_store(config.store)
     try:
-        from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, DecodeEngine
+        from pitchkeras.sampling.engine import DecodeEngine
 
         engine = DecodeEngine(generator or _generator(config, model), slots=config.batch_size,
-                              tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS)
+                              tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS, prefill_together=True)
         pending = _pending_attempts(config, info, pairs, store)
         wanted = sum(p.missing for p in pairs)
         shard = ""

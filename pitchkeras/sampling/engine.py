@@ -1,14 +1,16 @@
 """`DecodeEngine`: continuous batching over a fixed number of slots, one compiled step for every active row.
 
-The closed-batch `Generator` runs a batch as long as its longest row, and a
-call that arrives a moment late waits for the whole batch. The engine keeps
-`slots` rows, each with its own key/value cache positions, and works in
-steps:
+The one decode path: the servers, `Generator.generate` (so `pitchkeras
+generate` and `report`) and populate all run on it. A closed batch would run
+as long as its longest row, and a call that arrives a moment late would wait
+for the whole batch. The engine keeps `slots` rows, each with its own
+key/value cache positions, and works in steps:
 
 1. At a step boundary, rows that were cancelled or passed their deadline
-   leave, and waiting requests take the free slots: each is *prefilled* (its
-   prompt, padded to a prompt bucket, runs through the model into its row of
-   the cache).
+   leave, and waiting requests take the free slots: those joining together
+   are *prefilled* in one call per prompt bucket (their prompts, padded to
+   the bucket, run through the model and are inserted into their rows of the
+   cache).
 2. One compiled *step* decodes one token for every active row, each at its
    own position, with its own sampler settings (per-row tensors: any mix of
    temperatures, top-k, top-p and repetition settings shares a step). The
@@ -17,15 +19,20 @@ steps:
    request does not pay for every slot.
 3. Each row's new text goes to its listener as whole UTF-8 characters; a row
    that draws `<|endoftext|>`, reaches a stop sequence or its length leaves
-   at once, and its `Sample` is post-processed by the `Generator`.
+   at once, and its `Sample` is post-processed by the `Generator`. A quiet
+   row (`deltas=False`: bulk work) is detokenized once, at the end.
 
-Randomness is counter-based per (request seed, position), exactly as in the
-closed batch, so a request's text does not depend on when it joined or on
-its neighbours, nor on the slot or row bucket it ran in. Everything traced is
-`keras.ops`: a `tf.function` (XLA) on TensorFlow and `jax.jit` on JAX, one
-program per (row bucket, cache length) step and per (row bucket, prompt
-bucket, cache length) prefill; both go through the persistent
-compile cache (`pitchkeras.compile_cache`).
+The caches stay on the device between calls: on TensorFlow they are
+`tf.Variable`s assigned inside the compiled step (XLA aliases them, no copy),
+on JAX they are donated. Randomness is counter-based per (request seed,
+position), so a request's tokens do not depend on when it joined, on its
+neighbours, its slot, row bucket or cache length (tested; the logits agree
+to the last bits, not bitwise, across shapes on XLA's CPU backend).
+Everything traced is `keras.ops`: a `tf.function` (XLA) on TensorFlow and
+`jax.jit` on JAX, one program per (row bucket, cache length) step and per
+(prompts, prompt bucket, row bucket, cache length) prefill; both go through
+the persistent compile cache (`pitchkeras.compile_cache`). A step with a row
+that asks for log-probabilities runs a second variant of the step program.
 
 Example:
 
@@ -35,47 +42,44 @@ Example:
 >>> for delta in stream.deltas(): print(delta, end="")
 >>> stream.result().text
 """
-
 from __future__ import annotations
 
 import bisect
 import collections
 import dataclasses
 import logging
-import math
-import queue
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from pitchkeras import errors
-from pitchkeras.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from pitchkeras.sampling.config import MAX_TOP_LOGPROBS, GenerationRequest, Sample, SamplerConfig, TokenLogprob
-from pitchkeras.sampling.counter_rng import row_keys
-from pitchkeras.sampling.decode import forward, sample_next
+from pitchkeras.errors import InvalidArgument, ResourceExhausted, Unavailable
+from pitchkeras.sampling.config import GenerationRequest, Sample, SamplerConfig, TokenLogprob
 from pitchkeras.sampling.generator import PreparedRequest, prompt_bucket
+from pitchkeras.sampling.program import _DeviceState, _in_place, _Program, _program_for, _row_buckets  # noqa: F401
+from pitchkeras.sampling.stream import (  # noqa: F401  (re-exported: the engine's public names live here too)
+    _REPLACEMENT,
+    CANCELLED,
+    DEADLINE,
+    END_TOKEN,
+    LENGTH,
+    STOP_SEQUENCE,
+    Cancelled,
+    DeadlinePassed,
+    Stream,
+    _ended,
+    _Row,
+    _safe_end,
+)
 
 log = logging.getLogger(__name__)
 
-END_TOKEN, LENGTH, STOP_SEQUENCE, CANCELLED, DEADLINE = "end_token", "length", "stop_sequence", "cancelled", "deadline"
 CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is compiled for
-BULK_TOKENS_PER_STEP = 8  # tokens per compiled call when nobody streams (Generator.generate, populate)
+# Tokens per compiled call when nobody streams (Generator.generate, populate): rows join every 8 tokens, and the
+# per-call cost is paid once per 8 tokens (one call per token measured far slower than the closed loop).
+BULK_TOKENS_PER_STEP = 8
 BULK_CACHE_BUCKETS = tuple(range(64, 1025, 64))  # finer cache lengths for bulk work: fewer idle positions per step
-_REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 byte sequence decodes to: held back until complete
-
-
-class Cancelled(errors.Cancelled):
-    """A stream ended by `cancel()` or by its deadline before it finished."""
-
-
-class DeadlinePassed(Cancelled, DeadlineExceeded):
-    """A stream ended by its deadline (DEADLINE_EXCEEDED at the RPC edge)."""
-
-
-def _ended(reason: str, when: str = "") -> Cancelled:
-    return (DeadlinePassed if reason == DEADLINE else Cancelled)(f"request {reason}{when}")
 
 
 @dataclasses.dataclass
@@ -113,146 +117,6 @@ class EngineCounters:
     rejected: int = 0
 
 
-class Stream:
-    """One request in the engine: its text deltas as they are decoded, then its `Sample`.
-
-    Made by `DecodeEngine.submit`. Without a listener, `deltas()` (or
-    `token_deltas()`) iterates the text as it comes and `result()` waits for
-    the Sample; with one, the engine thread calls `listener(delta)` for every
-    delta (`listener((delta, tokens))` when `listener_tokens`) and
-    `listener(None)` at the end.
-
-    Args:
-        prepared: PreparedRequest. The checked, tokenized request.
-        config: SamplerConfig. Its sampler settings.
-        max_new_tokens: int. Its length cap.
-        include_prefix: bool. Keep the prefix at the start of the post-processed text.
-        deadline: float or None. `time.monotonic()` after which it is ended.
-        listener: callable or None. Called from the engine thread.
-        listener_tokens: bool. Give the listener `(text, tokens)` pairs, as `token_deltas()` yields them.
-        quiet: bool. Nobody reads the deltas (bulk work): none are made, and the text is detokenized
-            once, at the end (token by token only while a stop sequence must be looked for).
-    """
-
-    def __init__(self, prepared, config: SamplerConfig, max_new_tokens: int, *, include_prefix: bool = True,
-                 deadline: Optional[float] = None, listener: Optional[Callable[[object], None]] = None,
-                 listener_tokens: bool = False, quiet: bool = False):
-        self.prepared = prepared
-        self.config = config
-        self.max_new_tokens = int(max_new_tokens)
-        self.include_prefix = include_prefix
-        self.deadline = deadline
-        self.sample: Optional[Sample] = None
-        self.error: Optional[BaseException] = None
-        self.finish_reason: Optional[str] = None
-        self.text = ""  # the deltas so far, concatenated
-        self.tokens = 0  # tokens decoded so far
-        self._listener = listener
-        self._listener_tokens = listener_tokens
-        self.quiet = quiet
-        self.submitted = time.monotonic()  # for the queue time and the time to first token
-        self.first_token_at: Optional[float] = None
-        self._events: Optional[queue.SimpleQueue] = queue.SimpleQueue() if listener is None else None
-        self._cancelled = False
-        self._done = threading.Event()
-        self.stops: tuple = config.stop_sequences  # every text that ends it (the engine adds the model's)
-        self.listener_error: Optional[BaseException] = None  # what the listener raised: it ended this stream
-
-    @property
-    def request(self) -> GenerationRequest:
-        return self.prepared.request
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self) -> None:
-        """End the request at the next step boundary; its slot is free for the step after."""
-        self._cancelled = True
-
-    def expired(self, now: float) -> Optional[str]:
-        """CANCELLED or DEADLINE when the request must leave now, else None."""
-        if self._cancelled:
-            return CANCELLED
-        if self.deadline is not None and now >= self.deadline:
-            return DEADLINE
-        return None
-
-    def result(self, timeout: Optional[float] = None) -> Sample:
-        """Wait for the Sample; raises `Cancelled` or the engine's error."""
-        if not self._done.wait(timeout):
-            raise TimeoutError("the stream did not finish in time")
-        if self.error is not None:
-            raise self.error
-        return self.sample
-
-    def deltas(self, timeout: Optional[float] = None):
-        """Iterate the text deltas until the request ends (only for a stream without a listener)."""
-        for text, _ in self.token_deltas(timeout):
-            if text:
-                yield text
-
-    def token_deltas(self, timeout: Optional[float] = None):
-        """Iterate `(text, tokens)` pairs until the request ends (only for a stream without a listener).
-
-        `text` is what `deltas()` gives; `tokens` the `TokenLogprob`s of the
-        tokens first completed in it (logprob NaN and no alternatives when the
-        request asked for none). All the tokens, in order, are the Sample's
-        `completion_ids` (and `logprobs`).
-        """
-        while True:
-            item = self._events.get(timeout=timeout)
-            if item is None:
-                return
-            yield item
-
-    def _emit(self, delta: str, tokens: tuple = ()) -> None:
-        if delta or tokens:
-            self.text += delta
-            self._deliver((delta, tokens))
-
-    def _end(self, reason: str, sample: Optional[Sample] = None, error: Optional[BaseException] = None) -> None:
-        self.finish_reason, self.sample, self.error = reason, sample, error
-        self._done.set()
-        self._deliver(None)
-
-    def _deliver(self, item: Optional[tuple]) -> None:
-        if self._listener is None:
-            self._events.put(item)
-        elif self.listener_error is None:
-            try:
-                if item is None or self._listener_tokens:
-                    self._listener(item)
-                elif item[0]:
-                    self._listener(item[0])
-            except Exception as err:  # this stream's caller broke: end it alone, at the next step boundary
-                log.exception("a stream listener raised; its request is cancelled")
-                self.listener_error = err
-                self._cancelled = True
-
-
-@dataclasses.dataclass
-class _Row:
-    """A busy slot: its stream and where its text stands."""
-
-    stream: Stream
-    position: int  # the position of the row's last token (fed at the next step)
-    limit: int  # positions this row may fill: prompt + new tokens, at most the model's context
-    completion: list = dataclasses.field(default_factory=list)  # new token ids
-    pending: list = dataclasses.field(default_factory=list)  # ids whose text is not yet whole characters
-    text: str = ""  # the completion's text, whole characters only
-    sent: int = 0  # characters of `text` already handed out
-    ends: list = dataclasses.field(default_factory=list)  # per whole token: the length of `text` it completed
-    logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob per token, when the request asks
-    delivered: int = 0  # tokens already handed out with a delta
-
-    def tokens(self, start: int, stop: int) -> tuple:
-        """The TokenLogprobs of completion tokens [start, stop) (NaN ones when the request asked for none)."""
-        if self.logprobs:
-            return tuple(self.logprobs[start:stop])
-        return tuple(TokenLogprob(token, math.nan) for token in self.completion[start:stop])
-
-
 class DecodeEngine:
     """Continuously batched decoding over `slots` rows for a `Generator`'s model.
 
@@ -273,6 +137,10 @@ class DecodeEngine:
             The text is the same either way.
         max_waiting: int or None. Most requests waiting for a slot; past it
             `submit` raises ResourceExhausted (None: no bound).
+        prefill_together: bool. Prefill the requests joining at a step boundary
+            in one call per prompt bucket (bulk work: fewer calls), instead of
+            one call each (a server: only the one-request prefill shapes that
+            `warmup` compiles ever run, so a burst compiles nothing new).
         observer: object or None. Told what the engine does, from its thread
             (the server's `ServerMetrics`): `observe_step(rows, tokens,
             seconds)`, `observe_queue(seconds)`, `observe_first_token(seconds)`,
@@ -280,7 +148,8 @@ class DecodeEngine:
     """
 
     def __init__(self, generator, *, slots: int = 8, cache_buckets: Sequence[int] = CACHE_BUCKETS,
-                 tokens_per_step: int = 1, max_waiting: Optional[int] = None, observer=None):
+                 tokens_per_step: int = 1, max_waiting: Optional[int] = None, observer=None,
+                 prefill_together: bool = False):
         if slots < 1 or tokens_per_step < 1:
             raise InvalidArgument(f"slots and tokens_per_step must be >= 1, got {slots} and {tokens_per_step}")
         self.generator = generator
@@ -295,6 +164,7 @@ class DecodeEngine:
             raise InvalidArgument(f"max_waiting must be >= 0 or None, got {max_waiting}")
         self.max_waiting = max_waiting
         self.observer = observer
+        self.prefill_together = bool(prefill_together)
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -456,7 +326,8 @@ class DecodeEngine:
                 self._observe("observe_cancel", reason)
                 stream._end(reason, error=_ended(reason, " before it started"))
                 continue
-            groups.setdefault(self._bucket(stream), []).append((free.pop(0), stream))
+            key = self._bucket(stream) if self.prefill_together else len(groups)
+            groups.setdefault(key, []).append((free.pop(0), stream))
         for group in groups.values():
             try:
                 self._prefill(group)
@@ -617,310 +488,30 @@ class DecodeEngine:
 
         For each length, warm-up requests join one per step until every slot
         is busy (so every row bucket's prefill and step compile), then they are
-        cancelled: this costs compiles and `slots` steps, not generation.
+        cancelled: this costs compiles and `slots` steps, not generation. With
+        `prefill_together`, groups of 1, 2, 4, ... `slots` requests joining at
+        once are warmed too.
         """
-        for length in sorted(set(prompt_lengths)):
-            ids = [self.generator._pad_id] * max(1, min(length, self._max_length - 1))
+        def join(count: int, one_per_step: bool) -> None:
             streams = []
-            for _ in range(self.slots):
+            for _ in range(count):
                 streams.append(Stream(PreparedRequest(GenerationRequest(), {}, "", ids), SamplerConfig(),
                                       max_new_tokens))
                 with self._condition:
                     self._waiting.append(streams[-1])
+                if one_per_step:
+                    self.step()
+            if not one_per_step:
                 self.step()
             for stream in streams:
                 stream.cancel()
             self.run_until_idle()
+
+        for length in sorted(set(prompt_lengths)):
+            ids = [self.generator._pad_id] * max(1, min(length, self._max_length - 1))
+            join(self.slots, one_per_step=True)
+            size = 2
+            while self.prefill_together and size // 2 < self.slots:
+                join(min(size, self.slots), one_per_step=False)
+                size *= 2
         self.counters.cancelled = 0
-
-
-def _program_for(generator, slots: int, tokens: int) -> "_Program":
-    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it.
-
-    They live on the generator (not in a module-level table), so dropping it frees the model.
-    """
-    xla = generator.uses_xla(slots)
-    programs = generator.__dict__.setdefault("_engine_programs", {})
-    if (slots, xla, tokens) not in programs:
-        programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
-    return programs[slots, xla, tokens]
-
-
-def _row_buckets(smallest: int, slots: int) -> tuple:
-    """The rows a step may run: `smallest`, the powers of two above it below `slots`, and `slots`."""
-    buckets, rows = [], smallest
-    while rows < slots:
-        buckets.append(rows)
-        rows *= 2
-    return tuple(buckets) + (slots,)
-
-
-def _concrete_per_shape(function):
-    """Call a `tf.function` through its concrete function for the arguments' shapes, found once per shape.
-
-    A step is a few milliseconds on a small model; the `tf.function` call
-    itself matched the argument structure against its traces every time
-    (about 2 ms of Python per call, profiled on the demo model).
-    """
-    import tensorflow as tf
-
-    concrete: dict = {}
-
-    def call(caches, *args):
-        tensors = [tf.constant(a) for a in args]
-        key = (tuple(caches[0][0].shape),) + tuple(tuple(t.shape) for t in tensors)
-        if key not in concrete:
-            concrete[key] = function.get_concrete_function(caches, *tensors)
-        return concrete[key](caches, *tensors)
-
-    return call
-
-
-def _in_place(body):
-    """A TensorFlow step or prefill over cache variables: `body(cache values, *args)` returns (new caches,
-    result); the new caches are assigned to the variables inside the same compiled function (XLA aliases
-    them: no cache-sized copy per call), and the result is returned."""
-    def run(variables, *args):
-        caches, result = body([(k.value(), v.value()) for k, v in variables], *args)
-        for (k, v), (new_k, new_v) in zip(variables, caches):
-            k.assign(new_k)
-            v.assign(new_v)
-        return result
-
-    return run
-
-
-def _safe_end(text: str, stops: Sequence[str]) -> int:
-    """How much of `text` may be sent: all of it but a tail that could be the start of a stop sequence."""
-    held = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:size]):
-                held = size
-                break
-    return len(text) - held
-
-
-class _DeviceState:
-    """The engine's arrays: the caches (device tensors, the first `rows` slots) and the per-row inputs of a
-    step (numpy, every slot; a step gets the first `rows`)."""
-
-    def __init__(self, slots: int, pad_id: int):
-        self.slots, self.pad_id = slots, pad_id
-        self.rows = 0  # slots the caches hold (the row bucket)
-        self.length = 0  # cache positions; 0 = no cache allocated
-        self.caches = None
-        self.token_ids = np.zeros((slots, 0), np.int32)
-        self.positions = np.zeros((slots,), np.int32)
-        self.keys = np.zeros((slots, 2), np.uint32)
-        self.temperature = np.ones((slots,), np.float32)
-        self.top_k = np.zeros((slots,), np.int32)
-        self.top_p = np.ones((slots,), np.float32)
-        self.repetition_penalty = np.ones((slots,), np.float32)
-        self.no_repeat_ngram_size = np.zeros((slots,), np.int32)
-
-    def reset_row(self, slot: int, ids: list, seed: int, config: SamplerConfig) -> None:
-        self.token_ids[slot] = self.pad_id
-        self.token_ids[slot, : len(ids)] = ids
-        self.keys[slot] = row_keys([seed])[0]
-        self.temperature[slot] = config.temperature
-        self.top_k[slot] = config.top_k
-        self.top_p[slot] = config.top_p
-        self.repetition_penalty[slot] = config.repetition_penalty
-        self.no_repeat_ngram_size[slot] = config.no_repeat_ngram_size
-
-    def clear_row(self, slot: int) -> None:
-        """Neutral settings, so a free row never switches a processor on for the others."""
-        self.positions[slot] = 0
-        self.temperature[slot], self.top_k[slot], self.top_p[slot] = 1.0, 0, 1.0
-        self.repetition_penalty[slot], self.no_repeat_ngram_size[slot] = 1.0, 0
-
-    def resize(self, rows: int, length: int, program: "_Program") -> None:
-        """Pad or cut the caches to `rows` slots (those cut are free) and `length` positions."""
-        old = self.length
-        self.caches = program.resize_caches(self.caches, rows, length)
-        if length != old:
-            ids = np.full((self.slots, length), self.pad_id, np.int32)
-            keep = min(old, length)
-            ids[:, :keep] = self.token_ids[:, :keep]
-            self.token_ids = ids
-        self.rows, self.length = rows, length
-
-    def release(self) -> None:
-        """Drop the cache while idle: the next request allocates the rows and length it needs."""
-        self.caches, self.rows, self.length = None, 0, 0
-        self.token_ids = np.zeros((self.slots, 0), np.int32)
-
-    def step_inputs(self) -> tuple:
-        return tuple(a[: self.rows] for a in (self.token_ids, self.positions, self.keys, self.temperature,
-                                              self.top_k, self.top_p, self.repetition_penalty,
-                                              self.no_repeat_ngram_size))
-
-
-class _Program:
-    """The engine's compiled programs, one per shape: `step` and `prefill`, on TensorFlow or JAX."""
-
-    def __init__(self, backbone, *, xla: bool, tokens: int = 1):
-        import keras
-
-        self.backbone = backbone
-        self.xla = xla
-        # TensorFlow: the caches are `tf.Variable`s read and assigned inside the compiled step, so XLA updates
-        # them in place (aliased) instead of copying every cache in and out of each call. JAX donates them.
-        self.resident = keras.config.backend() == "tensorflow"
-        self.tokens = tokens  # decode steps per call
-        self.traces = 0  # programs traced (= compiled shapes)
-        self._steps = self._prefill = None  # {logprobs: step}, prefill
-
-    # The traced bodies, in keras.ops. -------------------------------------------------------
-    def _step_body(self, caches, token_ids, positions, keys, *settings, logprobs: bool = False):
-        """`tokens` decode steps: the caches, and each row's next `tokens` tokens (slots, tokens).
-
-        Each step feeds every row's last token at its own position and draws
-        the next; within a call, a row's new token is written to its context
-        for the next step (positions past the cache stay on its last slot: the
-        host drops tokens of rows that have ended). With `logprobs`, also each
-        chosen token's log-probability under the model's raw logits (slots,
-        tokens) and the MAX_TOP_LOGPROBS most likely tokens' ids and
-        log-probabilities (slots, tokens, MAX_TOP_LOGPROBS).
-        """
-        from keras import ops
-
-        self.traces += 1  # Python side effect: once per trace
-        token_ids, positions = ops.cast(token_ids, "int32"), ops.cast(positions, "int32")
-        slots, length = token_ids.shape
-        top = min(MAX_TOP_LOGPROBS, self.backbone.vocabulary_size)
-
-        def one(i, carry):
-            caches, token_ids, positions, outs = carry
-            last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
-            hidden, caches = forward(self.backbone, last, caches, positions)
-            logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
-            chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, *settings), "int32")
-            positions = ops.minimum(positions + 1, length - 1)
-            token_ids = ops.where(ops.arange(length)[None, :] == positions[:, None], chosen[:, None], token_ids)
-            new = [chosen[:, None]]
-            if logprobs:
-                scores = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
-                best, best_ids = ops.top_k(scores, top)
-                new += [ops.take_along_axis(scores, chosen[:, None], axis=1), ops.cast(best_ids, "int32")[:, None],
-                        best[:, None]]
-            outs = [ops.slice_update(out, (0, i) + (0,) * (len(out.shape) - 2), item) for out, item in zip(outs, new)]
-            return caches, token_ids, positions, outs
-
-        outs = [ops.zeros((slots, self.tokens), "int32")]
-        if logprobs:
-            outs += [ops.zeros((slots, self.tokens), "float32"), ops.zeros((slots, self.tokens, top), "int32"),
-                     ops.zeros((slots, self.tokens, top), "float32")]
-        if self.tokens == 1:
-            caches, _, _, outs = one(0, (caches, token_ids, positions, outs))
-        else:
-            caches, _, _, outs = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, outs))
-        return caches, outs
-
-    def _prefill_body(self, caches, slots, prompt_ids):
-        """Run prompts (n, bucket) through the model into rows `slots` (n,) of the caches (a slot repeated
-        gets the same row written again)."""
-        from keras import ops
-
-        self.traces += 1
-        backbone = self.backbone
-        size = prompt_ids.shape[0]
-        fresh = [tuple(ops.zeros((size,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
-        _, fresh = forward(backbone, prompt_ids, fresh, 0)
-        out = []
-        for (k, v), (fk, fv) in zip(caches, fresh):
-            for i in range(size):
-                start = (slots[i], 0, 0, 0)
-                k = ops.slice_update(k, start, fk[i:i + 1])
-                v = ops.slice_update(v, start, fv[i:i + 1])
-            out.append((k, v))
-        return out
-
-    # Compiled, per backend. --------------------------------------------------------------------
-    def step(self, state: _DeviceState, logprobs: bool = False) -> tuple:
-        """Run a step: the chosen tokens (slots, tokens), and (chosen logprobs, top ids, top logprobs) or None."""
-        self._compile()
-        if self.resident:  # the caches are variables, updated in place inside the compiled step
-            outs = self._steps[logprobs](state.caches, *state.step_inputs())
-        else:
-            state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
-        outs = [np.asarray(out) for out in outs]
-        return outs[0], (tuple(outs[1:]) if logprobs else None)
-
-    def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
-        """Prefill `prompts` (n, bucket) into rows `slots` (n,) of the caches."""
-        self._compile()
-        if self.resident:
-            self._prefill(state.caches, slots, prompts)
-        else:
-            state.caches = self._prefill(state.caches, slots, prompts)
-
-    def resize_caches(self, caches, slots: int, length: int):
-        """New zero caches of `slots` rows and `length` positions, or the old ones padded or cut to them."""
-        from keras import ops
-
-        backbone = self.backbone
-        heads = backbone.num_heads
-        shape = (slots, heads, length, backbone.hidden_dim // heads)
-        if caches is None:
-            caches = [tuple(ops.zeros(shape, backbone.compute_dtype) for _ in "kv") for _ in backbone.transformer_layers]
-        else:
-            old_slots, _, old, _ = caches[0][0].shape
-            pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
-            caches = [tuple(ops.pad(ops.convert_to_tensor(c)[:slots, :, :length], pad) for c in kv) for kv in caches]
-        if self.resident:
-            import tensorflow as tf
-
-            caches = [tuple(tf.Variable(c, trainable=False) for c in kv) for kv in caches]
-        return caches
-
-    def _step_with(self, logprobs: bool):
-        """The step body with its `logprobs` flag fixed (positional arguments only, as the tracers want)."""
-        def step(caches, *args):
-            return self._step_body(caches, *args, logprobs=logprobs)
-
-        return step
-
-    def _compile(self) -> None:
-        if self._steps is not None:
-            return
-        import keras
-
-        backend = keras.config.backend()
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)),
-                                                                 jit_compile=self.xla)) for flag in (False, True)}
-            self._prefill = _concrete_per_shape(tf.function(
-                _in_place(lambda caches, *args: (self._prefill_body(caches, *args), ())), jit_compile=self.xla))
-        elif backend == "jax":
-            self._steps, self._prefill = self._jax_functions()
-        else:
-            raise FailedPrecondition(
-                f"DecodeEngine runs on the tensorflow and jax Keras backends, not {backend!r}; "
-                "set KERAS_BACKEND=tensorflow or jax")
-
-    def _jax_functions(self):
-        """`jax.jit` over stateless calls with the weights as arguments; the caches are donated (updated in place)."""
-        import jax
-        import keras
-
-        from pitchkeras import compile_cache
-
-        compile_cache.apply_to_jax()
-        variables = list(self.backbone.variables)
-
-        def stateless(body):
-            def run(values, caches, *args):
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    return body(caches, *args)
-
-            return jax.jit(run, donate_argnums=(1,))
-
-        def bind(function):
-            return lambda caches, *args: function([v.value for v in variables], caches, *args)
-
-        steps = {flag: bind(stateless(self._step_with(flag))) for flag in (False, True)}
-        return steps, bind(stateless(self._prefill_body))

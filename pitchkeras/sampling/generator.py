@@ -188,8 +188,8 @@ class Generator:
         return self._run(prepared, config, new_tokens, progress=progress, stops=(truncate,) if truncate else (),
                          include_prefix=include_prefix)
 
-    def complete_ids(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int], config: Optional[SamplerConfig] = None,
-                     max_new_tokens: Optional[int] = None) -> list[list[int]]:
+    def complete_ids(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+                     config: Optional[SamplerConfig] = None, max_new_tokens: Optional[int] = None) -> list[list[int]]:
         """The new token ids for each prompt of token ids (start token included), drawn with its seed.
 
         The same decode as `generate` (the engine), without prompts built from
@@ -208,7 +208,7 @@ class Generator:
             from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP, DecodeEngine
 
             self._engine = DecodeEngine(self, slots=self.batch_size, tokens_per_step=BULK_TOKENS_PER_STEP,
-                                        cache_buckets=BULK_CACHE_BUCKETS)
+                                        cache_buckets=BULK_CACHE_BUCKETS, prefill_together=True)
         return self._engine
 
     def _run(self, prepared: Sequence[PreparedRequest], config: SamplerConfig, new_tokens: int, *,
