@@ -6,6 +6,7 @@ client, `pitchkeras.client`) never pays for importing TensorFlow.
 Modules, in the order data flows (ARCHITECTURE.md draws it):
 
 - `conditioning`: THE prompt format; `errors`: the library's errors; `io`: atomic file and directory writes;
+  `tokens`: token texts and text offsets as OpenAI writes them;
 - `data/`: prepare (sources, cleaning, stats) and the tf.data pipeline;
 - `model`: presets, `tiny`, the model directory; `convert/`: import and export of other formats;
   `quantize`: int8 weights for generation;

@@ -9,8 +9,9 @@ Modules: `app` (create_server, serve, BackgroundServer), `config` (`ServerConfig
 methods), `handlers` (its method handlers, with deserializers that answer bad bytes properly), `batcher`
 (Generate calls into the engine), `auth` (API keys and rate limits), `interceptor` (logging, counting, key
 checks), `metrics` (the /metrics counters), `http_api` (the HTTP/JSON routes and web
-page), `http_edge` (the HTTP server's edge: limits, timeouts), `workers` (several serving processes), `web/`
-(the page's static files).
+page), `http_edge` (the HTTP server's edge: limits, timeouts), `openai_api` (OpenAI's `/v1/completions` and
+`/v1/models` over the same servicer), `openai_schema` (their OpenAPI description), `logprobs` (token
+log-probabilities as proto messages), `workers` (several serving processes), `web/` (the page's static files).
 
 Example:
 

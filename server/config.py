@@ -59,7 +59,7 @@ class ServerConfig:
     burst: int = 5
     quantize: Optional[str] = None  # None = the weights as trained
     header_timeout_s: float = 10.0  # a request head is a few hundred bytes: seconds are plenty on any link
-    body_timeout_s: float = 30.0  # bodies are at most max_receive_bytes (1 MiB): 30 s is ~35 KB/s
+    body_timeout_s: float = 30.0  # bodies are at most max_receive_bytes: even a slow link sends one in time
     keepalive_timeout_s: float = 30.0  # browsers reuse a connection for a page's next calls; 1 h held sockets
     grpc_keepalive_s: float = 60.0  # finds dead peers in minutes, not gRPC's default 2 h
     grpc_keepalive_timeout_s: float = 20.0

@@ -301,7 +301,7 @@ class HttpApi:
 
         async def handler(request: web.Request) -> web.Response:
             call = self._call(name, await parse(request), request)
-            response = await (_while_connected(request, call) if name in _HANGUP_CANCELS else call)
+            response = await (while_connected(request, call) if name in _HANGUP_CANCELS else call)
             return web.json_response(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
 
         return handler
@@ -369,7 +369,7 @@ class HttpApi:
             message = await parse(request)
             context = SseContext(request)
             try:
-                await _while_connected(request, getattr(self.servicer, name)(message, context))
+                await while_connected(request, getattr(self.servicer, name)(message, context))
             except ConnectionResetError:  # hung up while nothing was being written
                 return context.response
             except HttpAbort as err:
@@ -494,7 +494,7 @@ _HANGUP_CANCELS = ("Generate",)  # unary calls whose work stops when the client 
 _HANGUP_POLL_S = 0.05  # how often a running call looks for a hang-up: a fraction of one decode step
 
 
-async def _while_connected(request: web.Request, call):
+async def while_connected(request: web.Request, call):
     """Await `call`; when the client hangs up first, cancel it (freeing its decode rows) and raise
     ConnectionResetError. aiohttp does not cancel a handler whose client left."""
     task = asyncio.ensure_future(call)

@@ -59,7 +59,7 @@ from aiohttp import web
 
 from pitchkeras.errors import echo
 from pitchkeras.server.http_api import (
-    ClientGone, HttpAbort, SseContext, _while_connected, http_rules, parse_json_object)
+    ClientGone, HttpAbort, SseContext, http_rules, parse_json_object, while_connected)
 from pitchkeras.server.openai_schema import OPENAPI
 from pitchkeras.server.servicer import MAX_STOP_SEQUENCES, status_of
 from pitchkeras.tokens import TextOffsets
@@ -217,7 +217,7 @@ class OpenAiApi:
             return await self._stream(request, options, calls, model["id"])
         tasks = [asyncio.ensure_future(self._run(call, batcher, options.store)) for call, batcher in calls]
         try:
-            groups = await _while_connected(request, asyncio.gather(*tasks))  # a hang-up frees the rows
+            groups = await while_connected(request, asyncio.gather(*tasks))  # a hang-up frees the rows
         finally:
             for task in tasks:
                 task.cancel()  # one prompt failed: the others' rows are freed too

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -203,3 +203,25 @@ class Sample:
             "quality": self.quality,
             "raw": self.raw,
         }
+
+
+class PreparedRequest(NamedTuple):
+    """A request checked and tokenized by `Generator.prepare`: its conditions, prompt text and token ids."""
+
+    request: GenerationRequest
+    conditions: dict
+    prompt: str
+    ids: list
+
+
+def prompt_bucket(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+    """The padded length for a prompt of `length` tokens: the smallest bucket that fits.
+
+    Beyond the largest bucket, lengths round up to a multiple of it, so there
+    are still only a few shapes.
+    """
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    largest = buckets[-1]
+    return -(-length // largest) * largest

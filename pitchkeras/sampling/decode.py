@@ -6,8 +6,8 @@ next token per row. Each decoder block calls the layer's own norms and
 projections (so int8-quantized layers run as Keras quantized them) but does
 its attention here, on that cache layout: keras-hub's cached attention keeps
 one stacked (batch, 2, positions, heads, head_dim) cache per layer, which it
-slices, re-stacks and transposes at every step; on GPT-2 124M at batch 8 that
-shuffling was 22 of the 67 ms per step (profiled, see BUILD_NOTES.md).
+slices, re-stacks and transposes at every step, a large share of a step's time
+(profiled: BUILD_NOTES.md, "The decode loop at the matmul floor").
 Sampling parameters are tensors, so a new temperature, top-k or top-p never
 recompiles.
 """

@@ -55,8 +55,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pitchkeras.errors import InvalidArgument, ResourceExhausted, Unavailable
-from pitchkeras.sampling.config import GenerationRequest, Sample, SamplerConfig, TokenLogprob
-from pitchkeras.sampling.generator import PreparedRequest, prompt_bucket
+from pitchkeras.sampling.config import (
+    GenerationRequest, PreparedRequest, Sample, SamplerConfig, TokenLogprob, prompt_bucket)
 from pitchkeras.sampling.program import _DeviceState, _in_place, _Program, _program_for, _row_buckets  # noqa: F401
 from pitchkeras.sampling.stream import (  # noqa: F401  (re-exported: the engine's public names live here too)
     _REPLACEMENT,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -28,33 +28,14 @@ from pitchkeras.sampling.config import (
     MEMORIZED,
     PROMPT_BUCKETS,
     GenerationRequest,
+    PreparedRequest,
     Sample,
     SamplerConfig,
     check_top_logprobs,
+    prompt_bucket,
 )
 from pitchkeras.sampling.decode import check_gpt2_layers
-
-
-class PreparedRequest(NamedTuple):
-    """A request checked and tokenized by `Generator.prepare`: its conditions, prompt text and token ids."""
-
-    request: GenerationRequest
-    conditions: dict
-    prompt: str
-    ids: list
-
-
-def prompt_bucket(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
-    """The padded length for a prompt of `length` tokens: the smallest bucket that fits.
-
-    Beyond the largest bucket, lengths round up to a multiple of it, so there
-    are still only a few shapes.
-    """
-    for bucket in buckets:
-        if length <= bucket:
-            return bucket
-    largest = buckets[-1]
-    return -(-length // largest) * largest
+from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP, DecodeEngine
 
 
 class Generator:
@@ -78,10 +59,10 @@ class Generator:
             fastest: on a GPU or TPU, XLA always. On a CPU, XLA for float32
             and int8; in float32 a lone request runs as 2 rows (a copy of it
             beside it): XLA's CPU backend emits a matrix-vector product as a
-            plain loop fused with its input: on GPT-2 124M 27.8 ms per token
-            on 2 rows against 46.3 on 1 row (and 32.8 as a graph); int8 dots,
-            compute-bound here, would cost twice (26.0 against 31.4
-            tokens/s); a graph for bfloat16/float16, whose
+            plain loop fused with its input, so two rows cost less per token
+            than one (figures: BUILD_NOTES.md, "int8 weights, and batch 1");
+            int8 dots, compute-bound here, would cost twice; a graph for
+            bfloat16/float16, whose
             matmuls TensorFlow's oneDNN kernels run several times faster than
             XLA's on a CPU without native bfloat16.
         postprocess_options: PostprocessOptions or None. Post-processing steps.
@@ -205,8 +186,6 @@ class Generator:
         """The `DecodeEngine` that `generate` runs on (made on first use; `batch_size` slots, several tokens per
         compiled call, as bulk work wants). Stepped by the caller's thread, one call at a time."""
         if self._engine is None:
-            from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP, DecodeEngine
-
             self._engine = DecodeEngine(self, slots=self.batch_size, tokens_per_step=BULK_TOKENS_PER_STEP,
                                         cache_buckets=BULK_CACHE_BUCKETS, prefill_together=True)
         return self._engine

@@ -35,9 +35,9 @@ def _row_buckets(smallest: int, slots: int) -> tuple:
 def _concrete_per_shape(function):
     """Call a `tf.function` through its concrete function for the arguments' shapes, found once per shape.
 
-    A step is a few milliseconds on a small model; the `tf.function` call
-    itself matched the argument structure against its traces every time
-    (about 2 ms of Python per call, profiled on the demo model).
+    A step is short on a small model, and the `tf.function` call itself
+    matched the argument structure against its traces every time, a
+    Python cost per call worth avoiding (profiled: BUILD_NOTES.md).
     """
     import tensorflow as tf
 
