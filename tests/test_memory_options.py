@@ -123,7 +123,7 @@ def test_auto_batch_without_budget_on_a_cpu_keeps_the_batch(shared):
 PLAN_SCRIPT = r"""
 import dataclasses, json, sys
 from pitchkeras.train.plan import PlanRequest, _plan_here
-result = _plan_here(PlanRequest(**json.loads(sys.argv[1])))
+result = _plan_here(PlanRequest.from_json(json.loads(sys.argv[1])))
 print("RESULT " + json.dumps({"plans": [dataclasses.asdict(p) for p in result.plans],
                               "device_memory": result.device_memory}))
 """
@@ -136,7 +136,7 @@ def plans_on_the_jax_worker(monkeypatch):
     from pitchkeras.train import plan
 
     def plan_memory(request, *, timeout=1800):
-        found = run_on_jax(PLAN_SCRIPT, json.dumps(dataclasses.asdict(request)), timeout=timeout)
+        found = run_on_jax(PLAN_SCRIPT, json.dumps(request.to_json()), timeout=timeout)
         return plan.PlanResult([plan.MemoryPlan(**p) for p in found["plans"]], found["device_memory"])
 
     monkeypatch.setattr(plan, "plan_memory", plan_memory)
