@@ -14,16 +14,16 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pandas as pd
 
 from pitchkeras.data.pipeline import read_examples
 from pitchkeras.io import AtomicFile
 
 
-def csv_rows(examples: pd.Series) -> np.ndarray:
-    """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, newline-ended."""
-    return np.array(['"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
-                     else e + "\n" for e in examples.tolist()], dtype=object)
+def csv_rows(examples) -> np.ndarray:
+    """Each example (str) as its CSV row in UTF-8: quoted (quotes doubled) where `csv.writer` would quote it,
+    newline-ended."""
+    return np.array([('"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
+                      else e + "\n").encode("utf-8") for e in examples], dtype=object)
 
 
 class Outputs:
@@ -36,7 +36,7 @@ class Outputs:
         self.files: dict[str, AtomicFile] = {}
         try:
             for name in self.NAMES:
-                self.files[name] = AtomicFile(out_dir / name, newline="")
+                self.files[name] = AtomicFile(out_dir / name, "wb")
         except BaseException:
             self.discard()
             raise
@@ -47,8 +47,8 @@ class Outputs:
 
     def rewrite(self, name: str, examples: list[str], mode: str = "w") -> None:
         """Replace (`w`) or extend (`a`) a file's rows, after `close()`."""
-        with open(self.files[name].tmp, mode, encoding="utf-8", newline="") as f:
-            f.write("".join(csv_rows(pd.Series(examples, dtype="str"))))
+        with open(self.files[name].tmp, mode + "b") as f:
+            f.writelines(csv_rows(examples))
 
     def read(self, name: str) -> list[str]:
         """A file's rows so far, after `close()`."""
@@ -80,11 +80,11 @@ class SplitEdges:
         self.lowest = _Edge(2.0, [])
         self.highest = _Edge(-1.0, [])
 
-    def track(self, coins: pd.Series, examples: pd.Series) -> None:
+    def track(self, coins: np.ndarray, examples: np.ndarray) -> None:
         low, high = float(coins.min()), float(coins.max())
         for edge, coin, beyond in ((self.lowest, low, low < self.lowest.coin),
                                    (self.highest, high, high > self.highest.coin)):
-            at_coin = examples[(coins == coin).to_numpy()].tolist()
+            at_coin = examples[coins == coin].tolist()
             if beyond:
                 edge.coin, edge.examples = coin, at_coin
             elif coin == edge.coin:

@@ -10,7 +10,7 @@ directory; documents between `<|startoftext|>`/`<|endoftext|>`, or `<|endoftext|
 block). Every reader is chunked, so memory stays bounded; only the Kaggle genre table (a few short strings per
 review) is held whole.
 
-Text comes back as pandas' `str` dtype. Text that is not valid UTF-8 never raises: its cell comes back missing and
+Text comes back as Python `str` objects. Text that is not valid UTF-8 never raises: its cell comes back missing and
 the row's `UNDECODABLE` column True, so the caller can count and skip the row. A row that cannot be parsed at all (a
 JSON Lines line that is not an object, a CSV line with more fields than the header) has `MALFORMED` True.
 
@@ -68,7 +68,7 @@ def _decode_value(value):
 
 
 def _decoded(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """`column` with text as pandas `str` where it is all text, and which rows held undecodable text."""
+    """`column` with text as `str` objects, and which rows held undecodable text (their cells then missing)."""
     clean = np.zeros(len(column), dtype=bool)
     if column.dtype != object:
         return column, clean
@@ -76,11 +76,12 @@ def _decoded(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
     if kind in ("floating", "integer", "mixed-integer-float"):
         return column.infer_objects(), clean
     if kind in ("string", "empty"):
-        try:
-            return column.astype("str"), clean  # pyarrow refuses lone surrogates: the fast check
+        try:  # only non-ASCII text can hold a lone surrogate, and UTF-8 refuses those: the fast check
+            "".join(v for v in column if isinstance(v, str) and not v.isascii()).encode("utf-8")
+            return column, clean
         except UnicodeEncodeError:
             bad = column.str.contains(_SURROGATE, na=False).to_numpy(dtype=bool)
-            return column.mask(bad).astype("str"), bad
+            return column.mask(bad), bad
     values = column.map(_decode_value)  # lists, bytes, mixed: value by value
     bad = values.map(lambda v: v is _BAD or (isinstance(v, list) and any(x is _BAD for x in v)))
     return values.mask(bad), bad.to_numpy(dtype=bool)
