@@ -324,7 +324,11 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     try:
         plan = _plan(src, options, identifier)
         created = not out_dir.exists()
-        outputs = _open_outputs(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs = Outputs(out_dir)
+        except OSError as err:
+            raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
         try:
             counts = _run(src, plan, outputs)
             if counts.kept == 0:
@@ -332,7 +336,9 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
             counts.edges.ensure_both_splits(outputs, counts, plan.options.val_fraction)
             return _write_dataset(src, plan, counts, outputs, started)
         except BaseException as err:
-            _discard(outputs, out_dir, created)
+            outputs.discard()
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
             if isinstance(err, OSError):  # disk full, permissions, a file vanishing mid-run: one line
                 raise InvalidArgument(f"{err.filename or out_dir}: {err.strerror or err}") from None
             raise
@@ -341,45 +347,25 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 
 def _plan(src: Source, options: PrepareOptions, identifier: Optional[LanguageIdentifier]) -> _Plan:
-    """The options decided for `src`, its columns resolved, and the prompt format they imply."""
+    """The options decided for `src`, its columns checked against what it has, and the prompt format they imply."""
     options = options.for_source(src)
-    names = tuple(options.conditions)
-    fmt = PromptFormat(conditions=names, numeric=tuple(n for n in names if n in NUMERIC_CONDITIONS))
-    return _Plan(*_resolve_columns(src, options), fmt, identifier, options)
-
-
-def _resolve_columns(source: Source, options: PrepareOptions) -> tuple[str, dict[str, str]]:
-    """(text column, {condition: column}), checked against what the source has."""
     if options.text_column:
-        text_column = find_column(source, options.text_column, "--text-column")
+        text_column = find_column(src, options.text_column, "--text-column")
     else:
-        text_column = detect_text_column(source)
-    if options.condition_columns and source.kind in TEXT_KINDS:
-        raise InvalidArgument(f"{source.path}: a .txt corpus holds text only, it has no "
+        text_column = detect_text_column(src)
+    if options.condition_columns and src.kind in TEXT_KINDS:
+        raise InvalidArgument(f"{src.path}: a .txt corpus holds text only, it has no "
                               f"{', '.join(options.condition_columns)} column; drop --condition-columns "
                               "(or pass --no-conditions), or prepare a table (CSV, JSONL, SQLite) instead")
     conditions = {}
     for name, column in options.conditions.items():
         try:
-            conditions[name] = find_column(source, column, "--condition-columns")
+            conditions[name] = find_column(src, column, "--condition-columns")
         except InvalidArgument as err:
             raise InvalidArgument(f"{err}; pass --condition-columns NAME=COLUMN,... or --no-conditions "
                                   "for a plain corpus") from None
-    return text_column, conditions
-
-
-def _open_outputs(out_dir: Path) -> Outputs:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return Outputs(out_dir)
-    except OSError as err:
-        raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
-
-
-def _discard(outputs: Outputs, out_dir: Path, created: bool) -> None:
-    outputs.discard()
-    if created and not any(out_dir.iterdir()):
-        out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
+    fmt = PromptFormat(conditions=tuple(conditions), numeric=tuple(n for n in conditions if n in NUMERIC_CONDITIONS))
+    return _Plan(text_column, conditions, fmt, identifier, options)
 
 
 def _write_dataset(src: Source, plan: _Plan, counts: RunCounts, outputs: Outputs, started: float) -> PrepareResult:

@@ -22,6 +22,7 @@ JSON Lines line that is not an object, a CSV line with more fields than the head
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import sqlite3
@@ -174,36 +175,35 @@ def _open_sqlite(path: Path, query: Optional[str]) -> SqliteSource:
     found = ", ".join(tables) or "none"
     try:
         if query is not None:
-            return _query_source(path, conn, query, found)
+            try:
+                columns = [d[0] for d in conn.execute(query).description or ()]
+            except sqlite3.Error as err:
+                raise InvalidArgument(f"{path}: --query failed: {err} (tables found: {found})") from None
+            if not columns:
+                raise InvalidArgument(f"{path}: --query returned no columns; it must be a SELECT")
+            return SqliteSource(path, conn, "sqlite-query", lambda wanted: query, columns)
         if all(t in tables and "reviewid" in _table_columns(conn, t) for t in KAGGLE_TABLES):
             return _kaggle_source(path, conn, tables)
-        return _table_source(path, conn, tables, found)
-    except InvalidArgument:
+        if "reviews" not in tables and len(tables) != 1:
+            raise InvalidArgument(
+                f"{path}: no known tables (expected Kaggle `reviews`+`content`, or one table like seed "
+                f"`reviews(genre, score, review)`); tables found: {found}; pass --query to choose")
+        table = "reviews" if "reviews" in tables else tables[0]
+        columns = _table_columns(conn, table)
+        kind = "seed" if {"genre", "score", "review"} <= set(columns) else "sqlite-table"
+        total = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
+        # No ORDER BY: a table scan is already in rowid order, and a view has no rowid.
+        return SqliteSource(path, conn, kind, lambda wanted: f"SELECT {', '.join(map(_quote, wanted)) or '1'} "
+                            f"FROM {_quote(table)}", columns, total=total)
+    except BaseException as err:
         conn.close()
+        if isinstance(err, (sqlite3.Error, pd.errors.DatabaseError)):
+            raise InvalidArgument(f"{path}: SQLite error: {err}") from None
         raise
-    except (sqlite3.Error, pd.errors.DatabaseError) as err:
-        conn.close()
-        raise InvalidArgument(f"{path}: SQLite error: {err}") from None
 
 
 def _table_columns(conn, table: str) -> list[str]:
     return [row[1] for row in conn.execute(f"PRAGMA table_info({_quote(table)})")]
-
-
-def _count(conn, table: str) -> int:
-    return conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
-
-
-def _query_source(path: Path, conn, query: str, found: str) -> SqliteSource:
-    try:
-        cursor = conn.execute(query)
-    except sqlite3.Error as err:
-        raise InvalidArgument(f"{path}: --query failed: {err} (tables found: {found})") from None
-    columns = [d[0] for d in cursor.description or ()]
-    cursor.close()
-    if not columns:
-        raise InvalidArgument(f"{path}: --query returned no columns; it must be a SELECT")
-    return SqliteSource(path, conn, "sqlite-query", lambda wanted: query, columns)
 
 
 def _kaggle_source(path: Path, conn, tables: list[str]) -> SqliteSource:
@@ -223,21 +223,8 @@ def _kaggle_source(path: Path, conn, tables: list[str]) -> SqliteSource:
                 "LEFT JOIN content c ON c.reviewid = r.reviewid ORDER BY r.rowid")
 
     columns = review_columns + ["content"] + (["genre"] if genres is not None else [])
-    return SqliteSource(path, conn, "kaggle", select, columns, "content", _count(conn, "reviews"), genres)
-
-
-def _table_source(path: Path, conn, tables: list[str], found: str) -> SqliteSource:
-    if "reviews" in tables or len(tables) == 1:
-        table = "reviews" if "reviews" in tables else tables[0]
-    else:
-        raise InvalidArgument(
-            f"{path}: no known tables (expected Kaggle `reviews`+`content`, or one table like seed "
-            f"`reviews(genre, score, review)`); tables found: {found}; pass --query to choose")
-    columns = _table_columns(conn, table)
-    kind = "seed" if {"genre", "score", "review"} <= set(columns) else "sqlite-table"
-    # No ORDER BY: a table scan is already in rowid order, and a view has no rowid.
-    select = lambda wanted: f"SELECT {', '.join(_quote(c) for c in wanted) or '1'} FROM {_quote(table)}"  # noqa: E731
-    return SqliteSource(path, conn, kind, select, columns, total=_count(conn, table))
+    total = conn.execute("SELECT COUNT(*) FROM reviews").fetchone()[0]
+    return SqliteSource(path, conn, "kaggle", select, columns, "content", total, genres)
 
 
 # -- CSV -----------------------------------------------------------------------------------------------------------
@@ -429,19 +416,10 @@ class TextSource(Source):
         super().__init__(path, ("text",), "text", total=sum(p.stat().st_size for p in self.files))
 
     def frames(self, columns):
-        documents = self._all_documents()
-        while batch := [d for _, d in zip(range(CHUNK_ROWS), documents)]:
+        whole: list[str] = []  # files read as one document: no delimiter, no blank line
+        documents = (document for path in self.files for document in self._documents(path, whole))
+        while batch := list(itertools.islice(documents, CHUNK_ROWS)):
             yield _frame(pd.DataFrame({"text": pd.Series(batch, dtype=object)}), columns)
-
-    def _all_documents(self) -> Iterator[str]:
-        whole = []  # files read as one document: no delimiter, no blank line
-        for path in self.files:
-            delimited, documents = _has_delimiter(path), 0
-            for document in self._documents(path, delimited):
-                documents += 1
-                yield document
-            if not delimited and documents == 1:
-                whole.append(path.name)
         if whole and (self.kind == "txt" or len(whole) < len(self.files)):
             # Warn when it is likely a mistake: a single file, or some files of a directory but not all.
             self.warnings.append(
@@ -449,9 +427,9 @@ class TextSource(Source):
                 f"and no blank line, read as one document each; separate documents with <|endoftext|> "
                 "or a blank line")
 
-    def _documents(self, path: Path, delimited: bool) -> Iterator[str]:
+    def _documents(self, path: Path, whole: list[str]) -> Iterator[str]:
         """The documents of one file, streamed line by line."""
-        lines: list[str] = []
+        delimited, lines, blocks = _has_delimiter(path), [], 0
         with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
             for line in f:
                 self.position += len(line.encode("utf-8", errors="surrogateescape"))
@@ -466,9 +444,12 @@ class TextSource(Source):
                     lines.append(line)
                 elif lines:  # a blank line ends a block
                     yield "".join(lines)
-                    lines = []
+                    lines, blocks = [], blocks + 1
         if "".join(lines).strip():
             yield "".join(lines)
+            blocks += 1
+        if not delimited and blocks == 1:
+            whole.append(path.name)
 
 
 def _has_delimiter(path: Path) -> bool:
