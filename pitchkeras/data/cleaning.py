@@ -109,17 +109,14 @@ def numbers(column: pd.Series) -> np.ndarray:
     return per_value(column, _number).astype(float)
 
 
-def _category(value) -> str:
-    return "" if _missing(value) else " ".join(str(value).split())
-
-
 def _values(cell, multi: bool) -> tuple:
     """A cell's condition values, whitespace collapsed, in order, without blanks or repeats: a list's items, text
     split at commas for a multi-valued condition, else the cell."""
     if _missing(cell):
         return ()
     cells = cell if isinstance(cell, list) else str(cell).split(",") if multi else [cell]
-    return tuple(dict.fromkeys(value for value in map(_category, cells) if value))
+    values = ("" if _missing(value) else " ".join(str(value).split()) for value in cells)
+    return tuple(dict.fromkeys(value for value in values if value))
 
 
 def categories(column: pd.Series, multi: bool) -> np.ndarray:

@@ -43,10 +43,6 @@ class Outputs:
         """Append rows made by `csv_rows`."""
         self.files[name].file.writelines(rows)  # row by row: no chunk-sized string to allocate and fault in
 
-    def close(self) -> None:
-        for atomic in self.files.values():
-            atomic.file.close()
-
     def commit(self) -> None:
         for atomic in self.files.values():
             atomic.commit()
@@ -89,7 +85,8 @@ class SplitEdges:
         moved = dict.fromkeys(examples)
         if len(moved) >= counts.kept:
             return
-        outputs.close()
+        for atomic in outputs.files.values():
+            atomic.file.close()
         source_tmp, target_tmp = outputs.files[f"{source}.csv"].tmp, outputs.files[f"{target}.csv"].tmp
         rows = csv_rows([e for e in read_examples(source_tmp) if e not in moved])
         with open(source_tmp, "wb") as f:

@@ -127,12 +127,7 @@ class _Plan:
     fmt: PromptFormat
     identifier: Optional[LanguageIdentifier]
     options: PrepareOptions
-
-    @property
-    def exploded(self) -> Optional[str]:
-        """The condition `multi_genre="all"` turns into one example per value, if any."""
-        multi = self.options.multi_genre == "all" and MULTI_VALUE_CONDITION in self.conditions
-        return MULTI_VALUE_CONDITION if multi else None
+    exploded: Optional[str]  # the condition `multi_genre="all"` turns into one example per value, if any
 
 
 class _Drops:
@@ -217,15 +212,14 @@ def _filter_rows(frame: pd.DataFrame, positions: np.ndarray, plan: _Plan, drops:
 def _examples(rows: dict, plan: _Plan, counts: RunCounts) -> dict:
     """One example per row (per value of the exploded condition with `multi_genre="all"`), with its split hash."""
     rows[COIN] = np.array([_split_hash(t, plan.options.seed) for t in rows[TEXT]], dtype=float)
-    categorical = [name for name in plan.fmt.conditions if name not in plan.fmt.numeric]
     if plan.exploded:
         values = rows.pop(plan.exploded)
         index = np.repeat(np.arange(len(values)), np.fromiter(map(len, values), dtype=np.int64, count=len(values)))
         counts.multi_genre_extra += len(index) - len(values)
         rows = {name: column[index] for name, column in rows.items()}
         rows[plan.exploded] = np.array([value for row in values for value in row], dtype=object)
-    for name in categorical:
-        if name != plan.exploded:
+    for name in plan.fmt.conditions:
+        if name not in plan.fmt.numeric and name != plan.exploded:  # a categorical condition: its first value
             rows[name] = np.array([row[0] for row in rows[name]], dtype=object)
     end = plan.fmt.end_text
     rows[EXAMPLE] = np.array([p + t + end for p, t in zip(_prompts(rows, plan.fmt), rows[TEXT])], dtype=object)
@@ -241,10 +235,8 @@ def _prompts(rows: dict, fmt: PromptFormat) -> list[str]:
 
 def _dedupe(rows: dict, seen: set, drops: _Drops) -> dict:
     """`rows` without exact repeats of an example already kept (in this chunk or before)."""
-    repeated = np.zeros(len(rows[EXAMPLE]), dtype=bool)
-    for i, key in enumerate(map(_example_key, rows[EXAMPLE])):
-        repeated[i] = key in seen
-        seen.add(key)
+    keys = map(_example_key, rows[EXAMPLE])
+    repeated = np.array([key in seen or seen.add(key) for key in keys], dtype=bool)  # add() gives None: False
     keep = drops.mark(rows[POSITION], np.ones(len(repeated), dtype=bool), repeated, "duplicate")
     return {name: values[keep] for name, values in rows.items()}
 
@@ -365,7 +357,8 @@ def _plan(src: Source, options: PrepareOptions, identifier: Optional[LanguageIde
             raise InvalidArgument(f"{err}; pass --condition-columns NAME=COLUMN,... or --no-conditions "
                                   "for a plain corpus") from None
     fmt = PromptFormat(conditions=tuple(conditions), numeric=tuple(n for n in conditions if n in NUMERIC_CONDITIONS))
-    return _Plan(text_column, conditions, fmt, identifier, options)
+    multi = options.multi_genre == "all" and MULTI_VALUE_CONDITION in conditions
+    return _Plan(text_column, conditions, fmt, identifier, options, MULTI_VALUE_CONDITION if multi else None)
 
 
 def _write_dataset(src: Source, plan: _Plan, counts: RunCounts, outputs: Outputs, started: float) -> PrepareResult:

@@ -21,6 +21,7 @@ JSON Lines line that is not an object, a CSV line with more fields than the head
 
 from __future__ import annotations
 
+import csv
 import functools
 import itertools
 import json
@@ -31,6 +32,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pitchkeras.conditioning import END_OF_TEXT, START_OF_TEXT
 from pitchkeras.errors import InvalidArgument
@@ -252,9 +254,7 @@ class CsvSource(Source):
         super().__init__(path, [header[0].removeprefix("\ufeff"), *header[1:]], total=path.stat().st_size)
 
     def _read(self, f, engine, **kwargs):
-        if engine == "python":
-            import csv  # the python parser's own reader
-
+        if engine == "python":  # it reads through the csv module, whose field size limit is lifted
             csv.field_size_limit(CSV_FIELD_LIMIT)
             kwargs["on_bad_lines"] = lambda line: [_BAD_LINE] * len(self.columns)
         return pd.read_csv(f, sep=self.delimiter, engine=engine, dtype=object, keep_default_na=False,
@@ -376,8 +376,6 @@ class ParquetSource(Source):
         super().__init__(path, self.file.schema_arrow.names, total=self.file.metadata.num_rows)
 
     def frames(self, columns):
-        import pyarrow as pa
-
         def checked(array):  # a string column that is not valid UTF-8 is read as bytes, decoded value by value
             if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
                 try:
@@ -453,14 +451,9 @@ class TextSource(Source):
 
 
 def _has_delimiter(path: Path) -> bool:
-    """Whether `path` holds a gpt-2-simple delimiter (streamed: bounded memory on large files)."""
-    tail, needles = b"", (START_OF_TEXT.encode(), END_OF_TEXT.encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            if any(n in tail + chunk for n in needles):
-                return True
-            tail = (tail + chunk)[-(len(END_OF_TEXT) + 2):]  # a delimiter split across two chunks
-    return False
+    """Whether `path` holds a gpt-2-simple delimiter (read line by line, as `_documents` reads it)."""
+    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return any(START_OF_TEXT in line or END_OF_TEXT in line for line in f)
 
 
 # -- detection -----------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from array import array
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from pitchkeras.conditioning import PromptFormat
 from pitchkeras.io import atomic_path
 
@@ -89,9 +91,7 @@ class DatasetStats:
     def _histograms(self) -> dict[str, dict]:
         out = {}
         for name, groups in self.numeric.items():
-            total = collections.Counter()
-            for counter in groups.values():
-                total.update(counter)
+            total = sum(groups.values(), collections.Counter())
             if not total:
                 continue
             edges = histogram_edges(list(total))
@@ -104,8 +104,6 @@ class DatasetStats:
 
     def summary(self) -> dict[str, Any]:
         """The statistics part of `stats.json`."""
-        import numpy as np
-
         lengths = np.frombuffer(self.lengths, dtype=np.int64) if len(self.lengths) else np.zeros(1, np.int64)
         out: dict[str, Any] = {}
         if "genre" in self.counts:
