@@ -140,15 +140,13 @@ class DatasetStats:
             fig = Figure(figsize=(8, 0.3 * len(top) + 1.5))
             ax = fig.subplots()
             ax.barh([str(k) for k, _ in reversed(top)], [n for _, n in reversed(top)])
-            ax.set_xlabel("examples")
-            ax.set_title(f"examples per {cond}")
+            ax.set(xlabel="examples", title=f"examples per {cond}")
         else:
             fig = Figure(figsize=(8, 4))
             ax = fig.subplots()
             ax.hist(list(self.lengths), bins=40)
-            ax.set_xlabel("text length (characters)")
-            ax.set_ylabel("examples")
-            ax.set_title(f"text length of {len(self.lengths)} examples")
+            ax.set(xlabel="text length (characters)", ylabel="examples",
+                   title=f"text length of {len(self.lengths)} examples")
         if name is None:
             fig.tight_layout()
         with atomic_path(path) as tmp:
