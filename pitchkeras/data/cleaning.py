@@ -78,8 +78,9 @@ def _missing(value) -> bool:
 def texts(column: pd.Series) -> np.ndarray:
     """A text column as Python strings, normalised ("" when missing)."""
     out = np.array([v if isinstance(v, str) else "" if _missing(v) else str(v) for v in column], dtype=object)
-    # Most texts are already clean: one pass of RE2 over the chunk finds those that are not.
-    dirty = pc.match_substring_regex(pa.array(out, type=pa.large_string()), _UNCLEAN).to_numpy(zero_copy_only=False)
+    # Most texts are already clean: one pass of RE2 over the chunk (as pyarrow has it) finds those that are not.
+    arrow = pa.array(column) if isinstance(column.dtype, pd.StringDtype) else pa.array(out, type=pa.large_string())
+    dirty = pc.match_substring_regex(arrow, _UNCLEAN).fill_null(False).to_numpy(zero_copy_only=False)
     dirty |= np.fromiter((t.startswith(_EDGES) or t.endswith(_EDGES) for t in out), dtype=bool, count=len(out))
     out[dirty] = [normalize_text(t) for t in out[dirty]]
     return out

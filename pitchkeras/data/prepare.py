@@ -164,7 +164,7 @@ def _run(src: Source, plan: _Plan, outputs: Outputs) -> RunCounts:
             drops = _Drops()
             # Row positions in the whole dump: they order the drop reasons as they were met.
             rows = _filter_rows(frame, np.arange(counts.read, counts.read + len(frame)), plan, drops)
-            counts.read += len(frame)
+            counts.read, frame = counts.read + len(frame), None  # the chunk's columns go before its examples come
             _write_examples(_dedupe(_examples(rows, plan, counts), seen, drops), plan, outputs, counts)
             drops.merge_into(counts.dropped)
             bar.update(max(0, src.position - bar.n))
