@@ -10,9 +10,10 @@ directory; documents between `<|startoftext|>`/`<|endoftext|>`, or `<|endoftext|
 block). Every reader is chunked, so memory stays bounded; only the Kaggle genre table (a few short strings per
 review) is held whole.
 
-Text comes back as Python `str` objects. Text that is not valid UTF-8 never raises: its cell comes back missing and
-the row's `UNDECODABLE` column True, so the caller can count and skip the row. A row that cannot be parsed at all (a
-JSON Lines line that is not an object, a CSV line with more fields than the header) has `MALFORMED` True.
+Text comes back as `str` (objects, or pandas' `str` dtype where the reader makes it). Text that is not valid UTF-8
+never raises: its cell comes back missing and the row's `UNDECODABLE` column True, so the caller can count and skip
+the row. A row that cannot be parsed at all (a JSON Lines line that is not an object, a CSV line with more fields
+than the header) has `MALFORMED` True.
 
 >>> source = open_source("database.sqlite")
 >>> source.kind, source.default_text_column
@@ -71,7 +72,7 @@ def _decode_value(value):
 
 
 def _decoded(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """`column` with text as `str` objects, and which rows held undecodable text (their cells then missing)."""
+    """`column` with bytes decoded, and which rows held undecodable text (their cells then missing)."""
     clean = np.zeros(len(column), dtype=bool)
     if column.dtype != object:
         return column, clean
