@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -136,13 +137,13 @@ class _Drops:
     def __init__(self):
         self.found: dict[str, list[int]] = {}
 
-    def mark(self, positions: np.ndarray, keep: np.ndarray, mask, reason: str) -> np.ndarray:
-        """`keep` without the rows `mask` selects among them, those counted under `reason`."""
+    def mark(self, positions: np.ndarray, keep: np.ndarray, mask, reason: str) -> None:
+        """Take the rows `mask` selects out of `keep` (in place), those still in it counted under `reason`."""
         hit = keep & np.asarray(mask, dtype=bool)
         if hit.any():
             known = self.found.setdefault(reason, [0, int(positions[hit.argmax()])])
             known[0] += int(hit.sum())
-        return keep & ~hit
+        keep &= ~hit
 
     def merge_into(self, dropped: collections.Counter) -> None:
         # A reason's place in stats.json (among equal counts) is where it first occurred in the dump.
@@ -179,11 +180,7 @@ def _filter_rows(frame: pd.DataFrame, positions: np.ndarray, plan: _Plan, drops:
     tuple of a row's values).
     """
     options, keep = plan.options, np.ones(len(frame), dtype=bool)
-
-    def reject(mask, reason):
-        nonlocal keep
-        keep = drops.mark(positions, keep, mask, reason)
-
+    reject = functools.partial(drops.mark, positions, keep)  # reject(mask, reason)
     reject(frame[MALFORMED], "malformed_row")
     reject(frame[UNDECODABLE], "undecodable")
     text = texts(frame[plan.text_column])
@@ -237,7 +234,8 @@ def _dedupe(rows: dict, seen: set, drops: _Drops) -> dict:
     """`rows` without exact repeats of an example already kept (in this chunk or before)."""
     keys = map(_example_key, rows[EXAMPLE])
     repeated = np.array([key in seen or seen.add(key) for key in keys], dtype=bool)  # add() gives None: False
-    keep = drops.mark(rows[POSITION], np.ones(len(repeated), dtype=bool), repeated, "duplicate")
+    keep = np.ones(len(repeated), dtype=bool)
+    drops.mark(rows[POSITION], keep, repeated, "duplicate")
     return {name: values[keep] for name, values in rows.items()}
 
 

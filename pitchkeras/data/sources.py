@@ -152,12 +152,14 @@ class SqliteSource(Source):
         self._genres = genres  # reviewid -> [genre], for the Kaggle schema
 
     def frames(self, columns):
-        try:
-            for chunk in pd.read_sql_query(self._select(columns), self.conn, chunksize=CHUNK_ROWS):
-                if self._genres is not None and "genre" in columns:
-                    chunk["genre"] = chunk["reviewid"].map(lambda r: self._genres.get(r, []))
-                self.position += len(chunk)
-                yield _frame(chunk, columns)
+        def frame(chunk):
+            if self._genres is not None and "genre" in columns:
+                chunk["genre"] = chunk["reviewid"].map(lambda r: self._genres.get(r, []))
+            self.position += len(chunk)
+            return _frame(chunk, columns)
+
+        try:  # `yield from map`: no reference to a chunk stays here while the caller works on it
+            yield from map(frame, pd.read_sql_query(self._select(columns), self.conn, chunksize=CHUNK_ROWS))
         except (sqlite3.Error, pd.errors.DatabaseError) as err:
             raise InvalidArgument(f"{self.path}: SQLite error while reading: {err}") from None
 
