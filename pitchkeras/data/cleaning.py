@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # ASCII horizontal whitespace only (NBSP and friends are kept as written). Patterns match only what
 # changes (not every single space), and each runs only when a plain `in` finds work for it.
@@ -73,16 +75,15 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def texts(column: pd.Series) -> pd.Series:
-    """A text column as pandas `str`, normalised ("" when missing)."""
-    if not isinstance(column.dtype, pd.StringDtype):
-        column = column.map(lambda v: "" if _missing(v) else str(v))
-    column = column.fillna("").astype("str") if column.hasnans or column.dtype != "str" else column
-    dirty = (column.str.contains(_UNCLEAN, regex=True) | column.str.startswith(_EDGES)
-             | column.str.endswith(_EDGES)).to_numpy(dtype=bool)
-    if dirty.any():
-        column = pd.concat([column[~dirty], column[dirty].map(normalize_text).astype("str")]).reindex(column.index)
-    return column
+def texts(column: pd.Series) -> np.ndarray:
+    """A text column as Python strings, normalised ("" when missing)."""
+    out = np.array([v if isinstance(v, str) else "" if _missing(v) else str(v) for v in column], dtype=object)
+    # Most texts are already clean: one pass of RE2 over the chunk (as pyarrow has it) finds those that are not.
+    arrow = pa.array(column) if isinstance(column.dtype, pd.StringDtype) else pa.array(out, type=pa.large_string())
+    dirty = pc.match_substring_regex(arrow, _UNCLEAN).fill_null(False).to_numpy(zero_copy_only=False)
+    dirty |= np.fromiter((t.startswith(_EDGES) or t.endswith(_EDGES) for t in out), dtype=bool, count=len(out))
+    out[dirty] = [normalize_text(t) for t in out[dirty]]
+    return out
 
 
 def per_value(column: pd.Series, function) -> np.ndarray:
@@ -91,9 +92,7 @@ def per_value(column: pd.Series, function) -> np.ndarray:
         codes, uniques = pd.factorize(column, use_na_sentinel=True)
     except TypeError:  # unhashable values (a JSON list inside a list): value by value
         codes, uniques = np.arange(len(column)), column.to_numpy(dtype=object)
-    results = np.empty(len(uniques) + 1, dtype=object)
-    results[:-1] = [function(value) for value in uniques]
-    results[-1] = function(None)
+    results = np.fromiter(map(function, [*uniques, None]), dtype=object, count=len(uniques) + 1)
     return results[codes]  # code -1 (NA) picks the last
 
 
@@ -111,22 +110,16 @@ def numbers(column: pd.Series) -> np.ndarray:
     return per_value(column, _number).astype(float)
 
 
-def _category(value) -> str:
-    return "" if _missing(value) else " ".join(str(value).split())
+def _values(cell, multi: bool) -> tuple:
+    """A cell's condition values, whitespace collapsed, in order, without blanks or repeats: a list's items, text
+    split at commas for a multi-valued condition, else the cell."""
+    if _missing(cell):
+        return ()
+    cells = cell if isinstance(cell, list) else str(cell).split(",") if multi else [cell]
+    values = ("" if _missing(value) else " ".join(str(value).split()) for value in cells)
+    return tuple(dict.fromkeys(value for value in values if value))
 
 
-def _as_values(value, multi: bool):
-    """A cell as its condition values: lists as they are; text split at commas for a multi-valued condition."""
-    return str(value).split(",") if multi and not (isinstance(value, list) or _missing(value)) else value
-
-
-def categories(column: pd.Series, multi: bool) -> pd.Series:
-    """Every row's values, whitespace collapsed, one per line (index = row), in order, no blanks or repeats."""
-    if isinstance(column.dtype, pd.StringDtype):
-        values = column.str.split(",") if multi else column
-    else:
-        values = column.map(functools.partial(_as_values, multi=multi))
-    values = values.explode()
-    values = pd.Series(per_value(values, _category), index=values.index, dtype="str")
-    values = values[(values != "").to_numpy()]
-    return values[~pd.DataFrame({"row": values.index, "value": values.to_numpy()}).duplicated().to_numpy()]
+def categories(column: pd.Series, multi: bool) -> np.ndarray:
+    """Every row's values (a tuple each; empty when missing)."""
+    return per_value(column, functools.partial(_values, multi=multi))

@@ -9,6 +9,7 @@ the per-state feature lists become one gather and one `bincount` (timings: BUILD
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 
@@ -29,13 +30,9 @@ class LanguageIdentifier:
         self._ptc = np.asarray(identifier.nb_ptc)  # (features, classes) log P(feature | class)
         self._pc = np.asarray(identifier.nb_pc)  # (classes,) log P(class)
         # CSR layout of tk_output (state -> feature indices): ptr[s]:ptr[s + 1] slices `features`.
-        lengths = np.zeros((len(self._nextmove) >> 8) + 1, dtype=np.int64)
-        for state, outputs in identifier.tk_output.items():
-            lengths[state + 1] = len(outputs)
-        self._ptr = np.cumsum(lengths)
-        self._features = np.zeros(int(self._ptr[-1]), dtype=np.int64)
-        for state, outputs in identifier.tk_output.items():
-            self._features[self._ptr[state]:self._ptr[state + 1]] = outputs
+        outputs = [identifier.tk_output.get(state, ()) for state in range(len(self._nextmove) >> 8)]
+        self._ptr = np.cumsum([0, *map(len, outputs)])
+        self._features = np.fromiter(itertools.chain.from_iterable(outputs), dtype=np.int64, count=int(self._ptr[-1]))
 
     def classify(self, text: str) -> str:
         """The ISO 639-1 code of the most likely language of `text`."""

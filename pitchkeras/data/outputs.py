@@ -11,19 +11,17 @@ multi-line examples survive.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
-import pandas as pd
 
 from pitchkeras.data.pipeline import read_examples
 from pitchkeras.io import AtomicFile
 
 
-def csv_rows(examples: pd.Series) -> np.ndarray:
-    """Each example as its CSV row: quoted (quotes doubled) where `csv.writer` would quote it, newline-ended."""
-    return np.array(['"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
-                     else e + "\n" for e in examples.tolist()], dtype=object)
+def csv_rows(examples) -> np.ndarray:
+    """Each example (str) as its CSV row in UTF-8: quoted (quotes doubled) where `csv.writer` would quote it,
+    newline-ended."""
+    return np.array([('"' + e.replace('"', '""') + '"\n' if "\n" in e or "," in e or '"' in e or "\r" in e
+                      else e + "\n").encode("utf-8") for e in examples], dtype=object)
 
 
 class Outputs:
@@ -36,7 +34,7 @@ class Outputs:
         self.files: dict[str, AtomicFile] = {}
         try:
             for name in self.NAMES:
-                self.files[name] = AtomicFile(out_dir / name, newline="")
+                self.files[name] = AtomicFile(out_dir / name, "wb")
         except BaseException:
             self.discard()
             raise
@@ -44,19 +42,6 @@ class Outputs:
     def write(self, name: str, rows: np.ndarray) -> None:
         """Append rows made by `csv_rows`."""
         self.files[name].file.writelines(rows)  # row by row: no chunk-sized string to allocate and fault in
-
-    def rewrite(self, name: str, examples: list[str], mode: str = "w") -> None:
-        """Replace (`w`) or extend (`a`) a file's rows, after `close()`."""
-        with open(self.files[name].tmp, mode, encoding="utf-8", newline="") as f:
-            f.write("".join(csv_rows(pd.Series(examples, dtype="str"))))
-
-    def read(self, name: str) -> list[str]:
-        """A file's rows so far, after `close()`."""
-        return read_examples(self.files[name].tmp)
-
-    def close(self) -> None:
-        for atomic in self.files.values():
-            atomic.file.close()
 
     def commit(self) -> None:
         for atomic in self.files.values():
@@ -67,28 +52,19 @@ class Outputs:
             atomic.discard()
 
 
-@dataclasses.dataclass
-class _Edge:
-    coin: float
-    examples: list
-
-
 class SplitEdges:
-    """The examples at the lowest and the highest split hash seen so far."""
+    """The examples at the lowest and the highest split hash seen so far, each edge as `[coin, examples]`."""
 
     def __init__(self):
-        self.lowest = _Edge(2.0, [])
-        self.highest = _Edge(-1.0, [])
+        self.lowest, self.highest = [2.0, []], [-1.0, []]
 
-    def track(self, coins: pd.Series, examples: pd.Series) -> None:
-        low, high = float(coins.min()), float(coins.max())
-        for edge, coin, beyond in ((self.lowest, low, low < self.lowest.coin),
-                                   (self.highest, high, high > self.highest.coin)):
-            at_coin = examples[(coins == coin).to_numpy()].tolist()
-            if beyond:
-                edge.coin, edge.examples = coin, at_coin
-            elif coin == edge.coin:
-                edge.examples.extend(at_coin)
+    def track(self, coins: np.ndarray, examples: np.ndarray) -> None:
+        for edge, coin in ((self.lowest, float(coins.min())), (self.highest, float(coins.max()))):
+            at_coin = examples[coins == coin].tolist()
+            if coin == edge[0]:
+                edge[1].extend(at_coin)
+            elif (coin < edge[0]) == (edge is self.lowest):  # beyond the edge so far
+                edge[:] = [coin, at_coin]
 
     def ensure_both_splits(self, outputs: Outputs, counts, val_fraction: float) -> None:
         """On tiny datasets the hash may leave a split empty: move the nearest review's examples over.
@@ -99,18 +75,23 @@ class SplitEdges:
         if counts.kept < 2 or val_fraction == 0:
             return
         if counts.val == 0:
-            self._move(outputs, counts, self.lowest, "train", "val")
+            self._move(outputs, counts, self.lowest[1], "train", "val")
         elif counts.train == 0:
-            self._move(outputs, counts, self.highest, "val", "train")
+            self._move(outputs, counts, self.highest[1], "val", "train")
 
     @staticmethod
-    def _move(outputs: Outputs, counts, edge: _Edge, source: str, target: str) -> None:
-        """Move `edge`'s examples from split `source` to `target`, unless that would empty `source`."""
-        moved = set(edge.examples)
+    def _move(outputs: Outputs, counts, examples: list, source: str, target: str) -> None:
+        """Move `examples` from split `source` to `target` (rows appended in order), unless that empties `source`."""
+        moved = dict.fromkeys(examples)
         if len(moved) >= counts.kept:
             return
-        outputs.close()
-        outputs.rewrite(f"{source}.csv", [e for e in outputs.read(f"{source}.csv") if e not in moved])
-        outputs.rewrite(f"{target}.csv", list(moved), "a")
+        for atomic in outputs.files.values():
+            atomic.file.close()
+        source_tmp, target_tmp = outputs.files[f"{source}.csv"].tmp, outputs.files[f"{target}.csv"].tmp
+        rows = csv_rows([e for e in read_examples(source_tmp) if e not in moved])
+        with open(source_tmp, "wb") as f:
+            f.writelines(rows)
+        with open(target_tmp, "ab") as f:
+            f.writelines(csv_rows(moved))
         setattr(counts, source, getattr(counts, source) - len(moved))
         setattr(counts, target, getattr(counts, target) + len(moved))

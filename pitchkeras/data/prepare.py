@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -54,7 +55,7 @@ from pitchkeras.io import atomic_write_json
 MULTI_VALUE_CONDITION = "genre"  # the one condition a row may hold several values of
 LANGUAGE_SAMPLE_CHARS = 2000  # langid reads this much of each text: enough to decide, bounded cost
 PROGRESS_MIN_ROWS, PROGRESS_MIN_BYTES = 5000, 5 << 20  # smaller inputs finish before a bar is worth drawing
-TEXT, COIN, EXAMPLE = "__text__", "__coin__", "__example__"  # the working columns a chunk gains
+POSITION, TEXT, COIN, EXAMPLE = "__position__", "__text__", "__coin__", "__example__"  # arrays beside the conditions
 
 
 @dataclasses.dataclass
@@ -127,12 +128,7 @@ class _Plan:
     fmt: PromptFormat
     identifier: Optional[LanguageIdentifier]
     options: PrepareOptions
-
-    @property
-    def exploded(self) -> Optional[str]:
-        """The condition `multi_genre="all"` turns into one example per value, if any."""
-        multi = self.options.multi_genre == "all" and MULTI_VALUE_CONDITION in self.conditions
-        return MULTI_VALUE_CONDITION if multi else None
+    exploded: Optional[str]  # the condition `multi_genre="all"` turns into one example per value, if any
 
 
 class _Drops:
@@ -141,13 +137,13 @@ class _Drops:
     def __init__(self):
         self.found: dict[str, list[int]] = {}
 
-    def mark(self, positions: np.ndarray, keep: np.ndarray, mask, reason: str) -> np.ndarray:
-        """`keep` without the rows `mask` selects among them, those counted under `reason`."""
+    def mark(self, positions: np.ndarray, keep: np.ndarray, mask, reason: str) -> None:
+        """Take the rows `mask` selects out of `keep` (in place), those still in it counted under `reason`."""
         hit = keep & np.asarray(mask, dtype=bool)
         if hit.any():
             known = self.found.setdefault(reason, [0, int(positions[hit.argmax()])])
             known[0] += int(hit.sum())
-        return keep & ~hit
+        keep &= ~hit
 
     def merge_into(self, dropped: collections.Counter) -> None:
         # A reason's place in stats.json (among equal counts) is where it first occurred in the dump.
@@ -157,7 +153,7 @@ class _Drops:
 
 # -- the run: one pass over the source, a chunk (DataFrame) at a time --------------------------------------------
 def _run(src: Source, plan: _Plan, outputs: Outputs) -> RunCounts:
-    """The streaming loop: read a chunk, clean it, turn it into examples, dedupe, split, write, count."""
+    """The streaming loop: read a chunk, filter it, turn it into examples, dedupe, split, write, count."""
     from tqdm import tqdm  # lazy: start-up time of the CLI
 
     counts = RunCounts(DatasetStats(plan.fmt))
@@ -166,109 +162,96 @@ def _run(src: Source, plan: _Plan, outputs: Outputs) -> RunCounts:
     with tqdm(total=src.total, unit=src.unit, unit_scale=src.unit == "B", desc=f"prepare {src.path.name}",
               disable=not (plan.options.progress and large), mininterval=0.5, file=sys.stderr) as bar:
         for frame in src.frames(list(dict.fromkeys([plan.text_column, *plan.conditions.values()]))):
-            # Row positions in the whole dump: they order the drop reasons as they were met.
-            frame.index = pd.RangeIndex(counts.read, counts.read + len(frame))
-            counts.read += len(frame)
             drops = _Drops()
-            rows, exploded = _filter_rows(frame, plan, drops)
-            _write_examples(_dedupe(_examples(rows, exploded, plan, counts), seen, drops), plan, outputs, counts)
+            # Row positions in the whole dump: they order the drop reasons as they were met.
+            rows = _filter_rows(frame, np.arange(counts.read, counts.read + len(frame)), plan, drops)
+            counts.read, frame = counts.read + len(frame), None  # the chunk's columns go before its examples come
+            _write_examples(_dedupe(_examples(rows, plan, counts), seen, drops), plan, outputs, counts)
             drops.merge_into(counts.dropped)
             bar.update(max(0, src.position - bar.n))
             pa.default_memory_pool().release_unused()  # pyarrow's allocator keeps freed chunks otherwise
     return counts
 
 
-def _filter_rows(frame: pd.DataFrame, plan: _Plan, drops: _Drops) -> tuple[pd.DataFrame, Optional[pd.Series]]:
+def _filter_rows(frame: pd.DataFrame, positions: np.ndarray, plan: _Plan, drops: _Drops) -> dict:
     """Each filter a mask over the chunk, a row counted under the first that drops it.
 
-    Returns the kept rows (text cleaned, one value per condition) and, with `multi_genre="all"`, every value of the
-    exploded condition per kept row.
+    Returns the kept rows as arrays: `POSITION`, `TEXT` (cleaned), each condition's values (a categorical one: the
+    tuple of a row's values).
     """
-    options, positions = plan.options, frame.index.to_numpy()
-    keep = np.ones(len(frame), dtype=bool)
-
-    def reject(mask, reason):
-        nonlocal keep
-        keep = drops.mark(positions, keep, mask, reason)
-
+    options, keep = plan.options, np.ones(len(frame), dtype=bool)
+    reject = functools.partial(drops.mark, positions, keep)  # reject(mask, reason)
     reject(frame[MALFORMED], "malformed_row")
     reject(frame[UNDECODABLE], "undecodable")
-    text = texts(frame[plan.text_column]) if keep.all() else \
-        texts(frame[plan.text_column][keep]).reindex(frame.index, fill_value="")
-    reject(text == "", "empty_text")
-    rows, exploded = {TEXT: text}, None
+    text = texts(frame[plan.text_column])
+    length = np.fromiter(map(len, text), dtype=np.int64, count=len(text))
+    reject(length == 0, "empty_text")
+    rows = {POSITION: positions, TEXT: text}
     for name, column in plan.conditions.items():
         if name in plan.fmt.numeric:
             rows[name] = numbers(frame[column])
             reject(np.isinf(rows[name]), f"unparseable_{name}")
             reject(np.isnan(rows[name]), f"missing_{name}")
         else:
-            values = categories(frame[column], multi=name == MULTI_VALUE_CONDITION)
-            reject(~frame.index.isin(values.index), f"missing_{name}")
-            rows[name] = values[~values.index.duplicated()].reindex(frame.index)
-            exploded = values if name == plan.exploded else exploded
+            rows[name] = categories(frame[column], multi=name == MULTI_VALUE_CONDITION)
+            reject(np.fromiter(map(len, rows[name]), dtype=np.int64, count=len(frame)) == 0, f"missing_{name}")
     if options.drop_multiline:
-        reject(text.str.contains("\n", regex=False), "multiline")
-    length = text.str.len().to_numpy()
+        reject(np.fromiter(("\n" in t for t in text), dtype=bool, count=len(text)), "multiline")
     reject(length < options.min_chars, "too_short")
     reject(length > options.max_chars, "too_long")
     if plan.identifier is not None:
         other = np.zeros(len(frame), dtype=bool)
-        other[keep] = text[keep].str.slice(0, LANGUAGE_SAMPLE_CHARS).map(plan.identifier.classify) != options.language
+        other[keep] = [plan.identifier.classify(t[:LANGUAGE_SAMPLE_CHARS]) != options.language for t in text[keep]]
         reject(other, "language")
-    rows = pd.DataFrame(rows, index=frame.index)
-    rows = rows if keep.all() else rows[keep]
-    return rows, None if exploded is None else exploded[exploded.index.isin(rows.index)]
+    return {name: values[keep] for name, values in rows.items()}
 
 
-def _examples(rows: pd.DataFrame, exploded: Optional[pd.Series], plan: _Plan, counts: RunCounts) -> pd.DataFrame:
-    """One example per row (per genre with `multi_genre="all"`), with its split hash.
-
-    Examples are Python strings, made from one conversion of the text column: they are hashed and written as
-    they are.
-    """
-    text = rows[TEXT].tolist()
-    rows[COIN] = np.array([_split_hash(t, plan.options.seed) for t in text], dtype=float)
-    if exploded is not None:
-        counts.multi_genre_extra += len(exploded) - len(rows)
-        rows = rows.loc[exploded.index]
-        rows[plan.exploded] = exploded.to_numpy()
-        text = rows[TEXT].tolist()
-    prompts, end = _prompts(rows[list(plan.fmt.conditions)], plan.fmt), plan.fmt.end_text
-    rows[EXAMPLE] = pd.Series([p + t + end for p, t in zip(prompts, text)], index=rows.index, dtype=object)
+def _examples(rows: dict, plan: _Plan, counts: RunCounts) -> dict:
+    """One example per row (per value of the exploded condition with `multi_genre="all"`), with its split hash."""
+    rows[COIN] = np.array([_split_hash(t, plan.options.seed) for t in rows[TEXT]], dtype=float)
+    if plan.exploded:
+        values = rows.pop(plan.exploded)
+        index = np.repeat(np.arange(len(values)), np.fromiter(map(len, values), dtype=np.int64, count=len(values)))
+        counts.multi_genre_extra += len(index) - len(values)
+        rows = {name: column[index] for name, column in rows.items()}
+        rows[plan.exploded] = np.array([value for row in values for value in row], dtype=object)
+    for name in plan.fmt.conditions:
+        if name not in plan.fmt.numeric and name != plan.exploded:  # a categorical condition: its first value
+            rows[name] = np.array([row[0] for row in rows[name]], dtype=object)
+    end = plan.fmt.end_text
+    rows[EXAMPLE] = np.array([p + t + end for p, t in zip(_prompts(rows, plan.fmt), rows[TEXT])], dtype=object)
     return rows
 
 
-def _prompts(values: pd.DataFrame, fmt: PromptFormat) -> list[str]:
+def _prompts(rows: dict, fmt: PromptFormat) -> list[str]:
     """Each row's prompt (start text and header lines), formatted once per distinct combination of values."""
-    if values.empty:
-        return [fmt.prompt({})] * len(values) if len(values) else []
-    codes, distinct = pd.MultiIndex.from_frame(values).factorize()
-    prompts = np.array([fmt.prompt(dict(zip(values.columns, combination))) for combination in distinct], dtype=object)
-    return prompts[codes].tolist()
+    known: dict[tuple, str] = {}
+    keys = zip(*(rows[name].tolist() for name in fmt.conditions)) if fmt.conditions else [()] * len(rows[TEXT])
+    return [known[k] if k in known else known.setdefault(k, fmt.prompt(dict(zip(fmt.conditions, k)))) for k in keys]
 
 
-def _dedupe(rows: pd.DataFrame, seen: set, drops: _Drops) -> pd.DataFrame:
+def _dedupe(rows: dict, seen: set, drops: _Drops) -> dict:
     """`rows` without exact repeats of an example already kept (in this chunk or before)."""
-    keys = rows[EXAMPLE].map(_example_key)
-    repeated = keys.duplicated().to_numpy() | keys.map(seen.__contains__).to_numpy(dtype=bool)
-    seen.update(keys[~repeated])
-    return rows[drops.mark(rows.index.to_numpy(), np.ones(len(rows), dtype=bool), repeated, "duplicate")]
+    keys = map(_example_key, rows[EXAMPLE])
+    repeated = np.array([key in seen or seen.add(key) for key in keys], dtype=bool)  # add() gives None: False
+    keep = np.ones(len(repeated), dtype=bool)
+    drops.mark(rows[POSITION], keep, repeated, "duplicate")
+    return {name: values[keep] for name, values in rows.items()}
 
 
-def _write_examples(rows: pd.DataFrame, plan: _Plan, outputs: Outputs, counts: RunCounts) -> None:
+def _write_examples(rows: dict, plan: _Plan, outputs: Outputs, counts: RunCounts) -> None:
     """Write the kept examples, split by their hash, and count them."""
-    if rows.empty:
+    examples, to_val = rows[EXAMPLE], rows[COIN] < plan.options.val_fraction
+    if not len(examples):
         return
-    examples, to_val = rows[EXAMPLE], (rows[COIN] < plan.options.val_fraction).to_numpy()
     lines = csv_rows(examples)
-    outputs.write("examples.csv", csv_rows(examples.map(plan.fmt.gpt2_simple)) if plan.options.delimiters else lines)
+    outputs.write("examples.csv", csv_rows(map(plan.fmt.gpt2_simple, examples)) if plan.options.delimiters else lines)
     outputs.write("val.csv", lines[to_val])
     outputs.write("train.csv", lines[~to_val])
-    counts.kept += len(rows)
+    counts.kept += len(examples)
     counts.val += int(to_val.sum())
-    counts.train += int((~to_val).sum())
-    counts.stats.add_frame(rows[list(plan.fmt.conditions)], rows[TEXT])
+    counts.train += len(examples) - int(to_val.sum())
+    counts.stats.add({name: rows[name].tolist() for name in plan.fmt.conditions}, map(len, rows[TEXT]))
     counts.edges.track(rows[COIN], examples)
 
 
@@ -331,7 +314,11 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     try:
         plan = _plan(src, options, identifier)
         created = not out_dir.exists()
-        outputs = _open_outputs(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs = Outputs(out_dir)
+        except OSError as err:
+            raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
         try:
             counts = _run(src, plan, outputs)
             if counts.kept == 0:
@@ -339,7 +326,9 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
             counts.edges.ensure_both_splits(outputs, counts, plan.options.val_fraction)
             return _write_dataset(src, plan, counts, outputs, started)
         except BaseException as err:
-            _discard(outputs, out_dir, created)
+            outputs.discard()
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
             if isinstance(err, OSError):  # disk full, permissions, a file vanishing mid-run: one line
                 raise InvalidArgument(f"{err.filename or out_dir}: {err.strerror or err}") from None
             raise
@@ -348,45 +337,26 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 
 def _plan(src: Source, options: PrepareOptions, identifier: Optional[LanguageIdentifier]) -> _Plan:
-    """The options decided for `src`, its columns resolved, and the prompt format they imply."""
+    """The options decided for `src`, its columns checked against what it has, and the prompt format they imply."""
     options = options.for_source(src)
-    names = tuple(options.conditions)
-    fmt = PromptFormat(conditions=names, numeric=tuple(n for n in names if n in NUMERIC_CONDITIONS))
-    return _Plan(*_resolve_columns(src, options), fmt, identifier, options)
-
-
-def _resolve_columns(source: Source, options: PrepareOptions) -> tuple[str, dict[str, str]]:
-    """(text column, {condition: column}), checked against what the source has."""
     if options.text_column:
-        text_column = find_column(source, options.text_column, "--text-column")
+        text_column = find_column(src, options.text_column, "--text-column")
     else:
-        text_column = detect_text_column(source)
-    if options.condition_columns and source.kind in TEXT_KINDS:
-        raise InvalidArgument(f"{source.path}: a .txt corpus holds text only, it has no "
+        text_column = detect_text_column(src)
+    if options.condition_columns and src.kind in TEXT_KINDS:
+        raise InvalidArgument(f"{src.path}: a .txt corpus holds text only, it has no "
                               f"{', '.join(options.condition_columns)} column; drop --condition-columns "
                               "(or pass --no-conditions), or prepare a table (CSV, JSONL, SQLite) instead")
     conditions = {}
     for name, column in options.conditions.items():
         try:
-            conditions[name] = find_column(source, column, "--condition-columns")
+            conditions[name] = find_column(src, column, "--condition-columns")
         except InvalidArgument as err:
             raise InvalidArgument(f"{err}; pass --condition-columns NAME=COLUMN,... or --no-conditions "
                                   "for a plain corpus") from None
-    return text_column, conditions
-
-
-def _open_outputs(out_dir: Path) -> Outputs:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return Outputs(out_dir)
-    except OSError as err:
-        raise InvalidArgument(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
-
-
-def _discard(outputs: Outputs, out_dir: Path, created: bool) -> None:
-    outputs.discard()
-    if created and not any(out_dir.iterdir()):
-        out_dir.rmdir()  # a failed first run leaves nothing behind, not even an empty directory
+    fmt = PromptFormat(conditions=tuple(conditions), numeric=tuple(n for n in conditions if n in NUMERIC_CONDITIONS))
+    multi = options.multi_genre == "all" and MULTI_VALUE_CONDITION in conditions
+    return _Plan(text_column, conditions, fmt, identifier, options, MULTI_VALUE_CONDITION if multi else None)
 
 
 def _write_dataset(src: Source, plan: _Plan, counts: RunCounts, outputs: Outputs, started: float) -> PrepareResult:

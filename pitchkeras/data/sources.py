@@ -10,9 +10,10 @@ directory; documents between `<|startoftext|>`/`<|endoftext|>`, or `<|endoftext|
 block). Every reader is chunked, so memory stays bounded; only the Kaggle genre table (a few short strings per
 review) is held whole.
 
-Text comes back as pandas' `str` dtype. Text that is not valid UTF-8 never raises: its cell comes back missing and
-the row's `UNDECODABLE` column True, so the caller can count and skip the row. A row that cannot be parsed at all (a
-JSON Lines line that is not an object, a CSV line with more fields than the header) has `MALFORMED` True.
+Text comes back as `str` (objects, or pandas' `str` dtype where the reader makes it). Text that is not valid UTF-8
+never raises: its cell comes back missing and the row's `UNDECODABLE` column True, so the caller can count and skip
+the row. A row that cannot be parsed at all (a JSON Lines line that is not an object, a CSV line with more fields
+than the header) has `MALFORMED` True.
 
 >>> source = open_source("database.sqlite")
 >>> source.kind, source.default_text_column
@@ -21,7 +22,9 @@ JSON Lines line that is not an object, a CSV line with more fields than the head
 
 from __future__ import annotations
 
+import csv
 import functools
+import itertools
 import json
 import re
 import sqlite3
@@ -30,6 +33,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from pitchkeras.conditioning import END_OF_TEXT, START_OF_TEXT
 from pitchkeras.errors import InvalidArgument
@@ -68,7 +72,7 @@ def _decode_value(value):
 
 
 def _decoded(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
-    """`column` with text as pandas `str` where it is all text, and which rows held undecodable text."""
+    """`column` with bytes decoded, and which rows held undecodable text (their cells then missing)."""
     clean = np.zeros(len(column), dtype=bool)
     if column.dtype != object:
         return column, clean
@@ -76,11 +80,12 @@ def _decoded(column: pd.Series) -> tuple[pd.Series, np.ndarray]:
     if kind in ("floating", "integer", "mixed-integer-float"):
         return column.infer_objects(), clean
     if kind in ("string", "empty"):
-        try:
-            return column.astype("str"), clean  # pyarrow refuses lone surrogates: the fast check
+        try:  # only non-ASCII text can hold a lone surrogate, and UTF-8 refuses those: the fast check
+            "".join(v for v in column if isinstance(v, str) and not v.isascii()).encode("utf-8")
+            return column, clean
         except UnicodeEncodeError:
             bad = column.str.contains(_SURROGATE, na=False).to_numpy(dtype=bool)
-            return column.mask(bad).astype("str"), bad
+            return column.mask(bad), bad
     values = column.map(_decode_value)  # lists, bytes, mixed: value by value
     bad = values.map(lambda v: v is _BAD or (isinstance(v, list) and any(x is _BAD for x in v)))
     return values.mask(bad), bad.to_numpy(dtype=bool)
@@ -147,12 +152,14 @@ class SqliteSource(Source):
         self._genres = genres  # reviewid -> [genre], for the Kaggle schema
 
     def frames(self, columns):
-        try:
-            for chunk in pd.read_sql_query(self._select(columns), self.conn, chunksize=CHUNK_ROWS):
-                if self._genres is not None and "genre" in columns:
-                    chunk["genre"] = chunk["reviewid"].map(lambda r: self._genres.get(r, []))
-                self.position += len(chunk)
-                yield _frame(chunk, columns)
+        def frame(chunk):
+            if self._genres is not None and "genre" in columns:
+                chunk["genre"] = chunk["reviewid"].map(lambda r: self._genres.get(r, []))
+            self.position += len(chunk)
+            return _frame(chunk, columns)
+
+        try:  # `yield from map`: no reference to a chunk stays here while the caller works on it
+            yield from map(frame, pd.read_sql_query(self._select(columns), self.conn, chunksize=CHUNK_ROWS))
         except (sqlite3.Error, pd.errors.DatabaseError) as err:
             raise InvalidArgument(f"{self.path}: SQLite error while reading: {err}") from None
 
@@ -173,36 +180,35 @@ def _open_sqlite(path: Path, query: Optional[str]) -> SqliteSource:
     found = ", ".join(tables) or "none"
     try:
         if query is not None:
-            return _query_source(path, conn, query, found)
+            try:
+                columns = [d[0] for d in conn.execute(query).description or ()]
+            except sqlite3.Error as err:
+                raise InvalidArgument(f"{path}: --query failed: {err} (tables found: {found})") from None
+            if not columns:
+                raise InvalidArgument(f"{path}: --query returned no columns; it must be a SELECT")
+            return SqliteSource(path, conn, "sqlite-query", lambda wanted: query, columns)
         if all(t in tables and "reviewid" in _table_columns(conn, t) for t in KAGGLE_TABLES):
             return _kaggle_source(path, conn, tables)
-        return _table_source(path, conn, tables, found)
-    except InvalidArgument:
+        if "reviews" not in tables and len(tables) != 1:
+            raise InvalidArgument(
+                f"{path}: no known tables (expected Kaggle `reviews`+`content`, or one table like seed "
+                f"`reviews(genre, score, review)`); tables found: {found}; pass --query to choose")
+        table = "reviews" if "reviews" in tables else tables[0]
+        columns = _table_columns(conn, table)
+        kind = "seed" if {"genre", "score", "review"} <= set(columns) else "sqlite-table"
+        total = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
+        # No ORDER BY: a table scan is already in rowid order, and a view has no rowid.
+        return SqliteSource(path, conn, kind, lambda wanted: f"SELECT {', '.join(map(_quote, wanted)) or '1'} "
+                            f"FROM {_quote(table)}", columns, total=total)
+    except BaseException as err:
         conn.close()
+        if isinstance(err, (sqlite3.Error, pd.errors.DatabaseError)):
+            raise InvalidArgument(f"{path}: SQLite error: {err}") from None
         raise
-    except (sqlite3.Error, pd.errors.DatabaseError) as err:
-        conn.close()
-        raise InvalidArgument(f"{path}: SQLite error: {err}") from None
 
 
 def _table_columns(conn, table: str) -> list[str]:
     return [row[1] for row in conn.execute(f"PRAGMA table_info({_quote(table)})")]
-
-
-def _count(conn, table: str) -> int:
-    return conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
-
-
-def _query_source(path: Path, conn, query: str, found: str) -> SqliteSource:
-    try:
-        cursor = conn.execute(query)
-    except sqlite3.Error as err:
-        raise InvalidArgument(f"{path}: --query failed: {err} (tables found: {found})") from None
-    columns = [d[0] for d in cursor.description or ()]
-    cursor.close()
-    if not columns:
-        raise InvalidArgument(f"{path}: --query returned no columns; it must be a SELECT")
-    return SqliteSource(path, conn, "sqlite-query", lambda wanted: query, columns)
 
 
 def _kaggle_source(path: Path, conn, tables: list[str]) -> SqliteSource:
@@ -222,21 +228,8 @@ def _kaggle_source(path: Path, conn, tables: list[str]) -> SqliteSource:
                 "LEFT JOIN content c ON c.reviewid = r.reviewid ORDER BY r.rowid")
 
     columns = review_columns + ["content"] + (["genre"] if genres is not None else [])
-    return SqliteSource(path, conn, "kaggle", select, columns, "content", _count(conn, "reviews"), genres)
-
-
-def _table_source(path: Path, conn, tables: list[str], found: str) -> SqliteSource:
-    if "reviews" in tables or len(tables) == 1:
-        table = "reviews" if "reviews" in tables else tables[0]
-    else:
-        raise InvalidArgument(
-            f"{path}: no known tables (expected Kaggle `reviews`+`content`, or one table like seed "
-            f"`reviews(genre, score, review)`); tables found: {found}; pass --query to choose")
-    columns = _table_columns(conn, table)
-    kind = "seed" if {"genre", "score", "review"} <= set(columns) else "sqlite-table"
-    # No ORDER BY: a table scan is already in rowid order, and a view has no rowid.
-    select = lambda wanted: f"SELECT {', '.join(_quote(c) for c in wanted) or '1'} FROM {_quote(table)}"  # noqa: E731
-    return SqliteSource(path, conn, kind, select, columns, total=_count(conn, table))
+    total = conn.execute("SELECT COUNT(*) FROM reviews").fetchone()[0]
+    return SqliteSource(path, conn, "kaggle", select, columns, "content", total, genres)
 
 
 # -- CSV -----------------------------------------------------------------------------------------------------------
@@ -264,9 +257,7 @@ class CsvSource(Source):
         super().__init__(path, [header[0].removeprefix("\ufeff"), *header[1:]], total=path.stat().st_size)
 
     def _read(self, f, engine, **kwargs):
-        if engine == "python":
-            import csv  # the python parser's own reader
-
+        if engine == "python":  # it reads through the csv module, whose field size limit is lifted
             csv.field_size_limit(CSV_FIELD_LIMIT)
             kwargs["on_bad_lines"] = lambda line: [_BAD_LINE] * len(self.columns)
         return pd.read_csv(f, sep=self.delimiter, engine=engine, dtype=object, keep_default_na=False,
@@ -388,8 +379,6 @@ class ParquetSource(Source):
         super().__init__(path, self.file.schema_arrow.names, total=self.file.metadata.num_rows)
 
     def frames(self, columns):
-        import pyarrow as pa
-
         def checked(array):  # a string column that is not valid UTF-8 is read as bytes, decoded value by value
             if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
                 try:
@@ -428,19 +417,10 @@ class TextSource(Source):
         super().__init__(path, ("text",), "text", total=sum(p.stat().st_size for p in self.files))
 
     def frames(self, columns):
-        documents = self._all_documents()
-        while batch := [d for _, d in zip(range(CHUNK_ROWS), documents)]:
+        whole: list[str] = []  # files read as one document: no delimiter, no blank line
+        documents = (document for path in self.files for document in self._documents(path, whole))
+        while batch := list(itertools.islice(documents, CHUNK_ROWS)):
             yield _frame(pd.DataFrame({"text": pd.Series(batch, dtype=object)}), columns)
-
-    def _all_documents(self) -> Iterator[str]:
-        whole = []  # files read as one document: no delimiter, no blank line
-        for path in self.files:
-            delimited, documents = _has_delimiter(path), 0
-            for document in self._documents(path, delimited):
-                documents += 1
-                yield document
-            if not delimited and documents == 1:
-                whole.append(path.name)
         if whole and (self.kind == "txt" or len(whole) < len(self.files)):
             # Warn when it is likely a mistake: a single file, or some files of a directory but not all.
             self.warnings.append(
@@ -448,9 +428,9 @@ class TextSource(Source):
                 f"and no blank line, read as one document each; separate documents with <|endoftext|> "
                 "or a blank line")
 
-    def _documents(self, path: Path, delimited: bool) -> Iterator[str]:
+    def _documents(self, path: Path, whole: list[str]) -> Iterator[str]:
         """The documents of one file, streamed line by line."""
-        lines: list[str] = []
+        delimited, lines, blocks = _has_delimiter(path), [], 0
         with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
             for line in f:
                 self.position += len(line.encode("utf-8", errors="surrogateescape"))
@@ -465,20 +445,18 @@ class TextSource(Source):
                     lines.append(line)
                 elif lines:  # a blank line ends a block
                     yield "".join(lines)
-                    lines = []
+                    lines, blocks = [], blocks + 1
         if "".join(lines).strip():
             yield "".join(lines)
+            blocks += 1
+        if not delimited and blocks == 1:
+            whole.append(path.name)
 
 
 def _has_delimiter(path: Path) -> bool:
-    """Whether `path` holds a gpt-2-simple delimiter (streamed: bounded memory on large files)."""
-    tail, needles = b"", (START_OF_TEXT.encode(), END_OF_TEXT.encode())
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            if any(n in tail + chunk for n in needles):
-                return True
-            tail = (tail + chunk)[-(len(END_OF_TEXT) + 2):]  # a delimiter split across two chunks
-    return False
+    """Whether `path` holds a gpt-2-simple delimiter (read line by line, as `_documents` reads it)."""
+    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return any(START_OF_TEXT in line or END_OF_TEXT in line for line in f)
 
 
 # -- detection -----------------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Statistics of a prepared dataset: counts, score histograms, text lengths, and a plot.
 
-`DatasetStats` is fed kept examples a DataFrame chunk at a time (`add_frame`) and holds only counters and one
+`DatasetStats` is fed kept examples a chunk at a time (`add`) and holds only counters and one
 integer per example (its length), so it stays small on large dumps. `summary()` gives the dict that becomes
 `stats.json`; `plot(path)` draws `stats.png` with matplotlib's Agg backend (no display).
 
 Example:
 
 >>> stats = DatasetStats(PromptFormat())
->>> stats.add_frame(pd.DataFrame({"score": [8.4], "genre": ["rock"]}), pd.Series(["Loud and clear."]))
+>>> stats.add({"score": [8.4], "genre": ["rock"]}, [15])
 >>> stats.summary()["genres"]
 {'rock': 1}
 """
@@ -15,13 +15,14 @@ Example:
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 from array import array
 from pathlib import Path
 from typing import Any, Mapping
 
-import pandas as pd
+import numpy as np
 
 from pitchkeras.conditioning import PromptFormat
 from pitchkeras.io import atomic_path
@@ -66,21 +67,19 @@ class DatasetStats:
         self.numeric = {c: collections.defaultdict(collections.Counter) for c in fmt.numeric if c in fmt.conditions}
         self.lengths = array("q")
 
-    def add_frame(self, values: "pd.DataFrame", texts: "pd.Series") -> None:
-        """Count a chunk of kept examples: one column per condition, and their body texts.
+    def add(self, values: Mapping[str, list], lengths) -> None:
+        """Count a chunk of kept examples: each condition's values (one per example), and their text lengths.
 
         Values are counted in order of first appearance, so ties in `stats.json` keep the order the dump met them
         in.
         """
         for name, counter in self.counts.items():
-            counter.update({value: int(n) for value, n in values.groupby(name, sort=False).size().items()})
-        groups = values[self.group_by] if self.group_by else pd.Series("all", index=values.index)
+            counter.update(values[name])
+        groups = values[self.group_by] if self.group_by else itertools.repeat("all")
         for name, per_group in self.numeric.items():
-            rounded = values[name].map(lambda v: round(float(v), 1))  # Python's rounding, not numpy's
-            table = pd.DataFrame({"group": groups.to_numpy(), "value": rounded.to_numpy()})
-            for (group, value), n in table.groupby(["group", "value"], sort=False).size().items():
-                per_group[group][float(value)] += int(n)
-        self.lengths.extend(texts.str.len().tolist())
+            for group, value in zip(groups, values[name]):
+                per_group[group][round(float(value), 1)] += 1  # Python's rounding, not numpy's
+        self.lengths.extend(lengths)
 
     def condition_values(self) -> dict[str, list]:
         """Every condition's sorted distinct values (pitchkeras.json's known values)."""
@@ -92,9 +91,7 @@ class DatasetStats:
     def _histograms(self) -> dict[str, dict]:
         out = {}
         for name, groups in self.numeric.items():
-            total = collections.Counter()
-            for counter in groups.values():
-                total.update(counter)
+            total = sum(groups.values(), collections.Counter())
             if not total:
                 continue
             edges = histogram_edges(list(total))
@@ -107,8 +104,6 @@ class DatasetStats:
 
     def summary(self) -> dict[str, Any]:
         """The statistics part of `stats.json`."""
-        import numpy as np
-
         lengths = np.frombuffer(self.lengths, dtype=np.int64) if len(self.lengths) else np.zeros(1, np.int64)
         out: dict[str, Any] = {}
         if "genre" in self.counts:
@@ -145,15 +140,13 @@ class DatasetStats:
             fig = Figure(figsize=(8, 0.3 * len(top) + 1.5))
             ax = fig.subplots()
             ax.barh([str(k) for k, _ in reversed(top)], [n for _, n in reversed(top)])
-            ax.set_xlabel("examples")
-            ax.set_title(f"examples per {cond}")
+            ax.set(xlabel="examples", title=f"examples per {cond}")
         else:
             fig = Figure(figsize=(8, 4))
             ax = fig.subplots()
             ax.hist(list(self.lengths), bins=40)
-            ax.set_xlabel("text length (characters)")
-            ax.set_ylabel("examples")
-            ax.set_title(f"text length of {len(self.lengths)} examples")
+            ax.set(xlabel="text length (characters)", ylabel="examples",
+                   title=f"text length of {len(self.lengths)} examples")
         if name is None:
             fig.tight_layout()
         with atomic_path(path) as tmp:
