@@ -311,18 +311,26 @@ class GenerateCall:
     token_texts: Any = None  # tokens.TokenTexts of the model's tokenizer
 
     def id_key(self) -> dict:
-        """What fixes the text, for `review_id`: equal ids mean equal reviews."""
+        """What fixes the text, for `review_id`: equal ids mean equal reviews.
+
+        Every sampler setting is in it when set (not its default), so the ids of reviews stored before a
+        setting existed stay the same; those of the first schema always, and the repetition pair together.
+        """
         config, defaults = self.config, type(self.config)()
-        key = dict(self.conditions, prompt=self.prompt, temperature=repr(config.temperature),
-                   top_k=str(config.top_k), top_p=repr(config.top_p), max_length=str(self.max_length))
-        if (config.repetition_penalty, config.no_repeat_ngram_size) != (defaults.repetition_penalty,
-                                                                        defaults.no_repeat_ngram_size):
-            # Only when set, so ids of reviews stored before these options existed stay the same.
-            key.update(repetition_penalty=repr(config.repetition_penalty),
-                       no_repeat_ngram_size=str(config.no_repeat_ngram_size))
-        if config.stop_sequences:
-            key.update(stop_sequences=repr(config.stop_sequences))
+        changed = {option.name for option in config.options()
+                   if getattr(config, option.name) != getattr(defaults, option.name)}
+        if changed & set(_IN_ID_TOGETHER):
+            changed.update(_IN_ID_TOGETHER)
+        key = dict(self.conditions, prompt=self.prompt, max_length=str(self.max_length))
+        key.update({option.name: repr(getattr(config, option.name)) for option in config.options()
+                    if option.name in changed or option.name in _ALWAYS_IN_ID})
         return key
+
+
+# How ids were made before the rule above (the ids of stored reviews must not change): the first schema's
+# settings are always in the key, and repetition_penalty and no_repeat_ngram_size both when either is set.
+_ALWAYS_IN_ID = ("temperature", "top_k", "top_p")
+_IN_ID_TOGETHER = ("repetition_penalty", "no_repeat_ngram_size")
 
 
 def _completion_fields(sample, call: GenerateCall) -> dict:
