@@ -118,7 +118,7 @@ class Review:
     model_version: str = ""
     seed: Optional[int] = None
     prompt: str = ""
-    # (+ the SAMPLER_FIELDS, added by _with_sampler_settings)
+    # then one Optional field per SAMPLER_FIELDS setting (_with_sampler_settings)
 
     def __post_init__(self):
         if not self.length:

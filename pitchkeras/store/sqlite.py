@@ -56,8 +56,8 @@ _COLUMNS = ", ".join(_COLUMN_NAMES)
 # files written before a setting existed gain it (None: unknown) and a new setting needs no edit here.
 _SAMPLER_COLUMNS = tuple((option.name, option.column_type) for option in SAMPLER_OPTIONS)
 
-# The table as this version first creates it (the columns of files written so far, in their order); sampler
-# settings added since come from _SAMPLER_COLUMNS.
+# The table as files have had it so far (columns in their order, so a new file is like an old one); a sampler
+# setting added later is not written here: _SAMPLER_COLUMNS adds its column.
 _SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS reviews (
