@@ -19,6 +19,7 @@ from typing import Any, Optional
 import grpc
 
 from pitchkeras.client.convert import review_to_proto
+from pitchkeras.conditioning import validate_conditions
 from pitchkeras.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -31,6 +32,7 @@ from pitchkeras.errors import (
     clip,
     echo,
 )
+from pitchkeras.sampling.config import GenerationRequest, SamplerConfig
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.server.logprobs import token_logprob_messages
@@ -244,8 +246,6 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         Raises the library's errors (InvalidArgument, FailedPrecondition, Unavailable), not a status.
         """
         generator, batcher = self.model.require_ready()
-        from pitchkeras.sampling import GenerationRequest, SamplerConfig
-
         limits = self.config
         num_samples = _bounded_int(request, "num_samples", 1, 1, limits.num_samples_cap)
         max_length = _bounded_int(request, "max_length", limits.default_max_length, 1, limits.max_length_cap)
@@ -300,7 +300,7 @@ class GenerateCall:
     """A checked Generate request: the samples to write and what names them."""
 
     requests: list  # sampling.GenerationRequest, one per sample, seeds seed, seed + 1, ...
-    config: Any  # sampling.SamplerConfig
+    config: SamplerConfig
     max_length: int
     conditions: dict
     seed: int
@@ -366,8 +366,6 @@ def _seed(request) -> int:
 
 def _conditions(request, info) -> dict:
     """The request's score and genre, validated against the model (genre respelled as it knows it)."""
-    from pitchkeras.conditioning import validate_conditions
-
     conditions: dict = {}
     if request.HasField("score"):
         conditions["score"] = validate_score(request.score)
