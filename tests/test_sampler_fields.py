@@ -38,9 +38,18 @@ from pitchkeras.v1 import review_service_pb2 as pb
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [option.name for option in SamplerConfig.options()]
 TOKEN_SETTINGS = [option.name for option in SamplerConfig.token_options()]
-# A value of each setting other than its default (and valid).
-NOT_DEFAULT = {"temperature": 0.9, "top_k": 4, "top_p": 0.5, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3,
-               "stop_sequences": ("\n",)}
+
+
+def _not_default(option):
+    """A valid value of `option` other than its default (so a setting that gets lost shows)."""
+    if option.kind is tuple:
+        return ("\n",)
+    if option.kind is int:
+        return option.default + 3
+    return (option.default + option.high) / 2 if option.high is not None else option.default + 0.5
+
+
+NOT_DEFAULT = {option.name: _not_default(option) for option in SamplerConfig.options()}
 
 
 def _actions(*command: str) -> dict:
@@ -56,7 +65,8 @@ def _actions(*command: str) -> dict:
 
 def test_the_table_names_each_setting_once_with_what_its_lists_need():
     assert SETTINGS == [f.name for f in dataclasses.fields(SamplerConfig)]
-    assert NOT_DEFAULT.keys() == set(SETTINGS), "give the new setting a non-default value here"
+    assert SamplerConfig(**NOT_DEFAULT).validate() and all(NOT_DEFAULT[o.name] != o.default
+                                                          for o in SamplerConfig.options())
     assert TOKEN_SETTINGS == [name for name in SETTINGS if name != "stop_sequences"]
     for option in SamplerConfig.token_options():
         assert option.kind in (int, float) and option.help, option.name
@@ -139,6 +149,14 @@ def test_every_token_setting_reaches_the_openai_route():
     penalty = properties["repetition_penalty"]
     assert (penalty["type"], penalty["exclusiveMinimum"], penalty["maximum"]) == (["number", "null"], 0, 10)
     assert properties["top_k"]["minimum"] == 0 and "maximum" not in properties["top_k"]
+
+
+def test_the_table_costs_the_client_no_numpy():
+    """The store and the client read the table (sampling.config) alone, not the engine's modules."""
+    probe = "import sys, pitchkeras.client; print(sorted(m for m in ('numpy', 'pitchkeras.sampling.generator') " \
+            "if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["[]"], result.stdout + result.stderr
 
 
 # -- what was written before reads back the same --------------------------------------------------------------
@@ -294,7 +312,7 @@ out["openai"] = options.requests[0].min_p
 out["openapi"] = OPENAPI["components"]["schemas"]["CompletionRequest"]["properties"]["min_p"]
 # The decode rows: what a per-row array needs.
 option = {o.name: o for o in SamplerConfig.token_options()}["min_p"]
-out["row"] = [str(option.dtype.__name__), option.neutral]
+out["row"] = [option.dtype, option.neutral]
 # The stores: a file of the first schema gains the column; Firestore keeps the field; both read back.
 review = Review(id="new", text="Loud.", score=8.0, genre="Rock", temperature=0.7, min_p=config_.min_p)
 with SQLiteStore(sys.argv[2]) as store:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple, Optional, Sequence
-
-import numpy as np
 
 from pitchkeras.errors import InvalidArgument
 
@@ -64,9 +63,9 @@ class SamplerOption:
         return {float: "REAL", int: "INTEGER"}[self.kind]
 
     @property
-    def dtype(self):
-        """The numpy dtype of its per-row array on the device."""
-        return {float: np.float32, int: np.int32}[self.kind]
+    def dtype(self) -> str:
+        """The dtype of its per-row array on the device."""
+        return {float: "float32", int: "int32"}[self.kind]
 
     @property
     def json_type(self) -> str:
@@ -80,7 +79,7 @@ class SamplerOption:
                 raise InvalidArgument(f"{self.name} must be a tuple of non-empty texts, got {value!r}")
             return value
         off = "" if self.off is None else f" ({self.off:g} = off)"
-        kinds = (int, np.integer) if self.kind is int else (int, float)
+        kinds = numbers.Integral if self.kind is int else (int, float)  # Integral: numpy's integers too
         number = isinstance(value, kinds) and not isinstance(value, bool)
         if self.kind is int:
             if not number or (self.low is not None and value < self.low):
@@ -218,7 +217,7 @@ def check_top_logprobs(value) -> Optional[int]:
     """`value` if it is None or an integer in [0, MAX_TOP_LOGPROBS], else InvalidArgument naming it."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_TOP_LOGPROBS:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}")
     return int(value)
 
