@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from typing import Optional
 
-from pitchkeras.store.base import Review
+from pitchkeras.store.base import SAMPLER_OPTIONS, Review
 from pitchkeras.v1 import review_service_pb2 as pb
 
 
@@ -29,18 +29,11 @@ def review_to_proto(review: Review) -> pb.Review:
         message.score = float(review.score)
     if review.genre is not None:
         message.genre = review.genre
-    if review.temperature is not None:
-        message.temperature = float(review.temperature)
-    if review.top_k is not None:
-        message.top_k = int(review.top_k)
-    if review.top_p is not None:
-        message.top_p = float(review.top_p)
     if review.seed is not None:
         message.seed = int(review.seed)
-    if review.repetition_penalty is not None:
-        message.repetition_penalty = float(review.repetition_penalty)
-    if review.no_repeat_ngram_size is not None:
-        message.no_repeat_ngram_size = int(review.no_repeat_ngram_size)
+    for option in SAMPLER_OPTIONS:  # the sampler settings it was drawn with, each a field of the same name
+        if getattr(review, option.name) is not None:
+            setattr(message, option.name, option.kind(getattr(review, option.name)))
     if review.added is not None:
         added = review.added if review.added.tzinfo else review.added.replace(tzinfo=datetime.timezone.utc)
         message.added.FromDatetime(added)
@@ -66,11 +59,7 @@ def review_from_proto(message: pb.Review) -> Review:
         added=added,
         selection_count=message.selection_count,
         model_version=message.model_version,
-        temperature=_optional(message, "temperature"),
-        top_k=_optional(message, "top_k"),
-        top_p=_optional(message, "top_p"),
         seed=_optional(message, "seed"),
         prompt=message.prompt,
-        repetition_penalty=_optional(message, "repetition_penalty"),
-        no_repeat_ngram_size=_optional(message, "no_repeat_ngram_size"),
+        **{option.name: _optional(message, option.name) for option in SAMPLER_OPTIONS},
     )

@@ -128,11 +128,18 @@ def logprobs_from_proto(entries) -> list[dict]:
 
 
 def _generate_request(*, prompt: str = "", store: bool = False, **fields) -> pb.GenerateRequest:
-    """A GenerateRequest with every field that is not None (unset ones take the server's defaults)."""
+    """A GenerateRequest with every field that is not None (unset ones take the server's defaults).
+
+    Raises:
+        TypeError: a keyword is not a field of `pitchkeras.v1.GenerateRequest`.
+    """
     request = pb.GenerateRequest(prompt=prompt or "", store=bool(store))
+    known = pb.GenerateRequest.DESCRIPTOR.fields_by_name
     for name, value in fields.items():
-        if name == "stop_sequences":
-            request.stop_sequences.extend([value] if isinstance(value, str) else value or ())
+        if name not in known:
+            raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+        if known[name].is_repeated:  # stop_sequences: one text or several
+            getattr(request, name).extend([value] if isinstance(value, str) else value or ())
         elif value is not None:
             setattr(request, name, value)
     return request
@@ -222,17 +229,13 @@ class ReviewClient:
         genre: Optional[str] = None,
         prompt: str = "",
         max_length: Optional[int] = None,
-        temperature: Optional[float] = None,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
         seed: Optional[int] = None,
         num_samples: Optional[int] = None,
         store: bool = False,
         timeout: Optional[float] = None,
-        repetition_penalty: Optional[float] = None,
-        no_repeat_ngram_size: Optional[int] = None,
         stop_sequences: Optional[Sequence[str]] = None,
         top_logprobs: Optional[int] = None,
+        **sampler,
     ) -> list[GeneratedReview]:
         """Freshly generated reviews, in seed order (review i used seed + i).
 
@@ -243,29 +246,26 @@ class ReviewClient:
             genre: str or None. Genre condition.
             prompt: str. Free text after the header for the model to continue.
             max_length: int or None. Max new tokens per review.
-            temperature: float or None. In (0, 2].
-            top_k: int or None. 0 = off.
-            top_p: float or None. In (0, 1].
             seed: int or None. None lets the server pick one (reported per review).
             num_samples: int or None. How many reviews.
             store: bool. Save accepted reviews and return their ids.
             timeout: float or None. Deadline in seconds (default: generate_timeout).
-            repetition_penalty: float or None. In (0, 10]; 1 = off.
-            no_repeat_ngram_size: int or None. 0 = off.
             stop_sequences: sequence of str or None. Up to 4 texts that end a review (the stop text is dropped).
             top_logprobs: int or None. In [0, 5]: return each token's log-probability (`GeneratedReview.logprobs`)
                 and this many most likely tokens at each position.
+            **sampler: the sampler settings, each a field of `SamplerConfig` and of `GenerateRequest` of the
+                same name: `temperature` (in (0, 2]), `top_k` (0 = off), `top_p` (in (0, 1]),
+                `repetition_penalty` (in (0, 10]; 1 = off), `no_repeat_ngram_size` (0 = off), ...
 
         Raises:
+            TypeError: a keyword that is no field of the request.
             FailedPrecondition: the server has no model. InvalidArgument: a bad value.
             Unavailable: the model is still warming up. ServiceError: UNAUTHENTICATED,
                 PERMISSION_DENIED or RESOURCE_EXHAUSTED with API keys.
         """
-        request = _generate_request(score=score, genre=genre, prompt=prompt, max_length=max_length,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                    num_samples=num_samples, store=store, repetition_penalty=repetition_penalty,
-                                    no_repeat_ngram_size=no_repeat_ngram_size, stop_sequences=stop_sequences,
-                                    top_logprobs=top_logprobs)
+        request = _generate_request(score=score, genre=genre, prompt=prompt, max_length=max_length, seed=seed,
+                                    num_samples=num_samples, store=store, stop_sequences=stop_sequences,
+                                    top_logprobs=top_logprobs, **sampler)
         response = self._call(self._stub.Generate, request, timeout or self.generate_timeout, self._key_metadata())
         return [generated_from_proto(item) for item in response.reviews]
 

@@ -207,7 +207,7 @@ def _open_workdir(config: DemoConfig, out) -> Path:
 
 
 def _prepare_stage(config: DemoConfig, paths: _DemoPaths) -> dict:
-    from pitchkeras.data.prepare import PrepareOptions, prepare
+    from pitchkeras.data.prepare import PrepareOptions, prepare  # here, not at the top: pandas (start-up time)
 
     result = prepare(SAMPLE_DUMP, paths.data_dir, options=PrepareOptions(seed=config.seed, val_fraction=0.1,
                                                                            progress=config.progress))
@@ -216,7 +216,7 @@ def _prepare_stage(config: DemoConfig, paths: _DemoPaths) -> dict:
 
 
 def _finetune_stage(config: DemoConfig, paths: _DemoPaths, out) -> dict:
-    from pitchkeras.train import TrainConfig, finetune
+    from pitchkeras.train import TrainConfig, finetune  # here, not at the top: Keras (start-up time)
 
     train_config = TrainConfig(
         dataset=str(paths.data_dir), run_name=paths.run_dir.name, checkpoint_dir=str(paths.run_dir.parent),
@@ -274,7 +274,7 @@ def _list_artifacts(paths: _DemoPaths, out) -> dict:
 
 def _serve_and_call(config: DemoConfig, store_uri: str, generator, served: dict, out) -> dict:
     """Start the gRPC server on a local port, call every method through the Python client, stop it."""
-    from pitchkeras.client import ReviewClient
+    from pitchkeras.client import ReviewClient  # here, not at the top: grpc and aiohttp (start-up time)
     from pitchkeras.server.app import BackgroundServer
 
     with open_store(store_uri) as store:

@@ -28,8 +28,6 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from pitchkeras.conditioning import END_OF_TEXT, PromptFormat
 from pitchkeras.errors import InvalidArgument, UsageError
 from pitchkeras.io import atomic_directory, atomic_write_json
-# Re-exported for pitchkeras.data.prepare until it imports pitchkeras.io itself (the pandas helper's change).
-from pitchkeras.io import atomic_write_text  # noqa: F401
 
 MODEL_INFO_FILE = "pitchkeras.json"
 FORMAT_VERSION = 1

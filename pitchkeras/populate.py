@@ -21,10 +21,14 @@ import math
 import sys
 from typing import Any, Callable, Optional, Sequence
 
+from pitchkeras.conditioning import validate_conditions
 from pitchkeras.errors import InvalidArgument
+from pitchkeras.model import ModelInfo, load_model
+from pitchkeras.quality import MemorizationIndex
 from pitchkeras.quantize import QUANTIZE_MODES, quantize_model
 from pitchkeras.sampling.config import DEFAULT_LENGTH, GenerationRequest, SamplerConfig
-from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP
+from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, BULK_TOKENS_PER_STEP, DecodeEngine
+from pitchkeras.sampling.generator import Generator
 from pitchkeras.store import DEFAULT_STORE_URI, Review, ReviewStore, open_store, review_id
 
 # Tokens per compiled engine call: nobody streams populate's text, so rows may join every few tokens.
@@ -214,8 +218,6 @@ def populate(
     own_store = store is None
     store = store or open_store(config.store)
     try:
-        from pitchkeras.sampling.engine import DecodeEngine
-
         engine = DecodeEngine(generator or _generator(config, model), slots=config.batch_size,
                               tokens_per_step=TOKENS_PER_STEP, cache_buckets=BULK_CACHE_BUCKETS, prefill_together=True)
         pending = _pending_attempts(config, info, pairs, store)
@@ -243,16 +245,12 @@ def populate(
 def _model_info(config: PopulateConfig, model):
     if model is not None:
         return model.info
-    from pitchkeras.model import ModelInfo
-
     return ModelInfo.read(config.model)
 
 
 def _my_pairs(config: PopulateConfig, info) -> tuple[list[PairResult], int]:
     """This shard's pairs of the grid, conditions checked against the model (scores in its trained range),
     and the size of the whole grid."""
-    from pitchkeras.conditioning import validate_conditions
-
     grid = build_grid(info.prompt_format, info.condition_values, config.scores, config.genres)
     grid = [validate_conditions(info, cell) if cell else {} for cell in grid]
     return [PairResult(conditions=c, requested=config.per_pair)
@@ -261,16 +259,10 @@ def _my_pairs(config: PopulateConfig, info) -> tuple[list[PairResult], int]:
 
 def _generator(config: PopulateConfig, model):
     """Load (unless given), quantize and wrap the model, with the memorization check when a dataset is given."""
-    from pitchkeras.sampling import Generator
-
     if model is None:
-        from pitchkeras.model import load_model
-
         model = load_model(config.model)
     memorization = None
     if config.dataset:
-        from pitchkeras.quality import MemorizationIndex
-
         memorization = MemorizationIndex.from_dataset(config.dataset)
     return Generator(quantize_model(model, config.quantize), batch_size=config.batch_size,
                      max_new_tokens=config.length, memorization=memorization,

@@ -29,7 +29,9 @@ Mapping of the request (extra fields are what the SDK sends with `extra_body`):
   `temperature`, `top_p`, `seed` as they are, `temperature: 0` is greedy
   decoding (`top_k` 1); unset ones take the server's defaults.
 - extra: `score`, `genre` (the conditions a conditioned model needs),
-  `top_k`, `repetition_penalty`, `no_repeat_ngram_size`, `store`.
+  `store`, and each sampler setting OpenAI has no field for, as
+  `SamplerConfig` names it (`top_k`, `repetition_penalty`,
+  `no_repeat_ngram_size`, ...: `openai_schema.SAMPLER_EXTRAS`).
 - `presence_penalty` / `frequency_penalty` other than 0, `best_of` other
   than `n`, a `logit_bias`, a `suffix`, token-id prompts and `echo` with
   `logprobs` are answered 400 naming the field; `user` is ignored; any other
@@ -58,9 +60,10 @@ import grpc
 from aiohttp import web
 
 from pitchkeras.errors import echo
+from pitchkeras.sampling.config import MAX_TOP_LOGPROBS
 from pitchkeras.server.http_api import (
     ClientGone, HttpAbort, SseContext, http_rules, parse_json_object, while_connected)
-from pitchkeras.server.openai_schema import OPENAPI
+from pitchkeras.server.openai_schema import OPENAPI, SAMPLER_EXTRAS
 from pitchkeras.server.servicer import MAX_STOP_SEQUENCES, status_of
 from pitchkeras.tokens import TextOffsets
 from pitchkeras.v1 import review_service_pb2 as pb
@@ -77,14 +80,13 @@ COMPLETION_FIELDS = {
     "presence_penalty": "number", "frequency_penalty": "number", "best_of": "integer", "logit_bias": "object",
     "suffix": "string", "user": "string",
     # pitchkeras's own (the SDK's extra_body)
-    "score": "number", "genre": "string", "top_k": "integer", "repetition_penalty": "number",
-    "no_repeat_ngram_size": "integer", "store": "boolean",
+    "score": "number", "genre": "string", **{option.name: option.json_type for option in SAMPLER_EXTRAS},
+    "store": "boolean",
 }
 # Request fields that map one to one onto a GenerateRequest field (OpenAI name -> proto name).
 _TO_PROTO = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "score": "score", "genre": "genre",
-                "top_k": "top_k", "repetition_penalty": "repetition_penalty",
-                "no_repeat_ngram_size": "no_repeat_ngram_size", "max_tokens": "max_length", "n": "num_samples",
-                "logprobs": "top_logprobs"}
+             **{option.name: option.name for option in SAMPLER_EXTRAS}, "max_tokens": "max_length",
+             "n": "num_samples", "logprobs": "top_logprobs"}
 _FINISH = {pb.FINISH_REASON_LENGTH: "length"}  # end token and stop sequence are both OpenAI's "stop"
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 429: "rate_limit_error"}
@@ -347,8 +349,6 @@ class CompletionOptions:
         if values["max_tokens"] is not None and not 1 <= values["max_tokens"] <= limits.max_length_cap:
             raise OpenAiError(400, f"max_tokens must be in [1, {limits.max_length_cap}], got {values['max_tokens']}",
                               param="max_tokens")
-        from pitchkeras.sampling.config import MAX_TOP_LOGPROBS  # lazy: the sampling package loads TensorFlow
-
         if values["logprobs"] is not None and not 0 <= values["logprobs"] <= MAX_TOP_LOGPROBS:
             raise OpenAiError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {values['logprobs']}",
                               param="logprobs")

@@ -1,15 +1,33 @@
 """The OpenAPI 3.1 description of the OpenAI-shaped routes (`openai_api`), served at `GET /v1/openapi.json`.
 
-Written out as the contract, not derived from the code: tests/test_openai.py
+Written out as the contract, not derived from the code, but for the extra sampler fields, whose types,
+bounds and help come from `SamplerConfig` (as the route's own checks do): tests/test_openai.py
 checks that its request fields are exactly the ones the route takes and that
 live answers (completions, stream chunks, models, errors) validate against it.
 """
 
 from __future__ import annotations
 
+from pitchkeras.sampling.config import SamplerConfig
+
+#: The sampler settings OpenAI's request has fields of its own for (same names); every other setting of each
+#: token's draw is an extra field of the request, as `SamplerConfig` names it.
+OPENAI_SAMPLER_FIELDS = ("temperature", "top_p")
+SAMPLER_EXTRAS = tuple(option for option in SamplerConfig.token_options() if option.name not in OPENAI_SAMPLER_FIELDS)
+
 
 def _nullable(kind: str, **extra) -> dict:
     return {"type": [kind, "null"], **extra}
+
+
+def _sampler_extra(option) -> dict:
+    """The schema of an extra sampler field: its type and bounds from `SamplerConfig`, its flag's help."""
+    bounds = {}
+    if option.low is not None:
+        bounds["exclusiveMinimum" if option.low_open else "minimum"] = option.low
+    if option.high is not None:
+        bounds["maximum"] = option.high
+    return _nullable(option.json_type, **bounds, description=f"pitchkeras: {option.help}.")
 
 
 _STRINGS = {"type": "array", "items": {"type": "string"}}
@@ -50,11 +68,7 @@ _COMPLETION_REQUEST = {
         "user": _nullable("string", description="Ignored."),
         "score": _nullable("number", description="pitchkeras: the score condition."),
         "genre": _nullable("string", description="pitchkeras: the genre condition."),
-        "top_k": _nullable("integer", minimum=0, description="pitchkeras: keep the k most likely tokens (0 = off)."),
-        "repetition_penalty": _nullable("number", exclusiveMinimum=0, maximum=10,
-                                        description="pitchkeras: CTRL's repetition penalty (1 = off)."),
-        "no_repeat_ngram_size": _nullable("integer", minimum=0,
-                                          description="pitchkeras: never repeat an n-gram of this size (0 = off)."),
+        **{option.name: _sampler_extra(option) for option in SAMPLER_EXTRAS},
         "store": _nullable("boolean", description="pitchkeras: save accepted reviews in the store."),
     },
 }

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import grpc
 
 from pitchkeras.client.convert import review_to_proto
+from pitchkeras.conditioning import validate_conditions
 from pitchkeras.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -31,6 +32,7 @@ from pitchkeras.errors import (
     clip,
     echo,
 )
+from pitchkeras.sampling.config import GenerationRequest, SamplerConfig
 from pitchkeras.server.auth import ApiKeys, AuthError
 from pitchkeras.server.config import ServerConfig
 from pitchkeras.server.logprobs import token_logprob_messages
@@ -244,8 +246,6 @@ class ReviewServicer(pb_grpc.ReviewServiceServicer):
         Raises the library's errors (InvalidArgument, FailedPrecondition, Unavailable), not a status.
         """
         generator, batcher = self.model.require_ready()
-        from pitchkeras.sampling import GenerationRequest, SamplerConfig
-
         limits = self.config
         num_samples = _bounded_int(request, "num_samples", 1, 1, limits.num_samples_cap)
         max_length = _bounded_int(request, "max_length", limits.default_max_length, 1, limits.max_length_cap)
@@ -300,7 +300,7 @@ class GenerateCall:
     """A checked Generate request: the samples to write and what names them."""
 
     requests: list  # sampling.GenerationRequest, one per sample, seeds seed, seed + 1, ...
-    config: Any  # sampling.SamplerConfig
+    config: SamplerConfig
     max_length: int
     conditions: dict
     seed: int
@@ -311,18 +311,26 @@ class GenerateCall:
     token_texts: Any = None  # tokens.TokenTexts of the model's tokenizer
 
     def id_key(self) -> dict:
-        """What fixes the text, for `review_id`: equal ids mean equal reviews."""
+        """What fixes the text, for `review_id`: equal ids mean equal reviews.
+
+        Every sampler setting is in it when set (not its default), so the ids of reviews stored before a
+        setting existed stay the same; those of the first schema always, and the repetition pair together.
+        """
         config, defaults = self.config, type(self.config)()
-        key = dict(self.conditions, prompt=self.prompt, temperature=repr(config.temperature),
-                   top_k=str(config.top_k), top_p=repr(config.top_p), max_length=str(self.max_length))
-        if (config.repetition_penalty, config.no_repeat_ngram_size) != (defaults.repetition_penalty,
-                                                                        defaults.no_repeat_ngram_size):
-            # Only when set, so ids of reviews stored before these options existed stay the same.
-            key.update(repetition_penalty=repr(config.repetition_penalty),
-                       no_repeat_ngram_size=str(config.no_repeat_ngram_size))
-        if config.stop_sequences:
-            key.update(stop_sequences=repr(config.stop_sequences))
+        changed = {option.name for option in config.options()
+                   if getattr(config, option.name) != getattr(defaults, option.name)}
+        if changed & set(_IN_ID_TOGETHER):
+            changed.update(_IN_ID_TOGETHER)
+        key = dict(self.conditions, prompt=self.prompt, max_length=str(self.max_length))
+        key.update({option.name: repr(getattr(config, option.name)) for option in config.options()
+                    if option.name in changed or option.name in _ALWAYS_IN_ID})
         return key
+
+
+# How ids were made before the rule above (the ids of stored reviews must not change): the first schema's
+# settings are always in the key, and repetition_penalty and no_repeat_ngram_size both when either is set.
+_ALWAYS_IN_ID = ("temperature", "top_k", "top_p")
+_IN_ID_TOGETHER = ("repetition_penalty", "no_repeat_ngram_size")
 
 
 def _completion_fields(sample, call: GenerateCall) -> dict:
@@ -358,8 +366,6 @@ def _seed(request) -> int:
 
 def _conditions(request, info) -> dict:
     """The request's score and genre, validated against the model (genre respelled as it knows it)."""
-    from pitchkeras.conditioning import validate_conditions
-
     conditions: dict = {}
     if request.HasField("score"):
         conditions["score"] = validate_score(request.score)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import json
 import sys
 from typing import Optional
 
@@ -19,7 +21,9 @@ from pitchkeras.populate import PopulateConfig
 from pitchkeras.quality import MemorizationIndex
 from pitchkeras.quantize import quantize_model
 from pitchkeras.sampling import Generator
-from pitchkeras.sampling.config import GenerationRequest
+from pitchkeras.sampling.config import MAX_TOP_LOGPROBS, GenerationRequest
+from pitchkeras.sampling.engine import DecodeEngine
+from pitchkeras.tokens import TokenTexts, logprob_records
 
 DELIMITER = "=" * 20  # gpt-2-simple prints this between samples
 
@@ -97,8 +101,6 @@ def _check_args(args) -> None:
     if args.truncate == "":
         raise UsageError("--truncate must be a non-empty string")
     if args.logprobs is not None:
-        from pitchkeras.sampling.config import MAX_TOP_LOGPROBS
-
         if not 0 <= args.logprobs <= MAX_TOP_LOGPROBS:
             raise UsageError(f"--logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {args.logprobs}")
         if not args.out:
@@ -126,10 +128,6 @@ def _conditions(args, info) -> dict | None:
 
 
 def run(args) -> int:
-    import collections
-    import dataclasses
-    import json
-
     _check_args(args)
     config = dataclasses.replace(sampler_config(args), stop_sequences=tuple(args.stop or ())).validate()
     model = quantize_model(load_model(model_directory(args)), args.quantize)
@@ -147,8 +145,6 @@ def run(args) -> int:
         samples = generator.generate(requests, config=config, progress=not args.no_progress, truncate=args.truncate,
                                      include_prefix=args.include_prefix)
     else:  # log-probabilities come from the decode engine's step; --truncate is its stop text, cut alike
-        from pitchkeras.sampling.engine import DecodeEngine
-
         stops = config.stop_sequences + ((args.truncate,) if args.truncate else ())
         samples = DecodeEngine(generator, slots=args.batch_size).generate(
             requests, dataclasses.replace(config, stop_sequences=stops), args.length,
@@ -176,7 +172,5 @@ def _record(sample, model) -> dict:
     """A sample's JSONL record; with log-probabilities, `logprobs` as the gRPC TokenLogprob's fields."""
     record = sample.to_json()
     if sample.logprobs is not None:
-        from pitchkeras.tokens import TokenTexts, logprob_records
-
         record["logprobs"] = logprob_records(sample.logprobs, TokenTexts.of(model.tokenizer))
     return record

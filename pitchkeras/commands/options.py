@@ -14,29 +14,19 @@ from pitchkeras.sampling.config import DEFAULT_LENGTH, SamplerConfig
 from pitchkeras.train.config import TrainConfig
 
 
-#: Each sampler flag: (flag, SamplerConfig field, type, help). Defaults come from the field; a new sampler
-#: option is one line here (and its field in SamplerConfig, and in the .proto for the servers).
-SAMPLER_FLAGS = (
-    ("--temperature", "temperature", float, "sampling temperature in (0, 2]"),
-    ("--top-k", "top_k", int, "top-k cut-off (0 = off)"),
-    ("--top-p", "top_p", float, "nucleus (top-p) mass in (0, 1] (1 = off)"),
-    ("--repetition-penalty", "repetition_penalty", float,
-     "CTRL's penalty on tokens already in the text, as transformers applies it, in (0, 10] (1 = off)"),
-    ("--no-repeat-ngram-size", "no_repeat_ngram_size", int, "never repeat an n-gram of this many tokens (0 = off)"),
-)
-
-
 def add_sampler_flags(p, *, server_defaults: bool = False) -> None:
-    """The sampler flags of `SAMPLER_FLAGS`, plus `--length` and `--seed`.
+    """A flag per setting of every token's draw (`SamplerConfig.token_options()`), plus `--length` and `--seed`.
+
+    Each flag's name, type, help and default come from its `SamplerConfig` field.
 
     Args:
         p: argparse parser.
         server_defaults: bool. For a client: every flag defaults to unset
             (None), so the server applies its own defaults.
     """
-    defaults = SamplerConfig()
-    for flag, field, kind, help_text in SAMPLER_FLAGS:
-        p.add_argument(flag, type=kind, default=None if server_defaults else getattr(defaults, field), help=help_text)
+    for option in SamplerConfig.token_options():
+        p.add_argument(option.flag, dest=option.name, type=option.kind,
+                       default=None if server_defaults else option.default, help=option.help)
     p.add_argument("--length", type=int, default=None if server_defaults else DEFAULT_LENGTH,
                    help="max new tokens per sample" + (" (server default when unset)" if server_defaults else ""))
     p.add_argument("--seed", type=int, default=None if server_defaults else 0,
@@ -46,12 +36,13 @@ def add_sampler_flags(p, *, server_defaults: bool = False) -> None:
 
 def sampler_config(args):
     """The `SamplerConfig` of parsed sampler flags (validated): the one conversion at the CLI edge."""
-    return SamplerConfig(**{field: getattr(args, field) for _, field, _, _ in SAMPLER_FLAGS}).validate()
+    return SamplerConfig(**sampler_fields(args)).validate()
 
 
 def sampler_fields(args) -> dict:
-    """The sampler flags a client set, by field name (unset ones left to the server)."""
-    return {field: getattr(args, field) for _, field, _, _ in SAMPLER_FLAGS if getattr(args, field) is not None}
+    """The sampler flags set, by field name (a client's unset ones are left to the server)."""
+    return {option.name: getattr(args, option.name) for option in SamplerConfig.token_options()
+            if getattr(args, option.name) is not None}
 
 
 def add_compile_cache_flags(p) -> None:

@@ -41,43 +41,39 @@ Example:
 >>> samples[0].text
 """
 
-from pitchkeras.sampling.config import (
-    MAX_TOP_LOGPROBS,
-    MEMORIZED,
-    PROMPT_BUCKETS,
-    GenerationRequest,
-    Sample,
-    SamplerConfig,
-    TokenLogprob,
-)
-from pitchkeras.sampling.counter_rng import counter_uniform, row_keys
-from pitchkeras.sampling.generator import Generator, prompt_bucket
-from pitchkeras.sampling.selection import (
-    ban_repeated_ngrams,
-    context_tokens,
-    penalize_repetition,
-    scaled_probabilities,
-    select_tokens,
-    token_mask,
-)
+import importlib
 
-__all__ = [
-    "MAX_TOP_LOGPROBS",
-    "MEMORIZED",
-    "PROMPT_BUCKETS",
-    "GenerationRequest",
-    "Generator",
-    "Sample",
-    "SamplerConfig",
-    "TokenLogprob",
-    "ban_repeated_ngrams",
-    "context_tokens",
-    "counter_uniform",
-    "penalize_repetition",
-    "prompt_bucket",
-    "row_keys",
-    "scaled_probabilities",
-    "select_tokens",
-    "token_mask",
-]
+# Public names, re-exported lazily (as `pitchkeras` does): the store and the gRPC client read
+# `pitchkeras.sampling.config` alone and do not pay for the engine's modules and numpy (start-up time).
+_EXPORTS = {
+    "MAX_TOP_LOGPROBS": "config",
+    "MEMORIZED": "config",
+    "PROMPT_BUCKETS": "config",
+    "GenerationRequest": "config",
+    "Sample": "config",
+    "SamplerConfig": "config",
+    "TokenLogprob": "config",
+    "counter_uniform": "counter_rng",
+    "row_keys": "counter_rng",
+    "Generator": "generator",
+    "prompt_bucket": "generator",
+    "ban_repeated_ngrams": "selection",
+    "context_tokens": "selection",
+    "penalize_repetition": "selection",
+    "scaled_probabilities": "selection",
+    "select_tokens": "selection",
+    "token_mask": "selection",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pitchkeras.sampling' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pitchkeras.sampling.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_EXPORTS)
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Sequence
-
-import numpy as np
+import numbers
+from typing import Any, NamedTuple, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument
 
@@ -18,8 +17,100 @@ MAX_TOP_LOGPROBS = 5  # alternatives per token a request may ask for (OpenAI's c
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplerOption:
+    """One sampler setting as every list of them needs it: the flag, the checks, the store column, the device row.
+
+    Built from a `SamplerConfig` field and its `setting(...)` metadata by
+    `SamplerConfig.options()`; nothing else names the settings one by one. A
+    setting has the same name as a CLI flag (`--top-k`), a `SamplerConfig`
+    field, a proto field of `GenerateRequest` (and of `Review` when stored), a
+    store column and a request keyword of the client.
+
+    Args:
+        name: str. The field's name (`top_k`).
+        kind: type. `float`, `int` or `tuple` (of texts), the type of its default.
+        default: The value a request that does not set it gets.
+        help: str. The CLI flag's help.
+        low: float or None. The least value allowed (`low_open`: excluded); None for no bound.
+        high: float or None. The largest value allowed (included); None for no bound.
+        low_open: bool. Whether `low` itself is refused.
+        off: The value that switches the setting off, named in its error message; None when it has none.
+        neutral: The value a free decode row holds, which changes no draw (`off` unless given).
+        per_token: bool. True: it shapes every token's draw, so it is a per-row array on the device, a flag
+            shared by generate/populate/report/client, a stored column of each review and a field of the
+            `Review` message. False: it acts on the completion's text (`stop_sequences`), so none of those.
+    """
+
+    name: str
+    kind: type
+    default: Any
+    help: str = ""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    off: Any = None
+    neutral: Any = None
+    per_token: bool = True
+
+    @property
+    def flag(self) -> str:
+        """The CLI flag: `--` and the name with dashes (`--top-k`)."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def column_type(self) -> str:
+        """Its SQLite column type."""
+        return {float: "REAL", int: "INTEGER"}[self.kind]
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of its per-row array on the device."""
+        return {float: "float32", int: "int32"}[self.kind]
+
+    @property
+    def json_type(self) -> str:
+        """Its JSON Schema type (OpenAPI)."""
+        return {float: "number", int: "integer"}[self.kind]
+
+    def check(self, value):
+        """`value`, or InvalidArgument naming the setting, what is allowed and what was given."""
+        if self.kind is tuple:
+            if not isinstance(value, tuple) or not all(isinstance(text, str) and text for text in value):
+                raise InvalidArgument(f"{self.name} must be a tuple of non-empty texts, got {value!r}")
+            return value
+        off = "" if self.off is None else f" ({self.off:g} = off)"
+        kinds = numbers.Integral if self.kind is int else (int, float)  # Integral: numpy's integers too
+        number = isinstance(value, kinds) and not isinstance(value, bool)
+        if self.kind is int:
+            if not number or (self.low is not None and value < self.low):
+                raise InvalidArgument(f"{self.name} must be >= {self.low:g}{off} and an integer, got {value!r}")
+            return value
+        if not number or not self._within(value):
+            interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            raise InvalidArgument(f"{self.name} must be in {interval}{off}, got {value!r}")
+        return value
+
+    def _within(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+
+def setting(default, help: str = "", **option):
+    """A `SamplerConfig` field: its default and the `SamplerOption` facts beside it (help, bounds, off)."""
+    return dataclasses.field(default=default, metadata={"sampler": dict(option, help=help)})
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """How the next token is drawn.
+
+    Each field is one setting, declared once with `setting(...)`: its
+    default, flag help, bounds and off value. The CLI flags, the validation,
+    the proto conversion, the store's columns and records, the client and
+    the servers' mappings, and the decode rows all derive from these fields
+    (`SamplerConfig.options()`). A new setting is one field here, its
+    proto field(s), and the code that applies it to the logits.
 
     Args:
         temperature: float. Logits are divided by it before the softmax; in
@@ -39,34 +130,36 @@ class SamplerConfig:
             for none. Honoured by `DecodeEngine`.
     """
 
-    temperature: float = 0.7  # gpt-2-simple's default
-    top_k: int = 0  # 0 = off
-    top_p: float = 0.95  # nucleus mass; 1.0 = off
-    repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the text; 1.0 = off (CTRL used 1.2)
-    no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size; 0 = off
-    stop_sequences: tuple = ()  # texts that end a completion; empty = none
+    temperature: float = setting(  # gpt-2-simple's default; a free row divides by 1
+        0.7, "sampling temperature in (0, 2]", low=0.0, low_open=True, high=MAX_TEMPERATURE, neutral=1.0)
+    top_k: int = setting(0, "top-k cut-off (0 = off)", low=0, off=0)
+    top_p: float = setting(  # nucleus mass
+        0.95, "nucleus (top-p) mass in (0, 1] (1 = off)", low=0.0, low_open=True, high=1.0, off=1.0)
+    repetition_penalty: float = setting(  # CTRL's penalty on tokens already in the text (CTRL used 1.2)
+        1.0, "CTRL's penalty on tokens already in the text, as transformers applies it, in (0, 10] (1 = off)",
+        low=0.0, low_open=True, high=MAX_REPETITION_PENALTY, off=1.0)
+    no_repeat_ngram_size: int = setting(0, "never repeat an n-gram of this many tokens (0 = off)", low=0, off=0)
+    stop_sequences: tuple = setting((), per_token=False)  # texts that end a completion; empty = none
+
+    @classmethod
+    def options(cls) -> tuple[SamplerOption, ...]:
+        """Every setting, in field order: the one list the flags, stores, converters and servers derive from."""
+        options = []
+        for field in dataclasses.fields(cls):
+            facts = field.metadata.get("sampler", {})
+            options.append(SamplerOption(name=field.name, kind=type(field.default), default=field.default,
+                                         **{**facts, "neutral": facts.get("neutral", facts.get("off"))}))
+        return tuple(options)
+
+    @classmethod
+    def token_options(cls) -> tuple[SamplerOption, ...]:
+        """The settings of every token's draw (`per_token`): flags, store columns, device rows."""
+        return tuple(option for option in cls.options() if option.per_token)
 
     def validate(self) -> "SamplerConfig":
         """Return self, or raise InvalidArgument naming the bad value."""
-        temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0 < temperature <= MAX_TEMPERATURE:
-            raise InvalidArgument(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0 (0 = off) and an integer, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
-            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p!r}")
-        penalty = self.repetition_penalty
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) \
-                or not 0 < penalty <= MAX_REPETITION_PENALTY:
-            raise InvalidArgument(
-                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off), got {penalty!r}")
-        size = self.no_repeat_ngram_size
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-            raise InvalidArgument(f"no_repeat_ngram_size must be >= 0 (0 = off) and an integer, got {size!r}")
-        stops = self.stop_sequences
-        if not isinstance(stops, tuple) or not all(isinstance(stop, str) and stop for stop in stops):
-            raise InvalidArgument(f"stop_sequences must be a tuple of non-empty texts, got {stops!r}")
+        for option in self.options():
+            option.check(getattr(self, option.name))
         return self
 
     @classmethod
@@ -83,12 +176,12 @@ class SamplerConfig:
         """
         fields = request.DESCRIPTOR.fields_by_name
         values = {}
-        for field in dataclasses.fields(cls):
-            proto = fields.get(field.name)
-            if proto is not None and proto.has_presence and request.HasField(field.name):
-                values[field.name] = type(field.default)(getattr(request, field.name))
-            elif proto is not None and proto.is_repeated and getattr(request, field.name):
-                values[field.name] = tuple(getattr(request, field.name))  # empty = unset
+        for option in cls.options():
+            proto = fields.get(option.name)
+            if proto is not None and proto.has_presence and request.HasField(option.name):
+                values[option.name] = option.kind(getattr(request, option.name))
+            elif proto is not None and proto.is_repeated and getattr(request, option.name):
+                values[option.name] = tuple(getattr(request, option.name))  # empty = unset
         return cls(**values).validate()
 
     def to_json(self) -> dict:
@@ -124,7 +217,7 @@ def check_top_logprobs(value) -> Optional[int]:
     """`value` if it is None or an integer in [0, MAX_TOP_LOGPROBS], else InvalidArgument naming it."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_TOP_LOGPROBS:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_TOP_LOGPROBS:
         raise InvalidArgument(f"top_logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}")
     return int(value)
 

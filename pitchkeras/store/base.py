@@ -18,6 +18,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument, echo
+from pitchkeras.sampling.config import SamplerConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,21 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+#: The sampler settings a review keeps: every setting of each token's draw (`SamplerConfig.token_options()`).
+SAMPLER_OPTIONS = SamplerConfig.token_options()
+SAMPLER_FIELDS = tuple(option.name for option in SAMPLER_OPTIONS)
+
+
+def _with_sampler_settings(cls):
+    """Give the record class one field per kept sampler setting, None = unknown (written before it existed)."""
+    for option in SAMPLER_OPTIONS:
+        cls.__annotations__[option.name] = Optional[option.kind]
+        setattr(cls, option.name, None)
+    return cls
+
+
 @dataclasses.dataclass
+@_with_sampler_settings
 class Review:
     """One stored review.
 
@@ -86,10 +101,10 @@ class Review:
         added: datetime or None. Set by the store (server timestamp) on first write.
         selection_count: int. How many times `get_review` handed it out.
         model_version: str. The training run id of the model that wrote it.
-        temperature, top_k, top_p, seed: sampler settings used (None when unknown).
+        seed: int or None. The seed it was drawn with (None when unknown).
         prompt: str. The exact prompt text given to the model.
-        repetition_penalty, no_repeat_ngram_size: the sampler's repetition
-            settings (None when unknown, e.g. reviews written before they existed).
+        temperature, top_k, top_p, ...: one field per `SAMPLER_FIELDS` setting, as
+            it was drawn with (None when unknown, e.g. reviews written before it existed).
     """
 
     id: str
@@ -101,13 +116,9 @@ class Review:
     added: Optional[datetime.datetime] = None
     selection_count: int = 0
     model_version: str = ""
-    temperature: Optional[float] = None
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
     seed: Optional[int] = None
     prompt: str = ""
-    repetition_penalty: Optional[float] = None
-    no_repeat_ngram_size: Optional[int] = None
+    # then one Optional field per SAMPLER_FIELDS setting (_with_sampler_settings)
 
     def __post_init__(self):
         if not self.length:
@@ -153,10 +164,6 @@ class Review:
         )
 
 
-#: The sampler settings a review keeps (`sampling.SamplerConfig` fields with a column of their own).
-SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
-
-
 @dataclasses.dataclass(frozen=True)
 class ConditionCount:
     """How many reviews a (score, genre) pair holds."""
@@ -198,13 +205,10 @@ def review_to_record(review: Review) -> dict[str, Any]:
         "length": int(review.length),
         "selection_count": 0,
         "model_version": review.model_version or "",
-        "temperature": None if review.temperature is None else float(review.temperature),
-        "top_k": None if review.top_k is None else int(review.top_k),
-        "top_p": None if review.top_p is None else float(review.top_p),
         "seed": None if review.seed is None else int(review.seed),
         "prompt": review.prompt or "",
-        "repetition_penalty": None if review.repetition_penalty is None else float(review.repetition_penalty),
-        "no_repeat_ngram_size": None if review.no_repeat_ngram_size is None else int(review.no_repeat_ngram_size),
+        **{option.name: None if getattr(review, option.name) is None else option.kind(getattr(review, option.name))
+           for option in SAMPLER_OPTIONS},
     }
 
 
@@ -258,13 +262,9 @@ _RECORD_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "added": (_as_datetime, None),
     "selection_count": (_as_int, 0),
     "model_version": (_as_str, ""),
-    "temperature": (_as_float, None),
-    "top_k": (_as_int, None),
-    "top_p": (_as_float, None),
     "seed": (_as_int, None),
     "prompt": (_as_str, ""),
-    "repetition_penalty": (_as_float, None),
-    "no_repeat_ngram_size": (_as_int, None),
+    **{option.name: ({float: _as_float, int: _as_int}[option.kind], None) for option in SAMPLER_OPTIONS},
 }
 
 

@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from pitchkeras.errors import InvalidArgument, NotFound, Unavailable
 from pitchkeras.store.base import (
+    SAMPLER_OPTIONS,
     ConditionCount,
     Review,
     ReviewStore,
@@ -48,13 +49,15 @@ _MAX_PARAMS = 900
 # fsync, small enough that a pick never waits long behind a bulk load.
 _ADD_CHUNK = 500
 
-_COLUMNS = (
-    "id, text, score, genre, extra_conditions, length, added, selection_count, "
-    "model_version, temperature, top_k, top_p, seed, prompt, repetition_penalty, no_repeat_ngram_size"
-)
-# Columns added after the first schema: (name, type), added to older files when they are opened.
-_ADDED_COLUMNS = (("repetition_penalty", "REAL"), ("no_repeat_ngram_size", "INTEGER"))
+_COLUMN_NAMES = ("id", "text", "score", "genre", "extra_conditions", "length", "added", "selection_count",
+                 "model_version", "seed", "prompt") + tuple(option.name for option in SAMPLER_OPTIONS)
+_COLUMNS = ", ".join(_COLUMN_NAMES)
+# A column per kept sampler setting, (name, type): added to a file that lacks it when the file is opened, so
+# files written before a setting existed gain it (None: unknown) and a new setting needs no edit here.
+_SAMPLER_COLUMNS = tuple((option.name, option.column_type) for option in SAMPLER_OPTIONS)
 
+# The table as files have had it so far (columns in their order, so a new file is like an old one); a sampler
+# setting added later is not written here: _SAMPLER_COLUMNS adds its column.
 _SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS reviews (
@@ -84,7 +87,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS reviews_pick ON reviews (selection_count, added, id)",
 )
 
-_INSERT_SQL = f"INSERT OR IGNORE INTO reviews ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMNS.split(',')))})"
+_INSERT_SQL = f"INSERT OR IGNORE INTO reviews ({_COLUMNS}) VALUES ({', '.join('?' * len(_COLUMN_NAMES))})"
 
 _PICK_SQL = (
     "UPDATE reviews SET selection_count = selection_count + 1 "
@@ -130,9 +133,6 @@ def _path_from_uri(uri: str) -> str:
             f"bad SQLite store URI {uri!r}: give a file path (in-memory and query options are not supported)"
         )
     return path
-
-
-_COLUMN_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
 
 
 def _row_to_review(row: tuple, uri: str) -> Review:
@@ -187,7 +187,7 @@ class SQLiteStore(ReviewStore):
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 present = {row[1] for row in conn.execute("PRAGMA table_info(reviews)")}
-                for name, kind in _ADDED_COLUMNS:
+                for name, kind in _SAMPLER_COLUMNS:
                     if name not in present:
                         conn.execute(f"ALTER TABLE reviews ADD COLUMN {name} {kind}")
                 conn.execute("COMMIT")
