@@ -151,3 +151,37 @@ def test_a_serving_server_compiles_nothing_on_its_engine_thread(tmp_path, tiny_g
                                                     {"num_samples": 2, "max_length": 30}))]
             assert all(review.raw for call in calls for review in call.result().reviews)
         assert engine.counters.compiles >= 1 and engine.counters.inline_compiles == 0
+
+
+JAX_SCRIPT = '''
+import json, sys
+from pitchkeras.model import load_model
+from pitchkeras.postprocess import PostprocessOptions
+from pitchkeras.sampling import GenerationRequest, Generator
+from pitchkeras.sampling.engine import DecodeEngine
+
+relaxed = PostprocessOptions(strip_to_last_start=False, check_conditions=False, reject_second_document=False,
+                             require_sentence=False, trim_to_sentence=False)
+generator = Generator(load_model(sys.argv[1]), batch_size=2, max_new_tokens=8, postprocess_options=relaxed)
+rock = {"score": 8.0, "genre": "Rock"}
+new_shape = GenerationRequest(rock, "word " * 20, seed=2, top_logprobs=2)
+alone = DecodeEngine(generator, slots=2).generate([new_shape], None, 6)[0]  # stepped here: compiles inline
+engine = DecodeEngine(generator, slots=2)
+engine.warmup([len(generator._tokenize(generator.example_prompt()))], 30)
+engine.start()
+running = engine.submit(GenerationRequest(rock, "", seed=1), None, 30)
+served = engine.submit(new_shape, None, 6).result(timeout=600)
+running.result(timeout=600)
+engine.close()
+print("RESULT " + json.dumps({"same": served.completion_ids == alone.completion_ids, "ended": running.finish_reason,
+                              "compiles": engine.counters.compiles, "inline": engine.counters.inline_compiles}))
+'''
+
+
+@pytest.mark.slow
+def test_on_jax_a_new_shape_compiles_off_the_engine_thread(tiny_model_dir):
+    from tests.jax_child import run_on_jax
+
+    result = run_on_jax(JAX_SCRIPT, str(tiny_model_dir))
+    assert result == {"same": True, "ended": "length", "compiles": result["compiles"], "inline": 0}
+    assert result["compiles"] >= 1
