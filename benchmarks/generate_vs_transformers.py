@@ -1,4 +1,4 @@
-"""Sampling speed: pitchkeras `Generator` vs Hugging Face transformers `generate`, same CPU, one run.
+"""Sampling speed: pitchkeras `Generator` vs Hugging Face transformers `generate` and CTranslate2, same CPU, one run.
 
 Both sides run the GPT-2 124M architecture (12 layers, 12 heads, 768 wide,
 50257-token vocabulary) with random weights, so nothing is downloaded. Each
@@ -13,19 +13,32 @@ precision of `--precisions`:
   `nn.Linear` (GPT-2's `Conv1D` projections are first turned into the
   equivalent `nn.Linear`, or only the LM head would be quantized).
 
-Neither side stops early at the end token, so both do the same work. Ours is
+CTranslate2 (the fast CPU engine our users would pick) runs our own model:
+the float32 side's model is written as a pitchkeras model directory, exported
+by `pitchkeras export` (`export_model`) to a transformers directory, converted
+by `ct2-transformers-converter` once as float32 and once with
+`--quantization int8`, and sampled with `ctranslate2.Generator.generate_batch`
+on the same prompt ids with the same settings (`sampling_topk=0`: the whole
+vocabulary, `sampling_topp`, `sampling_temperature`; the prompt forwarded at
+once, `include_prompt_in_result=False`), `--threads` intra-op threads (0: all
+cores). `--no-ctranslate2` leaves it out.
+
+No side stops early at the end token, so all do the same work. Ours is
 the real `Generator.generate` (tokenize, compiled decode loop, detokenize,
-post-process); theirs is `model.generate(do_sample=True, ...)` on token ids.
+post-process); transformers' is `model.generate(do_sample=True, ...)` on token
+ids, CTranslate2's `generate_batch` on token strings.
 
 Printed: the CPU's SIMD level (ratios differ between AVX2 and AVX-512
 machines), tokens/sec for each side (median of `--repeats` warm calls, with
 min and max), the cold start (the first call, including tracing and
 compilation), with `--demo-model` the validation perplexity of a trained
-model in float32 and int8, and LAST `ratio_batch1=` and `ratio=` (batch 8):
-ours over theirs in the first precision of `--precisions`.
+model in float32 and int8, then `ratio_batch1=` and `ratio=` (batch 8): ours
+over transformers in the first precision of `--precisions`, and LAST
+`ratio_ct2_b1=` and `ratio_ct2_b8=` (one per batch size): ours in float32 over
+CTranslate2 in float32, tokens/s (needs float32 in `--precisions`).
 
-Needs `torch` (CPU wheel) and `transformers` in the environment:
-`pip install torch==2.13.0 transformers`.
+Needs `torch` (CPU wheel), `transformers` and `ctranslate2` in the environment:
+`pip install torch==2.13.0 transformers ctranslate2`.
 
 Example:
 
@@ -38,8 +51,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -217,6 +233,47 @@ class Theirs:
         return output.shape[1] - PROMPT_TOKENS  # every row runs to the same length
 
 
+class CTranslate2Side:
+    """CTranslate2 `Generator.generate_batch` on a conversion of our own model (see `export_for_ctranslate2`)."""
+
+    def __init__(self, model_dir: str, compute_type: str, prompt_ids: list, tokenizer, new_tokens: int,
+                 threads: int):
+        import ctranslate2
+
+        self.name = f"ctranslate2 {compute_type}"
+        self.new_tokens = new_tokens
+        self.generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type,
+                                               intra_threads=threads)
+        self.prompt = [tokenizer.id_to_token(int(i)) for i in prompt_ids]
+        self.calls = 0
+
+    def __call__(self, batch: int) -> int:
+        self.calls += 1
+        results = self.generator.generate_batch(
+            [self.prompt] * batch, max_length=self.new_tokens, min_length=self.new_tokens,
+            include_prompt_in_result=False, sampling_topk=0, sampling_topp=TOP_P,
+            sampling_temperature=TEMPERATURE)
+        return min(len(r.sequences_ids[0]) for r in results)
+
+
+def export_for_ctranslate2(model, workdir: str) -> dict:
+    """Our model -> pitchkeras model dir -> `pitchkeras export` (transformers) -> `ct2-transformers-converter`,
+    float32 and int8; {compute type: CTranslate2 model dir}."""
+    from pitchkeras.convert.importing import export_model
+    from pitchkeras.model import save_model_dir
+
+    model_dir = save_model_dir(model.causal_lm, model.info, os.path.join(workdir, "model"))
+    transformers_dir = export_model(model_dir, os.path.join(workdir, "transformers"))
+    converter = shutil.which("ct2-transformers-converter")
+    command = [converter] if converter else [sys.executable, "-m", "ctranslate2.converters.transformers"]
+    out = {}
+    for compute_type, quantization in (("float32", []), ("int8", ["--quantization", "int8"])):
+        out[compute_type] = os.path.join(workdir, f"ct2-{compute_type}")
+        subprocess.run(command + ["--model", str(transformers_dir), "--output_dir", out[compute_type]]
+                       + quantization, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
 def demo_perplexity(model_dir: str, data_dir: str, limit: int) -> dict:
     """Validation perplexity of a trained pitchkeras model, float32 and int8 (Keras's loss on val.csv)."""
     import math
@@ -256,6 +313,7 @@ def main(argv=None) -> int:
                         help="CPU threads for both sides (TF intra-op and torch); 0 = each library's default")
     parser.add_argument("--no-xla", action="store_true",
                         help="run our decode loop as a TF graph (default: Generator's choice, XLA for float32 only)")
+    parser.add_argument("--no-ctranslate2", action="store_true", help="leave CTranslate2 out")
     parser.add_argument("--demo-model", help="a trained pitchkeras model dir: print its val perplexity fp32 vs int8")
     parser.add_argument("--demo-data", help="the `pitchkeras prepare` dir it was trained on (its val.csv)")
     parser.add_argument("--demo-examples", type=int, default=64, help="val examples for the perplexity")
@@ -284,6 +342,21 @@ def main(argv=None) -> int:
     for precision in precisions:
         sides.append(Ours(precision, batch_sizes, False if args.no_xla else None, args.new_tokens))
         sides.append(Theirs(precision, args.new_tokens))
+    ct2 = not args.no_ctranslate2 and "float32" in precisions
+    workdir = tempfile.mkdtemp(prefix="ct2-bench-")
+    if ct2:
+        ours = next(s for s in sides if s.name == "pitchkeras float32")
+        started = time.perf_counter()
+        converted = export_for_ctranslate2(ours.generator.model, workdir)
+        print(f"exported and converted for CTranslate2 in {time.perf_counter() - started:.1f} s")
+        threads = args.threads or os.cpu_count()
+        for compute_type, path in converted.items():
+            sides.append(CTranslate2Side(path, compute_type, ours.generator._tokenize(ours.prefix),
+                                         ours.generator._tokenizer, args.new_tokens, threads))
+        import ctranslate2
+
+        print(f"ctranslate2 {ctranslate2.__version__}: intra_threads={threads}, "
+              f"sampling_topk=0 sampling_topp={TOP_P} sampling_temperature={TEMPERATURE}")
     loops = "; ".join(
         f"{s.name}: " + ", ".join(f"batch {b} {'XLA' if s.generator.uses_xla(b) else 'TF graph + XLA token selection'}"
                                   f" on {s.generator._batch_shape(b)} rows" for b in batch_sizes)
@@ -324,10 +397,18 @@ def main(argv=None) -> int:
             first = rates[f"pitchkeras {precision}", batch] / rates[f"transformers {precisions[0]}", batch]
             print(f"{precision} batch {batch}: ours/theirs {precision} = {same:.2f}, "
                   f"ours/theirs {precisions[0]} = {first:.2f}")
+    if ct2:
+        for batch in reversed(batch_sizes):
+            print(f"batch {batch}: ours float32 / ctranslate2 int8 = "
+                  f"{rates['pitchkeras float32', batch] / rates['ctranslate2 int8', batch]:.2f}")
     for batch in reversed(batch_sizes):
         ratio = rates[f"pitchkeras {precisions[0]}", batch] / rates[f"transformers {precisions[0]}", batch]
         label = "ratio" if batch == batch_sizes[0] else f"ratio_batch{batch}"
         print(f"{label}={ratio:.2f}")
+    if ct2:
+        for batch in sorted(batch_sizes):
+            print(f"ratio_ct2_b{batch}={rates['pitchkeras float32', batch] / rates['ctranslate2 float32', batch]:.2f}")
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -383,9 +383,14 @@ def main(argv=None) -> int:
         top = max(sustained)
         ratio_p99 = percentile(table["closed", top]["e2e"], 99) / percentile(table["engine", top]["e2e"], 99)
         print(f"ratio_p99={ratio_p99:.2f} (closed e2e p99 / engine e2e p99 at {top:g} req/s)")
-    if ("transformers", rates[-1]) in table:
-        ratio = table["engine", rates[-1]]["rate_done"] / max(table["transformers", rates[-1]]["rate_done"], 1e-9)
-        print(f"ratio_throughput={ratio:.2f} (engine / transformers completed req/s at {rates[-1]:g} req/s offered)")
+    if ("transformers", rates[-1]) in table and ("engine", rates[-1]) in table:
+        engine, theirs = table["engine", rates[-1]], table["transformers", rates[-1]]
+        if theirs["completed"]:
+            print(f"ratio_throughput={engine['rate_done'] / theirs['rate_done']:.2f} "
+                  f"(engine / transformers completed req/s at {rates[-1]:g} req/s offered)")
+        else:  # a ratio over nothing would print a meaningless huge number
+            print(f"ratio_throughput=inf (transformers completed none of {theirs['arrived']} requests at "
+                  f"{rates[-1]:g} req/s offered; the engine {engine['rate_done']:.2f} req/s)")
     return 0
 
 

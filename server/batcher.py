@@ -39,7 +39,8 @@ class EngineBatcher:
             self.metrics.watch_engine(lambda: self.engine.counters.waiting, lambda: self.engine.counters.active)
 
     def warmup(self, max_new_tokens: int) -> None:
-        """Compile the step and the prefill for a typical prompt at this length (before `start`)."""
+        """Compile the step and the prefill for a typical prompt at this length (before `start`); every other
+        shape compiles off the engine thread when a request first needs it, while the running rows keep stepping."""
         self.engine.warmup([len(self.generator._tokenize(self.generator.example_prompt()))], max_new_tokens)
 
     async def submit(self, requests: list, config, max_new_tokens: int, *, timeout: Optional[float] = None) -> list:

@@ -20,8 +20,6 @@ class ServerConfig:
 
     Args:
         max_batch_size: int. Generate samples decoded together in one model call.
-        max_wait_ms: float. Ignored: the decode engine admits waiting requests at every step (kept so
-            configs and `--max-wait-ms` from before it still load).
         default_max_length: int. New tokens per review when the request gives no max_length.
         max_length_cap: int. Largest max_length a request may ask for.
         num_samples_cap: int. Most reviews one Generate call may ask for.
@@ -45,7 +43,6 @@ class ServerConfig:
     """
 
     max_batch_size: int = 8  # one compiled decode loop serves up to 8 users at once
-    max_wait_ms: float = 10.0  # ignored since the decode engine
     default_max_length: int = 200  # gpt-2-simple's `length` for a review-sized sample
     max_length_cap: int = 512  # GPT-2's context is 1024; longer reviews wander off anyway
     num_samples_cap: int = 16
@@ -70,7 +67,6 @@ class ServerConfig:
         """Return self, or raise UsageError naming the bad setting."""
         checks = (
             ("max_batch_size", self.max_batch_size >= 1, ">= 1"),
-            ("max_wait_ms", self.max_wait_ms >= 0, ">= 0"),
             ("default_max_length", 1 <= self.default_max_length <= self.max_length_cap, "in [1, max_length_cap]"),
             ("num_samples_cap", self.num_samples_cap >= 1, ">= 1"),
             ("prompt_chars_cap", self.prompt_chars_cap >= 0, ">= 0"),

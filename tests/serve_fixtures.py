@@ -22,9 +22,19 @@ SCORES = (3.0, 8.0)
 PER_PAIR = 2
 # Small caps so tests can step over them; length 8 and batches of at most 4 so every Generate
 # test in the session shares a few compiled shapes.
-SERVER_CONFIG = ServerConfig(max_batch_size=4, max_wait_ms=300.0, default_max_length=8, max_length_cap=16,
-                             num_samples_cap=4, prompt_chars_cap=40, grace_s=5.0, warmup=False)
+SERVER_CONFIG = ServerConfig(max_batch_size=4, default_max_length=8, max_length_cap=16, num_samples_cap=4,
+                             prompt_chars_cap=40, grace_s=5.0, warmup=False)
 
+
+
+def wait_for(predicate, limit_s: float = 60.0) -> bool:
+    """Poll `predicate` until it is true; False past `limit_s` (a guard against hanging, never a timed assertion)."""
+    end = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
 
 def pool_reviews(per_pair: int = PER_PAIR) -> list[Review]:
     """Reviews for every (score, genre) pair, ids as populate makes them."""

@@ -8,7 +8,6 @@ import gc
 import json
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 import weakref
@@ -24,20 +23,12 @@ from pitchkeras.sampling.engine import DecodeEngine  # noqa: E402
 from pitchkeras.server import BackgroundServer, ServerConfig  # noqa: E402
 from pitchkeras.v1 import review_service_pb2 as pb  # noqa: E402
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc  # noqa: E402
+from tests.serve_fixtures import wait_for  # noqa: E402
 
 ROCK = {"score": 8.0, "genre": "Rock"}
 CONFIG = ServerConfig(max_batch_size=2, default_max_length=12, max_length_cap=40, num_samples_cap=4,
                       prompt_chars_cap=40, grace_s=5.0, warmup=False, max_waiting=2)
 BODY = {"score": 8.0, "genre": "Rock", "seed": 5, "max_length": 40}
-
-
-def wait_for(predicate, limit_s: float = 60.0) -> bool:
-    end = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # -- the engine alone ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from pitchkeras.server import BackgroundServer, ServerConfig
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
+from tests.serve_fixtures import wait_for
 
 # Lengths up to 48 tokens: long enough to cancel a stream mid-way on the tiny model (context 64).
 CONFIG = ServerConfig(max_batch_size=4, default_max_length=12, max_length_cap=48, num_samples_cap=4,
@@ -86,13 +87,6 @@ def test_a_bad_stream_request_is_an_ordinary_400(served, stub, body, message):
     with pytest.raises(grpc.RpcError) as rpc_error:
         list(stub.StreamGenerate(pb.GenerateRequest(**body), timeout=60))
     assert rpc_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in rpc_error.value.details()
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_a_cancelled_stream_frees_its_slot(served, stub, monkeypatch):

@@ -29,8 +29,6 @@ def add_parser(subparsers):
                    help="server processes sharing the ports (SO_REUSEPORT); each loads its own --model")
     p.add_argument("--max-batch-size", type=int, default=default("max_batch_size"),
                    help="Generate samples decoded together")
-    p.add_argument("--max-wait-ms", type=float, default=default("max_wait_ms"),
-                   help="ignored (the decode engine admits waiting calls at every step); accepted for old scripts")
     p.add_argument("--max-waiting", type=int, default=default("max_waiting"),
                    help="Generate samples that may wait for a decode slot; past it calls get RESOURCE_EXHAUSTED "
                         "(HTTP 429 with Retry-After)")
@@ -105,7 +103,6 @@ def run(args) -> int:
         raise UsageError(f"--model {args.model} is not a directory; point it at a pitchkeras model directory")
     config = ServerConfig(
         max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
         default_max_length=args.default_max_length,
         max_length_cap=args.max_length_cap,
         num_samples_cap=args.num_samples_cap,

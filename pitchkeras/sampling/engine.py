@@ -34,6 +34,16 @@ Everything traced is `keras.ops`: a `tf.function` (XLA) on TensorFlow and
 the persistent compile cache (`pitchkeras.compile_cache`). A step with a row
 that asks for log-probabilities runs a second variant of the step program.
 
+Once the engine runs on its thread (`start`: a server, which reports SERVING
+after `warmup`), no shape compiles on that thread: a request whose prefill or
+step shape has not run yet waits in the queue while a compile thread compiles
+it on a throwaway state, the running rows keep stepping and the requests
+behind it that fit join past it (`EngineCounters.compiles`; a shape that does
+compile on the engine thread is counted in `inline_compiles`). A compile that
+fails ends only the requests that need it (RESOURCE_EXHAUSTED when memory ran
+out). An engine stepped by its caller (`Generator.generate`, populate)
+compiles where it runs, as a batch job wants.
+
 Example:
 
 >>> engine = DecodeEngine(Generator(load_model("checkpoint/run1/model")), slots=8)
@@ -48,13 +58,14 @@ import bisect
 import collections
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
-from pitchkeras.errors import InvalidArgument, ResourceExhausted, Unavailable
+from pitchkeras.errors import InvalidArgument, PitchkerasError, ResourceExhausted, Unavailable
 from pitchkeras.sampling.config import (
     GenerationRequest, PreparedRequest, Sample, SamplerConfig, TokenLogprob, prompt_bucket)
 from pitchkeras.sampling.program import _DeviceState, _in_place, _Program, _program_for, _row_buckets  # noqa: F401
@@ -80,6 +91,9 @@ CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is
 # per-call cost is paid once per 8 tokens (one call per token measured far slower than the closed loop).
 BULK_TOKENS_PER_STEP = 8
 BULK_CACHE_BUCKETS = tuple(range(64, 1025, 64))  # finer cache lengths for bulk work: fewer idle positions per step
+# How often an engine thread with nothing to run but requests waiting for their compiles looks at their cancels
+# and deadlines (a finished compile or a new request wakes it at once).
+WAITING_POLL_S = 0.05
 
 
 @dataclasses.dataclass
@@ -100,6 +114,9 @@ class EngineCounters:
         active: int. Slots busy now.
         waiting: int. Requests queued for a slot now.
         traces: int. Programs traced (= compiled shapes).
+        compiles: int. Shapes compiled off the engine thread while it kept stepping (once started).
+        inline_compiles: int. Shapes first run on the engine thread once started: each froze every
+            running row for its compile (the server's goal is 0 after SERVING).
     """
 
     steps: int = 0
@@ -115,6 +132,8 @@ class EngineCounters:
     traces: int = 0
     failed: int = 0
     rejected: int = 0
+    compiles: int = 0
+    inline_compiles: int = 0
 
 
 class DecodeEngine:
@@ -173,6 +192,15 @@ class DecodeEngine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._state = _DeviceState(self.slots, generator._pad_id)
+        # Shapes and their compiles. A shape is ("step", rows, length, logprobs) or ("prefill", prompts, prompt
+        # bucket, rows, length); once the engine runs on its thread, it runs only shapes in `_ready` (compiled),
+        # and the compile thread compiles the others on a state of its own while the running rows keep stepping.
+        self._ready: set = set()
+        self._compiling: set = set()
+        self._compile_failures: dict = {}  # shape -> the error its compile raised: ends the requests that need it
+        self._compile_jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._compiler: Optional[threading.Thread] = None
+        self._news = False  # a request arrived or a compile ended since the engine thread last looked
 
     # -- submitting ------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, config: Optional[SamplerConfig] = None,
@@ -222,6 +250,7 @@ class DecodeEngine:
                                         f"(the bound is {self.max_waiting}); retry in a second")
             self._waiting.append(stream)
             self.counters.waiting = len(self._waiting)
+            self._news = True
             self._condition.notify()
         return stream
 
@@ -246,6 +275,7 @@ class DecodeEngine:
             self._condition.notify()
         if self._thread is not None:
             self._thread.join()
+        self._compile_jobs.put(None)  # the compile thread ends after the compile it is in, if any
         self._fail_all(Unavailable("the decode engine stopped before this request finished"))
 
     def run_until_idle(self) -> None:
@@ -265,6 +295,15 @@ class DecodeEngine:
             except Exception as err:  # a bug or a device failure: every caller hears of it, the thread lives on
                 log.exception("decode engine step failed")
                 self._fail_all(err)
+            with self._condition:
+                if not any(self._rows) and self._waiting and not self._news:
+                    self._condition.wait(WAITING_POLL_S)  # all wait for compiles; look again at their cancels
+                self._news = False
+
+    @property
+    def _started(self) -> bool:
+        """Whether the engine runs on its thread (serving): then no shape compiles on that thread."""
+        return self._thread is not None
 
     def step(self) -> bool:
         """One step boundary and one step: leave, join (prefill), decode a token per active row.
@@ -282,11 +321,16 @@ class DecodeEngine:
         if not active:
             self._state.release()
             return joined
-        self._fit_cache(self._state.length)  # rows above the highest busy slot may have left
-        logprobs = any(self._rows[slot].stream.request.top_logprobs is not None for slot in active)
+        self._settle_cache()  # rows above the highest busy slot may have left
+        asked = any(self._rows[slot].stream.request.top_logprobs is not None for slot in active)
+        logprobs = self._variant(self._state.rows, self._state.length, asked)
+        logprobs = asked if logprobs is None else logprobs
+        shape = ("step", self._state.rows, self._state.length, logprobs)
+        self._check_compiled(shape)
         started, tokens = time.monotonic(), self.counters.tokens
         chosen, scores = self._program.step(self._state, logprobs)
         seconds = time.monotonic() - started
+        self._ready.add(shape)
         self.counters.traces = self._program.traces
         self.counters.rows = self._state.rows
         for column in range(self.tokens_per_step):
@@ -310,25 +354,46 @@ class DecodeEngine:
 
     # -- joining and leaving ---------------------------------------------------------------
     def _join(self, now: float) -> bool:
-        """Prefill waiting requests into free slots; whether any request was waiting."""
-        had_waiting = bool(self._waiting)
+        """Prefill waiting requests into free slots; whether any request was waiting.
+
+        Once the engine runs on its thread, a request joins only when every
+        program it makes the engine run (its prefill, then the step at the
+        shape it leaves) is compiled; until then it keeps its place in the
+        queue, its shapes compile on the compile thread while the running rows
+        keep stepping, and the requests behind it that fit join past it.
+        """
+        with self._condition:
+            waiting = list(self._waiting)
+            failures = dict(self._compile_failures)
         free = [slot for slot, row in enumerate(self._rows) if row is None]
-        groups: dict = {}  # prompt bucket -> [(slot, stream)]: each group is prefilled in one call
-        while free:
-            with self._condition:
-                if not self._waiting:
-                    break
-                stream = self._waiting.popleft()
-                self.counters.waiting = len(self._waiting)
+        joining: list = []  # (slot, stream) in the order they join
+        for stream in waiting:
             reason = stream.expired(now)
             if reason:
+                self._unqueue(stream)
                 self.counters.cancelled += 1
                 self._observe("observe_cancel", reason)
                 stream._end(reason, error=_ended(reason, " before it started"))
                 continue
-            key = self._bucket(stream) if self.prefill_together else len(groups)
-            groups.setdefault(key, []).append((free.pop(0), stream))
-        for group in groups.values():
+            if not free:
+                continue  # no slot, but the requests behind may still have been cancelled
+            missing = self._missing(joining + [(free[0], stream)]) if self._started else []
+            error = next((failures[shape] for job in missing for shape in _job_shapes(job) if shape in failures),
+                         None)
+            if error is not None:  # its shape failed to compile: it alone ends, with that error
+                self._unqueue(stream)
+                self.counters.failed += 1
+                self._observe("observe_cancel", "error")
+                stream._end("error", error=error)
+            elif missing:
+                self._compile_later(missing)
+            else:
+                self._unqueue(stream)
+                joining.append((free.pop(0), stream))
+        with self._condition:  # the next request that needs a shape that failed tries its compile again
+            for shape in failures:
+                self._compile_failures.pop(shape, None)
+        for group in self._groups(joining):
             try:
                 self._prefill(group)
             except Exception:  # noqa: BLE001 - find which request failed: each alone, so only its own ends
@@ -342,7 +407,125 @@ class DecodeEngine:
                         self.counters.failed += 1
                         self._observe("observe_cancel", "error")
                         stream._end("error", error=err)
-        return had_waiting
+        return bool(waiting)
+
+    def _unqueue(self, stream: Stream) -> None:
+        with self._condition:
+            self._waiting.remove(stream)
+            self.counters.waiting = len(self._waiting)
+
+    def _groups(self, joining: list) -> list:
+        """`joining` ((slot, stream) pairs) as the groups prefilled in one call each, in the order they run."""
+        groups: dict = {}
+        for slot, stream in joining:
+            key = self._bucket(stream) if self.prefill_together else len(groups)
+            groups.setdefault(key, []).append((slot, stream))
+        return list(groups.values())
+
+    # -- shapes and their compiles ---------------------------------------------------------
+    def _cache_shape(self, slots: Sequence[int], needed: int) -> tuple:
+        """(row bucket, cache length): the smallest holding rows `slots` and `needed` positions."""
+        rows = next(b for b in self.row_buckets if b > max(slots, default=0))
+        return rows, next(b for b in self.cache_buckets if b >= needed)
+
+    def _limit(self, stream: Stream) -> int:
+        """Positions a request may fill: its prompt and new tokens, at most the model's context."""
+        return min(len(stream.prepared.ids) + stream.max_new_tokens, self._max_length)
+
+    def _variant(self, rows: int, length: int, asked: bool) -> Optional[bool]:
+        """The step variant to run at this shape (True: with logprobs), or None when neither is compiled.
+
+        Once started, a step where no row asks may run the logprobs variant when only it is compiled: it
+        draws the same tokens and adds the scores nobody reads. Before, the variant asked (compiled if new).
+        """
+        if not self._started:
+            return asked
+        return next((v for v in (asked, True) if ("step", rows, length, v) in self._ready), None)
+
+    def _missing(self, joining: list) -> list:
+        """Compile jobs (rows, length, (prompts, prompt bucket) or None, step variant or None) for the shapes
+        that admitting `joining` ((slot, stream) pairs) would run and that are not compiled; [] when none.
+
+        It follows `_prefill` and `step` exactly: each group's prefill into the cache `_fit_cache` makes for
+        it, then the step of the last cache.
+        """
+        busy = {slot: row.limit for slot, row in enumerate(self._rows) if row is not None}
+        asked = any(row.stream.request.top_logprobs is not None for row in self._rows if row is not None)
+        jobs, shape = [], (self._state.rows, self._state.length)
+        for group in self._groups(joining):
+            bucket, limits = self._bucket(group[0][1]), [self._limit(stream) for _, stream in group]
+            shape = self._cache_shape(list(busy) + [max(slot for slot, _ in group)],
+                                      max(limits + [bucket] + list(busy.values())))
+            size = 1 << (len(group) - 1).bit_length()
+            if ("prefill", size, bucket) + shape not in self._ready:
+                jobs.append(shape + ((size, bucket), None))
+            busy.update((slot, limit) for (slot, _), limit in zip(group, limits))
+            asked = asked or any(stream.request.top_logprobs is not None for _, stream in group)
+        if self._variant(*shape, asked) is None:
+            if jobs and jobs[-1][:2] == shape:
+                jobs[-1] = jobs[-1][:3] + (asked,)
+            else:
+                jobs.append(shape + (None, asked))
+        return jobs
+
+    def _compile_later(self, jobs: list) -> None:
+        """Queue `jobs` (see `_missing`) on the compile thread, each shape once."""
+        with self._condition:
+            for job in jobs:
+                shapes = set(_job_shapes(job))
+                if shapes <= self._ready | self._compiling:
+                    continue
+                self._compiling |= shapes
+                self._compile_jobs.put(job)
+            if self._compiler is None:
+                self._compiler = threading.Thread(target=self._compile_loop, name="decode-engine-compile",
+                                                  daemon=True)
+                self._compiler.start()
+
+    def _compile_loop(self) -> None:
+        """The compile thread: one job at a time; a failure is kept for the requests that need its shapes."""
+        while (job := self._compile_jobs.get()) is not None:
+            shapes = set(_job_shapes(job))
+            error = None
+            try:
+                self._compile_shape(*job)
+            except Exception as err:  # noqa: BLE001 - memory, a compiler error: the requests needing it end
+                log.exception("compiling the decode programs for %s failed", shapes)
+                error = _compile_error(err, job)
+            with self._condition:
+                self._compiling -= shapes
+                if error is None:
+                    self._ready |= shapes
+                    self.counters.compiles += 1
+                else:
+                    self._compile_failures.update(dict.fromkeys(shapes, error))
+                self._news = True
+                self._condition.notify()
+
+    def _compile_shape(self, rows: int, length: int, prefill: Optional[tuple], logprobs: Optional[bool]) -> None:
+        """Compile the programs of one shape on a throwaway state, leaving the running rows' state alone.
+
+        Args:
+            rows: int. The row bucket.
+            length: int. The cache length.
+            prefill: (prompts, prompt bucket) or None. A prefill of that many prompts into this cache.
+            logprobs: bool or None. The step variant at this cache (None: no step).
+        """
+        state = _DeviceState(self.slots, self.generator._pad_id)
+        state.resize(rows, length, self._program)
+        if prefill is not None:
+            size, bucket = prefill
+            self._program.prefill(state, np.zeros((size,), np.int32),
+                                  np.full((size, bucket), self.generator._pad_id, np.int32))
+        if logprobs is not None:
+            self._program.step(state, logprobs)
+        state.release()
+
+    def _check_compiled(self, shape: tuple) -> None:
+        """Count (and log) a shape about to run on the engine thread uncompiled once it is started."""
+        if self._started and shape not in self._ready:
+            self.counters.inline_compiles += 1
+            log.warning("decode engine: %s compiles on the engine thread; its running rows wait", shape)
 
     def _bucket(self, stream: Stream) -> int:
         return min(prompt_bucket(len(stream.prepared.ids), self.generator.prompt_buckets), self._max_length)
@@ -353,7 +536,7 @@ class DecodeEngine:
         The call runs a power of two of prompts (the first repeated to fill it), so few shapes compile.
         """
         bucket = self._bucket(group[0][1])
-        limits = [min(len(stream.prepared.ids) + stream.max_new_tokens, self._max_length) for _, stream in group]
+        limits = [self._limit(stream) for _, stream in group]
         self._fit_cache(max(limits + [bucket]), max(slot for slot, _ in group))
         size = 1 << (len(group) - 1).bit_length()
         prompts = np.full((size, bucket), self.generator._pad_id, np.int32)
@@ -364,7 +547,10 @@ class DecodeEngine:
             slots[i] = slot
         for slot, stream in group:
             self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config)
+        shape = ("prefill", size, bucket, self._state.rows, self._state.length)
+        self._check_compiled(shape)
         self._program.prefill(self._state, slots, prompts)
+        self._ready.add(shape)
         for (slot, stream), limit in zip(group, limits):
             self.counters.prefills += 1
             self._observe("observe_queue", time.monotonic() - stream.submitted)
@@ -375,11 +561,19 @@ class DecodeEngine:
         """Size the cache: the smallest row bucket holding every busy slot and `slot`, and the smallest
         cache bucket holding `needed` positions and every busy row's."""
         busy = [s for s, row in enumerate(self._rows) if row is not None]
-        rows = next(b for b in self.row_buckets if b > max(busy + [slot]))
-        needed = max([needed] + [self._rows[s].limit for s in busy])
-        length = next(b for b in self.cache_buckets if b >= needed)
+        rows, length = self._cache_shape(busy + [slot], max([needed] + [self._rows[s].limit for s in busy]))
         if (rows, length) != (self._state.rows, self._state.length):
             self._state.resize(rows, length, self._program)
+
+    def _settle_cache(self) -> None:
+        """At a step: `_fit_cache` for the rows still busy (fewer rows), but once started only to a shape
+        whose step is compiled (else the rows stay as they are: idle rows cost time, never a compile)."""
+        rows = [row for row in self._rows if row is not None]
+        shape = self._cache_shape([s for s, row in enumerate(self._rows) if row is not None],
+                                  max([self._state.length] + [row.limit for row in rows]))
+        asked = any(row.stream.request.top_logprobs is not None for row in rows)
+        if self._variant(*shape, asked) is not None or shape == (self._state.rows, self._state.length):
+            self._fit_cache(self._state.length)
 
     def _advance(self, slot: int, token: int, scores=None) -> None:
         """Add one drawn token to a row: its text, its stop checks, its delta; the row leaves when done.
@@ -484,7 +678,8 @@ class DecodeEngine:
 
     # -- warm-up ---------------------------------------------------------------------------
     def warmup(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
-        """Compile the prefills for these prompt lengths and the step their cache needs, before serving.
+        """Compile the prefills for these prompt lengths and the step their cache needs, before serving
+        (shapes it leaves out compile off the engine thread once it is started).
 
         For each length, warm-up requests join one per step until every slot
         is busy (so every row bucket's prefill and step compile), then they are
@@ -515,3 +710,28 @@ class DecodeEngine:
                 join(min(size, self.slots), one_per_step=False)
                 size *= 2
         self.counters.cancelled = 0
+
+
+def _job_shapes(job: tuple) -> list:
+    """The shapes a compile job (rows, length, prefill, logprobs) compiles."""
+    rows, length, prefill, logprobs = job
+    return ([("prefill",) + tuple(prefill) + (rows, length)] if prefill is not None else []) + \
+        ([("step", rows, length, logprobs)] if logprobs is not None else [])
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether a backend's error says memory ran out (TensorFlow's ResourceExhaustedError, XLA's
+    RESOURCE_EXHAUSTED status, Python's MemoryError)."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "ResourceExhaustedError" or \
+        any(mark in str(err) for mark in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
+
+
+def _compile_error(err: BaseException, job: tuple) -> PitchkerasError:
+    """The error a request gets when its shape failed to compile: RESOURCE_EXHAUSTED for memory, else
+    UNAVAILABLE (the request was fine; this server could not run it). The backend's message stays in the log."""
+    rows, length = job[:2]
+    what = f"the decode programs for {rows} rows x {length} cache positions"
+    if _out_of_memory(err):
+        return ResourceExhausted(f"not enough memory to compile {what}; retry later or ask for fewer tokens "
+                                 "(a shorter max_length)", retry_after_s=10.0)
+    return Unavailable(f"this server could not compile {what} ({type(err).__name__}); retry on another server")
