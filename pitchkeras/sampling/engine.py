@@ -76,10 +76,12 @@ from pitchkeras.sampling.stream import (  # noqa: F401  (re-exported: the engine
 log = logging.getLogger(__name__)
 
 CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is compiled for
-# Tokens per compiled call when nobody streams (Generator.generate, populate): rows join every 8 tokens, and the
-# per-call cost is paid once per 8 tokens (one call per token measured far slower than the closed loop).
-BULK_TOKENS_PER_STEP = 8
-BULK_CACHE_BUCKETS = tuple(range(64, 1025, 64))  # finer cache lengths for bulk work: fewer idle positions per step
+# Most tokens per compiled call when nobody streams (Generator.generate, populate): the call's device-side loop
+# ends early once rows have finished for waiting requests (JOIN_FRACTION), so rows still join soon, and the
+# per-call cost is paid once per many tokens (measured: BUILD_NOTES.md).
+BULK_TOKENS_PER_STEP = 32
+BULK_CACHE_BUCKETS = tuple(range(32, 1025, 32))  # finer cache lengths for bulk work: fewer idle positions per step
+JOIN_FRACTION = 4  # a bulk step call ends early once a quarter of its rows (or every waiting request) can join
 
 
 @dataclasses.dataclass
@@ -165,6 +167,7 @@ class DecodeEngine:
         self.max_waiting = max_waiting
         self.observer = observer
         self.prefill_together = bool(prefill_together)
+        self.join_fraction = JOIN_FRACTION
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -285,11 +288,11 @@ class DecodeEngine:
         self._fit_cache(self._state.length)  # rows above the highest busy slot may have left
         logprobs = any(self._rows[slot].stream.request.top_logprobs is not None for slot in active)
         started, tokens = time.monotonic(), self.counters.tokens
-        chosen, scores = self._program.step(self._state, logprobs)
+        chosen, scores = self._program.step(self._state, logprobs, waiting=self._joiners())
         seconds = time.monotonic() - started
         self.counters.traces = self._program.traces
         self.counters.rows = self._state.rows
-        for column in range(self.tokens_per_step):
+        for column in range(chosen.shape[1]):  # fewer than tokens_per_step when a row ended for a waiting request
             active = [slot for slot in active if self._rows[slot] is not None]
             self.counters.steps += bool(active)
             self.counters.row_steps += len(active)
@@ -299,6 +302,16 @@ class DecodeEngine:
         self.counters.active = sum(row is not None for row in self._rows)
         self._observe("observe_step", len(active), self.counters.tokens - tokens, seconds)
         return True
+
+    def _joiners(self) -> int:
+        """After how many rows finish a step call ends early for waiting requests (0: never): one for an engine
+        that prefills one request at a time; a bulk engine waits for a group (fewer calls and prefills)."""
+        waiting = len(self._waiting)
+        if not waiting or self.tokens_per_step == 1:
+            return 0
+        if not self.prefill_together:
+            return 1
+        return min(waiting, max(1, self._state.rows // self.join_fraction))
 
     def _observe(self, method: str, *args) -> None:
         """Tell the observer (metrics); its failure is logged, never the engine's."""
@@ -362,14 +375,13 @@ class DecodeEngine:
             ids = stream.prepared.ids
             prompts[i, : len(ids)] = ids
             slots[i] = slot
-        for slot, stream in group:
-            self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config)
+        for (slot, stream), limit in zip(group, limits):
+            self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config, limit)
         self._program.prefill(self._state, slots, prompts)
         for (slot, stream), limit in zip(group, limits):
             self.counters.prefills += 1
             self._observe("observe_queue", time.monotonic() - stream.submitted)
             self._rows[slot] = _Row(stream, position=len(stream.prepared.ids) - 1, limit=limit)
-            self._state.positions[slot] = len(stream.prepared.ids) - 1
 
     def _fit_cache(self, needed: int, slot: int = 0) -> None:
         """Size the cache: the smallest row bucket holding every busy slot and `slot`, and the smallest
@@ -400,8 +412,6 @@ class DecodeEngine:
             row.logprobs.append(TokenLogprob(token, float(chosen[slot, column]), top))
         row.stream.tokens += 1
         row.position += 1
-        self._state.token_ids[slot, row.position] = token
-        self._state.positions[slot] = row.position
         self.counters.tokens += 1
         stops = row.stream.stops
         cut = -1
