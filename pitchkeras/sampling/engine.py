@@ -11,9 +11,11 @@ key/value cache positions, and works in steps:
    are *prefilled* in one call per prompt bucket (their prompts, padded to
    the bucket, run through the model and are inserted into their rows of the
    cache).
-2. One compiled *step* decodes one token for every active row, each at its
-   own position, with its own sampler settings (per-row tensors: any mix of
-   temperatures, top-k, top-p and repetition settings shares a step). The
+2. One compiled *step* decodes up to `tokens_per_step` tokens for every
+   active row in a device-side loop (ending early once rows have finished
+   for waiting requests), each row at its own position, with its own
+   sampler settings (per-row tensors: any mix of temperatures, top-k, top-p
+   and repetition settings shares a step). The
    step runs only the first rows, a power-of-two *row bucket* holding the
    highest busy slot (new requests take the lowest free slot), so a lone
    request does not pay for every slot.
@@ -22,9 +24,11 @@ key/value cache positions, and works in steps:
    at once, and its `Sample` is post-processed by the `Generator`. A quiet
    row (`deltas=False`: bulk work) is detokenized once, at the end.
 
-The caches stay on the device between calls: on TensorFlow they are
-`tf.Variable`s assigned inside the compiled step (XLA aliases them, no copy),
-on JAX they are donated. Randomness is counter-based per (request seed,
+The decode state stays on the device between calls: the caches, the token
+buffer, positions, limits, random keys and per-row settings (a request's
+written once, when it is inserted); on TensorFlow they are `tf.Variable`s
+assigned inside the compiled programs (XLA aliases them, no copy), on JAX
+they are donated. Randomness is counter-based per (request seed,
 position), so a request's tokens do not depend on when it joined, on its
 neighbours, its slot, row bucket or cache length (tested; the logits agree
 to the last bits, not bitwise, across shapes on XLA's CPU backend).
@@ -132,11 +136,12 @@ class DecodeEngine:
         cache_buckets: sequence of int. Cache lengths a step is compiled for
             (each capped at the model's context); the engine grows the cache
             to the smallest that fits its rows and shrinks it back when idle.
-        tokens_per_step: int. Tokens each compiled call decodes for every row
-            (1: rows join, leave and stream at every token, what a server
+        tokens_per_step: int. Most tokens each compiled call decodes for every
+            row (1: rows join, leave and stream at every token, what a server
             wants; more amortises the per-call cost for batch jobs such as
-            populate, at the price of rows joining only every so many tokens).
-            The text is the same either way.
+            populate; the call ends early once rows have finished while
+            requests wait, so they still join soon). The text is the same
+            either way.
         max_waiting: int or None. Most requests waiting for a slot; past it
             `submit` raises ResourceExhausted (None: no bound).
         prefill_together: bool. Prefill the requests joining at a step boundary
