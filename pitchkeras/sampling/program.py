@@ -3,6 +3,8 @@ TensorFlow or JAX) and `_DeviceState` (the caches and the per-row arrays, reside
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from pitchkeras.errors import FailedPrecondition
@@ -104,9 +106,12 @@ class _DeviceState:
         self.staged = [np.full((slots,) + ((2,) if name == "keys" else ()), _NEUTRAL[i], _DTYPES[i])
                        for i, name in enumerate(ARRAYS) if i > 0]
 
-    def reset_row(self, slot: int, ids: list, seed: int, config: SamplerConfig, limit: int = 0) -> None:
-        """Stage a joining request's row: its last prompt position, position limit, key and settings (the
-        next `prefill` into `slot` inserts them)."""
+    def reset_row(self, slot: int, ids: list, seed: int, config: SamplerConfig,
+                  limit: Optional[int] = None) -> None:
+        """Stage a joining request's row: its last prompt position, position limit (the row is done on the device
+        once its next position would reach it; None: never, the host ends it), key and settings (the next
+        `prefill` into `slot` inserts them)."""
+        limit = np.iinfo(np.int32).max if limit is None else limit
         values = (len(ids) - 1, limit, row_keys([seed])[0], config.temperature, config.top_k, config.top_p,
                   config.repetition_penalty, config.no_repeat_ngram_size)
         for array, value in zip(self.staged, values):
