@@ -28,6 +28,7 @@ the second run is timed, so no compile time is counted. Last,
 Example:
 
     python benchmarks/populate_engine.py --demo-model pitchkeras-demo/checkpoint/demo/model --gpt2-124m
+    python benchmarks/populate_engine.py --backend jax --demo-model pitchkeras-demo/checkpoint/demo/model
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "--backend" in sys.argv[1:-1]:  # before Keras is imported: it reads KERAS_BACKEND once
+    os.environ["KERAS_BACKEND"] = sys.argv[sys.argv.index("--backend") + 1]
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,10 +115,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="rows decoded together (populate's --batch-size)")
     parser.add_argument("--length", type=int, default=120, help="max new tokens (the demo's populate length)")
     parser.add_argument("--lengths", help="comma-separated stop lengths for the 124M run (default: the demo's)")
+    parser.add_argument("--backend", choices=("tensorflow", "jax"), default=os.environ["KERAS_BACKEND"],
+                        help="Keras backend both sides run on (default: $KERAS_BACKEND, else tensorflow)")
     args = parser.parse_args(argv)
     from pitchkeras.sampling import Generator
 
-    print(f"CPU: {simd_level()}; os.cpu_count()={os.cpu_count()}; load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {simd_level()}; os.cpu_count()={os.cpu_count()}; load average {os.getloadavg()[0]:.2f}; "
+          f"backend {args.backend}")
     stops = [int(n) for n in args.lengths.split(",")] if args.lengths else []
     ratios: list[float] = []
     if args.demo_model:

@@ -101,3 +101,32 @@ def test_on_jax_too(generator):
     result = run_on_jax(JAX_SCRIPT, str(generator.model.path))
     print("jax logprob differences across shapes:", result["differences"])
     check(result)
+
+
+def test_a_shape_compiled_off_the_engine_thread_is_ready_and_leaves_the_running_rows_alone(generator):
+    import threading
+
+    from pitchkeras.sampling.config import prompt_bucket
+
+    request, config = TARGETS[1]
+    expected = DecodeEngine(generator, slots=4).generate([request], config, LENGTH)[0].completion_ids
+    engine = DecodeEngine(generator, slots=4)
+    running = engine.submit(request, config, LENGTH)
+    engine.step()  # running in slot 0: row bucket 2, a short cache
+    program, state = engine._program, engine._state
+    before = (state.rows, state.length, [np.asarray(a).copy() for a in state.arrays])
+    bucket = prompt_bucket(len(generator.prepare(TARGETS[3][0]).ids), generator.prompt_buckets)
+    shape = (4, engine.cache_buckets[-1], bucket)
+    thread = threading.Thread(target=program.compile, args=(state,) + shape, kwargs={"logprobs": (False, True)})
+    thread.start()
+    thread.join()
+    assert (state.rows, state.length) == before[:2] and state.length < shape[1]
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(state.arrays, before[2]))
+    traces = program.traces
+    scratch = state.fresh()
+    scratch.resize(shape[0], shape[1], program)
+    program.prefill(scratch, np.zeros((1,), np.int32), np.zeros((1, bucket), np.int32))
+    program.step(scratch, True)
+    assert program.traces == traces  # every program of that shape was ready
+    engine.run_until_idle()
+    assert running.result().completion_ids == expected

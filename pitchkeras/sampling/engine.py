@@ -11,9 +11,11 @@ key/value cache positions, and works in steps:
    are *prefilled* in one call per prompt bucket (their prompts, padded to
    the bucket, run through the model and are inserted into their rows of the
    cache).
-2. One compiled *step* decodes one token for every active row, each at its
-   own position, with its own sampler settings (per-row tensors: any mix of
-   temperatures, top-k, top-p and repetition settings shares a step). The
+2. One compiled *step* decodes up to `tokens_per_step` tokens for every
+   active row in a device-side loop (ending early once rows have finished
+   for waiting requests), each row at its own position, with its own
+   sampler settings (per-row tensors: any mix of temperatures, top-k, top-p
+   and repetition settings shares a step). The
    step runs only the first rows, a power-of-two *row bucket* holding the
    highest busy slot (new requests take the lowest free slot), so a lone
    request does not pay for every slot.
@@ -22,9 +24,11 @@ key/value cache positions, and works in steps:
    at once, and its `Sample` is post-processed by the `Generator`. A quiet
    row (`deltas=False`: bulk work) is detokenized once, at the end.
 
-The caches stay on the device between calls: on TensorFlow they are
-`tf.Variable`s assigned inside the compiled step (XLA aliases them, no copy),
-on JAX they are donated. Randomness is counter-based per (request seed,
+The decode state stays on the device between calls: the caches, the token
+buffer, positions, limits, random keys and per-row settings (a request's
+written once, when it is inserted); on TensorFlow they are `tf.Variable`s
+assigned inside the compiled programs (XLA aliases them, no copy), on JAX
+they are donated. Randomness is counter-based per (request seed,
 position), so a request's tokens do not depend on when it joined, on its
 neighbours, its slot, row bucket or cache length (tested; the logits agree
 to the last bits, not bitwise, across shapes on XLA's CPU backend).
@@ -87,10 +91,12 @@ from pitchkeras.sampling.stream import (  # noqa: F401  (re-exported: the engine
 log = logging.getLogger(__name__)
 
 CACHE_BUCKETS = (64, 128, 256, 512, 1024)  # cache lengths (positions) a step is compiled for
-# Tokens per compiled call when nobody streams (Generator.generate, populate): rows join every 8 tokens, and the
-# per-call cost is paid once per 8 tokens (one call per token measured far slower than the closed loop).
-BULK_TOKENS_PER_STEP = 8
-BULK_CACHE_BUCKETS = tuple(range(64, 1025, 64))  # finer cache lengths for bulk work: fewer idle positions per step
+# Most tokens per compiled call when nobody streams (Generator.generate, populate): the call's device-side loop
+# ends early once rows have finished for waiting requests (JOIN_FRACTION), so rows still join soon, and the
+# per-call cost is paid once per many tokens (measured: BUILD_NOTES.md).
+BULK_TOKENS_PER_STEP = 32
+BULK_CACHE_BUCKETS = tuple(range(32, 1025, 32))  # finer cache lengths for bulk work: fewer idle positions per step
+JOIN_FRACTION = 4  # a bulk step call ends early once a quarter of its rows (or every waiting request) can join
 # How often an engine thread with nothing to run but requests waiting for their compiles looks at their cancels
 # and deadlines (a finished compile or a new request wakes it at once).
 WAITING_POLL_S = 0.05
@@ -149,11 +155,12 @@ class DecodeEngine:
         cache_buckets: sequence of int. Cache lengths a step is compiled for
             (each capped at the model's context); the engine grows the cache
             to the smallest that fits its rows and shrinks it back when idle.
-        tokens_per_step: int. Tokens each compiled call decodes for every row
-            (1: rows join, leave and stream at every token, what a server
+        tokens_per_step: int. Most tokens each compiled call decodes for every
+            row (1: rows join, leave and stream at every token, what a server
             wants; more amortises the per-call cost for batch jobs such as
-            populate, at the price of rows joining only every so many tokens).
-            The text is the same either way.
+            populate; the call ends early once rows have finished while
+            requests wait, so they still join soon). The text is the same
+            either way.
         max_waiting: int or None. Most requests waiting for a slot; past it
             `submit` raises ResourceExhausted (None: no bound).
         prefill_together: bool. Prefill the requests joining at a step boundary
@@ -184,6 +191,7 @@ class DecodeEngine:
         self.max_waiting = max_waiting
         self.observer = observer
         self.prefill_together = bool(prefill_together)
+        self.join_fraction = JOIN_FRACTION
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
         self._program = _program_for(generator, self.slots, self.tokens_per_step)
         self._rows: list[Optional[_Row]] = [None] * self.slots
@@ -328,12 +336,12 @@ class DecodeEngine:
         shape = ("step", self._state.rows, self._state.length, logprobs)
         self._check_compiled(shape)
         started, tokens = time.monotonic(), self.counters.tokens
-        chosen, scores = self._program.step(self._state, logprobs)
+        chosen, scores = self._program.step(self._state, logprobs, waiting=self._joiners())
         seconds = time.monotonic() - started
         self._ready.add(shape)
         self.counters.traces = self._program.traces
         self.counters.rows = self._state.rows
-        for column in range(self.tokens_per_step):
+        for column in range(chosen.shape[1]):  # fewer than tokens_per_step when a row ended for a waiting request
             active = [slot for slot in active if self._rows[slot] is not None]
             self.counters.steps += bool(active)
             self.counters.row_steps += len(active)
@@ -343,6 +351,16 @@ class DecodeEngine:
         self.counters.active = sum(row is not None for row in self._rows)
         self._observe("observe_step", len(active), self.counters.tokens - tokens, seconds)
         return True
+
+    def _joiners(self) -> int:
+        """After how many rows finish a step call ends early for waiting requests (0: never): one for an engine
+        that prefills one request at a time; a bulk engine waits for a group (fewer calls and prefills)."""
+        waiting = len(self._waiting)
+        if not waiting or self.tokens_per_step == 1:
+            return 0
+        if not self.prefill_together:
+            return 1
+        return min(waiting, max(1, self._state.rows // self.join_fraction))
 
     def _observe(self, method: str, *args) -> None:
         """Tell the observer (metrics); its failure is logged, never the engine's."""
@@ -511,15 +529,9 @@ class DecodeEngine:
             prefill: (prompts, prompt bucket) or None. A prefill of that many prompts into this cache.
             logprobs: bool or None. The step variant at this cache (None: no step).
         """
-        state = _DeviceState(self.slots, self.generator._pad_id)
-        state.resize(rows, length, self._program)
-        if prefill is not None:
-            size, bucket = prefill
-            self._program.prefill(state, np.zeros((size,), np.int32),
-                                  np.full((size, bucket), self.generator._pad_id, np.int32))
-        if logprobs is not None:
-            self._program.step(state, logprobs)
-        state.release()
+        size, bucket = prefill if prefill is not None else (0, 0)
+        self._program.compile(self._state, rows, length, bucket, group_sizes=(size,) if size else (),
+                              logprobs=() if logprobs is None else (logprobs,))
 
     def _check_compiled(self, shape: tuple) -> None:
         """Count (and log) a shape about to run on the engine thread uncompiled once it is started."""
@@ -545,8 +557,8 @@ class DecodeEngine:
             ids = stream.prepared.ids
             prompts[i, : len(ids)] = ids
             slots[i] = slot
-        for slot, stream in group:
-            self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config)
+        for (slot, stream), limit in zip(group, limits):
+            self._state.reset_row(slot, stream.prepared.ids, stream.request.seed, stream.config, limit)
         shape = ("prefill", size, bucket, self._state.rows, self._state.length)
         self._check_compiled(shape)
         self._program.prefill(self._state, slots, prompts)
@@ -555,7 +567,6 @@ class DecodeEngine:
             self.counters.prefills += 1
             self._observe("observe_queue", time.monotonic() - stream.submitted)
             self._rows[slot] = _Row(stream, position=len(stream.prepared.ids) - 1, limit=limit)
-            self._state.positions[slot] = len(stream.prepared.ids) - 1
 
     def _fit_cache(self, needed: int, slot: int = 0) -> None:
         """Size the cache: the smallest row bucket holding every busy slot and `slot`, and the smallest
@@ -594,8 +605,6 @@ class DecodeEngine:
             row.logprobs.append(TokenLogprob(token, float(chosen[slot, column]), top))
         row.stream.tokens += 1
         row.position += 1
-        self._state.token_ids[slot, row.position] = token
-        self._state.positions[slot] = row.position
         self.counters.tokens += 1
         stops = row.stream.stops
         cut = -1

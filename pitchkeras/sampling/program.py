@@ -1,7 +1,9 @@
-"""The engine's compiled programs and the state they run on: `_Program` (step and prefill, per shape, on
-TensorFlow or JAX) and `_DeviceState` (the caches, resident on the device, and the per-row step inputs)."""
+"""The engine's compiled programs and the state they run on: `_Program` (step and prefill/insert, per shape, on
+TensorFlow or JAX) and `_DeviceState` (the caches and the per-row arrays, resident on the device)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -19,7 +21,9 @@ def _program_for(generator, slots: int, tokens: int) -> "_Program":
     xla = generator.uses_xla(slots)
     programs = generator.__dict__.setdefault("_engine_programs", {})
     if (slots, xla, tokens) not in programs:
-        programs[slots, xla, tokens] = _Program(generator._backbone, xla=xla, tokens=tokens)
+        programs[slots, xla, tokens] = _Program(
+            generator._backbone, xla=xla, tokens=tokens, pad_id=generator._pad_id,
+            end_id=generator._end_id if generator.stop_at_end_token else -1)
     return programs[slots, xla, tokens]
 
 
@@ -43,128 +47,171 @@ def _concrete_per_shape(function):
 
     concrete: dict = {}
 
-    def call(caches, *args):
+    def call(caches, arrays, *args):
         tensors = [tf.constant(a) for a in args]
         key = (tuple(caches[0][0].shape),) + tuple(tuple(t.shape) for t in tensors)
         if key not in concrete:
-            concrete[key] = function.get_concrete_function(caches, *tensors)
-        return concrete[key](caches, *tensors)
+            concrete[key] = function.get_concrete_function(caches, arrays, *tensors)
+        return concrete[key](caches, arrays, *tensors)
 
     return call
 
 
 def _in_place(body):
-    """A TensorFlow step or prefill over cache variables: `body(cache values, *args)` returns (new caches,
-    result); the new caches are assigned to the variables inside the same compiled function (XLA aliases
-    them: no cache-sized copy per call), and the result is returned."""
-    def run(variables, *args):
-        caches, result = body([(k.value(), v.value()) for k, v in variables], *args)
-        for (k, v), (new_k, new_v) in zip(variables, caches):
+    """A TensorFlow program over resident variables: `body(caches, arrays, *args)` (the variables' values)
+    returns (new caches, new arrays, result); every new value that is not the value read is assigned to its
+    variable inside the same compiled function (XLA aliases them: no copy per call), and the result is
+    returned."""
+    def run(caches, arrays, *args):
+        cache_values = [(k.value(), v.value()) for k, v in caches]
+        array_values = tuple(a.value() for a in arrays)
+        new_caches, new_arrays, result = body(cache_values, array_values, *args)
+        for (k, v), (new_k, new_v) in zip(caches, new_caches):
             k.assign(new_k)
             v.assign(new_v)
+        for variable, old, new in zip(arrays, array_values, new_arrays):
+            if new is not old:
+                variable.assign(new)
         return result
 
     return run
 
 
+# The decode state's per-row arrays, resident on the device beside the caches (in this order), with the value
+# a free row holds. token_ids is (rows, length); the others (rows,) but keys (rows, 2). The sampler's per-token
+# settings come from its one table (`SamplerConfig.token_options()`): a new setting needs no edit here.
+_SETTINGS = SamplerConfig.token_options()
+ARRAYS = ("token_ids", "positions", "limits", "keys") + tuple(option.name for option in _SETTINGS)
+_DTYPES = (np.int32, np.int32, np.int32, np.uint32) + tuple(np.dtype(option.dtype) for option in _SETTINGS)
+_NEUTRAL = (None, 0, 0, 0) + tuple(option.neutral for option in _SETTINGS)  # token_ids: the pad id
+
+
 class _DeviceState:
-    """The engine's arrays: the caches (device tensors, the first `rows` slots) and the per-row inputs of a
-    step (numpy, every slot; a step gets the first `rows`)."""
+    """The engine's decode state: the caches and the per-row arrays (`ARRAYS`: token buffer, positions,
+    limits, RNG keys, sampler settings), resident on the device for the first `rows` slots between calls.
+
+    The host writes a request's row once, when it joins: `reset_row` stages its values and the next
+    `_Program.prefill` sends them with the prompts and inserts them into the row on the device. `active` (host
+    side, one flag per slot) says which rows hold a request; a step passes it along (a free row's settings are
+    neutralised on the device, and its tokens ignored). `done` flags live in the step's device-side loop.
+    """
 
     def __init__(self, slots: int, pad_id: int):
         self.slots, self.pad_id = slots, pad_id
-        self.rows = 0  # slots the caches hold (the row bucket)
-        self.length = 0  # cache positions; 0 = no cache allocated
-        self.caches = None
-        self.token_ids = np.zeros((slots, 0), np.int32)
-        self.positions = np.zeros((slots,), np.int32)
-        self.keys = np.zeros((slots, 2), np.uint32)
-        self.temperature = np.ones((slots,), np.float32)
-        self.top_k = np.zeros((slots,), np.int32)
-        self.top_p = np.ones((slots,), np.float32)
-        self.repetition_penalty = np.ones((slots,), np.float32)
-        self.no_repeat_ngram_size = np.zeros((slots,), np.int32)
+        self.rows = 0  # slots the device state holds (the row bucket)
+        self.length = 0  # cache positions; 0 = nothing allocated
+        self.caches = None  # [(keys, values)] per layer: tf.Variables (TensorFlow) or arrays (JAX)
+        self.arrays = None  # ARRAYS, the same kind
+        self.active = np.zeros((slots,), bool)
+        # A joining request's row, staged on the host until its prefill inserts it (rows, not the token buffer).
+        self.staged = [np.full((slots,) + ((2,) if name == "keys" else ()), _NEUTRAL[i], _DTYPES[i])
+                       for i, name in enumerate(ARRAYS) if i > 0]
 
-    def reset_row(self, slot: int, ids: list, seed: int, config: SamplerConfig) -> None:
-        self.token_ids[slot] = self.pad_id
-        self.token_ids[slot, : len(ids)] = ids
-        self.keys[slot] = row_keys([seed])[0]
-        self.temperature[slot] = config.temperature
-        self.top_k[slot] = config.top_k
-        self.top_p[slot] = config.top_p
-        self.repetition_penalty[slot] = config.repetition_penalty
-        self.no_repeat_ngram_size[slot] = config.no_repeat_ngram_size
+    def reset_row(self, slot: int, ids: list, seed: int, config: SamplerConfig,
+                  limit: Optional[int] = None) -> None:
+        """Stage a joining request's row: its last prompt position, position limit (the row is done on the device
+        once its next position would reach it; None: never, the host ends it), key and settings (the next
+        `prefill` into `slot` inserts them)."""
+        limit = np.iinfo(np.int32).max if limit is None else limit
+        values = (len(ids) - 1, limit, row_keys([seed])[0]) + tuple(getattr(config, o.name) for o in _SETTINGS)
+        for array, value in zip(self.staged, values):
+            array[slot] = value
+        self.active[slot] = True
 
     def clear_row(self, slot: int) -> None:
-        """Neutral settings, so a free row never switches a processor on for the others."""
-        self.positions[slot] = 0
-        self.temperature[slot], self.top_k[slot], self.top_p[slot] = 1.0, 0, 1.0
-        self.repetition_penalty[slot], self.no_repeat_ngram_size[slot] = 1.0, 0
+        """The row is free: the next step neutralises its settings and ignores its tokens."""
+        self.active[slot] = False
 
     def resize(self, rows: int, length: int, program: "_Program") -> None:
-        """Pad or cut the caches to `rows` slots (those cut are free) and `length` positions."""
-        old = self.length
+        """Pad or cut the device state to `rows` slots (those cut are free) and `length` positions."""
         self.caches = program.resize_caches(self.caches, rows, length)
-        if length != old:
-            ids = np.full((self.slots, length), self.pad_id, np.int32)
-            keep = min(old, length)
-            ids[:, :keep] = self.token_ids[:, :keep]
-            self.token_ids = ids
+        self.arrays = program.make_arrays(self._host_arrays(rows, length))
         self.rows, self.length = rows, length
 
-    def release(self) -> None:
-        """Drop the cache while idle: the next request allocates the rows and length it needs."""
-        self.caches, self.rows, self.length = None, 0, 0
-        self.token_ids = np.zeros((self.slots, 0), np.int32)
+    def _host_arrays(self, rows: int, length: int) -> list:
+        """The per-row arrays as numpy, read back from the device (when held) and padded or cut to the shape."""
+        out = []
+        for i, name in enumerate(ARRAYS):
+            shape = (rows,) + ((length,) if name == "token_ids" else (2,) if name == "keys" else ())
+            array = np.full(shape, self.pad_id if i == 0 else _NEUTRAL[i], _DTYPES[i])
+            if self.arrays is not None:
+                old = np.asarray(self.arrays[i])[:rows]
+                out_view = array[: old.shape[0]]
+                if name == "token_ids":
+                    keep = min(old.shape[1], length)
+                    out_view[:, :keep] = old[:, :keep]
+                else:
+                    out_view[...] = old
+            out.append(array)
+        return out
 
-    def step_inputs(self) -> tuple:
-        return tuple(a[: self.rows] for a in (self.token_ids, self.positions, self.keys, self.temperature,
-                                              self.top_k, self.top_p, self.repetition_penalty,
-                                              self.no_repeat_ngram_size))
+    def release(self) -> None:
+        """Drop the device state while idle: the next request allocates the rows and length it needs."""
+        self.caches = self.arrays = None
+        self.rows = self.length = 0
+
+    def fresh(self) -> "_DeviceState":
+        """A throwaway state of the same slots (compiling a shape off the engine thread never touches this one)."""
+        return _DeviceState(self.slots, self.pad_id)
 
 
 class _Program:
-    """The engine's compiled programs, one per shape: `step` and `prefill`, on TensorFlow or JAX."""
+    """The engine's compiled programs, one per shape, on TensorFlow or JAX: `step` (up to `tokens` tokens for
+    every row, in a device-side loop) and `prefill` (prompts into rows, with their settings: the insert)."""
 
-    def __init__(self, backbone, *, xla: bool, tokens: int = 1):
+    def __init__(self, backbone, *, xla: bool, tokens: int = 1, end_id: int = -1, pad_id: int = 0):
         import keras
 
         self.backbone = backbone
         self.xla = xla
-        # TensorFlow: the caches are `tf.Variable`s read and assigned inside the compiled step, so XLA updates
-        # them in place (aliased) instead of copying every cache in and out of each call. JAX donates them.
+        # TensorFlow: the state is `tf.Variable`s read and assigned inside the compiled programs, so XLA updates
+        # them in place (aliased) instead of copying them in and out of each call. JAX donates them.
         self.resident = keras.config.backend() == "tensorflow"
-        self.tokens = tokens  # decode steps per call
+        self.tokens = tokens  # most decode steps per call
+        self.end_id = end_id  # a row that draws it is done (-1: none)
+        self.pad_id = pad_id
         self.traces = 0  # programs traced (= compiled shapes)
         self._steps = self._prefill = None  # {logprobs: step}, prefill
 
     # The traced bodies, in keras.ops. -------------------------------------------------------
-    def _step_body(self, caches, token_ids, positions, keys, *settings, logprobs: bool = False):
-        """`tokens` decode steps: the caches, and each row's next `tokens` tokens (slots, tokens).
+    def _step_body(self, caches, arrays, active, waiting, *, logprobs: bool = False):
+        """Up to `tokens` decode steps for every row: new caches, new arrays, and (tokens (rows, tokens),
+        [scores,] steps run).
 
         Each step feeds every row's last token at its own position and draws
-        the next; within a call, a row's new token is written to its context
-        for the next step (positions past the cache stay on its last slot: the
-        host drops tokens of rows that have ended). With `logprobs`, also each
-        chosen token's log-probability under the model's raw logits (slots,
-        tokens) and the MAX_TOP_LOGPROBS most likely tokens' ids and
-        log-probabilities (slots, tokens, MAX_TOP_LOGPROBS).
+        the next into its token buffer. A row is done once it draws the end
+        token or reaches its limit; it then stays where it is (its later
+        columns are to be ignored). The loop ends after `tokens` steps, or
+        early once `waiting` (> 0) rows are done: requests wait for their slots. With
+        `logprobs`, also each chosen token's log-probability under the model's
+        raw logits (rows, tokens) and the MAX_TOP_LOGPROBS most likely tokens'
+        ids and log-probabilities (rows, tokens, MAX_TOP_LOGPROBS).
         """
         from keras import ops
 
         self.traces += 1  # Python side effect: once per trace
-        token_ids, positions = ops.cast(token_ids, "int32"), ops.cast(positions, "int32")
-        slots, length = token_ids.shape
+        token_ids, positions, limits, keys, *settings = arrays
+        rows, length = token_ids.shape
         top = min(MAX_TOP_LOGPROBS, self.backbone.vocabulary_size)
+        active = ops.cast(active, "bool")
+        # A free row never switches a processor on for the others.
+        settings = [ops.where(active, value, ops.cast(neutral, value.dtype))
+                    for value, neutral in zip(settings, _NEUTRAL[4:])]
+        named = {option.name: value for option, value in zip(_SETTINGS, settings)}  # sample_next's keywords
+        columns = ops.arange(length, dtype="int32")[None, :]
 
-        def one(i, carry):
-            caches, token_ids, positions, outs = carry
-            last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
+        def one(i, caches, token_ids, positions, last, done, outs):
             hidden, caches = forward(self.backbone, last, caches, positions)
             logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
-            chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, *settings), "int32")
-            positions = ops.minimum(positions + 1, length - 1)
-            token_ids = ops.where(ops.arange(length)[None, :] == positions[:, None], chosen[:, None], token_ids)
+            chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, **named), "int32")
+            moving = ops.logical_not(done)
+            positions = ops.where(moving, ops.minimum(positions + 1, length - 1), positions)
+            token_ids = ops.where(ops.logical_and(columns == positions[:, None], moving[:, None]),
+                                  chosen[:, None], token_ids)
+            ended = positions + 1 >= limits
+            if self.end_id >= 0:
+                ended = ops.logical_or(ended, chosen == self.end_id)
+            done = ops.logical_or(done, ended)
             new = [chosen[:, None]]
             if logprobs:
                 scores = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
@@ -172,27 +219,42 @@ class _Program:
                 new += [ops.take_along_axis(scores, chosen[:, None], axis=1), ops.cast(best_ids, "int32")[:, None],
                         best[:, None]]
             outs = [ops.slice_update(out, (0, i) + (0,) * (len(out.shape) - 2), item) for out, item in zip(outs, new)]
-            return caches, token_ids, positions, outs
+            return i + 1, caches, token_ids, positions, ops.where(moving, chosen, last[:, 0])[:, None], done, outs
 
-        outs = [ops.zeros((slots, self.tokens), "int32")]
+        outs = [ops.zeros((rows, self.tokens), "int32")]
         if logprobs:
-            outs += [ops.zeros((slots, self.tokens), "float32"), ops.zeros((slots, self.tokens, top), "int32"),
-                     ops.zeros((slots, self.tokens, top), "float32")]
+            outs += [ops.zeros((rows, self.tokens), "float32"), ops.zeros((rows, self.tokens, top), "int32"),
+                     ops.zeros((rows, self.tokens, top), "float32")]
+        last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
+        carry = (ops.zeros((), "int32"), caches, token_ids, positions, last, ops.logical_not(active), outs)
+        waiting = ops.cast(waiting, "int32")
         if self.tokens == 1:
-            caches, _, _, outs = one(0, (caches, token_ids, positions, outs))
+            carry = one(*carry)
         else:
-            caches, _, _, outs = ops.fori_loop(0, self.tokens, one, (caches, token_ids, positions, outs))
-        return caches, outs
+            def more(i, caches, token_ids, positions, last, done, outs):
+                # Go on unless `waiting` rows (> 0) have finished since the call began: requests wait for them.
+                finished = ops.sum(ops.cast(ops.logical_and(done, active), "int32"))
+                joinable = ops.logical_and(waiting > 0, finished >= waiting)
+                return ops.logical_and(i < self.tokens, ops.logical_not(joinable))
 
-    def _prefill_body(self, caches, slots, prompt_ids):
-        """Run prompts (n, bucket) through the model into rows `slots` (n,) of the caches (a slot repeated
-        gets the same row written again)."""
+            carry = ops.while_loop(more, one, carry)
+        steps, caches, token_ids, positions, _, _, outs = carry
+        new_arrays = (token_ids, positions) + tuple(arrays[2:])
+        return caches, new_arrays, tuple(outs) + (steps,)
+
+    def _prefill_body(self, caches, arrays, slots, prompt_ids, *rows):
+        """Run prompts (n, bucket) through the model into rows `slots` (n,) of the caches and insert each
+        request's row: its prompt in the token buffer and its values (`rows`: ARRAYS but the token buffer,
+        each (n, ...)) in the other arrays. A slot repeated gets the same row written again."""
         from keras import ops
 
         self.traces += 1
         backbone = self.backbone
-        size = prompt_ids.shape[0]
-        fresh = [tuple(ops.zeros((size,) + tuple(k.shape[1:]), k.dtype) for _ in "kv") for k, _ in caches]
+        size, bucket = prompt_ids.shape
+        token_ids = arrays[0]
+        # The prompts' own caches are as long as their bucket (the attention runs over it alone), then written
+        # into the first `bucket` positions of their rows.
+        fresh = [tuple(ops.zeros((size, k.shape[1], bucket, k.shape[3]), k.dtype) for _ in "kv") for k, _ in caches]
         _, fresh = forward(backbone, prompt_ids, fresh, 0)
         out = []
         for (k, v), (fk, fv) in zip(caches, fresh):
@@ -201,26 +263,52 @@ class _Program:
                 k = ops.slice_update(k, start, fk[i:i + 1])
                 v = ops.slice_update(v, start, fv[i:i + 1])
             out.append((k, v))
-        return out
+        padded = ops.pad(ops.cast(prompt_ids, "int32"), [[0, 0], [0, token_ids.shape[1] - bucket]],
+                         constant_values=self.pad_id)
+        for i in range(size):
+            token_ids = ops.slice_update(token_ids, (slots[i], 0), padded[i:i + 1])
+        where = ops.reshape(ops.cast(slots, "int32"), (-1, 1))
+        inserted = [ops.scatter_update(array, where, ops.cast(values, array.dtype))
+                    for array, values in zip(arrays[1:], rows)]
+        return out, (token_ids,) + tuple(inserted), ()
 
     # Compiled, per backend. --------------------------------------------------------------------
-    def step(self, state: _DeviceState, logprobs: bool = False) -> tuple:
-        """Run a step: the chosen tokens (slots, tokens), and (chosen logprobs, top ids, top logprobs) or None."""
+    def step(self, state: _DeviceState, logprobs: bool = False, waiting: int = 0) -> tuple:
+        """Run a step call: the chosen tokens (rows, n) of the n steps it ran (1 <= n <= `tokens`; fewer once
+        `waiting` rows (> 0) have finished: requests wait for their slots), and (chosen logprobs, top ids, top
+        logprobs), each cut to n steps, or None."""
         self._compile()
-        if self.resident:  # the caches are variables, updated in place inside the compiled step
-            outs = self._steps[logprobs](state.caches, *state.step_inputs())
+        args = (state.active[: state.rows], np.asarray(waiting, np.int32))
+        if self.resident:
+            outs = self._steps[logprobs](state.caches, state.arrays, *args)
         else:
-            state.caches, outs = self._steps[logprobs](state.caches, *state.step_inputs())
-        outs = [np.asarray(out) for out in outs]
+            state.caches, state.arrays, outs = self._steps[logprobs](state.caches, state.arrays, *args)
+        steps = int(outs[-1])
+        outs = [np.asarray(out)[:, :steps] for out in outs[:-1]]
         return outs[0], (tuple(outs[1:]) if logprobs else None)
 
     def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
-        """Prefill `prompts` (n, bucket) into rows `slots` (n,) of the caches."""
+        """Prefill `prompts` (n, bucket) into rows `slots` (n,) and insert the rows `reset_row` staged there."""
         self._compile()
+        slots = np.asarray(slots, np.int32)
+        rows = [array[slots] for array in state.staged]
         if self.resident:
-            self._prefill(state.caches, slots, prompts)
+            self._prefill(state.caches, state.arrays, slots, prompts, *rows)
         else:
-            state.caches = self._prefill(state.caches, slots, prompts)
+            state.caches, state.arrays, _ = self._prefill(state.caches, state.arrays, slots, prompts, *rows)
+
+    def compile(self, state: _DeviceState, rows: int, length: int, prompt_bucket: int,
+                group_sizes=(1,), logprobs=(False,)) -> None:
+        """Compile (and run once, on throwaway arrays) the prefills of `group_sizes` prompts of `prompt_bucket`
+        tokens and the steps for `rows` rows and `length` positions, on `state.fresh()`: safe from another
+        thread while the engine steps `state` (nothing of it is touched)."""
+        scratch = state.fresh()
+        scratch.resize(rows, length, self)
+        for size in group_sizes:
+            self.prefill(scratch, np.zeros((size,), np.int32), np.full((size, prompt_bucket), self.pad_id, np.int32))
+        for flag in logprobs:
+            self.step(scratch, flag)
+        scratch.release()
 
     def resize_caches(self, caches, slots: int, length: int):
         """New zero caches of `slots` rows and `length` positions, or the old ones padded or cut to them."""
@@ -235,16 +323,25 @@ class _Program:
             old_slots, _, old, _ = caches[0][0].shape
             pad = [[0, max(slots - old_slots, 0)], [0, 0], [0, max(length - old, 0)], [0, 0]]
             caches = [tuple(ops.pad(ops.convert_to_tensor(c)[:slots, :, :length], pad) for c in kv) for kv in caches]
+        return [tuple(self._resident(c) for c in kv) for kv in caches]
+
+    def make_arrays(self, host: list) -> tuple:
+        """The per-row arrays on the device from numpy (`ARRAYS` order)."""
+        from keras import ops
+
+        return tuple(self._resident(ops.convert_to_tensor(a)) for a in host)
+
+    def _resident(self, value):
         if self.resident:
             import tensorflow as tf
 
-            caches = [tuple(tf.Variable(c, trainable=False) for c in kv) for kv in caches]
-        return caches
+            return tf.Variable(value, trainable=False)
+        return value
 
     def _step_with(self, logprobs: bool):
         """The step body with its `logprobs` flag fixed (positional arguments only, as the tracers want)."""
-        def step(caches, *args):
-            return self._step_body(caches, *args, logprobs=logprobs)
+        def step(caches, arrays, *args):
+            return self._step_body(caches, arrays, *args, logprobs=logprobs)
 
         return step
 
@@ -259,8 +356,7 @@ class _Program:
 
             self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)),
                                                                  jit_compile=self.xla)) for flag in (False, True)}
-            self._prefill = _concrete_per_shape(tf.function(
-                _in_place(lambda caches, *args: (self._prefill_body(caches, *args), ())), jit_compile=self.xla))
+            self._prefill = _concrete_per_shape(tf.function(_in_place(self._prefill_body), jit_compile=self.xla))
         elif backend == "jax":
             self._steps, self._prefill = self._jax_functions()
         else:
@@ -269,7 +365,8 @@ class _Program:
                 "set KERAS_BACKEND=tensorflow or jax")
 
     def _jax_functions(self):
-        """`jax.jit` over stateless calls with the weights as arguments; the caches are donated (updated in place)."""
+        """`jax.jit` over stateless calls with the weights as arguments; the decode state (caches and arrays)
+        is donated (updated in place)."""
         import jax
         import keras
 
@@ -279,14 +376,14 @@ class _Program:
         variables = list(self.backbone.variables)
 
         def stateless(body):
-            def run(values, caches, *args):
+            def run(values, caches, arrays, *args):
                 with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    return body(caches, *args)
+                    return body(caches, arrays, *args)
 
-            return jax.jit(run, donate_argnums=(1,))
+            return jax.jit(run, donate_argnums=(1, 2))
 
         def bind(function):
-            return lambda caches, *args: function([v.value for v in variables], caches, *args)
+            return lambda caches, arrays, *args: function([v.value for v in variables], caches, arrays, *args)
 
         steps = {flag: bind(stateless(self._step_with(flag))) for flag in (False, True)}
         return steps, bind(stateless(self._prefill_body))
