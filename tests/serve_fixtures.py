@@ -6,6 +6,7 @@ The fixtures built on them (`pool_uri`, `hostile_uri`, `tiny_model_dir`,
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 from pitchkeras.conditioning import REVIEWS
 from pitchkeras.errors import Unavailable
 from pitchkeras.store import Review, review_id
-from pitchkeras.server import ServerConfig
+from pitchkeras.server import BackgroundServer, ServerConfig
 from pitchkeras.store.sqlite import SQLiteStore
 
 GENRES = ("Rock", "Jazz", "Rap")
@@ -25,6 +26,16 @@ PER_PAIR = 2
 SERVER_CONFIG = ServerConfig(max_batch_size=4, default_max_length=8, max_length_cap=16, num_samples_cap=4,
                              prompt_chars_cap=40, grace_s=5.0, warmup=False)
 
+
+
+@contextlib.contextmanager
+def ready_server(directory, generator, config: ServerConfig = SERVER_CONFIG, **options):
+    """A `BackgroundServer` running `generator` on a fresh SQLite store in `directory`, yielded once it reports
+    ready (warm-up done); `options` go to `BackgroundServer` (http_port, api_keys, ...)."""
+    with BackgroundServer(f"sqlite:///{directory}/reviews.db", generator=generator, config=config,
+                          **options) as background:
+        assert background.wait_until_ready(120) == "ready"
+        yield background
 
 
 def wait_for(predicate, limit_s: float = 60.0) -> bool:

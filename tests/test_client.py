@@ -25,7 +25,7 @@ from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import SERVER_CONFIG, FlakyStore, pool_reviews, self_signed_cert
+from tests.serve_fixtures import SERVER_CONFIG, FlakyStore, pool_reviews, ready_server, self_signed_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 UNKNOWN_ID = "0" * 24
@@ -231,9 +231,7 @@ def test_cli_connects_with_tls(capsys, pool_uri, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_target(tmp_path_factory, tiny_generator):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('cli-gen')}/gen.db"
-    with BackgroundServer(uri, generator=tiny_generator, config=SERVER_CONFIG) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path_factory.mktemp("cli-gen"), tiny_generator) as background:
         yield f"127.0.0.1:{background.port}"
 
 

@@ -20,10 +20,10 @@ tf = pytest.importorskip("tensorflow")
 from pitchkeras.errors import ResourceExhausted  # noqa: E402
 from pitchkeras.sampling import GenerationRequest, Generator  # noqa: E402
 from pitchkeras.sampling.engine import DecodeEngine  # noqa: E402
-from pitchkeras.server import BackgroundServer, ServerConfig  # noqa: E402
+from pitchkeras.server import ServerConfig  # noqa: E402
 from pitchkeras.v1 import review_service_pb2 as pb  # noqa: E402
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc  # noqa: E402
-from tests.serve_fixtures import wait_for  # noqa: E402
+from tests.serve_fixtures import ready_server, wait_for  # noqa: E402
 
 ROCK = {"score": 8.0, "genre": "Rock"}
 CONFIG = ServerConfig(max_batch_size=2, default_max_length=12, max_length_cap=40, num_samples_cap=4,
@@ -130,9 +130,7 @@ class Gate:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_generator):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('faults')}/faults.db"
-    with BackgroundServer(uri, generator=tiny_generator, config=CONFIG, http_port=0) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path_factory.mktemp("faults"), tiny_generator, CONFIG, http_port=0) as background:
         yield background
 
 

@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from pitchkeras.server import BackgroundServer, ServerConfig  # noqa: E402
+from pitchkeras.server import ServerConfig  # noqa: E402
+from tests.serve_fixtures import ready_server  # noqa: E402
 from pitchkeras.v1 import review_service_pb2 as pb  # noqa: E402
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -33,9 +34,7 @@ def scrape(port: int) -> dict:
 
 
 def test_a_streamed_generation_feeds_the_generate_metrics(tmp_path, tiny_generator):
-    with BackgroundServer(f"sqlite:///{tmp_path}/m.db", generator=tiny_generator, config=CONFIG,
-                          http_port=0) as served:
-        assert served.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path, tiny_generator, CONFIG, http_port=0) as served:
         with grpc.insecure_channel(f"localhost:{served.port}") as channel:
             stub = pb_grpc.ReviewServiceStub(channel)
             before = scrape(served.http_port)

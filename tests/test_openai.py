@@ -16,7 +16,7 @@ from pitchkeras.server.openai_api import COMPLETION_FIELDS
 from pitchkeras.server.openai_schema import OPENAPI
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import SERVER_CONFIG
+from tests.serve_fixtures import SERVER_CONFIG, ready_server
 from tests.test_http import request
 
 openai = pytest.importorskip("openai")
@@ -31,11 +31,8 @@ COMPLETIONS = "/v1/completions"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_generator):
     """A keyed server with the tiny model and HTTP; generous rate, so only the rate test runs out."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('openai')}/openai.db"
     keys = ApiKeys([KEY], rate=100.0, burst=1000)
-    with BackgroundServer(uri, generator=tiny_generator, config=SERVER_CONFIG, api_keys=keys,
-                          http_port=0) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path_factory.mktemp("openai"), tiny_generator, api_keys=keys, http_port=0) as background:
         yield background
 
 
@@ -301,9 +298,7 @@ def test_auth_failures_are_openai_errors(served):
 
 def test_over_the_rate_limit_is_429_with_retry_after(tiny_generator, tmp_path):
     keys = ApiKeys([KEY], rate=0.01, burst=1)
-    with BackgroundServer(f"sqlite:///{tmp_path}/rate.db", generator=tiny_generator, config=SERVER_CONFIG,
-                          api_keys=keys, http_port=0) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path, tiny_generator, api_keys=keys, http_port=0) as background:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{background.http_port}/v1", api_key=KEY, max_retries=0)
         client.completions.create(model=MODEL, prompt="", n=2, max_tokens=2, extra_body=ROCK)  # one call, 2 rows
         with pytest.raises(openai.RateLimitError) as caught:
@@ -477,9 +472,7 @@ def test_the_readme_snippet_runs_as_written(tiny_generator, tmp_path, capsys):
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
     config = ServerConfig(max_batch_size=4, default_max_length=8, max_length_cap=64, num_samples_cap=4,
                           prompt_chars_cap=40, warmup=False)  # the snippet's 60 tokens
-    with BackgroundServer(f"sqlite:///{tmp_path}/readme.db", generator=tiny_generator, config=config,
-                          api_keys=ApiKeys([KEY]), http_port=0) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path, tiny_generator, config, api_keys=ApiKeys([KEY]), http_port=0) as background:
         url = f"http://127.0.0.1:{background.http_port}/v1"
         assert snippet.count("http://localhost:8080/v1") == 1 and snippet.count("YOUR-KEY") == 1
         exec(compile(snippet.replace("http://localhost:8080/v1", url).replace("YOUR-KEY", KEY), "README.md", "exec"),

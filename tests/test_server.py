@@ -18,7 +18,7 @@ from pitchkeras.store import open_store
 from pitchkeras.store.base import GENERATED_ID_RE
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import GENRES, SERVER_CONFIG, FlakyStore, pool_reviews, self_signed_cert
+from tests.serve_fixtures import SERVER_CONFIG, FlakyStore, pool_reviews, ready_server, self_signed_cert
 from tests.store_fixtures import write_like_the_seed
 
 C = grpc.StatusCode
@@ -301,9 +301,7 @@ def test_tls(pool_uri, tmp_path):
 
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory, tiny_generator):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('gen')}/gen.db"
-    with BackgroundServer(uri, generator=tiny_generator, config=CONFIG) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path_factory.mktemp("gen"), tiny_generator, CONFIG) as background:
         yield background
 
 

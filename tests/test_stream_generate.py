@@ -11,10 +11,10 @@ import urllib.request
 import grpc
 import pytest
 
-from pitchkeras.server import BackgroundServer, ServerConfig
+from pitchkeras.server import ServerConfig
 from pitchkeras.v1 import review_service_pb2 as pb
 from pitchkeras.v1 import review_service_pb2_grpc as pb_grpc
-from tests.serve_fixtures import wait_for
+from tests.serve_fixtures import ready_server, wait_for
 
 # Lengths up to 48 tokens: long enough to cancel a stream mid-way on the tiny model (context 64).
 CONFIG = ServerConfig(max_batch_size=4, default_max_length=12, max_length_cap=48, num_samples_cap=4,
@@ -24,9 +24,7 @@ REQUEST = dict(score=8.0, genre="Rock", seed=7, max_length=12, temperature=0.9)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_generator):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('stream')}/stream.db"
-    with BackgroundServer(uri, generator=tiny_generator, config=CONFIG, http_port=0) as background:
-        assert background.wait_until_ready(120) == "ready"
+    with ready_server(tmp_path_factory.mktemp("stream"), tiny_generator, CONFIG, http_port=0) as background:
         yield background
 
 
