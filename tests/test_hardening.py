@@ -326,11 +326,21 @@ def test_undecodable_requests_are_invalid_argument_logged_and_counted(keyed, kin
                 sent.append(method.name)
         finally:
             channel.close()
-        after = metric_samples(keyed.http_port)  # the server logs a call just after its status went out
-    assert sent
+        assert sent
+        keys = {name: ("pitchkeras_requests_total", (("code", "INVALID_ARGUMENT"), ("method", name), ("protocol", "grpc")))
+                for name in sent}
+        # The server counts and logs a call just after its status went out, so the last call's count and line can trail
+        # the client's error by a moment: wait for it (a bounded wait, not a timing assertion).
+        deadline = time.monotonic() + 10
+        while True:
+            after = metric_samples(keyed.http_port)
+            logged = all(f"ReviewService/{name} INVALID_ARGUMENT" in caplog.text for name in sent)
+            counted = all(after.get(key, 0) > before.get(key, 0) for key in keys.values())
+            if (logged and counted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     for name in sent:
-        key = ("pitchkeras_requests_total", (("code", "INVALID_ARGUMENT"), ("method", name), ("protocol", "grpc")))
-        assert after.get(key, 0) == before.get(key, 0) + 1, name
+        assert after.get(keys[name], 0) == before.get(keys[name], 0) + 1, name
         assert f"ReviewService/{name} INVALID_ARGUMENT" in caplog.text, name
 
 
