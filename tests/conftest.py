@@ -13,6 +13,11 @@ Fixtures (see each one's docstring):
 - Sampling: `sampling_model_dir`, `sampling_model` (the sampling shape: the
   corpus of tests/test_sampling.py, two genres, untrained).
 
+Parallel: pyproject.toml's addopts run the suite on pytest-xdist workers (`-n auto`, at most 4, `--dist
+loadfile`: a module's tests and module fixtures stay on one worker; `-n 0` runs it in one process). Each worker
+has its own session fixtures, so "once" below means once per worker, and the thread pools of TensorFlow, XLA and
+BLAS are capped to the worker's share of the cores.
+
 Session set-up:
 - The persistent compile cache is on for the session, in a directory of its
   own (`PITCHKERAS_COMPILE_CACHE`, inherited by CLI children; TensorFlow's
@@ -28,7 +33,6 @@ Session set-up:
 from __future__ import annotations
 
 import collections
-import inspect
 import json
 import os
 import shutil
@@ -114,36 +118,11 @@ SLOW_FIXTURES = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's worker reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """`slow` on every test that needs a SLOW_FIXTURES fixture. Under pytest-xdist `--dist loadgroup`: every test
-    on the emulator in one worker, and every test that sends scripts to the JAX workers in one worker, so each
-    worker starts at most one of each."""
+    """`slow` on every test that needs a SLOW_FIXTURES fixture."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if "firestore_emulator" in fixtures or "firestore_emulator_process" in fixtures or \
-                params.get("store") == "firestore":
-            item.add_marker(pytest.mark.xdist_group("emulator"))
-        elif _sends_jax_scripts(item):
-            item.add_marker(pytest.mark.xdist_group("jax"))
-
-
-def _sends_jax_scripts(item) -> bool:
-    """Whether the test or one of its fixtures calls `run_on_jax`."""
-    functions = [item.function] + [defs[-1].func for defs in item._fixtureinfo.name2fixturedefs.values()]
-    for function in functions:
-        try:
-            if "run_on_jax(" in inspect.getsource(function):
-                return True
-        except (OSError, TypeError):
-            continue
-    return False
 
 
 _WORKER_REPORTS: dict = {}  # pytest-xdist: each worker's own counts, sent back when it finishes
