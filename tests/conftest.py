@@ -15,8 +15,8 @@ Fixtures (see each one's docstring):
 
 Parallel: pyproject.toml's addopts run the suite on pytest-xdist workers (`-n auto`, at most 4, `--dist
 loadfile`: a module's tests and module fixtures stay on one worker; `-n 0` runs it in one process). Each worker
-has its own session fixtures, so "once" below means once per worker, and the thread pools of TensorFlow, XLA and
-BLAS are capped to the worker's share of the cores.
+has its own session fixtures, so "once" below means once per worker. The workers' thread pools are left as they
+are (measured on 2 cores: capping each worker to one thread was slower, BUILD_NOTES.md).
 
 Session set-up:
 - The persistent compile cache is on for the session, in a directory of its
@@ -44,17 +44,6 @@ import pytest
 
 from pitchkeras import compile_cache
 from tests import jax_child
-
-# -- threads per pytest-xdist worker, before any test module imports TensorFlow or JAX ------------------------
-
-_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _XDIST_WORKERS > 1:  # share the cores instead of each worker's thread pools claiming all of them
-    _threads = str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS))
-    for _name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(_name, _threads)
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    if _threads == "1":
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
 
 # -- the compile cache, before any test module imports TensorFlow -------------------------------------------
 
