@@ -107,7 +107,7 @@ SLOW_FIXTURES = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """`slow` on every test that needs a SLOW_FIXTURES fixture."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):

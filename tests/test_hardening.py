@@ -20,7 +20,7 @@ from pitchkeras.server import ApiKeys, BackgroundServer
 from pitchkeras.server import auth
 from pitchkeras.store import open_store
 from pitchkeras.v1 import review_service_pb2 as pb
-from tests.serve_fixtures import SERVER_CONFIG, pool_reviews
+from tests.serve_fixtures import SERVER_CONFIG, pool_reviews, wait_for
 from tests.test_http import assert_error, metric_samples, request
 
 C = grpc.StatusCode
@@ -330,15 +330,14 @@ def test_undecodable_requests_are_invalid_argument_logged_and_counted(keyed, kin
         keys = {name: ("pitchkeras_requests_total", (("code", "INVALID_ARGUMENT"), ("method", name), ("protocol", "grpc")))
                 for name in sent}
         # The server counts and logs a call just after its status went out, so the last call's count and line can trail
-        # the client's error by a moment: wait for it (a bounded wait, not a timing assertion).
-        deadline = time.monotonic() + 10
-        while True:
-            after = metric_samples(keyed.http_port)
-            logged = all(f"ReviewService/{name} INVALID_ARGUMENT" in caplog.text for name in sent)
-            counted = all(after.get(key, 0) > before.get(key, 0) for key in keys.values())
-            if (logged and counted) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        # the client's error by a moment: wait for them (a bounded wait, not a timing assertion).
+        def settled():
+            counts = metric_samples(keyed.http_port)
+            return all(counts.get(key, 0) > before.get(key, 0) for key in keys.values()) and all(
+                f"ReviewService/{name} INVALID_ARGUMENT" in caplog.text for name in sent)
+
+        wait_for(settled, limit_s=10)
+        after = metric_samples(keyed.http_port)
     for name in sent:
         assert after.get(keys[name], 0) == before.get(keys[name], 0) + 1, name
         assert f"ReviewService/{name} INVALID_ARGUMENT" in caplog.text, name
