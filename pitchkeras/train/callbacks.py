@@ -354,10 +354,13 @@ class ConditionValidation(keras.callbacks.Callback):
 
     Every `every` steps (0 = only at the end) and when training ends, each
     group of `condition_groups(examples)` (at most `max_examples` of it) is
-    evaluated with `model.evaluate`, one padded example per row so a row's
-    loss is that example's alone. Rows go to `val_by_condition.csv`
-    (continued across resumes) and the latest pass is drawn in
-    `val_by_condition.png`.
+    evaluated, one padded example per row so a row's loss is that example's
+    alone. One `model.evaluate` pass covers every group: the groups' batches
+    run one group after another, and a group's loss is read from the running
+    loss at its first and last batch (Keras weighs each batch by its rows), so
+    it is the loss `model.evaluate` gives on that group alone, at the cost of
+    one pass. Rows go to `val_by_condition.csv` (continued across resumes) and
+    the latest pass is drawn in `val_by_condition.png`.
 
     Args:
         examples: list of str. Validation examples in the prompt format.
@@ -386,7 +389,8 @@ class ConditionValidation(keras.callbacks.Callback):
         self.every, self.resume_step, self.chief = int(every), resume_step, chief
         self.csv_path = Path(out_dir) / "val_by_condition.csv"
         self.png_path = Path(out_dir) / "val_by_condition.png"
-        self._datasets = None
+        self._dataset = None
+        self._rows: list[int] = []  # rows each group runs (its examples, filled up to whole batches with replicas)
         self._step = None
         self._done = None
         self.last: dict[tuple[str, str], float] = {}
@@ -397,13 +401,28 @@ class ConditionValidation(keras.callbacks.Callback):
 
     def evaluate(self, step: int) -> dict:
         """Run one pass now; returns {(condition, value): loss}."""
-        if self._datasets is None:
-            self._datasets = {key: make_dataset(self._whole_batches(rows), self.tokenizer, sequence_length=self.sequence_length,
-                                                batch_size=self.batch_size, packing=False, shuffle=False,
-                                                repeat=False)
-                              for key, rows in self.groups.items()}
-        self.last = {key: float(self.model.evaluate(ds, verbose=0, return_dict=True)["loss"])
-                     for key, ds in self._datasets.items()}
+        if not self.groups:
+            return {}
+        if self._dataset is None:
+            parts = []
+            for rows in self.groups.values():
+                rows = self._whole_batches(rows)
+                self._rows.append(len(rows))
+                parts.append(make_dataset(rows, self.tokenizer, sequence_length=self.sequence_length,
+                                          batch_size=self.batch_size, packing=False, shuffle=False, repeat=False))
+            self._dataset = parts[0]
+            for part in parts[1:]:  # each group's batches whole and in order: no batch mixes two groups
+                self._dataset = self._dataset.concatenate(part)
+            self._dataset = self._dataset.cache()  # tokenized and batched once, read from memory by later passes
+        running = _RunningLoss([-(-rows // self.batch_size) for rows in self._rows])
+        self.model.evaluate(self._dataset, verbose=0, callbacks=[running])
+        # The running loss is the row-weighted mean over every batch so far: a group's sum is the difference of
+        # the running sums at its two ends (float64 here; Keras's float32 mean rounds in the 7th digit).
+        self.last, before, rows_before = {}, 0.0, 0
+        for key, rows, mean in zip(self.groups, self._rows, running.means):
+            total = mean * (rows_before + rows)
+            self.last[key] = (total - before) / rows
+            before, rows_before = total, rows_before + rows
         self._done = step
         if self.chief and self.last:
             with open(self.csv_path, "a", newline="", encoding="utf-8") as f:
@@ -428,6 +447,23 @@ class ConditionValidation(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._step and self._done != self._step and not self.model.stop_training and self.groups:
             self.evaluate(self._step)
+
+
+class _RunningLoss(keras.callbacks.Callback):
+    """The running `loss` of a `model.evaluate` pass at the end of each group of batches (`batches`: per group)."""
+
+    def __init__(self, batches: Sequence[int]):
+        super().__init__()
+        self.ends = set()
+        end = 0
+        for count in batches:
+            end += count
+            self.ends.add(end - 1)
+        self.means: list[float] = []
+
+    def on_test_batch_end(self, batch, logs=None):
+        if batch in self.ends:
+            self.means.append(float(logs["loss"]))
 
 
 class Progress(keras.callbacks.Callback):
