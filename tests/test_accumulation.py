@@ -23,7 +23,7 @@ out = {}
 for optimizer in ("adamw", "adafactor"):
     for ours in (True, False):
         keras.utils.set_random_seed(5)
-        backbone = keras_hub.models.GPT2Backbone(vocabulary_size=97, num_layers=2, num_heads=2, hidden_dim=16,
+        backbone = keras_hub.models.GPT2Backbone(vocabulary_size=97, num_layers=1, num_heads=2, hidden_dim=16,
                                                  intermediate_dim=32, max_sequence_length=32, dropout=0.1)
         lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
         config = TrainConfig(dataset="-", steps=4, grad_accum=3, learning_rate=1e-2, warmup_steps=1, batch_size=4,
