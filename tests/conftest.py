@@ -107,27 +107,11 @@ SLOW_FIXTURES = {
 }
 
 
-# The modules that take longest (seconds of set-up + tests on one of two pytest-xdist workers, from `--durations=0`
-# on a 2-core AVX-512 Xeon; BUILD_NOTES.md). pytest-xdist hands out whole modules in collection order
-# (`--no-loadscope-reorder` in pyproject.toml), so these go first, longest first, and the many short modules fill
-# the end of the run on both workers instead of one worker finishing a long module alone. Only an order: a stale
-# figure costs wall time, never a result. Modules not listed keep their place after these.
-LONGEST_MODULES = {
-    "test_train.py": 243, "test_memory_options.py": 130, "test_sampling.py": 115, "test_populate.py": 105,
-    "test_quickstart.py": 86, "test_engine.py": 83, "test_compile_cache.py": 65, "test_convert.py": 55,
-    "test_plan.py": 55, "test_generate_cli.py": 47, "test_engine_exactness.py": 43, "test_accumulation.py": 43,
-    "test_benchmarks.py": 39, "test_openai.py": 33, "test_quantize.py": 32, "test_server.py": 32,
-    "test_engine_compile.py": 27, "test_engine_one_path.py": 27, "test_engine_faults.py": 25, "test_prepare.py": 24,
-    "test_emulator_outage.py": 24, "test_backends.py": 22, "test_gradient_gates.py": 21,
-}
-
-
 def pytest_collection_modifyitems(items):
-    """`slow` on every test that needs a SLOW_FIXTURES fixture; the longest modules first (a stable sort)."""
+    """`slow` on every test that needs a SLOW_FIXTURES fixture."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: -LONGEST_MODULES.get(item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1], 0))
 
 
 _WORKER_REPORTS: dict = {}  # pytest-xdist: each worker's own counts, sent back when it finishes
