@@ -110,7 +110,8 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_jax_remat_with_dropout_matches_and_optimizers_train(shared, tmp_path):
-    losses = run_on_jax(JAX_SCRIPT, str(shared["train_only"]), str(tmp_path), str(shared["cache"]), json.dumps(TINY_SHAPE))
+    losses = run_on_jax(JAX_SCRIPT, str(shared["train_only"]), str(tmp_path), str(shared["cache"]),
+                        json.dumps(TINY_SHAPE))
     # The same dropout masks in the recomputation: remat changes memory, not the numbers.
     assert losses["remat"] == pytest.approx(losses["adamw"], rel=1e-5)
     for key, run in losses.items():
@@ -151,8 +152,6 @@ def plans_on_the_jax_worker(monkeypatch):
 @pytest.mark.slow
 def test_auto_batch_under_a_small_budget_accumulates(shared, plans_on_the_jax_worker):
     """A budget between the plans of micro-batches 4 and 8 gives 4 x 2 accumulated, printed and recorded."""
-    import dataclasses
-
     from pitchkeras.train import finetune
     from pitchkeras.train.checkpoints import read_state
     from pitchkeras.train.plan import PlanRequest, plan_memory
