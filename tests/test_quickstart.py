@@ -62,13 +62,14 @@ def test_demo_serves_a_stored_review_through_grpc(first_run):
 
 
 @pytest.mark.slow
-def test_demo_rerun_reuses_finished_stages(first_run):
+def test_demo_rerun_reuses_finished_stages(first_run, cli):
+    """The same command again, in this process (the first run already proved it as a process of its own)."""
     workdir, _ = first_run
-    result = _demo(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "[1/4] prepare: reused" in result.stdout and "[2/4] finetune: reused" in result.stdout
+    code, out, err = cli("demo", "--workdir", workdir, *SHORT)
+    assert code == 0, err[-3000:]
+    assert "[1/4] prepare: reused" in out and "[2/4] finetune: reused" in out
     # Populate finds every pair full: nothing new generated.
-    assert re.search(r"\[3/4\] populate: done in [\d.]+ s \(0 stored now", result.stdout), result.stdout
+    assert re.search(r"\[3/4\] populate: done in [\d.]+ s \(0 stored now", out), out
 
 
 def test_demo_bad_flag_is_one_line_exit_2(tmp_path, cli):

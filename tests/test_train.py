@@ -143,6 +143,20 @@ def test_optimizer_is_keras_adamw_with_accumulation_and_clipping():
     assert make_optimizer(TrainConfig(dataset="d")).gradient_accumulation_steps is None
 
 
+def test_a_process_joins_one_multiworker_cluster_and_reuses_its_strategy(monkeypatch):
+    """A second fine-tuning with the same TF_CONFIG reuses the strategy (TensorFlow starts one cluster server per
+    process); another TF_CONFIG in the same process is refused with what to do."""
+    from pitchkeras.train import distribution
+
+    joined = object()
+    monkeypatch.setattr(distribution, "_MULTIWORKER", {'{"cluster": "a"}': joined})
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": "a"}')
+    assert distribution._multiworker_strategy(None) is joined
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": "b"}')
+    with pytest.raises(UsageError, match="already joined another multi-worker cluster.*in a new process"):
+        distribution._multiworker_strategy(None)
+
+
 def test_mixed_precision_auto_follows_the_device_facts():
     from pitchkeras.train import DeviceFacts, choose_policy
 
@@ -457,14 +471,17 @@ def _env():
 
 
 @pytest.mark.slow
-def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
+def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path, cli):
+    """The CLI's run is killed in its own process; the resume is the same command, run in this one (a second
+    fresh interpreter would only add its import time)."""
     ck = tmp_path / "ck"
-    cmd = [sys.executable, "-m", "pitchkeras.cli", "finetune", "--dataset", str(shared["data"]),
-           "--checkpoint-dir", str(ck), "--cache-dir", str(shared["cache"]), "--preset", "tiny",
-           "--steps", "60", "--batch-size", "4", "--sequence-length", "32", "--learning-rate", "3e-3",
-           "--save-every", "10", "--print-every", "20", "--val-every", "0", "--jit-compile", "false",
-           "--max-checkpoints", "2"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = ["finetune", "--dataset", str(shared["data"]),
+            "--checkpoint-dir", str(ck), "--cache-dir", str(shared["cache"]), "--preset", "tiny",
+            "--steps", "60", "--batch-size", "4", "--sequence-length", "32", "--learning-rate", "3e-3",
+            "--save-every", "10", "--print-every", "20", "--val-every", "0", "--jit-compile", "false",
+            "--max-checkpoints", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "pitchkeras.cli", *args], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     latest = ck / "run1" / "checkpoints" / "latest"
     deadline = time.time() + 240
     try:
@@ -482,10 +499,9 @@ def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
     assert 10 <= saved < 60
     assert int(read_metrics(ck / "run1")[-1]["step"]) >= saved  # rows past the checkpoint are dropped on resume
 
-    done = subprocess.run(cmd + ["--restore-from", "latest", "--quiet"], env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "step 60," in done.stdout
+    code, out, err = cli(*args, "--restore-from", "latest", "--quiet")
+    assert code == 0, out + err[-3000:]
+    assert "step 60," in out
     rows = read_metrics(ck / "run1")
     assert [int(r["step"]) for r in rows] == list(range(1, 61))
     assert sorted(p.name for p in (ck / "run1" / "checkpoints").glob("ckpt-*")) == ["ckpt-00000050", "ckpt-00000060"]
@@ -495,7 +511,8 @@ def test_cli_sigkill_mid_run_then_resume_latest(shared, tmp_path):
 DIST_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import tensorflow as tf
-    mode, data, ck, cache = sys.argv[1:5]
+    mode, data, cache = sys.argv[1:4]
+    runs = json.loads(sys.argv[4])  # [[checkpoint dir, steps, SIGTERM after this step or 0], ...], in this process
     if mode == "mirrored":  # two logical CPU devices -> two replicas in one process
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -509,38 +526,42 @@ DIST_SCRIPT = textwrap.dedent("""
         return real_step(self, data)
     keras_hub.models.GPT2CausalLM.train_step = spy
     from pitchkeras.train import callbacks
-    steps, kill_at = int(os.environ.get("STEPS", "4")), int(os.environ.get("SIGTERM_AT", "0"))
     real_end = callbacks.MetricsCSV.on_epoch_end
+    kill_at = 0
     def on_epoch_end(self, epoch, logs=None):  # SIGTERM this process alone once step `kill_at` is done
         real_end(self, epoch, logs)
         if epoch + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
     callbacks.MetricsCSV.on_epoch_end = on_epoch_end
-    result = finetune(TrainConfig(
-        dataset=data, checkpoint_dir=ck, cache_dir=cache, preset="tiny", steps=steps, batch_size=4,
-        sequence_length=32, learning_rate=3e-3, print_every=0, save_every=2, val_every=0,
-        clipnorm=0, progress=False, strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))))
-    print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
-                                  "shapes": shapes, "step": result.step, "interrupted": result.interrupted,
-                                  "model": str(result.model_dir) if result.model_dir else None}))
+    for ck, steps, kill_at in runs:
+        shapes.clear()
+        result = finetune(TrainConfig(
+            dataset=data, checkpoint_dir=ck, cache_dir=cache, preset="tiny", steps=steps, batch_size=4,
+            sequence_length=32, learning_rate=3e-3, print_every=0, save_every=2, val_every=0,
+            clipnorm=0, progress=False, strategy=mode, seed=0, tiny=TinyConfig(**json.loads(sys.argv[5]))))
+        print("RESULT " + json.dumps({"losses": [l for _, l in result.losses], "replicas": result.replicas,
+                                      "shapes": list(shapes), "step": result.step, "interrupted": result.interrupted,
+                                      "model": str(result.model_dir) if result.model_dir else None}), flush=True)
 """)
 
 
-def _spawn(shared, tmp_path, mode, ck, tf_config=None, **extra_env):
+def _spawn(shared, tmp_path, mode, runs, tf_config=None):
+    """One process running `runs` ([checkpoint dir, steps, SIGTERM after step or 0], ...) one after another."""
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT, encoding="utf-8")
-    env = dict(_env(), **extra_env)
+    env = _env()
     if tf_config:
         env["TF_CONFIG"] = json.dumps(tf_config)
-    return subprocess.Popen([sys.executable, str(script), mode, str(shared["data"]), str(ck), str(shared["cache"]),
+    return subprocess.Popen([sys.executable, str(script), mode, str(shared["data"]), str(shared["cache"]),
+                             json.dumps([[str(ck), steps, kill_at] for ck, steps, kill_at in runs]),
                              json.dumps(TINY_SHAPE)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _result(proc, timeout=300):
+def _results(proc, timeout=300):
+    """Each run's RESULT, in order."""
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out + err[-4000:]
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
 
 
 @pytest.fixture(scope="module")
@@ -561,7 +582,7 @@ def single_device(shared):
 
 @pytest.mark.slow
 def test_mirrored_on_two_logical_cpus_matches_single_device(shared, tmp_path, single_device):
-    mirrored = _result(_spawn(shared, tmp_path, "mirrored", tmp_path / "ck"))
+    [mirrored] = _results(_spawn(shared, tmp_path, "mirrored", [(tmp_path / "ck", 4, 0)]))
     assert mirrored["replicas"] == 2
     assert mirrored["shapes"][:2] == [[2, 32], [2, 32]]  # the global batch of 4 split in two
     assert mirrored["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
@@ -583,45 +604,58 @@ def _free_ports(n):
     return ports
 
 
-@pytest.mark.slow
-def test_multiworker_two_local_processes_match_single_device_and_write_once(shared, tmp_path, single_device):
+@pytest.fixture(scope="module")
+def multiworker(shared, tmp_path_factory):
+    """One two-process MultiWorkerMirroredStrategy cluster running two fine-tunings in turn, as a notebook would:
+
+    - `full`: 4 steps to the end (checkpoints at 2 and 4, the model);
+    - `sigterm`: 8 steps, and SIGTERM on worker 1 alone (not the chief) after step 3.
+
+    Returns {"root": the directory, "full": [chief, worker 1], "sigterm": [chief, worker 1]} (each run's RESULT).
+    """
+    root = tmp_path_factory.mktemp("multiworker")
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     workers = [
-        _spawn(shared, tmp_path, "multiworker", tmp_path / f"ck-{i}",
+        _spawn(shared, root, "multiworker",
+               [(root / f"full-{i}", 4, 0), (root / f"sigterm-{i}", 8, 3 if i == 1 else 0)],
                {"cluster": cluster, "task": {"type": "worker", "index": i}})
         for i in range(2)
     ]
-    chief, other = _result(workers[0]), _result(workers[1])
+    chief, other = _results(workers[0]), _results(workers[1])
+    assert len(chief) == len(other) == 2
+    return {"root": root, "full": [chief[0], other[0]], "sigterm": [chief[1], other[1]]}
+
+
+@pytest.mark.slow
+def test_multiworker_two_local_processes_match_single_device_and_write_once(multiworker, single_device):
+    chief, other = multiworker["full"]
+    root = multiworker["root"]
     assert chief["replicas"] == 2 and other["replicas"] == 2
     assert chief["shapes"][0][1:] == [32]  # (the batch size is not static under MultiWorkerMirroredStrategy)
     assert chief["losses"] == pytest.approx([loss for _, loss in single_device.losses], rel=1e-3, abs=1e-3)
     assert chief["losses"] == pytest.approx(other["losses"], rel=1e-6)
     # Files are written once, by the chief (worker 0); worker 1 writes nothing at all.
     assert chief["model"] and other["model"] is None
-    assert sorted(p.name for p in (tmp_path / "ck-0" / "run1" / "checkpoints").glob("ckpt-*")) == [
+    assert sorted(p.name for p in (root / "full-0" / "run1" / "checkpoints").glob("ckpt-*")) == [
         "ckpt-00000002", "ckpt-00000004"]
-    assert not (tmp_path / "ck-1").exists()
+    assert not (root / "full-1").exists()
 
 
 @pytest.mark.slow
-def test_multiworker_sigterm_on_one_worker_stops_every_worker_at_the_same_step(shared, tmp_path):
-    """SIGTERM on worker 1 (not the chief) after step 3: both workers stop at step 3, the chief saves it."""
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    workers = [
-        _spawn(shared, tmp_path, "multiworker", tmp_path / f"ck-{i}",
-               {"cluster": cluster, "task": {"type": "worker", "index": i}},
-               STEPS="8", **({"SIGTERM_AT": "3"} if i == 1 else {}))
-        for i in range(2)
-    ]
-    chief, other = _result(workers[0]), _result(workers[1])
+def test_multiworker_sigterm_on_one_worker_stops_every_worker_at_the_same_step(multiworker):
+    """SIGTERM on worker 1 (not the chief) after step 3: both workers stop at step 3, the chief saves it.
+
+    This run is the cluster's second fine-tuning in the same processes: the strategy is reused, not rebuilt."""
+    chief, other = multiworker["sigterm"]
     for worker in (chief, other):
         assert worker["interrupted"] and worker["step"] == 3 and worker["model"] is None
         assert len(worker["losses"]) == 3
     assert chief["losses"] == pytest.approx(other["losses"], rel=1e-6)
-    checkpoints = tmp_path / "ck-0" / "run1" / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "ckpt-00000003"
-    assert sorted(p.name for p in checkpoints.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
-    assert [int(r["step"]) for r in read_metrics(tmp_path / "ck-0" / "run1")] == [1, 2, 3]
+    run = multiworker["root"] / "sigterm-0" / "run1"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "ckpt-00000003"
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000003"]
+    assert [int(r["step"]) for r in read_metrics(run)] == [1, 2, 3]
+    assert not (multiworker["root"] / "sigterm-1").exists()
 
 
 # -- the JAX backend ---------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def make_distribution(name: str) -> Distribution:
     elif name == "multiworker":
         if not os.environ.get("TF_CONFIG"):
             raise UsageError("--strategy multiworker needs TF_CONFIG describing the cluster (see BUILD_NOTES.md)")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = _multiworker_strategy(tf)
     elif name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
@@ -137,6 +137,24 @@ def make_distribution(name: str) -> Distribution:
         raise InvalidArgument(f"unknown strategy {name!r}")
     return Distribution(name, strategy.num_replicas_in_sync, _is_chief(strategy), strategy,
                         f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)")
+
+
+_MULTIWORKER: dict = {}  # TF_CONFIG -> its MultiWorkerMirroredStrategy, made once per process
+
+
+def _multiworker_strategy(tf):
+    """This process's MultiWorkerMirroredStrategy for today's TF_CONFIG, made on first use and reused after.
+
+    Making the strategy starts this worker's gRPC server and configures collective ops, which TensorFlow does
+    once per process: a second fine-tuning in the same process (a notebook, a sweep) reuses the cluster.
+    """
+    key = os.environ["TF_CONFIG"]
+    if key not in _MULTIWORKER:
+        if _MULTIWORKER:
+            raise UsageError("this process already joined another multi-worker cluster (TF_CONFIG changed); "
+                             "TensorFlow starts one per process, so run this fine-tuning in a new process")
+        _MULTIWORKER[key] = tf.distribute.MultiWorkerMirroredStrategy()
+    return _MULTIWORKER[key]
 
 
 def _is_chief(strategy) -> bool:
