@@ -354,9 +354,10 @@ class _Program:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)),
+            self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)), autograph=False,
                                                                  jit_compile=self.xla)) for flag in (False, True)}
-            self._prefill = _concrete_per_shape(tf.function(_in_place(self._prefill_body), jit_compile=self.xla))
+            self._prefill = _concrete_per_shape(tf.function(_in_place(self._prefill_body), autograph=False,
+                                                                  jit_compile=self.xla))
         elif backend == "jax":
             self._steps, self._prefill = self._jax_functions()
         else:
