@@ -133,6 +133,10 @@ def _serve() -> None:
     compile_cache.enable("default")  # the session's cache directory (PITCHKERAS_COMPILE_CACHE), as the CLI does
     import keras  # noqa: F401 - import the backend once, before the first script
 
+    # Every program a script compiles (training steps and memory plans too, not only decode loops) goes through
+    # JAX's persistent cache: a later script compiling the same program loads it.
+    compile_cache.apply_to_jax()
+
     for line in sys.stdin:
         request = json.loads(line)
         captured, error = io.StringIO(), None
