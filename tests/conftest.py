@@ -101,6 +101,7 @@ SLOW_FIXTURES = {
     "first_run",  # tests/test_quickstart.py: `pitchkeras demo` in a process
     "tiny_model_dir", "tiny_generator", "sampling_model_dir", "sampling_model",  # this file's shared models
     "model_dir", "unigram_model_dir", "int8_model", "dirs",  # a module's own model (generate CLI, cache, report, ...)
+    "written",  # tests/test_file_modes.py: every writing command once (a fine-tuning and a report among them)
     "gs",  # tests/test_convert.py: a gpt-2-simple run trained with gpt-2-simple's own code
     "plans",  # tests/test_plan.py: compiled memory plans on the JAX worker
     "node_client",  # tests/test_client.py: `npm ci`

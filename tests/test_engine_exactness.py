@@ -23,6 +23,9 @@ TARGETS = [
 LENGTH = 40
 
 
+pytestmark = pytest.mark.slow  # every test here runs on the module's own 512-position model, compiling its shapes
+
+
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     from pitchkeras.conditioning import REVIEWS
@@ -94,7 +97,6 @@ print("RESULT " + json.dumps(run_shapes(generator)))
 """
 
 
-@pytest.mark.slow
 def test_on_jax_too(generator):
     from tests.jax_child import run_on_jax
 
