@@ -527,7 +527,6 @@ DIST_SCRIPT = textwrap.dedent("""
     keras_hub.models.GPT2CausalLM.train_step = spy
     from pitchkeras.train import callbacks
     real_end = callbacks.MetricsCSV.on_epoch_end
-    kill_at = 0
     def on_epoch_end(self, epoch, logs=None):  # SIGTERM this process alone once step `kill_at` is done
         real_end(self, epoch, logs)
         if epoch + 1 == kill_at:

@@ -357,7 +357,7 @@ class _Program:
             self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)), autograph=False,
                                                                  jit_compile=self.xla)) for flag in (False, True)}
             self._prefill = _concrete_per_shape(tf.function(_in_place(self._prefill_body), autograph=False,
-                                                                  jit_compile=self.xla))
+                                                            jit_compile=self.xla))
         elif backend == "jax":
             self._steps, self._prefill = self._jax_functions()
         else:
