@@ -13,18 +13,27 @@ from pitchkeras.sampling.counter_rng import row_keys
 from pitchkeras.sampling.decode import forward, sample_next
 
 
-def _program_for(generator, slots: int, tokens: int) -> "_Program":
-    """The compiled programs for `slots` rows of this generator's model, shared by every engine on it.
+_PROGRAMS_ATTRIBUTE = "_pitchkeras_engine_programs"
 
-    They live on the generator (not in a module-level table), so dropping it frees the model.
+
+def _program_for(generator, slots: int, tokens: int) -> "_Program":
+    """The compiled programs an engine of `slots` rows runs on this generator's model, shared by every engine
+    and every `Generator` on the same backbone: a second Generator on a loaded model (another length, batch
+    size or post-processing) compiles no shape the first one compiled.
+
+    They live on the backbone object itself (not in a module-level table), so dropping the model frees them
+    with it. The key holds the backbone's variables, so a model whose layers were replaced since (quantized in
+    place) gets programs of its own, never ones traced on the old weights.
     """
+    backbone = generator._backbone
+    end_id = generator._end_id if generator.stop_at_end_token else -1
     xla = generator.uses_xla(slots)
-    programs = generator.__dict__.setdefault("_engine_programs", {})
-    if (slots, xla, tokens) not in programs:
-        programs[slots, xla, tokens] = _Program(
-            generator._backbone, xla=xla, tokens=tokens, pad_id=generator._pad_id,
-            end_id=generator._end_id if generator.stop_at_end_token else -1)
-    return programs[slots, xla, tokens]
+    weights = tuple(id(v) for v in backbone.variables)
+    key = (xla, tokens, generator._pad_id, end_id, weights)  # the shapes (rows, length) key each program's traces
+    programs = backbone.__dict__.setdefault(_PROGRAMS_ATTRIBUTE, {})
+    if key not in programs:
+        programs[key] = _Program(backbone, xla=xla, tokens=tokens, pad_id=generator._pad_id, end_id=end_id)
+    return programs[key]
 
 
 def _row_buckets(smallest: int, slots: int) -> tuple:
