@@ -303,7 +303,11 @@ def test_same_seed_same_output_and_batch_neighbours_do_not_matter(generator):
 
 
 def test_new_prompt_lengths_in_a_bucket_do_not_recompile(sampling_model):
-    generator = Generator(sampling_model, batch_size=2, max_new_tokens=6, prompt_buckets=(16, 32))
+    from pitchkeras.model import load_model
+
+    # A model of its own: compiled programs are shared by every Generator on a backbone, so the session model
+    # may already hold the shapes counted here.
+    generator = Generator(load_model(sampling_model.path), batch_size=2, max_new_tokens=6, prompt_buckets=(16, 32))
     generator.warmup(prompt_lengths=[5], batch_sizes=[2])
     warm = generator.trace_count  # the engine's step and prefill programs
     assert warm >= 2
@@ -318,6 +322,26 @@ def test_new_prompt_lengths_in_a_bucket_do_not_recompile(sampling_model):
     # A new sampler config is a tensor input: no retrace.
     generator.generate([GenerationRequest(ROCK, seed=1)] * 2, config=SamplerConfig(temperature=1.3, top_k=5, top_p=0.5))
     assert generator.trace_count == warm + 2
+
+
+def test_generators_on_one_model_share_its_compiled_programs(sampling_model):
+    from pitchkeras.model import load_model
+    from pitchkeras.quantize import quantize_model
+
+    model = load_model(sampling_model.path)  # no other test's programs on it
+    requests = [GenerationRequest(ROCK, "The band", seed=1), GenerationRequest(ROCK, seed=2)]
+    first = Generator(model, batch_size=2, max_new_tokens=6)
+    tokens = [s.completion_ids for s in first.generate(requests)]
+    traced = first.trace_count
+    assert traced >= 2  # a prefill and a step
+    # Another batch size and post-processing on the same model: the same shapes and tokens, nothing compiled again.
+    second = Generator(model, batch_size=4, max_new_tokens=6, postprocess_options=PostprocessOptions(
+        strip_to_last_start=False, require_sentence=False, trim_to_sentence=False))
+    assert [s.completion_ids for s in second.generate(requests)] == tokens
+    assert second.engine()._program is first.engine()._program and second.trace_count == traced
+    # Quantized in place, the layers are new: programs of its own, never the ones traced on the float weights.
+    third = Generator(quantize_model(model, "int8"), batch_size=2, max_new_tokens=6)
+    assert third.engine()._program is not first.engine()._program and third.trace_count == 0
 
 
 def test_generation_stops_at_end_of_text(sampling_model):
