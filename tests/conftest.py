@@ -24,6 +24,8 @@ Session set-up:
   XLA flag set here, before anything imports TensorFlow), so a program one
   test compiled is loaded, not compiled again, by the next process or
   Generator that needs it. Removed at the end.
+- XLA's LLVM back end runs without its optimizations (`XLA_FLAGS`, inherited
+  by every child): the suite's tiny programs compile faster than they run.
 - The JAX worker children (tests/jax_child.py) are stopped at the end.
 - Every child process the run starts is counted by kind; the counts are
   printed at the end, and the run fails if it started more than one
@@ -42,8 +44,17 @@ import threading
 
 import pytest
 
-from pitchkeras import compile_cache
-from tests import jax_child
+# -- XLA's LLVM back end without its optimizations, before anything imports TensorFlow or JAX -----------------
+# The suite's models are tiny, so its XLA time is compiling, not running: without LLVM's optimization passes a
+# program compiles faster and runs a little slower (measured: BUILD_NOTES.md, "Sixth pass"). The programs' HLO,
+# buffer assignment (the memory plans) and every numeric check are the same passes' output either way. Every
+# child (the CLI, the JAX worker) inherits it; a run can still set its own XLA_FLAGS beside it.
+_NO_LLVM_OPT = "--xla_backend_optimization_level=0"
+if _NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LLVM_OPT}".strip()
+
+from pitchkeras import compile_cache  # noqa: E402
+from tests import jax_child  # noqa: E402
 
 # -- the compile cache, before any test module imports TensorFlow -------------------------------------------
 
