@@ -46,9 +46,9 @@ import pytest
 
 # -- XLA's LLVM back end without its optimizations, before anything imports TensorFlow or JAX -----------------
 # The suite's models are tiny, so its XLA time is compiling, not running: without LLVM's optimization passes a
-# program compiles faster and runs a little slower (measured: BUILD_NOTES.md, "Sixth pass"). The programs' HLO,
-# buffer assignment (the memory plans) and every numeric check are the same passes' output either way. Every
-# child (the CLI, the JAX worker) inherits it; a run can still set its own XLA_FLAGS beside it.
+# program compiles faster and runs a little slower (measured: BUILD_NOTES.md, "Sixth pass"). The programs' HLO and
+# buffer assignment (what the memory plans read) come from the same passes either way, and every numeric check
+# passes with it. Every child (the CLI, the JAX worker) inherits it; a run can still set its own XLA_FLAGS beside it.
 _NO_LLVM_OPT = "--xla_backend_optimization_level=0"
 if _NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LLVM_OPT}".strip()
