@@ -389,10 +389,12 @@ def main(argv=None) -> int:
         top = max(sustained)
         ratio_p99 = percentile(table["closed", top]["e2e"], 99) / percentile(table["engine", top]["e2e"], 99)
         print(f"ratio_p99={ratio_p99:.2f} (closed e2e p99 / engine e2e p99 at {top:g} req/s)")
-    if any(side == "transformers" for side, _ in table) and any(side == "engine" for side, _ in table):
-        # Each side's capacity: its most completed requests/s at any rate (its best, never a collapsed rate).
-        engine_rate, theirs_rate = (max((r for r in rates if (side, r) in table),
-                                        key=lambda r: table[side, r]["rate_done"]) for side in ("engine", "transformers"))
+    def best_rate(side: str) -> float:
+        """The offered rate at which `side` completed the most requests/s: its capacity, never a collapsed rate."""
+        return max((r for r in rates if (side, r) in table), key=lambda r: table[side, r]["rate_done"])
+
+    if ("engine", rates[0]) in table and ("transformers", rates[0]) in table:
+        engine_rate, theirs_rate = best_rate("engine"), best_rate("transformers")
         engine, theirs = table["engine", engine_rate]["rate_done"], table["transformers", theirs_rate]["rate_done"]
         if theirs:
             print(f"ratio_throughput={engine / theirs:.2f} (capacity: the engine {engine:.2f} completed req/s at "

@@ -117,8 +117,8 @@ class Generator:
 
     @property
     def trace_count(self) -> int:
-        """How many programs `generate`'s engine programs have traced (= compiled shapes), counted over every
-        Generator on this model (they share its programs); 0 before this one's first `generate`."""
+        """How many shapes the programs `generate` runs have traced (= compiled), counted over every Generator on
+        this model, which share them; 0 before this one's first `generate`."""
         return 0 if self._engine is None else self._engine._program.traces
 
     def uses_xla(self, batch: int) -> bool:
