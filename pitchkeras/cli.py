@@ -8,6 +8,8 @@ Each subcommand lives in `pitchkeras/commands/<name>.py` with two functions:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
 import os
 import sys
@@ -96,6 +98,32 @@ def import_tensorflow_quietly() -> None:
                 sys.stderr.write(captured.read().decode("utf-8", errors="replace"))
 
 
+@contextlib.contextmanager
+def imports_out_of_gc():
+    """Run a process's first heavy imports with the cyclic collector off, then freeze what they made.
+
+    Importing TensorFlow, Keras and keras-hub makes about 840,000 objects that
+    live as long as the process. Python 3.11's collector traverses every one of
+    them in each full collection: during the import itself (a quarter of its
+    time) and then during tracing and training. `gc.freeze()` moves them into
+    the permanent generation, out of every later collection; nothing they make
+    afterwards is frozen (measured: BUILD_NOTES.md, "Seventh pass").
+
+    Only for the process's first heavy import: where TensorFlow is imported
+    already (a notebook, the test suite calling `main`) or the collector is off,
+    it does nothing, so no object of the caller's is ever frozen.
+    """
+    if "tensorflow" in sys.modules or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -106,9 +134,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if compile_cache.enable(args.compile_cache):
                 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of CLI output
-        if _uses_tensorflow(args):
-            import_tensorflow_quietly()
-        module = importlib.import_module(args._run_module)
+        with imports_out_of_gc():
+            if _uses_tensorflow(args):
+                import_tensorflow_quietly()
+                import keras_hub  # noqa: F401 - every TensorFlow command loads a model through it
+            module = importlib.import_module(args._run_module)
         return int(module.run(args) or 0)
     except PitchkerasError as err:
         print(f"pitchkeras {args.command}: error: {err}", file=sys.stderr)

@@ -26,6 +26,11 @@ Session set-up:
   Generator that needs it. Removed at the end.
 - XLA's LLVM back end runs without its optimizations (`XLA_FLAGS`, inherited
   by every child): the suite's tiny programs compile faster than they run.
+- Python's cyclic garbage collector is off while the test modules import
+  (TensorFlow, Keras, keras-hub: about 840,000 objects that live for the
+  whole run), which are then frozen out of every later collection; full
+  collections of what the tests make run a tenth as often as Python's
+  default (`GC_THRESHOLDS`). The JAX worker does the same.
 - The JAX worker children (tests/jax_child.py) are stopped at the end.
 - Every child process the run starts is counted by kind; the counts are
   printed at the end, and the run fails if it started more than one
@@ -35,6 +40,7 @@ Session set-up:
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import shutil
@@ -53,6 +59,13 @@ _NO_LLVM_OPT = "--xla_backend_optimization_level=0"
 if _NO_LLVM_OPT not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_NO_LLVM_OPT}".strip()
 
+# -- the garbage collector, off until the test modules have imported (pytest_collection_finish) ------------
+gc.disable()
+
+# Hypothesis runs its plugins when first imported; trio's checks that its random generator has a referrer, and
+# frozen referrers are invisible to gc.get_referrers, so Hypothesis is imported before anything is frozen.
+import hypothesis  # noqa: E402,F401
+
 from pitchkeras import compile_cache  # noqa: E402
 from tests import jax_child  # noqa: E402
 
@@ -61,6 +74,18 @@ from tests import jax_child  # noqa: E402
 _SESSION_CACHE = tempfile.mkdtemp(prefix="pitchkeras-test-compile-")
 os.environ[compile_cache.ENV_VAR] = _SESSION_CACHE  # the CLI's default in every child
 compile_cache.enable(_SESSION_CACHE)  # this process: TF_XLA_FLAGS now, JAX when a Generator first compiles
+
+
+def pytest_sessionstart(session):
+    if session.config.pluginmanager.hasplugin("dsession"):  # pytest-xdist's controller never imports test modules
+        jax_child.gc_after_imports()
+
+
+def pytest_collection_finish(session):
+    """Everything imported so far (the frameworks, every test module) out of the collector's work; on with the
+    suite's thresholds (`jax_child.GC_THRESHOLDS`: measured in BUILD_NOTES.md, "Seventh pass")."""
+    jax_child.gc_after_imports()
+
 
 # -- child processes, counted by kind ---------------------------------------------------------------------
 

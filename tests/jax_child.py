@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import io
 import json
 import os
@@ -32,6 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MAX_WORKERS = 2  # one per device count the suite needs: 1 (most tests) and 2 (data-parallel training)
 WORKERS_STARTED: list[int] = []  # the device count of each worker started, in order
+
+# The suite's collector thresholds: Python's default 700 and 10 for the young generations, full collections a
+# tenth as often (100 in place of 10). A worker keeps several models and their traced graphs alive, about a
+# million tracked objects, so each full collection takes 0.2-0.7 s (BUILD_NOTES.md, "Seventh pass").
+GC_THRESHOLDS = (700, 10, 100)
 
 _workers: dict[int, "JaxWorker"] = {}
 _lock = threading.Lock()
@@ -114,6 +120,14 @@ def stop_workers() -> None:
         _workers.clear()
 
 
+def gc_after_imports() -> None:
+    """What this process has imported (the collector was off meanwhile) frozen out of every later collection,
+    then the collector on with `GC_THRESHOLDS`. The suite's processes call it once their imports are done."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.enable()
+
+
 def _reset_keras() -> None:
     """Keras's defaults again for the next script: no session state, float32, no distribution."""
     import keras
@@ -128,10 +142,14 @@ def _serve() -> None:
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray writes to fd 1 (C libraries) go to the log, never into the answers
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
+    gc.disable()  # until the imports below are done and frozen
     from pitchkeras import compile_cache
 
     compile_cache.enable("default")  # the session's cache directory (PITCHKERAS_COMPILE_CACHE), as the CLI does
     import keras  # noqa: F401 - import the backend once, before the first script
+    import keras_hub  # noqa: F401 - and keras-hub, which nearly every script imports
+
+    gc_after_imports()
 
     # Every program a script compiles (training steps and memory plans too, not only decode loops) goes through
     # JAX's persistent cache: a later script compiling the same program loads it.
