@@ -217,8 +217,9 @@ def _stop_emulator() -> None:
 def firestore_emulator_process():
     """The session's own `FirestoreEmulator` (started on first use, stopped when the run ends).
 
-    Tests may freeze it (SIGSTOP/SIGCONT its process group) or stop and `start()` it again on the same
-    port; every other test uses its own collection, so none depends on the emulator's earlier data.
+    Tests may freeze it (`freeze()`/`resume()`: SIGSTOP/SIGCONT its process group) or stop and `start()` it
+    again on the same port; every other test uses its own collection, so none depends on the emulator's earlier
+    data.
     """
     from tests.emulator import PACKAGE, FirestoreEmulator, find_emulator
 

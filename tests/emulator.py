@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Optional
 
 from pitchkeras.errors import FailedPrecondition, Unavailable
@@ -127,6 +128,30 @@ class FirestoreEmulator:
     def clear(self, project: str, database: str = "(default)") -> None:
         """Delete every document of `project` (the emulator's REST reset endpoint)."""
         clear_emulator(self.host, project, database)
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        """SIGSTOP the whole process group (the launcher and its JVM) and return once every process in it is
+        stopped (state T in /proc): a SIGSTOP is delivered asynchronously. Its port stays open; calls hang."""
+        os.killpg(self._proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name: state, ppid, pgrp, ...
+                except OSError:  # the process ended meanwhile
+                    continue
+                if int(fields[2]) == self._proc.pid:
+                    states.append(fields[0])
+            if states and all(state in "Tt" for state in states):
+                return
+            time.sleep(0.005)
+        self.resume()
+        raise AssertionError(f"the emulator's process group {self._proc.pid} did not stop within {timeout} s")
+
+    def resume(self) -> None:
+        """SIGCONT the whole process group after `freeze`."""
+        os.killpg(self._proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop the emulator's whole process group. Idempotent."""
