@@ -172,3 +172,36 @@ def test_bad_arguments(train_csv, tokenizer):
         make_dataset(train_csv, tokenizer, sequence_length=1, batch_size=2)
     with pytest.raises(InvalidArgument, match="batch_size"):
         make_dataset(train_csv, tokenizer, sequence_length=8, batch_size=0)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_a_finite_pass_declares_the_batches_it_yields(train_csv, tokenizer, tmp_path, packing, drop_remainder):
+    """A validation pass's length comes from the examples' token counts, not from running the pipeline: it must be
+    the number of batches the pass yields (from the CSV, its disk cache, and a list of examples)."""
+    from pitchkeras.data.pipeline import make_dataset
+
+    for source, cache_dir in ((train_csv, None), (train_csv, tmp_path / "cache"), (train_csv, tmp_path / "cache"),
+                              (EXAMPLES[:7], None)):
+        dataset = make_dataset(source, tokenizer, sequence_length=12, batch_size=5, packing=packing, shuffle=False,
+                               repeat=False, cache_dir=cache_dir, drop_remainder=drop_remainder)
+        yielded = len(collect(dataset))
+        assert yielded > 0 and int(dataset.cardinality()) == yielded, (source, cache_dir)
+
+
+def test_group_batches_are_each_groups_own_batches_in_turn(tokenizer):
+    """`make_group_batches` (one tokenization for every group) yields exactly the batches of `make_dataset` run on
+    each group alone, concatenated: no batch mixes two groups, and each group's count is its batches."""
+    from pitchkeras.data.pipeline import make_dataset, make_group_batches
+
+    groups = [EXAMPLES[:3], EXAMPLES[3:4], EXAMPLES[4:15]]
+    dataset, counts = make_group_batches(groups, tokenizer, sequence_length=16, batch_size=4)
+    expected = [batch for group in groups for batch in collect(
+        make_dataset(group, tokenizer, sequence_length=16, batch_size=4, packing=False, shuffle=False, repeat=False))]
+    got = collect(dataset)
+    assert counts == [1, 1, 3] and int(dataset.cardinality()) == len(got) == len(expected) == 5
+    for ours, theirs in zip(got, expected):
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidArgument, match="at least one example"):
+        make_group_batches([EXAMPLES[:2], []], tokenizer, sequence_length=16, batch_size=4)

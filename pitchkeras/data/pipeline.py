@@ -192,10 +192,50 @@ def make_dataset(csv_path: str | os.PathLike | list, tokenizer, *, sequence_leng
     if batch_size < 1:
         raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
     docs = tokenized_examples(csv_path, tokenizer, cache_dir=cache_dir)
-    docs = _ordered(docs, shuffle=shuffle, seed=seed, repeat=repeat)
-    blocks = _blocks(docs, tokenizer, block=sequence_length + 1, packing=packing)  # +1: the last position's target
+    block = sequence_length + 1  # +1: the last position's target
     drop = repeat if drop_remainder is None else drop_remainder
-    return _batches(blocks, batch_size, drop_remainder=drop, repeat=repeat, skip_batches=skip_batches)
+    # A finite pass is counted once, so Keras knows where it ends (no "ran out of data"); from the examples' token
+    # counts, not by running the pipeline.
+    batches = None if repeat else _count_batches(docs, block=block, packing=packing, batch_size=batch_size,
+                                                 drop_remainder=drop)
+    docs = _ordered(docs, shuffle=shuffle, seed=seed, repeat=repeat)
+    blocks = _blocks(docs, tokenizer, block=block, packing=packing)
+    return _finish(blocks.batch(batch_size, drop_remainder=drop), batches=batches, skip_batches=skip_batches)
+
+
+def make_group_batches(groups, tokenizer, *, sequence_length: int, batch_size: int):
+    """One padded example per row, batched group after group, so no batch mixes two groups.
+
+    The batches are those of `make_dataset(group, ..., packing=False, shuffle=False, repeat=False)` for each group in
+    turn, concatenated; they are built from one tokenization and one padding pass over every group's rows.
+
+    Args:
+        groups: list of lists of str. Each group's examples, in order (none empty).
+        tokenizer: keras_hub.models.GPT2Tokenizer. The model's own tokenizer.
+        sequence_length: int. Tokens per row fed to the model.
+        batch_size: int. Rows per batch (a group's last batch may be smaller).
+
+    Returns:
+        (dataset, batches): the finite `tf.data.Dataset` of `make_dataset`'s batches, and each group's batch count.
+    """
+    import tensorflow as tf
+
+    if sequence_length < 2:
+        raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")
+    if batch_size < 1:
+        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
+    if not groups or not all(groups):
+        raise InvalidArgument("every group needs at least one example")
+    rows = [row for group in groups for row in group]
+    blocks = _blocks(tokenized_examples(rows, tokenizer), tokenizer, block=sequence_length + 1, packing=False)
+    ids, mask = blocks.batch(len(rows)).get_single_element()  # every row padded, in memory
+    dataset, counts, start = None, [], 0
+    for group in groups:
+        part = tf.data.Dataset.from_tensor_slices((ids[start: start + len(group)], mask[start: start + len(group)]))
+        dataset = part.batch(batch_size) if dataset is None else dataset.concatenate(part.batch(batch_size))
+        counts.append(-(-len(group) // batch_size))
+        start += len(group)
+    return _finish(dataset, batches=sum(counts), skip_batches=0), counts
 
 
 def _ordered(docs, *, shuffle: bool, seed: int, repeat: bool):
@@ -243,8 +283,25 @@ def _blocks(docs, tokenizer, *, block: int, packing: bool):
     return docs.map(pad_one, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _batches(blocks, batch_size: int, *, drop_remainder: bool, repeat: bool, skip_batches: int):
-    """Batches of `(x, y, sample_weight)`: inputs, next-token targets and their weights."""
+def _count_batches(docs, *, block: int, packing: bool, batch_size: int, drop_remainder: bool) -> int:
+    """The batches one pass over `docs` (token-id vectors) makes: one block per example, or, packed, one per `block`
+    tokens of the stream of `<|endoftext|>` + each example."""
+    import numpy as np
+    import tensorflow as tf
+
+    if packing:
+        tokens = int(docs.reduce(np.int64(0), lambda total, ids: total + tf.cast(tf.size(ids), tf.int64) + 1))
+        blocks = tokens // block
+    else:
+        blocks = int(docs.cardinality())
+        if blocks < 0:  # not known without a pass
+            blocks = int(docs.reduce(np.int64(0), lambda count, _: count + 1))
+    return blocks // batch_size if drop_remainder else -(-blocks // batch_size)
+
+
+def _finish(batched, *, batches: Optional[int], skip_batches: int):
+    """Batches of `(x, y, sample_weight)` from batched `(ids, mask)` blocks: inputs, next-token targets and their
+    weights; `batches`: how many a finite pass has (None: repeated forever)."""
     import tensorflow as tf
 
     def split(ids, mask):
@@ -253,10 +310,8 @@ def _batches(blocks, batch_size: int, *, drop_remainder: bool, repeat: bool, ski
         x = {"token_ids": ids[:, :-1], "padding_mask": tf.cast(mask[:, :-1], tf.int32)}
         return x, ids[:, 1:], tf.cast(mask[:, 1:], tf.float32)
 
-    dataset = blocks.batch(batch_size, drop_remainder=drop_remainder).map(split, num_parallel_calls=tf.data.AUTOTUNE)
-    if not repeat:
-        # A finite pass: count its batches once, so Keras knows where it ends (no "ran out of data").
-        batches = int(dataset.reduce(0, lambda count, _: count + 1))
+    dataset = batched.map(split, num_parallel_calls=tf.data.AUTOTUNE)
+    if batches is not None:
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     if skip_batches:
         dataset = dataset.skip(skip_batches)

@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 
 import keras
 
-from pitchkeras.data.pipeline import make_dataset
+from pitchkeras.data.pipeline import make_group_batches
 from pitchkeras.io import atomic_write_text
 from pitchkeras.model import attached_preprocessor
 from pitchkeras.train import checkpoints as ckpt_files
@@ -391,6 +391,7 @@ class ConditionValidation(keras.callbacks.Callback):
         self.png_path = Path(out_dir) / "val_by_condition.png"
         self._dataset = None
         self._rows: list[int] = []  # rows each group runs (its examples, filled up to whole batches with replicas)
+        self._batches: list[int] = []  # batches each group runs
         self._step = None
         self._done = None
         self.last: dict[tuple[str, str], float] = {}
@@ -403,18 +404,13 @@ class ConditionValidation(keras.callbacks.Callback):
         """Run one pass now; returns {(condition, value): loss}."""
         if not self.groups:
             return {}
-        if self._dataset is None:
-            parts = []
-            for rows in self.groups.values():
-                rows = self._whole_batches(rows)
-                self._rows.append(len(rows))
-                parts.append(make_dataset(rows, self.tokenizer, sequence_length=self.sequence_length,
-                                          batch_size=self.batch_size, packing=False, shuffle=False, repeat=False))
-            self._dataset = parts[0]
-            for part in parts[1:]:  # each group's batches whole and in order: no batch mixes two groups
-                self._dataset = self._dataset.concatenate(part)
-            self._dataset = self._dataset.cache()  # tokenized and batched once, read from memory by later passes
-        running = _RunningLoss([-(-rows // self.batch_size) for rows in self._rows])
+        if self._dataset is None:  # tokenized and padded once, in memory for every later pass
+            groups = [self._whole_batches(rows) for rows in self.groups.values()]
+            self._rows = [len(rows) for rows in groups]
+            # Each group's batches whole and in order: no batch mixes two groups.
+            self._dataset, self._batches = make_group_batches(
+                groups, self.tokenizer, sequence_length=self.sequence_length, batch_size=self.batch_size)
+        running = _RunningLoss(self._batches)
         self.model.evaluate(self._dataset, verbose=0, callbacks=[running])
         # The running loss is the row-weighted mean over every batch so far: a group's sum is the difference of
         # the running sums at its two ends (float64 here; Keras's float32 mean rounds in the 7th digit).
