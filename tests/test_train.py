@@ -231,6 +231,30 @@ def test_checkpoints_are_atomic_pruned_and_restored_by_path(tmp_path, monkeypatc
 # -- one real run ----------------------------------------------------------------------
 
 
+def test_loss_plot_redraws_every_n_steps_and_at_the_end_only_when_it_is_behind(tmp_path, monkeypatch):
+    """`loss.png` is redrawn every `every` steps and when training ends, unless the last step's redraw shows it all."""
+    from pitchkeras.train import callbacks
+
+    drawn = []
+    monkeypatch.setattr(callbacks, "plot_loss", lambda csv_path, out: drawn.append(csv_path))
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,loss\n1,2.0\n", encoding="utf-8")
+
+    def run(steps, every, chief=True, start=0):
+        drawn.clear()
+        plot = callbacks.LossPlot(metrics, tmp_path / "loss.png", every, chief)
+        for epoch in range(start, steps):
+            plot.on_epoch_end(epoch)
+        plot.on_train_end()
+        return len(drawn)
+
+    assert run(8, 4) == 2  # steps 4 and 8; the end shows nothing newer
+    assert run(6, 4) == 2  # step 4, then the end (steps 5-6 were not drawn)
+    assert run(8, 0) == 1  # only at the end
+    assert run(3, 4, start=3) == 1  # a resumed run with no step left still draws its run's file once
+    assert run(8, 4, chief=False) == 0  # other workers never write
+
+
 def test_loss_falls_and_run_files(reference):
     result, lines = reference
     assert "precision policy: float32 (auto)" in lines[0] and "XLA: off" in lines[0]

@@ -277,14 +277,20 @@ class LossPlot(keras.callbacks.Callback):
     def __init__(self, metrics_csv, out, every: int = 0, chief: bool = True):
         super().__init__()
         self.metrics_csv, self.out, self.every, self.chief = Path(metrics_csv), Path(out), int(every), chief
+        self._step = None  # the last step that ended
+        self._drawn = None  # the last step the PNG shows
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.chief and self.every and (epoch + 1) % self.every == 0:
+        self._step = epoch + 1
+        if self.chief and self.every and self._step % self.every == 0:
             plot_loss(self.metrics_csv, self.out)
+            self._drawn = self._step
 
     def on_train_end(self, logs=None):
-        if self.chief and self.metrics_csv.is_file():
+        # Not again when the last step's redraw already shows every row (MetricsCSV writes nothing at the end).
+        if self.chief and self.metrics_csv.is_file() and (self._step is None or self._drawn != self._step):
             plot_loss(self.metrics_csv, self.out)
+            self._drawn = self._step
 
 
 class SampleWriter(keras.callbacks.Callback):
