@@ -26,6 +26,35 @@ def test_quantize_turns_kernels_and_the_embedding_into_int8(int8_model):
     assert backbone.compute_dtype == "float32"  # activations stay float; the loop still compiles with XLA
 
 
+def test_quantize_collects_garbage_once_and_gives_keras_own_int8_weights(sampling_model, monkeypatch):
+    """Keras's per-layer `gc.collect()` calls (one per dropped kernel) run once, at the end; the int8 weights are
+    exactly those of Keras's own `quantize`, and `gc.collect` is itself again afterwards."""
+    import gc
+    import warnings
+
+    from pitchkeras.model import load_model
+
+    calls = []
+    real_collect = gc.collect
+
+    def counting_collect(*args):
+        calls.append(args)
+        return real_collect(*args)
+
+    monkeypatch.setattr(gc, "collect", counting_collect)
+    ours = quantize_model(load_model(sampling_model.path), "int8")
+    assert calls == [()] and gc.collect is counting_collect
+    keras_own = load_model(sampling_model.path).causal_lm.backbone
+    with warnings.catch_warnings():  # Keras's own per-layer notes, as quantize_model hides them
+        warnings.simplefilter("ignore", UserWarning)
+        keras_own.quantize("int8")
+    assert len(calls) > 2  # Keras alone collects once per quantized layer
+    weights = {w.path: w for w in ours.causal_lm.backbone.weights}
+    assert sorted(weights) == sorted(w.path for w in keras_own.weights)
+    for w in keras_own.weights:
+        np.testing.assert_array_equal(np.asarray(weights[w.path]), np.asarray(w), err_msg=w.path)
+
+
 def test_bad_modes_and_double_quantization_are_invalid_argument(int8_model, sampling_model):
     with pytest.raises(InvalidArgument, match="quantize must be one of int8"):
         quantize_model(sampling_model, "int4")
