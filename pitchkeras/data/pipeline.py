@@ -187,10 +187,7 @@ def make_dataset(csv_path: str | os.PathLike | list, tokenizer, *, sequence_leng
         A `tf.data.Dataset` of `({"token_ids", "padding_mask"}, y, sample_weight)`: int32 ids, int32 mask, int32
         labels, float32 weights.
     """
-    if sequence_length < 2:
-        raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")
-    if batch_size < 1:
-        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
+    _check_sizes(sequence_length, batch_size)
     docs = tokenized_examples(csv_path, tokenizer, cache_dir=cache_dir)
     block = sequence_length + 1  # +1: the last position's target
     drop = repeat if drop_remainder is None else drop_remainder
@@ -220,10 +217,7 @@ def make_group_batches(groups, tokenizer, *, sequence_length: int, batch_size: i
     """
     import tensorflow as tf
 
-    if sequence_length < 2:
-        raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")
-    if batch_size < 1:
-        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
+    _check_sizes(sequence_length, batch_size)
     if not groups or not all(groups):
         raise InvalidArgument("every group needs at least one example")
     rows = [row for group in groups for row in group]
@@ -236,6 +230,13 @@ def make_group_batches(groups, tokenizer, *, sequence_length: int, batch_size: i
         counts.append(-(-len(group) // batch_size))
         start += len(group)
     return _finish(dataset, batches=sum(counts), skip_batches=0), counts
+
+
+def _check_sizes(sequence_length: int, batch_size: int) -> None:
+    if sequence_length < 2:
+        raise InvalidArgument(f"sequence_length must be at least 2, got {sequence_length}")
+    if batch_size < 1:
+        raise InvalidArgument(f"batch_size must be positive, got {batch_size}")
 
 
 def _ordered(docs, *, shuffle: bool, seed: int, repeat: bool):
