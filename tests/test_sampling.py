@@ -339,6 +339,18 @@ def test_generators_on_one_model_share_its_compiled_programs(sampling_model):
         strip_to_last_start=False, require_sentence=False, trim_to_sentence=False))
     assert [s.completion_ids for s in second.generate(requests)] == tokens
     assert second.engine()._program is first.engine()._program and second.trace_count == traced
+    # Without the stop at the end token: the end token is an argument of the step, so the same programs run and
+    # nothing is traced again; with the same seeds the texts run on past where the first ones stopped.
+    fourth = Generator(model, batch_size=2, max_new_tokens=6, stop_at_end_token=False)
+    longer = [s.completion_ids for s in fourth.generate(requests)]
+    assert fourth.engine()._program is first.engine()._program and fourth.trace_count == traced
+    assert [ids[:len(short)] for ids, short in zip(longer, tokens)] == tokens
+    # Another number of tokens per call: a step of its own, the prefills shared; the same tokens.
+    from pitchkeras.sampling.engine import BULK_CACHE_BUCKETS, DecodeEngine
+
+    engine = DecodeEngine(first, slots=2, tokens_per_step=3, cache_buckets=BULK_CACHE_BUCKETS, prefill_together=True)
+    assert [s.completion_ids for s in engine.generate(requests, None, 6)] == tokens
+    assert engine._program is first.engine()._program and engine._program.traces == traced + 1
     # Quantized in place, the layers are new: programs of its own, never the ones traced on the float weights.
     third = Generator(quantize_model(model, "int8"), batch_size=2, max_new_tokens=6)
     assert third.engine()._program is not first.engine()._program and third.trace_count == 0

@@ -193,7 +193,8 @@ class DecodeEngine:
         self.prefill_together = bool(prefill_together)
         self.join_fraction = JOIN_FRACTION
         self.row_buckets = _row_buckets(min(generator._batch_shape(1), self.slots), self.slots)
-        self._program = _program_for(generator, self.slots, self.tokens_per_step)
+        self._program = _program_for(generator, self.slots)
+        self._end_id = generator._end_id if generator.stop_at_end_token else -1  # a row that draws it is done
         self._rows: list[Optional[_Row]] = [None] * self.slots
         self._waiting: collections.deque = collections.deque()
         self._condition = threading.Condition()
@@ -336,7 +337,8 @@ class DecodeEngine:
         shape = ("step", self._state.rows, self._state.length, logprobs)
         self._check_compiled(shape)
         started, tokens = time.monotonic(), self.counters.tokens
-        chosen, scores = self._program.step(self._state, logprobs, waiting=self._joiners())
+        chosen, scores = self._program.step(self._state, logprobs, waiting=self._joiners(),
+                                            tokens=self.tokens_per_step, end_id=self._end_id)
         seconds = time.monotonic() - started
         self._ready.add(shape)
         self.counters.traces = self._program.traces
@@ -531,7 +533,7 @@ class DecodeEngine:
         """
         size, bucket = prefill if prefill is not None else (0, 0)
         self._program.compile(self._state, rows, length, bucket, group_sizes=(size,) if size else (),
-                              logprobs=() if logprobs is None else (logprobs,))
+                              logprobs=() if logprobs is None else (logprobs,), tokens=self.tokens_per_step)
 
     def _check_compiled(self, shape: tuple) -> None:
         """Count (and log) a shape about to run on the engine thread uncompiled once it is started."""

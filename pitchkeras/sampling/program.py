@@ -3,6 +3,7 @@ TensorFlow or JAX) and `_DeviceState` (the caches and the per-row arrays, reside
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -16,23 +17,24 @@ from pitchkeras.sampling.decode import forward, sample_next
 _PROGRAMS_ATTRIBUTE = "_pitchkeras_engine_programs"
 
 
-def _program_for(generator, slots: int, tokens: int) -> "_Program":
+def _program_for(generator, slots: int) -> "_Program":
     """The compiled programs an engine of `slots` rows runs on this generator's model, shared by every engine
     and every `Generator` on the same backbone: a second Generator on a loaded model (another length, batch
-    size or post-processing) compiles no shape the first one compiled.
+    size, post-processing, tokens per call or end-token setting) compiles no shape the first one compiled.
 
     They live on the backbone object itself (not in a module-level table), so dropping the model frees them
     with it. The key holds the backbone's variables, so a model whose layers were replaced since (quantized in
-    place) gets programs of its own, never ones traced on the old weights.
+    place) gets programs of its own, never ones traced on the old weights. The end token is an argument of the
+    step, not part of the program, and the prefill does not depend on the tokens per call: engines that differ
+    only in those share every prefill, and every step of the same tokens per call.
     """
     backbone = generator._backbone
-    end_id = generator._end_id if generator.stop_at_end_token else -1
     xla = generator.uses_xla(slots)
     weights = tuple(id(v) for v in backbone.variables)
-    key = (xla, tokens, generator._pad_id, end_id, weights)  # the shapes (rows, length) key each program's traces
+    key = (xla, generator._pad_id, weights)  # the shapes (rows, length) and tokens per call key the traces
     programs = backbone.__dict__.setdefault(_PROGRAMS_ATTRIBUTE, {})
     if key not in programs:
-        programs[key] = _Program(backbone, xla=xla, tokens=tokens, pad_id=generator._pad_id, end_id=end_id)
+        programs[key] = _Program(backbone, xla=xla, pad_id=generator._pad_id)
     return programs[key]
 
 
@@ -166,9 +168,10 @@ class _DeviceState:
 
 class _Program:
     """The engine's compiled programs, one per shape, on TensorFlow or JAX: `step` (up to `tokens` tokens for
-    every row, in a device-side loop) and `prefill` (prompts into rows, with their settings: the insert)."""
+    every row, in a device-side loop; one program per tokens per call) and `prefill` (prompts into rows, with
+    their settings: the insert)."""
 
-    def __init__(self, backbone, *, xla: bool, tokens: int = 1, end_id: int = -1, pad_id: int = 0):
+    def __init__(self, backbone, *, xla: bool, pad_id: int = 0):
         import keras
 
         self.backbone = backbone
@@ -176,20 +179,20 @@ class _Program:
         # TensorFlow: the state is `tf.Variable`s read and assigned inside the compiled programs, so XLA updates
         # them in place (aliased) instead of copying them in and out of each call. JAX donates them.
         self.resident = keras.config.backend() == "tensorflow"
-        self.tokens = tokens  # most decode steps per call
-        self.end_id = end_id  # a row that draws it is done (-1: none)
         self.pad_id = pad_id
         self.traces = 0  # programs traced (= compiled shapes)
-        self._steps = self._prefill = None  # {logprobs: step}, prefill
+        self._steps: dict = {}  # (tokens per call, logprobs) -> step
+        self._prefill = None
+        self._lock = threading.Lock()  # an engine compiles off its thread while its own thread steps
 
     # The traced bodies, in keras.ops. -------------------------------------------------------
-    def _step_body(self, caches, arrays, active, waiting, *, logprobs: bool = False):
+    def _step_body(self, caches, arrays, active, waiting, end_id, *, tokens: int, logprobs: bool = False):
         """Up to `tokens` decode steps for every row: new caches, new arrays, and (tokens (rows, tokens),
         [scores,] steps run).
 
         Each step feeds every row's last token at its own position and draws
-        the next into its token buffer. A row is done once it draws the end
-        token or reaches its limit; it then stays where it is (its later
+        the next into its token buffer. A row is done once it draws `end_id`
+        (a scalar; < 0: none) or reaches its limit; it then stays where it is (its later
         columns are to be ignored). The loop ends after `tokens` steps, or
         early once `waiting` (> 0) rows are done: requests wait for their slots. With
         `logprobs`, also each chosen token's log-probability under the model's
@@ -217,9 +220,7 @@ class _Program:
             positions = ops.where(moving, ops.minimum(positions + 1, length - 1), positions)
             token_ids = ops.where(ops.logical_and(columns == positions[:, None], moving[:, None]),
                                   chosen[:, None], token_ids)
-            ended = positions + 1 >= limits
-            if self.end_id >= 0:
-                ended = ops.logical_or(ended, chosen == self.end_id)
+            ended = ops.logical_or(positions + 1 >= limits, chosen == end_id)  # a token id is never < 0
             done = ops.logical_or(done, ended)
             new = [chosen[:, None]]
             if logprobs:
@@ -230,21 +231,22 @@ class _Program:
             outs = [ops.slice_update(out, (0, i) + (0,) * (len(out.shape) - 2), item) for out, item in zip(outs, new)]
             return i + 1, caches, token_ids, positions, ops.where(moving, chosen, last[:, 0])[:, None], done, outs
 
-        outs = [ops.zeros((rows, self.tokens), "int32")]
+        outs = [ops.zeros((rows, tokens), "int32")]
         if logprobs:
-            outs += [ops.zeros((rows, self.tokens), "float32"), ops.zeros((rows, self.tokens, top), "int32"),
-                     ops.zeros((rows, self.tokens, top), "float32")]
+            outs += [ops.zeros((rows, tokens), "float32"), ops.zeros((rows, tokens, top), "int32"),
+                     ops.zeros((rows, tokens, top), "float32")]
         last = ops.take_along_axis(token_ids, positions[:, None], axis=1)
         carry = (ops.zeros((), "int32"), caches, token_ids, positions, last, ops.logical_not(active), outs)
         waiting = ops.cast(waiting, "int32")
-        if self.tokens == 1:
+        end_id = ops.cast(end_id, "int32")
+        if tokens == 1:
             carry = one(*carry)
         else:
             def more(i, caches, token_ids, positions, last, done, outs):
                 # Go on unless `waiting` rows (> 0) have finished since the call began: requests wait for them.
                 finished = ops.sum(ops.cast(ops.logical_and(done, active), "int32"))
                 joinable = ops.logical_and(waiting > 0, finished >= waiting)
-                return ops.logical_and(i < self.tokens, ops.logical_not(joinable))
+                return ops.logical_and(i < tokens, ops.logical_not(joinable))
 
             carry = ops.while_loop(more, one, carry)
         steps, caches, token_ids, positions, _, _, outs = carry
@@ -282,23 +284,27 @@ class _Program:
         return out, (token_ids,) + tuple(inserted), ()
 
     # Compiled, per backend. --------------------------------------------------------------------
-    def step(self, state: _DeviceState, logprobs: bool = False, waiting: int = 0) -> tuple:
+    def step(self, state: _DeviceState, logprobs: bool = False, waiting: int = 0, *, tokens: int = 1,
+             end_id: int = -1) -> tuple:
         """Run a step call: the chosen tokens (rows, n) of the n steps it ran (1 <= n <= `tokens`; fewer once
         `waiting` rows (> 0) have finished: requests wait for their slots), and (chosen logprobs, top ids, top
-        logprobs), each cut to n steps, or None."""
-        self._compile()
-        args = (state.active[: state.rows], np.asarray(waiting, np.int32))
+        logprobs), each cut to n steps, or None. A row that draws `end_id` (< 0: none) is done."""
+        step = self._step_function(int(tokens), bool(logprobs))
+        args = (state.active[: state.rows], np.asarray(waiting, np.int32), np.asarray(end_id, np.int32))
         if self.resident:
-            outs = self._steps[logprobs](state.caches, state.arrays, *args)
+            outs = step(state.caches, state.arrays, *args)
         else:
-            state.caches, state.arrays, outs = self._steps[logprobs](state.caches, state.arrays, *args)
+            state.caches, state.arrays, outs = step(state.caches, state.arrays, *args)
         steps = int(outs[-1])
         outs = [np.asarray(out)[:, :steps] for out in outs[:-1]]
         return outs[0], (tuple(outs[1:]) if logprobs else None)
 
     def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
         """Prefill `prompts` (n, bucket) into rows `slots` (n,) and insert the rows `reset_row` staged there."""
-        self._compile()
+        if self._prefill is None:
+            with self._lock:
+                if self._prefill is None:
+                    self._prefill = self._compiled(self._prefill_body)
         slots = np.asarray(slots, np.int32)
         rows = [array[slots] for array in state.staged]
         if self.resident:
@@ -307,16 +313,16 @@ class _Program:
             state.caches, state.arrays, _ = self._prefill(state.caches, state.arrays, slots, prompts, *rows)
 
     def compile(self, state: _DeviceState, rows: int, length: int, prompt_bucket: int,
-                group_sizes=(1,), logprobs=(False,)) -> None:
+                group_sizes=(1,), logprobs=(False,), tokens: int = 1) -> None:
         """Compile (and run once, on throwaway arrays) the prefills of `group_sizes` prompts of `prompt_bucket`
-        tokens and the steps for `rows` rows and `length` positions, on `state.fresh()`: safe from another
-        thread while the engine steps `state` (nothing of it is touched)."""
+        tokens and the steps of `tokens` per call for `rows` rows and `length` positions, on `state.fresh()`:
+        safe from another thread while the engine steps `state` (nothing of it is touched)."""
         scratch = state.fresh()
         scratch.resize(rows, length, self)
         for size in group_sizes:
             self.prefill(scratch, np.zeros((size,), np.int32), np.full((size, prompt_bucket), self.pad_id, np.int32))
         for flag in logprobs:
-            self.step(scratch, flag)
+            self.step(scratch, flag, tokens=tokens)
         scratch.release()
 
     def resize_caches(self, caches, slots: int, length: int):
@@ -347,53 +353,43 @@ class _Program:
             return tf.Variable(value, trainable=False)
         return value
 
-    def _step_with(self, logprobs: bool):
-        """The step body with its `logprobs` flag fixed (positional arguments only, as the tracers want)."""
-        def step(caches, arrays, *args):
-            return self._step_body(caches, arrays, *args, logprobs=logprobs)
+    def _step_function(self, tokens: int, logprobs: bool):
+        """The compiled step of `tokens` per call with its `logprobs` flag, made on first use."""
+        key = (tokens, logprobs)
+        if key not in self._steps:
+            with self._lock:
+                if key not in self._steps:
+                    def step(caches, arrays, *args):  # positional arguments only, as the tracers want
+                        return self._step_body(caches, arrays, *args, tokens=tokens, logprobs=logprobs)
 
-        return step
+                    self._steps[key] = self._compiled(step)
+        return self._steps[key]
 
-    def _compile(self) -> None:
-        if self._steps is not None:
-            return
+    def _compiled(self, body):
+        """`body(caches, arrays, *args)` compiled for this backend: on TensorFlow a `jit_compile` function over
+        the resident variables (`_in_place`); on JAX `jax.jit` over a stateless call with the weights as
+        arguments and the decode state (caches and arrays) donated (updated in place)."""
         import keras
 
         backend = keras.config.backend()
         if backend == "tensorflow":
             import tensorflow as tf
 
-            self._steps = {flag: _concrete_per_shape(tf.function(_in_place(self._step_with(flag)), autograph=False,
-                                                                 jit_compile=self.xla)) for flag in (False, True)}
-            self._prefill = _concrete_per_shape(tf.function(_in_place(self._prefill_body), autograph=False,
-                                                            jit_compile=self.xla))
-        elif backend == "jax":
-            self._steps, self._prefill = self._jax_functions()
-        else:
+            return _concrete_per_shape(tf.function(_in_place(body), autograph=False, jit_compile=self.xla))
+        if backend != "jax":
             raise FailedPrecondition(
                 f"DecodeEngine runs on the tensorflow and jax Keras backends, not {backend!r}; "
                 "set KERAS_BACKEND=tensorflow or jax")
-
-    def _jax_functions(self):
-        """`jax.jit` over stateless calls with the weights as arguments; the decode state (caches and arrays)
-        is donated (updated in place)."""
         import jax
-        import keras
 
         from pitchkeras import compile_cache
 
         compile_cache.apply_to_jax()
         variables = list(self.backbone.variables)
 
-        def stateless(body):
-            def run(values, caches, arrays, *args):
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    return body(caches, arrays, *args)
+        def run(values, caches, arrays, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return body(caches, arrays, *args)
 
-            return jax.jit(run, donate_argnums=(1, 2))
-
-        def bind(function):
-            return lambda caches, arrays, *args: function([v.value for v in variables], caches, arrays, *args)
-
-        steps = {flag: bind(stateless(self._step_with(flag))) for flag in (False, True)}
-        return steps, bind(stateless(self._prefill_body))
+        function = jax.jit(run, donate_argnums=(1, 2))
+        return lambda caches, arrays, *args: function([v.value for v in variables], caches, arrays, *args)
