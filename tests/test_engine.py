@@ -39,6 +39,23 @@ def generator(model_dir):
     return Generator(load_model(model_dir), batch_size=4, max_new_tokens=20, stop_at_end_token=False)
 
 
+def test_the_step_updates_the_decode_state_in_place_on_tensorflow(generator):
+    """The HLO proof: XLA aliases every cache, the token buffer and the positions of the resident state to the
+    step's outputs (updated in place), and copies no cache-sized array."""
+    import re
+
+    engine = DecodeEngine(generator, slots=2, tokens_per_step=4)
+    state = engine._state.fresh()
+    state.resize(2, 64, engine._program)
+    hlo = engine._program.step_ir(state, tokens=4)
+    caches = 2 * len(generator._backbone.transformer_layers)  # a key and a value cache per layer
+    aliased = {int(p) for p in re.findall(r"\{\d+\}: \((\d+), \{\}, may-alias\)", hlo)}
+    assert aliased == set(range(caches + 2)), aliased  # parameters: the caches, the token buffer, the positions
+    cache = "f32[" + ",".join(str(d) for d in state.caches[0][0].shape) + "]"
+    assert not [line for line in hlo.splitlines() if " copy(" in line and line.split("=")[1].strip().startswith(cache)]
+    state.release()
+
+
 def run_mixed(engine, join_after_steps=None) -> list[str]:
     """MIXED through `engine` (all at once, or the last two joining after some steps): the raw texts."""
     first = MIXED if join_after_steps is None else MIXED[:2]

@@ -65,6 +65,7 @@ def _concrete_per_shape(function):
             concrete[key] = function.get_concrete_function(caches, arrays, *tensors)
         return concrete[key](caches, arrays, *tensors)
 
+    call.function = function  # for its compiler IR (`_Program.step_ir`)
     return call
 
 
@@ -298,6 +299,20 @@ class _Program:
         steps = int(outs[-1])
         outs = [np.asarray(out)[:, :steps] for out in outs[:-1]]
         return outs[0], (tuple(outs[1:]) if logprobs else None)
+
+    def step_ir(self, state: _DeviceState, *, tokens: int = 1, logprobs: bool = False,
+                stage: str = "optimized_hlo") -> str:
+        """The step's compiler IR for `state`'s shape (TensorFlow with XLA): where the proof is read that XLA
+        updates the decode state in place (`input_output_alias`) instead of copying it (tests/test_engine.py)."""
+        import keras
+
+        if keras.config.backend() != "tensorflow" or not self.xla:
+            raise FailedPrecondition("step_ir reads XLA's IR of a TensorFlow program; this one is not")
+        import tensorflow as tf
+
+        step = self._step_function(int(tokens), bool(logprobs))
+        args = [tf.constant(a) for a in (state.active[: state.rows], np.int32(0), np.int32(-1))]
+        return step.function.experimental_get_compiler_ir(state.caches, state.arrays, *args)(stage=stage)
 
     def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
         """Prefill `prompts` (n, bucket) into rows `slots` (n,) and insert the rows `reset_row` staged there."""
