@@ -13,9 +13,9 @@ import sys
 import pytest
 
 
-# Short but real: every stage runs as the README's command runs it, on 60 training steps (the demo's own text
+# Short but real: every stage runs as the README's command runs it, on 30 training steps (the demo's own text
 # quality is not what these tests check; the stored review's id, row and count are).
-SHORT = ["--steps", "60", "--learning-rate", "6e-3", "--scores", "8", "--genres", "rock,jazz",
+SHORT = ["--steps", "30", "--learning-rate", "6e-3", "--scores", "8", "--genres", "rock,jazz",
          "--per-pair", "1", "--length", "60", "--no-progress"]
 
 
