@@ -33,10 +33,12 @@ position), so a request's tokens do not depend on when it joined, on its
 neighbours, its slot, row bucket or cache length (tested; the logits agree
 to the last bits, not bitwise, across shapes on XLA's CPU backend).
 Everything traced is `keras.ops`: a `tf.function` (XLA) on TensorFlow and
-`jax.jit` on JAX, one program per (row bucket, cache length) step and per
-(prompts, prompt bucket, row bucket, cache length) prefill; both go through
-the persistent compile cache (`pitchkeras.compile_cache`). A step with a row
-that asks for log-probabilities runs a second variant of the step program.
+`jax.jit` on JAX, one program per (tokens per call, row bucket, cache length)
+step and per (prompts, prompt bucket, row bucket, cache length) prefill,
+shared by every engine and `Generator` on the same model (the end token is
+an argument of the step); both go through the persistent compile cache
+(`pitchkeras.compile_cache`). A step with a row that asks for
+log-probabilities runs a second variant of the step program.
 
 Once the engine runs on its thread (`start`: a server, which reports SERVING
 after `warmup`), no shape compiles on that thread: a request whose prefill or
