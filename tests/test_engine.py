@@ -56,6 +56,34 @@ def test_the_step_updates_the_decode_state_in_place_on_tensorflow(generator):
     state.release()
 
 
+def _loop_fused_dots(hlo: str) -> list:
+    """The result shape of each product an HLO module emits as a plain loop (a loop fusion holding a dot)."""
+    import re
+
+    bodies = dict(re.findall(r"^(%\S+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S | re.M))
+    return [dot.group(1) for name in re.findall(r"kind=kLoop, calls=(%[\w.\-]+)", hlo)
+            for dot in re.finditer(r"= (\w+\[[\d,]*\])\{[^}]*\} dot\(", bodies.get(name, ""))]
+
+
+def test_a_one_row_step_runs_its_products_as_library_calls(generator):
+    """A lone request runs on 1 row on TensorFlow: the q/k/v products take 2-D kernel views, so XLA's CPU
+    backend does not fuse them with the kernels' reshape into plain loops (BUILD_NOTES.md, "Ninth pass")."""
+    from pitchkeras.sampling.decode import flat_projections
+
+    assert generator._batch_shape(1) == 1
+    engine = DecodeEngine(generator, slots=2)
+    state = engine._state.fresh()
+    state.resize(1, 64, engine._program)
+    # Only the logits' product may stay a loop (over the embedding's transpose: fast, rows read in order).
+    vocabulary = generator._backbone.vocabulary_size
+    assert _loop_fused_dots(engine._program.step_ir(state)) in ([], [f"f32[{vocabulary}]"])
+    views = flat_projections(generator._backbone)
+    kernel = generator._backbone.transformer_layers[0]._self_attention_layer._query_dense.kernel
+    assert len(views) == len(generator._backbone.transformer_layers) and views[0][0].shape == (
+        kernel.shape[0], kernel.shape[1] * kernel.shape[2])
+    state.release()
+
+
 def run_mixed(engine, join_after_steps=None) -> list[str]:
     """MIXED through `engine` (all at once, or the last two joining after some steps): the raw texts."""
     first = MIXED if join_after_steps is None else MIXED[:2]

@@ -40,7 +40,7 @@ def sample_next(logits, token_ids, keys, index, temperature, top_k, top_p, repet
     return select_tokens(probabilities, counter_uniform(keys, index), top_k, top_p)
 
 
-def forward(backbone, token_ids, caches, index):
+def forward(backbone, token_ids, caches, index, projections=None):
     """GPT-2 hidden states for `token_ids` at positions `index, index + 1, ...`, and the updated caches.
 
     The same computation as `GPT2CausalLM.call_with_cache` (embeddings,
@@ -55,6 +55,9 @@ def forward(backbone, token_ids, caches, index):
         index: int tensor. A scalar: every row's first position (a prefill);
             or a (batch,) vector: each row's own position, with `length` 1
             (`DecodeEngine`, whose rows are at different positions).
+        projections: None, or per layer the (query, key, value) kernels as
+            (hidden, heads * head_dim) tensors (`flat_projections`): the
+            q/k/v products then run on them instead of the layers' calls.
     """
     from keras import ops
 
@@ -66,8 +69,9 @@ def forward(backbone, token_ids, caches, index):
         positions = backbone.position_embedding(x, start_index=index)
     x = backbone.embeddings_add((x, positions))
     new_caches = []
-    for layer, (keys, values) in zip(backbone.transformer_layers, caches):
-        x, keys, values = decoder_block(layer, x, keys, values, index)
+    projections = projections or [None] * len(caches)
+    for layer, (keys, values), flat in zip(backbone.transformer_layers, caches, projections):
+        x, keys, values = decoder_block(layer, x, keys, values, index, flat)
         new_caches.append((keys, values))
     return backbone.layer_norm(x), new_caches
 
@@ -93,7 +97,45 @@ _ATTENTION_PARTS = ("_query_dense", "_key_dense", "_value_dense", "_output_dense
 _LARGE_NEGATIVE = -1e9  # a masked logit: exp() of it is 0 in float32 and bfloat16 alike
 
 
-def decoder_block(layer, x, keys, values, index):
+def flat_projections(backbone):
+    """Each block's query, key and value kernels as (hidden, heads * head_dim) tensors, or None where that does
+    not apply (a backend other than TensorFlow, or a quantized layer).
+
+    On XLA's CPU backend a one-row product whose (hidden, heads, head_dim)
+    kernel is reshaped inside the program is fused with that reshape into an
+    elemental loop on one thread, while a product on a kernel that is already
+    2-D is a library call, several times faster (measured: BUILD_NOTES.md,
+    "Ninth pass"). TensorFlow's reshape of a variable's value outside the
+    program shares its buffer, so these are views, read from the weights at
+    every call (never stale), not copies.
+    """
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    out = []
+    for layer in backbone.transformer_layers:
+        attention = layer._self_attention_layer
+        denses = (attention._query_dense, attention._key_dense, attention._value_dense)
+        if any(getattr(d, "quantization_mode", None) or len(d.kernel.shape) != 3 for d in denses):
+            return None
+        out.append(tuple(tf.reshape(d.kernel.value, (d.kernel.shape[0], -1)) for d in denses))
+    return out
+
+
+def _project(dense, flat, h):
+    """`dense(h)` for a (hidden, heads, head_dim) `EinsumDense` through its kernel's 2-D view `flat`."""
+    from keras import ops
+
+    out = ops.matmul(ops.reshape(h, (-1, flat.shape[0])), flat)
+    if dense.bias is not None:
+        out = out + ops.reshape(dense.bias, (-1,))
+    return ops.reshape(out, tuple(h.shape[:-1]) + tuple(dense.kernel.shape[1:]))
+
+
+def decoder_block(layer, x, keys, values, index, projections=None):
     """One keras-hub GPT-2 `TransformerDecoder` block (pre-norm, no dropout) on a (batch, heads, pos, dim) cache.
 
     The norms, the q/k/v/output projections and the MLP are the layer's own
@@ -108,6 +150,8 @@ def decoder_block(layer, x, keys, values, index):
         keys, values: tensors (batch, heads, positions, head_dim). This layer's cache.
         index: int tensor. The position of `x`'s first row in the cache; or a
             (batch,) vector of each row's position when `x` has length 1.
+        projections: None, or this layer's (query, key, value) kernels as 2-D
+            tensors (`flat_projections`), used instead of its q/k/v calls.
 
     Returns:
         (output (batch, length, hidden), keys, values) with the new positions written.
@@ -117,9 +161,13 @@ def decoder_block(layer, x, keys, values, index):
     attention = layer._self_attention_layer
     residual = x
     h = layer._self_attention_layer_norm(x)
-    query = attention._query_dense(h)  # (batch, length, heads, head_dim)
-    keys = _write_cache(keys, attention._key_dense(h), index)
-    values = _write_cache(values, attention._value_dense(h), index)
+    denses = (attention._query_dense, attention._key_dense, attention._value_dense)
+    if projections is None:
+        query, key, value = (dense(h) for dense in denses)  # each (batch, length, heads, head_dim)
+    else:
+        query, key, value = (_project(dense, flat, h) for dense, flat in zip(denses, projections))
+    keys = _write_cache(keys, key, index)
+    values = _write_cache(values, value, index)
     length, positions = query.shape[1], keys.shape[2]
     logits = ops.einsum("bhsd,bhtd->bhst", ops.transpose(query, (0, 2, 1, 3)), keys)
     logits = ops.cast(logits, "float32") * ops.cast(attention._inverse_sqrt_key_dim, "float32")

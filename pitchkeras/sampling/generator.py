@@ -57,11 +57,13 @@ class Generator:
             run it as a TensorFlow graph (False; token selection is still
             XLA-compiled), for every batch shape. None picks what measured
             fastest: on a GPU or TPU, XLA always. On a CPU, XLA for float32
-            and int8; in float32 a lone request runs as 2 rows (a copy of it
-            beside it): XLA's CPU backend emits a matrix-vector product as a
-            plain loop fused with its input, so two rows cost less per token
-            than one (figures: BUILD_NOTES.md, "int8 weights, and batch 1");
-            int8 dots, compute-bound here, would cost twice; a graph for
+            and int8; on JAX a lone float32 request runs as 2 rows (a copy of
+            it beside it): XLA's CPU backend fuses a matrix-vector product with
+            its kernel's reshape into a plain loop, so two rows cost less per
+            token than one; TensorFlow's steps give the q/k/v products 2-D
+            kernel views instead and run a lone request on one row (figures:
+            BUILD_NOTES.md, "Ninth pass"); int8 dots, compute-bound here, would
+            cost twice; a graph for
             bfloat16/float16, whose
             matmuls TensorFlow's oneDNN kernels run several times faster than
             XLA's on a CPU without native bfloat16.
@@ -277,16 +279,20 @@ class Generator:
     def _batch_shape(self, n: int) -> int:
         """Rows to run for `n` requests: the next power of two, at most batch_size.
 
-        On a CPU a lone request under XLA runs as 2 rows (see `jit_compile`).
+        On a CPU a lone float32 request under XLA on JAX runs as 2 rows (see `jit_compile`).
         """
         shape = 1
         while shape < n:
             shape *= 2
         shape = min(shape, self.batch_size)
         if shape == 1 and self.uses_xla(1) and not self.on_accelerator():
+            import keras
+
             from pitchkeras.quantize import is_quantized
 
-            if not is_quantized(self.model):  # int8 dots are compute-bound here: 2 rows cost twice (measured)
+            # On JAX a one-row product on a reshaped kernel is fused into a slow loop (TensorFlow's steps take
+            # the kernels' 2-D views: `flat_projections`); int8 dots are compute-bound: 2 rows cost twice.
+            if keras.config.backend() != "tensorflow" and not is_quantized(self.model):
                 shape = 2
         return shape
 

@@ -11,7 +11,7 @@ import numpy as np
 from pitchkeras.errors import FailedPrecondition
 from pitchkeras.sampling.config import MAX_TOP_LOGPROBS, SamplerConfig
 from pitchkeras.sampling.counter_rng import row_keys
-from pitchkeras.sampling.decode import forward, sample_next
+from pitchkeras.sampling.decode import flat_projections, forward, sample_next
 
 
 _PROGRAMS_ATTRIBUTE = "_pitchkeras_engine_programs"
@@ -187,7 +187,7 @@ class _Program:
         self._lock = threading.Lock()  # an engine compiles off its thread while its own thread steps
 
     # The traced bodies, in keras.ops. -------------------------------------------------------
-    def _step_body(self, caches, arrays, active, waiting, end_id, *, tokens: int, logprobs: bool = False):
+    def _step_body(self, caches, arrays, active, waiting, end_id, *flat, tokens: int, logprobs: bool = False):
         """Up to `tokens` decode steps for every row: new caches, new arrays, and (tokens (rows, tokens),
         [scores,] steps run).
 
@@ -198,7 +198,8 @@ class _Program:
         early once `waiting` (> 0) rows are done: requests wait for their slots. With
         `logprobs`, also each chosen token's log-probability under the model's
         raw logits (rows, tokens) and the MAX_TOP_LOGPROBS most likely tokens'
-        ids and log-probabilities (rows, tokens, MAX_TOP_LOGPROBS).
+        ids and log-probabilities (rows, tokens, MAX_TOP_LOGPROBS). `flat`: empty, or every layer's
+        query, key and value kernels as 2-D tensors (`flat_projections`), in order.
         """
         from keras import ops
 
@@ -212,9 +213,10 @@ class _Program:
                     for value, neutral in zip(settings, _NEUTRAL[4:])]
         named = {option.name: value for option, value in zip(_SETTINGS, settings)}  # sample_next's keywords
         columns = ops.arange(length, dtype="int32")[None, :]
+        projections = [flat[i:i + 3] for i in range(0, len(flat), 3)] if flat else None
 
         def one(i, caches, token_ids, positions, last, done, outs):
-            hidden, caches = forward(self.backbone, last, caches, positions)
+            hidden, caches = forward(self.backbone, last, caches, positions, projections)
             logits = self.backbone.token_embedding(hidden[:, -1, :], reverse=True)
             chosen = ops.cast(sample_next(logits, token_ids, keys, positions + 1, **named), "int32")
             moving = ops.logical_not(done)
@@ -291,7 +293,8 @@ class _Program:
         `waiting` rows (> 0) have finished: requests wait for their slots), and (chosen logprobs, top ids, top
         logprobs), each cut to n steps, or None. A row that draws `end_id` (< 0: none) is done."""
         step = self._step_function(int(tokens), bool(logprobs))
-        args = (state.active[: state.rows], np.asarray(waiting, np.int32), np.asarray(end_id, np.int32))
+        args = (state.active[: state.rows], np.asarray(waiting, np.int32), np.asarray(end_id, np.int32),
+                *self._flat())
         if self.resident:
             outs = step(state.caches, state.arrays, *args)
         else:
@@ -311,7 +314,7 @@ class _Program:
         import tensorflow as tf
 
         step = self._step_function(int(tokens), bool(logprobs))
-        args = [tf.constant(a) for a in (state.active[: state.rows], np.int32(0), np.int32(-1))]
+        args = [tf.constant(a) for a in (state.active[: state.rows], np.int32(0), np.int32(-1), *self._flat())]
         return step.function.experimental_get_compiler_ir(state.caches, state.arrays, *args)(stage=stage)
 
     def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
@@ -367,6 +370,12 @@ class _Program:
 
             return tf.Variable(value, trainable=False)
         return value
+
+    def _flat(self) -> list:
+        """The q/k/v kernels as 2-D views for a step on TensorFlow with XLA (`flat_projections`), read from the
+        weights at every call; empty where they do not apply."""
+        projections = flat_projections(self.backbone) if self.xla else None
+        return [kernel for layer in projections or () for kernel in layer]
 
     def _step_function(self, tokens: int, logprobs: bool):
         """The compiled step of `tokens` per call with its `logprobs` flag, made on first use."""
