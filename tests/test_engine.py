@@ -84,6 +84,22 @@ def test_a_one_row_step_runs_its_products_as_library_calls(generator):
     state.release()
 
 
+def test_lora_layers_run_their_own_calls_with_the_same_tokens(generator, model_dir):
+    """A LoRA-enabled model (a fine-tuning's sample callback) has no 2-D kernel views: its q/k/v layers run their
+    own calls. Its adapters start at zero, so its tokens are the plain model's."""
+    from pitchkeras.model import load_model
+    from pitchkeras.sampling.decode import flat_projections
+
+    model = load_model(model_dir)
+    model.causal_lm.backbone.enable_lora(2)
+    assert flat_projections(model.causal_lm.backbone) is None
+    assert flat_projections(generator._backbone) is not None
+    request, config, length = MIXED[0]
+    lora = Generator(model, batch_size=4, max_new_tokens=20, stop_at_end_token=False)
+    assert lora.generate([request], config=config, max_new_tokens=length)[0].completion_ids == \
+        generator.generate([request], config=config, max_new_tokens=length)[0].completion_ids
+
+
 def run_mixed(engine, join_after_steps=None) -> list[str]:
     """MIXED through `engine` (all at once, or the last two joining after some steps): the raw texts."""
     first = MIXED if join_after_steps is None else MIXED[:2]

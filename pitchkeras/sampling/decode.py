@@ -99,7 +99,8 @@ _LARGE_NEGATIVE = -1e9  # a masked logit: exp() of it is 0 in float32 and bfloat
 
 def flat_projections(backbone):
     """Each block's query, key and value kernels as (hidden, heads * head_dim) tensors, or None where that does
-    not apply (a backend other than TensorFlow, or a quantized layer).
+    not apply (a backend other than TensorFlow; a quantized or LoRA layer, or one computing in another dtype than
+    its kernel's: those run the layer's own call).
 
     On XLA's CPU backend a one-row product whose (hidden, heads, head_dim)
     kernel is reshaped inside the program is fused with that reshape into an
@@ -119,7 +120,8 @@ def flat_projections(backbone):
     for layer in backbone.transformer_layers:
         attention = layer._self_attention_layer
         denses = (attention._query_dense, attention._key_dense, attention._value_dense)
-        if any(getattr(d, "quantization_mode", None) or len(d.kernel.shape) != 3 for d in denses):
+        if any(getattr(d, "quantization_mode", None) or getattr(d, "lora_enabled", False)
+               or len(d.kernel.shape) != 3 or d.compute_dtype != d.kernel.dtype for d in denses):
             return None
         out.append(tuple(tf.reshape(d.kernel.value, (d.kernel.shape[0], -1)) for d in denses))
     return out
