@@ -294,7 +294,7 @@ class _Program:
         logprobs), each cut to n steps, or None. A row that draws `end_id` (< 0: none) is done."""
         step = self._step_function(int(tokens), bool(logprobs))
         args = (state.active[: state.rows], np.asarray(waiting, np.int32), np.asarray(end_id, np.int32),
-                *self._flat())
+                *self._flat(state.rows))
         if self.resident:
             outs = step(state.caches, state.arrays, *args)
         else:
@@ -314,7 +314,7 @@ class _Program:
         import tensorflow as tf
 
         step = self._step_function(int(tokens), bool(logprobs))
-        args = [tf.constant(a) for a in (state.active[: state.rows], np.int32(0), np.int32(-1), *self._flat())]
+        args = [tf.constant(a) for a in (state.active[: state.rows], np.int32(0), np.int32(-1), *self._flat(state.rows))]
         return step.function.experimental_get_compiler_ir(state.caches, state.arrays, *args)(stage=stage)
 
     def prefill(self, state: _DeviceState, slots: np.ndarray, prompts: np.ndarray) -> None:
@@ -371,10 +371,11 @@ class _Program:
             return tf.Variable(value, trainable=False)
         return value
 
-    def _flat(self) -> list:
-        """The q/k/v kernels as 2-D views for a step on TensorFlow with XLA (`flat_projections`), read from the
-        weights at every call; empty where they do not apply."""
-        projections = flat_projections(self.backbone) if self.xla else None
+    def _flat(self, rows: int) -> list:
+        """The q/k/v kernels as 2-D views for a one-row step on TensorFlow with XLA (`flat_projections`), read
+        from the weights at every call; empty where they do not apply. Only a one-row product is fused with its
+        kernel's reshape; steps of more rows keep the layers' own calls."""
+        projections = flat_projections(self.backbone) if self.xla and rows == 1 else None
         return [kernel for layer in projections or () for kernel in layer]
 
     def _step_function(self, tokens: int, logprobs: bool):
